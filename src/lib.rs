@@ -1,0 +1,4 @@
+//! tower-sse
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod wire;
