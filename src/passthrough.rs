@@ -1,0 +1,530 @@
+//! Unbuffered passthrough of event streams.
+//!
+//! [`PassthroughLayer`] makes sure nothing between the inner service and the client waits for
+//! more bytes than it has:
+//!
+//! - every data frame of the inner body is forwarded the moment it is ready: nothing aggregates,
+//!   nothing waits for a whole event (a client cannot use half an event anyway, and holding one
+//!   would only add latency);
+//! - `Content-Length` is removed from event-stream responses, and the body never reports an exact
+//!   size, so hyper streams it instead of waiting for a known length;
+//! - optionally ([`initial_comment`](PassthroughLayer::initial_comment)) a comment frame is sent
+//!   at once, before the inner body yields anything. Proxies and some browsers hold the response
+//!   headers until the first body byte; with it, `EventSource.onopen` fires immediately even when
+//!   the first event is minutes away.
+//!
+//! The initial comment is only inserted where it is safe: first in the stream. Because a byte
+//! order mark is only skipped at the very start of a stream, a leading BOM from the inner body
+//! would otherwise land after the comment and spoil the first line; the layer drops that BOM
+//! (a client drops it anyway), and holds at most two bytes while it cannot yet tell.
+//!
+//! Responses that are not event streams ([`is_event_stream`]) pass through untouched: same
+//! frames, trailers and size hint, no per-frame work.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use http::{header, Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, ServiceExt};
+//! use tower_sse::PassthroughLayer;
+//! use tower_layer::Layer;
+//!
+//! let stream = service_fn(|_req: Request<()>| async {
+//!     let response = Response::builder()
+//!         .header(header::CONTENT_TYPE, "text/event-stream")
+//!         .header(header::CONTENT_LENGTH, "10")
+//!         .body(Full::new(bytes::Bytes::from_static(b"data: hi\n\n")))
+//!         .unwrap();
+//!     Ok::<_, std::convert::Infallible>(response)
+//! });
+//! let service = PassthroughLayer::new().initial_comment("ok").layer(stream);
+//!
+//! let response = service.oneshot(Request::new(())).await.unwrap();
+//! assert!(response.headers().get(header::CONTENT_LENGTH).is_none());
+//! let mut body = response.into_body();
+//! let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+//! assert_eq!(first, ":ok\n\n");
+//! let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+//! assert_eq!(second, "data: hi\n\n");
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::CONTENT_LENGTH;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::wire::{is_event_stream, BomStep, Event, LeadingBom, BOM};
+
+/// Forwards event streams unbuffered; see the [module docs](self).
+#[derive(Clone, Debug, Default)]
+pub struct PassthroughLayer {
+    initial: Option<Bytes>,
+}
+
+impl PassthroughLayer {
+    /// Forwards every frame at once and removes `Content-Length`; no initial comment.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sends `:text` and a blank line as the first frame of every event stream, at once.
+    ///
+    /// The comment is encoded once, here; each response clones the bytes. Line breaks in `text`
+    /// start further comment lines, so no field can be injected.
+    pub fn initial_comment(mut self, text: impl Into<String>) -> Self {
+        self.initial = Some(Event::comment(text).encode());
+        self
+    }
+}
+
+impl<S> Layer<S> for PassthroughLayer {
+    type Service = Passthrough<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Passthrough {
+            inner,
+            initial: self.initial.clone(),
+        }
+    }
+}
+
+/// The service made by [`PassthroughLayer`]; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Passthrough<S> {
+    inner: S,
+    initial: Option<Bytes>,
+}
+
+impl<S> Passthrough<S> {
+    /// Wraps `inner`, with no initial comment.
+    pub fn new(inner: S) -> Self {
+        PassthroughLayer::new().layer(inner)
+    }
+
+    /// The layer, to configure it for several services.
+    pub fn layer() -> PassthroughLayer {
+        PassthroughLayer::new()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Passthrough<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<PassthroughBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        ResponseFuture {
+            future: self.inner.call(request),
+            initial: self.initial.clone(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Passthrough`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        future: F,
+        initial: Option<Bytes>,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<PassthroughBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.future.poll(cx))?;
+        if !is_event_stream(response.headers()) {
+            return Poll::Ready(Ok(response.map(|inner| PassthroughBody {
+                kind: Kind::Untouched { inner },
+            })));
+        }
+        let (mut parts, inner) = response.into_parts();
+        parts.headers.remove(CONTENT_LENGTH);
+        let initial = this.initial.take();
+        let bom = if initial.is_some() {
+            LeadingBom::new()
+        } else {
+            LeadingBom::Decided
+        };
+        let body = PassthroughBody {
+            kind: Kind::Stream {
+                inner,
+                state: StreamState {
+                    initial,
+                    bom,
+                    held: 0,
+                    stashed: None,
+                    ended: false,
+                },
+            },
+        };
+        Poll::Ready(Ok(Response::from_parts(parts, body)))
+    }
+}
+
+pin_project! {
+    /// The response body of [`Passthrough`]; see the [module docs](self).
+    pub struct PassthroughBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Untouched { #[pin] inner: B },
+        Stream { #[pin] inner: B, state: StreamState },
+    }
+}
+
+struct StreamState {
+    /// The comment still to send first.
+    initial: Option<Bytes>,
+    /// Whether the inner body's first bytes are a BOM to drop; decided from the start when there
+    /// is no initial comment.
+    bom: LeadingBom,
+    /// Bytes of a possible BOM held back (a prefix of `BOM`).
+    held: u8,
+    /// A frame that arrived while held bytes had to go out first.
+    stashed: Option<Frame<Bytes>>,
+    ended: bool,
+}
+
+impl<B> fmt::Debug for PassthroughBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Kind::Untouched { .. } => "Untouched",
+            Kind::Stream { .. } => "Stream",
+        };
+        f.debug_tuple("PassthroughBody").field(&kind).finish()
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for PassthroughBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Untouched { inner } => inner.poll_frame(cx),
+            KindProj::Stream { inner, state } => state.poll_frame(inner, cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Untouched { inner } => inner.is_end_stream(),
+            Kind::Stream { inner, state } => {
+                state.initial.is_none()
+                    && state.held == 0
+                    && state.stashed.is_none()
+                    && inner.is_end_stream()
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Untouched { inner } => inner.size_hint(),
+            // Content-Length is gone: an exact hint would make hyper put it back.
+            Kind::Stream { .. } => SizeHint::default(),
+        }
+    }
+}
+
+impl StreamState {
+    fn poll_frame<B: Body<Data = Bytes>>(
+        &mut self,
+        mut inner: Pin<&mut B>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(comment) = self.initial.take() {
+            return Poll::Ready(Some(Ok(Frame::data(comment))));
+        }
+        if self.bom == LeadingBom::Decided {
+            if let Some(frame) = self.stashed.take() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            return inner.poll_frame(cx);
+        }
+        loop {
+            if self.ended {
+                // The body ended inside a possible BOM: what was held is content.
+                self.bom = LeadingBom::Decided;
+                return Poll::Ready(self.take_held().map(|b| Ok(Frame::data(b))));
+            }
+            let frame = match ready!(inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => {
+                    self.ended = true;
+                    continue;
+                }
+            };
+            let mut data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    self.bom = LeadingBom::Decided;
+                    let frame = match self.take_held() {
+                        Some(held) => {
+                            self.stashed = Some(frame);
+                            Frame::data(held)
+                        }
+                        None => frame,
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+            };
+            match self.bom.step(&data) {
+                // At most two bytes: a longer chunk decides the question.
+                BomStep::NeedMore => self.held += data.len() as u8,
+                BomStep::Found { end } => {
+                    self.held = 0;
+                    data.advance(end);
+                    if !data.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                BomStep::Absent { .. } | BomStep::Decided => {
+                    let data = match self.take_held() {
+                        Some(held) => {
+                            let mut joined = BytesMut::with_capacity(held.len() + data.len());
+                            joined.extend_from_slice(&held);
+                            joined.extend_from_slice(&data);
+                            joined.freeze()
+                        }
+                        None => data,
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+            }
+        }
+    }
+
+    fn take_held(&mut self) -> Option<Bytes> {
+        let n = std::mem::take(&mut self.held);
+        (n > 0).then(|| Bytes::from_static(&BOM[..usize::from(n)]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{frames, ScriptedBody};
+    use http::header::CONTENT_TYPE;
+    use http::HeaderMap;
+    use http_body_util::BodyExt;
+    use std::convert::Infallible;
+    use tower::{service_fn, ServiceExt};
+
+    async fn respond(
+        layer: PassthroughLayer,
+        content_type: &'static str,
+        body: ScriptedBody,
+    ) -> Response<PassthroughBody<ScriptedBody>> {
+        let inner = service_fn(move |_req: Request<()>| {
+            let body = body.clone();
+            async move {
+                let response = Response::builder()
+                    .header(CONTENT_TYPE, content_type)
+                    .header(CONTENT_LENGTH, "123")
+                    .body(body)
+                    .unwrap();
+                Ok::<_, Infallible>(response)
+            }
+        });
+        layer.layer(inner).oneshot(Request::new(())).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn streams_lose_content_length_and_exact_size() {
+        let body = ScriptedBody::data(&[b"data: 1\n\n"]);
+        let response = respond(PassthroughLayer::new(), "text/event-stream", body).await;
+        assert!(response.headers().get(CONTENT_LENGTH).is_none());
+        assert_eq!(response.body().size_hint().exact(), None);
+        assert_eq!(frames(response.into_body()).await, ["data: 1\n\n"]);
+    }
+
+    #[tokio::test]
+    async fn frames_are_forwarded_one_for_one() {
+        let chunks: [&[u8]; 4] = [b"da", b"ta: 1\n", b"\n", b"data: 2\n\n"];
+        let response = respond(
+            PassthroughLayer::new(),
+            "text/event-stream",
+            ScriptedBody::data(&chunks),
+        )
+        .await;
+        assert_eq!(frames(response.into_body()).await, chunks);
+    }
+
+    #[tokio::test]
+    async fn non_streams_are_untouched_trailers_and_all() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let body = ScriptedBody::data(&[b"{}"]).with_trailers(trailers.clone());
+        let response = respond(
+            PassthroughLayer::new().initial_comment("x"),
+            "application/json",
+            body,
+        )
+        .await;
+        assert_eq!(response.headers()[CONTENT_LENGTH], "123");
+        assert_eq!(response.body().size_hint().exact(), Some(2));
+        let collected = response.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(collected.to_bytes(), "{}");
+    }
+
+    #[tokio::test]
+    async fn initial_comment_comes_first_without_polling_the_inner_body() {
+        let response = respond(
+            PassthroughLayer::new().initial_comment("hello"),
+            "text/event-stream",
+            ScriptedBody::pending_forever(),
+        )
+        .await;
+        let mut body = response.into_body();
+        assert!(!body.is_end_stream());
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), ":hello\n\n");
+    }
+
+    #[tokio::test]
+    async fn leading_bom_is_dropped_after_the_initial_comment() {
+        let cases: [&[&[u8]]; 5] = [
+            &[b"\xEF\xBB\xBFdata: 1\n\n"],
+            &[b"\xEF", b"\xBB", b"\xBF", b"data: 1\n\n"],
+            &[b"\xEF\xBB", b"\xBFdata: 1\n\n"],
+            &[b"", b"\xEF\xBB\xBF", b"data: 1\n\n"],
+            &[b"data: 1\n\n"],
+        ];
+        for chunks in cases {
+            let response = respond(
+                PassthroughLayer::new().initial_comment(""),
+                "text/event-stream",
+                ScriptedBody::data(chunks),
+            )
+            .await;
+            let got = frames(response.into_body()).await.concat();
+            assert_eq!(got, b":\n\ndata: 1\n\n", "{chunks:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn partial_bom_that_is_not_a_bom_is_kept() {
+        let cases: [(&[&[u8]], &[u8]); 3] = [
+            (&[b"\xEF\xBB", b"x\n\n"], b"\xEF\xBBx\n\n"),
+            (&[b"\xEF"], b"\xEF"),
+            (&[b"\xEF", b"\xBBz"], b"\xEF\xBBz"),
+        ];
+        for (chunks, expected) in cases {
+            let response = respond(
+                PassthroughLayer::new().initial_comment(""),
+                "text/event-stream",
+                ScriptedBody::data(chunks),
+            )
+            .await;
+            let got = frames(response.into_body()).await.concat();
+            assert_eq!(got, [&b":\n\n"[..], expected].concat(), "{chunks:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn held_bytes_go_out_before_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-done", "1".parse().unwrap());
+        let body = ScriptedBody::data(&[b"\xEF\xBB"]).with_trailers(trailers.clone());
+        let response = respond(
+            PassthroughLayer::new().initial_comment(""),
+            "text/event-stream",
+            body,
+        )
+        .await;
+        let collected = response.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(collected.to_bytes(), &b":\n\n\xEF\xBB"[..]);
+    }
+
+    #[tokio::test]
+    async fn without_initial_comment_a_bom_is_forwarded() {
+        let response = respond(
+            PassthroughLayer::new(),
+            "text/event-stream",
+            ScriptedBody::data(&[b"\xEF\xBB\xBFdata: 1\n\n"]),
+        )
+        .await;
+        assert_eq!(
+            frames(response.into_body()).await,
+            [&b"\xEF\xBB\xBFdata: 1\n\n"[..]]
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_of_the_inner_body_pass_through() {
+        let body = ScriptedBody::data(&[b"data: 1\n\n"]).with_error("upstream reset");
+        let response = respond(PassthroughLayer::new(), "text/event-stream", body).await;
+        let mut body = response.into_body();
+        assert!(body.frame().await.unwrap().is_ok());
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(error.to_string(), "upstream reset");
+    }
+
+    #[test]
+    fn layer_is_cheap_to_clone_and_send() {
+        fn assert_traits<T: Clone + Send + Sync + 'static>() {}
+        fn assert_send<T: Send + Sync + 'static>() {}
+        assert_traits::<PassthroughLayer>();
+        assert_traits::<Passthrough<tower::util::BoxCloneSyncService<Request<()>, (), ()>>>();
+        assert_send::<PassthroughBody<http_body_util::Full<Bytes>>>();
+    }
+}
