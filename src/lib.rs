@@ -25,9 +25,12 @@
 //! use tower::{ServiceBuilder, ServiceExt};
 //! use tower_sse::{PassthroughLayer, SseHeadersLayer};
 //!
-//! let events = tokio_stream::iter([Ok::<_, std::convert::Infallible>(Event::default().data("hi"))]);
+//! async fn events() -> Sse<impl tokio_stream::Stream<Item = Result<Event, std::convert::Infallible>>> {
+//!     Sse::new(tokio_stream::iter([Ok(Event::default().data("hi"))]))
+//! }
+//!
 //! let app = Router::new()
-//!     .route("/events", get(move || async { Sse::new(events) }))
+//!     .route("/events", get(events))
 //!     .route("/health", get(|| async { "ok" }))
 //!     .layer(
 //!         ServiceBuilder::new()
