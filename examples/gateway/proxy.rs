@@ -1,0 +1,161 @@
+//! A streaming reverse proxy: the inner service of the gateway with `--upstream`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tower::Service;
+
+use crate::PeerAddr;
+
+pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Forwards requests to one upstream, streaming bodies both ways.
+#[derive(Clone, Debug)]
+pub(crate) struct Proxy {
+    client: Client<HttpConnector, Incoming>,
+    upstream: Uri,
+}
+
+/// Checks `--upstream`: an absolute `http://` URL.
+pub(crate) fn parse_upstream(value: &str) -> Result<Uri, String> {
+    let uri: Uri = value.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if uri.scheme() != Some(&Scheme::HTTP) || uri.authority().is_none() {
+        return Err("expected an http:// URL with a host, e.g. http://127.0.0.1:8080".into());
+    }
+    Ok(uri)
+}
+
+impl Proxy {
+    pub(crate) fn new(upstream: Uri) -> Self {
+        let mut connector = HttpConnector::new();
+        // Events are small writes that must leave at once.
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Self { client, upstream }
+    }
+
+    /// The upstream URL for `uri`: the upstream's scheme and host, its path as a prefix.
+    fn target(&self, uri: &Uri) -> Uri {
+        let prefix = self.upstream.path().trim_end_matches('/');
+        let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let mut parts = self.upstream.clone().into_parts();
+        parts.path_and_query = format!("{prefix}{path_and_query}").parse().ok();
+        Uri::from_parts(parts).unwrap_or_else(|_| self.upstream.clone())
+    }
+}
+
+impl Service<Request<Incoming>> for Proxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let (mut parts, body) = request.into_parts();
+        let target = self.target(&parts.uri);
+        let client_host = parts.headers.get(header::HOST).cloned();
+        remove_hop_by_hop(&mut parts.headers);
+        // The client sets Host from the upstream URL.
+        parts.headers.remove(header::HOST);
+        if let Some(PeerAddr(peer)) = parts.extensions.get::<PeerAddr>().copied() {
+            append_forwarded_for(&mut parts.headers, peer.ip());
+        }
+        if let Some(host) = client_host {
+            parts
+                .headers
+                .insert(HeaderName::from_static("x-forwarded-host"), host);
+        }
+        parts.headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
+        parts.uri = target;
+        // The client speaks HTTP/1.1 to the upstream, whatever the downstream spoke.
+        parts.version = http::Version::HTTP_11;
+        let upstream = self.client.request(Request::from_parts(parts, body));
+        Box::pin(async move {
+            Ok(match upstream.await {
+                Ok(response) => {
+                    let (mut parts, body) = response.into_parts();
+                    remove_hop_by_hop(&mut parts.headers);
+                    Response::from_parts(parts, Either::Left(body))
+                }
+                Err(error) => bad_gateway(&error),
+            })
+        })
+    }
+}
+
+fn bad_gateway(error: &dyn std::error::Error) -> Response<ProxyBody> {
+    let mut message = format!("502 Bad Gateway: upstream request failed: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message.push('\n');
+    eprintln!("{}", message.trim_end());
+    Response::builder()
+        .status(StatusCode::BAD_GATEWAY)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Either::Right(Full::from(message)))
+        .expect("static response parts are valid")
+}
+
+/// Removes the headers that describe one connection, not the message (RFC 9110, 7.6.1).
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    // `TE: trailers` is end-to-end in practice (gRPC needs it); other TE values are not.
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}

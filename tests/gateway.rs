@@ -1,0 +1,240 @@
+//! End to end: the gateway example as a user runs it, over real loopback sockets.
+//!
+//! `cargo test` builds the examples before it runs tests, so the binary is next to this test's.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tokio_stream::wrappers::ReceiverStream;
+use tower_sse::wire::{Event, EventReader};
+
+const GUARD: Duration = Duration::from_secs(20);
+
+fn gateway_binary() -> PathBuf {
+    let mut path = std::env::current_exe().unwrap();
+    path.pop();
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    path.join("examples").join(format!("gateway{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// A running gateway, killed when dropped.
+struct Gateway {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Gateway {
+    async fn start(args: &[&str]) -> Self {
+        let binary = gateway_binary();
+        assert!(binary.exists(), "{} not built: run `cargo test`", binary.display());
+        let mut child = Command::new(binary)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = timeout(GUARD, lines.next_line()).await.unwrap().unwrap().unwrap();
+        let addr = first
+            .rsplit("http://")
+            .next()
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {first:?}"));
+        // Keep reading stdout so the gateway never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, addr }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get(url: &str, headers: &[(&str, &str)]) -> Response<Incoming> {
+    let mut request = Request::get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    timeout(GUARD, client().request(request.body(Empty::new()).unwrap()))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn next(reader: &mut EventReader<Incoming>) -> Event {
+    timeout(GUARD, reader.next_event())
+        .await
+        .expect("an event in time")
+        .expect("the stream goes on")
+        .expect("a valid event")
+}
+
+#[tokio::test]
+async fn demo_stream_page_and_resume() {
+    let gateway = Gateway::start(&["--demo-interval", "20"]).await;
+
+    let response = get(&gateway.url("/events"), &[]).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers();
+    assert_eq!(headers[CONTENT_TYPE], "text/event-stream; charset=utf-8");
+    assert_eq!(headers["cache-control"], "no-cache");
+    assert_eq!(headers[CONNECTION], "keep-alive");
+    assert_eq!(headers["x-accel-buffering"], "no");
+    assert!(headers.get(CONTENT_LENGTH).is_none());
+    let mut reader = EventReader::new(response.into_body());
+    let first = next(&mut reader).await;
+    assert_eq!(first.comments(), ["ok"], "the initial comment comes first");
+    for id in 1..=3 {
+        let event = next(&mut reader).await;
+        assert_eq!(event.id(), Some(id.to_string().as_bytes()));
+        assert!(event.data().unwrap().starts_with(&format!("{{\"n\":{id},")));
+    }
+
+    let response = get(&gateway.url("/events"), &[("last-event-id", "41")]).await;
+    let mut reader = EventReader::new(response.into_body());
+    next(&mut reader).await;
+    assert_eq!(next(&mut reader).await.id(), Some(&b"42"[..]));
+
+    let page = get(&gateway.url("/"), &[]).await;
+    assert_eq!(page.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
+    let html = page.into_body().collect().await.unwrap().to_bytes();
+    let html = String::from_utf8_lossy(&html);
+    assert!(html.contains("new EventSource(\"/events\")"));
+
+    let missing = get(&gateway.url("/nope"), &[]).await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert!(missing.headers().get("x-accel-buffering").is_none());
+}
+
+/// An upstream SSE server whose events the test sends one by one.
+async fn upstream() -> (SocketAddr, mpsc::Sender<mpsc::Receiver<Bytes>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Each accepted stream request takes the next event feed the test provides.
+    let (feeds_tx, feeds_rx) = mpsc::channel::<mpsc::Receiver<Bytes>>(4);
+    let feeds = std::sync::Arc::new(tokio::sync::Mutex::new(feeds_rx));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let feeds = feeds.clone();
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let feeds = feeds.clone();
+                async move {
+                    type Body = http_body_util::Either<
+                        StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>,
+                        Full<Bytes>,
+                    >;
+                    if request.uri().path() == "/json" {
+                        let response: Response<Body> = Response::builder()
+                            .header(CONTENT_TYPE, "application/json")
+                            .header(CONTENT_LENGTH, "11")
+                            .body(http_body_util::Either::Right(Full::from("{\"ok\":true}")))
+                            .unwrap();
+                        return Ok::<_, Infallible>(response);
+                    }
+                    let mut feed = feeds.lock().await.recv().await.unwrap();
+                    let (tx, rx) = mpsc::channel(1);
+                    tokio::spawn(async move {
+                        while let Some(bytes) = feed.recv().await {
+                            if tx.send(Ok(Frame::data(bytes))).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let body = StreamBody::new(ReceiverStream::new(rx));
+                    Ok(Response::builder()
+                        .header(CONTENT_TYPE, "text/event-stream")
+                        .body(http_body_util::Either::Left(body))
+                        .unwrap())
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, feeds_tx)
+}
+
+#[tokio::test]
+async fn proxies_an_upstream_unbuffered() {
+    let (upstream_addr, feeds) = upstream().await;
+    let gateway = Gateway::start(&["--upstream", &format!("http://{upstream_addr}")]).await;
+
+    let (events, feed) = mpsc::channel(4);
+    feeds.send(feed).await.unwrap();
+    let response = get(&gateway.url("/stream"), &[("accept", "text/event-stream")]).await;
+    assert_eq!(response.headers()[CONTENT_TYPE], "text/event-stream; charset=utf-8");
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    let mut reader = EventReader::new(response.into_body());
+    // Headers and the first byte arrive before the upstream sent anything.
+    assert_eq!(next(&mut reader).await.comments(), ["ok"]);
+
+    for id in 1..=3 {
+        // Each event reaches the client while the upstream still holds back the next one.
+        let event = Event::builder().id(id.to_string()).data("x").build().unwrap();
+        events.send(event.encode()).await.unwrap();
+        assert_eq!(next(&mut reader).await, event);
+    }
+    // An event split mid-line reaches the client whole once its end arrives.
+    events.send(Bytes::from_static(b"data: spl")).await.unwrap();
+    events.send(Bytes::from_static(b"it\n\n")).await.unwrap();
+    assert_eq!(next(&mut reader).await.data().as_deref(), Some("split"));
+
+    let json = get(&gateway.url("/json"), &[]).await;
+    assert_eq!(json.headers()[CONTENT_LENGTH], "11");
+    assert!(json.headers().get("x-accel-buffering").is_none());
+    let body = json.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "{\"ok\":true}");
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_a_502() {
+    let unused = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = unused.local_addr().unwrap();
+    drop(unused);
+    let gateway = Gateway::start(&["--upstream", &format!("http://{addr}")]).await;
+    let response = get(&gateway.url("/events"), &[]).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn ctrl_c_stops_the_gateway_with_streams_open() {
+    let mut gateway = Gateway::start(&["--demo-interval", "20"]).await;
+    let response = get(&gateway.url("/events"), &[]).await;
+    let mut reader = EventReader::new(response.into_body());
+    next(&mut reader).await;
+    let pid = gateway.child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = timeout(GUARD, gateway.child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
