@@ -461,7 +461,10 @@ mod tests {
     #[tokio::test]
     async fn sets_the_policy_on_streams() {
         let service = SseHeadersLayer::new().layer(upstream("TEXT/event-stream;charset=latin1"));
-        let response = service.oneshot(request(Version::HTTP_11, None)).await.unwrap();
+        let response = service
+            .oneshot(request(Version::HTTP_11, None))
+            .await
+            .unwrap();
         let headers = response.headers();
         assert_eq!(headers[CONTENT_TYPE], "text/event-stream; charset=utf-8");
         assert_eq!(headers[CACHE_CONTROL], "no-cache");
@@ -532,7 +535,10 @@ mod tests {
             .oneshot(request(Version::HTTP_11, Some("text/event-stream")))
             .await
             .unwrap();
-        assert_eq!(response.headers()[CONTENT_TYPE], "text/event-stream; charset=utf-8");
+        assert_eq!(
+            response.headers()[CONTENT_TYPE],
+            "text/event-stream; charset=utf-8"
+        );
         // Without the ask, or with only a wildcard, nothing changes.
         for accept in [None, Some("*/*")] {
             let response = layer
@@ -575,15 +581,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::NOT_ACCEPTABLE);
-        assert_eq!(response.headers()[CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert_eq!(
+            response.headers()[CONTENT_TYPE],
+            "text/plain; charset=utf-8"
+        );
         assert_eq!(response.headers()[VARY], "accept");
         assert_eq!(called.load(std::sync::atomic::Ordering::SeqCst), 0);
         let body = response.into_body();
-        assert_eq!(body.size_hint().exact(), Some(NOT_ACCEPTABLE_BODY.len() as u64));
+        assert_eq!(
+            body.size_hint().exact(),
+            Some(NOT_ACCEPTABLE_BODY.len() as u64)
+        );
         let text = body.collect().await.unwrap().to_bytes();
         assert_eq!(text, NOT_ACCEPTABLE_BODY);
 
-        for accept in [None, Some("text/event-stream"), Some("*/*"), Some("text/*;q=0.1")] {
+        for accept in [
+            None,
+            Some("text/event-stream"),
+            Some("*/*"),
+            Some("text/*;q=0.1"),
+        ] {
             let response = service
                 .clone()
                 .oneshot(request(Version::HTTP_11, accept))

@@ -83,3 +83,8 @@ pub use passthrough::PassthroughLayer;
 
 #[cfg(test)]
 mod test_util;
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -31,7 +31,8 @@ fn gateway_binary() -> PathBuf {
     if path.ends_with("deps") {
         path.pop();
     }
-    path.join("examples").join(format!("gateway{}", std::env::consts::EXE_SUFFIX))
+    path.join("examples")
+        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX))
 }
 
 /// A running gateway, killed when dropped.
@@ -43,7 +44,11 @@ struct Gateway {
 impl Gateway {
     async fn start(args: &[&str]) -> Self {
         let binary = gateway_binary();
-        assert!(binary.exists(), "{} not built: run `cargo test`", binary.display());
+        assert!(
+            binary.exists(),
+            "{} not built: run `cargo test`",
+            binary.display()
+        );
         let mut child = Command::new(binary)
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
@@ -52,7 +57,11 @@ impl Gateway {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = timeout(GUARD, lines.next_line()).await.unwrap().unwrap().unwrap();
+        let first = timeout(GUARD, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         let addr = first
             .rsplit("http://")
             .next()
@@ -137,7 +146,9 @@ async fn upstream() -> (SocketAddr, mpsc::Sender<mpsc::Receiver<Bytes>>) {
     let feeds = std::sync::Arc::new(tokio::sync::Mutex::new(feeds_rx));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let feeds = feeds.clone();
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let feeds = feeds.clone();
@@ -188,7 +199,10 @@ async fn proxies_an_upstream_unbuffered() {
     let (events, feed) = mpsc::channel(4);
     feeds.send(feed).await.unwrap();
     let response = get(&gateway.url("/stream"), &[("accept", "text/event-stream")]).await;
-    assert_eq!(response.headers()[CONTENT_TYPE], "text/event-stream; charset=utf-8");
+    assert_eq!(
+        response.headers()[CONTENT_TYPE],
+        "text/event-stream; charset=utf-8"
+    );
     assert_eq!(response.headers()["x-accel-buffering"], "no");
     let mut reader = EventReader::new(response.into_body());
     // Headers and the first byte arrive before the upstream sent anything.
@@ -196,7 +210,11 @@ async fn proxies_an_upstream_unbuffered() {
 
     for id in 1..=3 {
         // Each event reaches the client while the upstream still holds back the next one.
-        let event = Event::builder().id(id.to_string()).data("x").build().unwrap();
+        let event = Event::builder()
+            .id(id.to_string())
+            .data("x")
+            .build()
+            .unwrap();
         events.send(event.encode()).await.unwrap();
         assert_eq!(next(&mut reader).await, event);
     }

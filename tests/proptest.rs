@@ -62,9 +62,7 @@ fn event() -> impl Strategy<Value = Event> {
     (
         prop::option::of(text()),
         prop::option::of(text()),
-        prop::option::of(
-            prop::collection::vec(text(), 1..4).prop_map(|lines| lines.join("\n")),
-        ),
+        prop::option::of(prop::collection::vec(text(), 1..4).prop_map(|lines| lines.join("\n"))),
         prop::option::of(0u64..100_000),
         prop::collection::vec(text(), 0..2),
     )
@@ -85,7 +83,9 @@ fn event() -> impl Strategy<Value = Event> {
             for comment in comments {
                 builder = builder.comment(comment);
             }
-            builder.build().expect("printable text without line breaks is valid")
+            builder
+                .build()
+                .expect("printable text without line breaks is valid")
         })
 }
 

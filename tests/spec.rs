@@ -221,7 +221,11 @@ fn comments_long_colons_and_non_ascii() {
     .concat();
     let outcome = parse_every_way(&stream);
     assert_eq!(datas(&outcome), ["x"]);
-    let comments: Vec<&[u8]> = outcome.blocks[0].comments().iter().map(|c| &c[..]).collect();
+    let comments: Vec<&[u8]> = outcome.blocks[0]
+        .comments()
+        .iter()
+        .map(|c| &c[..])
+        .collect();
     assert_eq!(
         comments,
         [&long[..], b":::", " \u{2026} caf\u{e9}".as_bytes(), b""]
@@ -255,7 +259,10 @@ fn non_ascii_id_round_trips() {
     let outcome = parse_every_way("id: \u{2026}\ndata: x\n\n".as_bytes());
     assert_eq!(outcome.last_event_id, "\u{2026}".as_bytes());
     let header = http::HeaderValue::from_bytes(&outcome.last_event_id).unwrap();
-    assert!(header.to_str().is_err(), "to_str() rejects it: use the bytes");
+    assert!(
+        header.to_str().is_err(),
+        "to_str() rejects it: use the bytes"
+    );
     assert_eq!(header.as_bytes(), "\u{2026}".as_bytes());
 }
 
@@ -263,7 +270,10 @@ fn non_ascii_id_round_trips() {
 fn invalid_utf8_is_forwarded_as_bytes_and_decoded_lossily() {
     let outcome = parse_every_way(b"data: \xFF\xE2\x82\n\n");
     assert_eq!(datas(&outcome), ["\u{FFFD}\u{FFFD}"]);
-    assert_eq!(outcome.blocks[0].data_bytes().unwrap(), &b"\xFF\xE2\x82"[..]);
+    assert_eq!(
+        outcome.blocks[0].data_bytes().unwrap(),
+        &b"\xFF\xE2\x82"[..]
+    );
 }
 
 #[test]
@@ -286,7 +296,10 @@ fn limits_with_every_chunking() {
             let mut parser = Parser::with_limits(limits);
             parser.push(Bytes::copy_from_slice(a));
             parser.push(Bytes::copy_from_slice(b));
-            assert!(parser.next_event().unwrap().is_err(), "{limits:?} split {split}");
+            assert!(
+                parser.next_event().unwrap().is_err(),
+                "{limits:?} split {split}"
+            );
         }
     }
     // Exactly at the limits is fine.

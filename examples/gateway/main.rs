@@ -61,7 +61,9 @@ struct Args {
 }
 
 /// The layers every response goes through, outermost first (see the crate docs for the order).
-fn layers(args: &Args) -> ServiceBuilder<Stack<PassthroughLayer, Stack<SseHeadersLayer, Identity>>> {
+fn layers(
+    args: &Args,
+) -> ServiceBuilder<Stack<PassthroughLayer, Stack<SseHeadersLayer, Identity>>> {
     let passthrough = if args.no_initial_comment {
         PassthroughLayer::new()
     } else {

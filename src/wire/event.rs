@@ -197,10 +197,17 @@ impl fmt::Debug for Event {
             s.field("retry_ms", &retry);
         }
         if !self.comments.is_empty() {
-            s.field("comments", &self.comments.iter().map(text).collect::<Vec<_>>());
+            s.field(
+                "comments",
+                &self.comments.iter().map(text).collect::<Vec<_>>(),
+            );
         }
         if !self.fields.is_empty() {
-            let fields: Vec<_> = self.fields.iter().map(|(n, v)| (text(n), text(v))).collect();
+            let fields: Vec<_> = self
+                .fields
+                .iter()
+                .map(|(n, v)| (text(n), text(v)))
+                .collect();
             s.field("unknown_fields", &fields);
         }
         s.finish()

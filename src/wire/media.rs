@@ -34,7 +34,10 @@ pub fn is_event_stream(headers: &HeaderMap) -> bool {
 
 /// True when a Content-Type value's MIME essence is `text/event-stream` (see [`is_event_stream`]).
 pub fn is_event_stream_type(content_type: &[u8]) -> bool {
-    let essence = content_type.split(|&b| b == b';').next().unwrap_or_default();
+    let essence = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default();
     trim(essence).eq_ignore_ascii_case(ESSENCE)
 }
 
@@ -164,8 +167,14 @@ fn parse_qvalue(value: &[u8]) -> Option<u16> {
 
 fn trim(bytes: &[u8]) -> &[u8] {
     let is_space = |b: &u8| *b == b' ' || *b == b'\t';
-    let start = bytes.iter().position(|b| !is_space(b)).unwrap_or(bytes.len());
-    let end = bytes.iter().rposition(|b| !is_space(b)).map_or(start, |i| i + 1);
+    let start = bytes
+        .iter()
+        .position(|b| !is_space(b))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !is_space(b))
+        .map_or(start, |i| i + 1);
     &bytes[start..end]
 }
 
@@ -210,21 +219,33 @@ mod tests {
         assert!(accepts_event_stream(&accept(&[""])));
         assert!(accepts_event_stream(&accept(&["text/event-stream"])));
         assert!(accepts_event_stream(&accept(&["text/*"])));
-        assert!(accepts_event_stream(&accept(&["application/json", "*/*;q=0.1"])));
-        assert!(accepts_event_stream(&accept(&["text/*;q=0, text/event-stream"])));
+        assert!(accepts_event_stream(&accept(&[
+            "application/json",
+            "*/*;q=0.1"
+        ])));
+        assert!(accepts_event_stream(&accept(&[
+            "text/*;q=0, text/event-stream"
+        ])));
         assert!(!accepts_event_stream(&accept(&["application/json"])));
         assert!(!accepts_event_stream(&accept(&["text/*;q=0, */*"])));
         assert!(!accepts_event_stream(&accept(&["*/*;q=0"])));
-        assert!(!accepts_event_stream(&accept(&["text/event-stream;q=0.000"])));
+        assert!(!accepts_event_stream(&accept(&[
+            "text/event-stream;q=0.000"
+        ])));
         // A malformed entry is skipped; with none usable, the header counts as absent.
         assert!(accepts_event_stream(&accept(&["text/event-stream;q=2"])));
-        assert!(!accepts_event_stream(&accept(&["text/event-stream;q=2, text/html"])));
+        assert!(!accepts_event_stream(&accept(&[
+            "text/event-stream;q=2, text/html"
+        ])));
         assert!(accepts_event_stream(&accept(&["text/event-stream;q=0.5"])));
     }
 
     #[test]
     fn asking() {
-        assert!(asks_for_event_stream(&accept(&["text/html", "text/event-stream"])));
+        assert!(asks_for_event_stream(&accept(&[
+            "text/html",
+            "text/event-stream"
+        ])));
         assert!(!asks_for_event_stream(&accept(&["text/event-stream;q=0"])));
         assert!(!asks_for_event_stream(&accept(&["text/*"])));
         assert!(!asks_for_event_stream(&accept(&[])));

@@ -154,10 +154,16 @@ impl fmt::Display for LimitError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::LineTooLong { limit } => {
-                write!(f, "event-stream line longer than the limit of {limit} bytes")
+                write!(
+                    f,
+                    "event-stream line longer than the limit of {limit} bytes"
+                )
             }
             Self::EventTooLarge { limit } => {
-                write!(f, "event-stream event larger than the limit of {limit} bytes")
+                write!(
+                    f,
+                    "event-stream event larger than the limit of {limit} bytes"
+                )
             }
         }
     }

@@ -223,8 +223,7 @@ impl Parser {
     ///
     /// A `retry` line takes effect when it is read, even inside an event that never completes.
     pub fn reconnection_time(&self) -> Option<std::time::Duration> {
-        self.reconnection_time
-            .map(std::time::Duration::from_millis)
+        self.reconnection_time.map(std::time::Duration::from_millis)
     }
 
     /// True when part of an event (or a line) has been read but not yet dispatched.
@@ -244,10 +243,7 @@ impl Block {
             }
             Some(colon) => {
                 let value = &line[colon + 1..];
-                (
-                    &line[..colon],
-                    value.strip_prefix(b" ").unwrap_or(value),
-                )
+                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
             }
             None => (line, &line[line.len()..]),
         };
@@ -334,7 +330,16 @@ mod tests {
     fn retry_digits_only() {
         assert_eq!(parse_retry(b"03000"), Some(3000));
         assert_eq!(parse_retry(b"0"), Some(0));
-        for bad in [&b""[..], b"1000x", b"+5", b"5 ", b" 5", b"-1", b"1.5", b"\xd9\xa1"] {
+        for bad in [
+            &b""[..],
+            b"1000x",
+            b"+5",
+            b"5 ",
+            b" 5",
+            b"-1",
+            b"1.5",
+            b"\xd9\xa1",
+        ] {
             assert_eq!(parse_retry(bad), None, "{bad:?}");
         }
         assert_eq!(parse_retry(b"18446744073709551615"), Some(u64::MAX));

@@ -277,9 +277,21 @@ mod tests {
         assert_eq!(
             got,
             [
-                Piece::Line { start: 0, end: 1, continued: false },
-                Piece::Line { start: 2, end: 3, continued: false },
-                Piece::Line { start: 4, end: 5, continued: false },
+                Piece::Line {
+                    start: 0,
+                    end: 1,
+                    continued: false
+                },
+                Piece::Line {
+                    start: 2,
+                    end: 3,
+                    continued: false
+                },
+                Piece::Line {
+                    start: 4,
+                    end: 5,
+                    continued: false
+                },
                 Piece::Dispatch { end: 9 },
             ]
         );
@@ -291,7 +303,11 @@ mod tests {
         let mut s = Scanner::new();
         assert_eq!(
             pieces(&mut s, b"data: a\r"),
-            [Piece::Line { start: 0, end: 7, continued: false }]
+            [Piece::Line {
+                start: 0,
+                end: 7,
+                continued: false
+            }]
         );
         // The LF completes the CRLF: it is not a blank line.
         assert_eq!(pieces(&mut s, b"\n"), []);
@@ -309,7 +325,11 @@ mod tests {
         assert_eq!(
             pieces(&mut s, b"ta\n\n"),
             [
-                Piece::Line { start: 0, end: 2, continued: true },
+                Piece::Line {
+                    start: 0,
+                    end: 2,
+                    continued: true
+                },
                 Piece::Dispatch { end: 4 },
             ]
         );
@@ -317,7 +337,11 @@ mod tests {
         assert_eq!(pieces(&mut s, b"x"), [Piece::Partial { start: 0 }]);
         assert_eq!(
             pieces(&mut s, b"\n"),
-            [Piece::Line { start: 0, end: 0, continued: true }]
+            [Piece::Line {
+                start: 0,
+                end: 0,
+                continued: true
+            }]
         );
     }
 
@@ -333,7 +357,11 @@ mod tests {
         // A second BOM is content.
         assert_eq!(
             pieces(&mut s, b"\xEF\xBB\xBF\n"),
-            [Piece::Line { start: 0, end: 3, continued: false }]
+            [Piece::Line {
+                start: 0,
+                end: 3,
+                continued: false
+            }]
         );
     }
 
@@ -341,7 +369,10 @@ mod tests {
     fn bom_split_across_chunks() {
         let mut s = Scanner::new();
         assert_eq!(pieces(&mut s, b"\xEF"), [Piece::Partial { start: 0 }]);
-        assert!(!s.is_at_boundary(), "a half BOM must not be split by an insertion");
+        assert!(
+            !s.is_at_boundary(),
+            "a half BOM must not be split by an insertion"
+        );
         assert_eq!(
             pieces(&mut s, b"\xBB\xBF\n"),
             [Piece::Bom { end: 2 }, Piece::Dispatch { end: 3 }]
@@ -350,14 +381,21 @@ mod tests {
         assert_eq!(pieces(&mut s, b"\xEF\xBB"), [Piece::Partial { start: 0 }]);
         assert_eq!(
             pieces(&mut s, b"x\n"),
-            [Piece::Line { start: 0, end: 1, continued: true }]
+            [Piece::Line {
+                start: 0,
+                end: 1,
+                continued: true
+            }]
         );
     }
 
     #[test]
     fn scan_reports_last_boundary() {
         let mut s = Scanner::new();
-        assert_eq!(s.scan(b"data: 1\n\ndata: 2\n\ndata: 3\n").unwrap(), Some(18));
+        assert_eq!(
+            s.scan(b"data: 1\n\ndata: 2\n\ndata: 3\n").unwrap(),
+            Some(18)
+        );
         assert_eq!(s.scan(b"").unwrap(), None);
         assert!(!s.is_at_boundary());
         assert_eq!(s.scan(b"\n").unwrap(), Some(1));
