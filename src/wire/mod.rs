@@ -76,6 +76,12 @@ pub(crate) use bom::{BomStep, LeadingBom, BOM};
 /// The defaults (1 MiB per line, 4 MiB per event) leave room for large JSON payloads; tighten them
 /// where events are known to be small.
 ///
+/// A parsed event also keeps at most [`kept_lines`](Limits::kept_lines) comment lines and as many
+/// unknown-field lines (64 of each by default). Each kept line costs a handle of a few dozen bytes
+/// however short it is, so without this cap an event made of bare `:` lines would cost many times
+/// its size. Lines past the cap are still parsed and count towards the size limits; they are just
+/// not kept in the [`Event`]. Clients ignore both kinds of line anyway.
+///
 /// ```
 /// use tower_sse::wire::Limits;
 ///
@@ -87,6 +93,7 @@ pub(crate) use bom::{BomStep, LeadingBom, BOM};
 pub struct Limits {
     max_line: usize,
     max_event: usize,
+    max_kept_lines: usize,
 }
 
 impl Limits {
@@ -94,13 +101,27 @@ impl Limits {
     pub const DEFAULT_MAX_LINE_LEN: usize = 1024 * 1024;
     /// The default bound on one event: 4 MiB.
     pub const DEFAULT_MAX_EVENT_LEN: usize = 4 * 1024 * 1024;
+    /// The default number of comment lines, and of unknown-field lines, kept per event: 64.
+    pub const DEFAULT_MAX_KEPT_LINES: usize = 64;
 
     /// No bound at all: for readers that hold none of the bytes they scan.
     pub const fn unbounded() -> Self {
         Self {
             max_line: usize::MAX,
             max_event: usize::MAX,
+            max_kept_lines: usize::MAX,
         }
+    }
+
+    /// Keeps at most `lines` comment lines, and as many unknown-field lines, per parsed event.
+    pub const fn max_kept_lines(mut self, lines: usize) -> Self {
+        self.max_kept_lines = lines;
+        self
+    }
+
+    /// The number of comment lines, and of unknown-field lines, kept per parsed event.
+    pub const fn kept_lines(&self) -> usize {
+        self.max_kept_lines
     }
 
     /// Bounds one line (its content, without the line ending) to `bytes`.
@@ -131,6 +152,7 @@ impl Default for Limits {
         Self {
             max_line: Self::DEFAULT_MAX_LINE_LEN,
             max_event: Self::DEFAULT_MAX_EVENT_LEN,
+            max_kept_lines: Self::DEFAULT_MAX_KEPT_LINES,
         }
     }
 }

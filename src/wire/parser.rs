@@ -178,7 +178,10 @@ impl Parser {
                     start,
                     end,
                     continued: false,
-                } => block.take_line(chunk, &chunk[start..end], reconnection_time),
+                } => {
+                    let kept = scanner.limits().kept_lines();
+                    block.take_line(chunk, &chunk[start..end], kept, reconnection_time);
+                }
                 Piece::Line {
                     start,
                     end,
@@ -186,7 +189,8 @@ impl Parser {
                 } => {
                     line.extend_from_slice(&chunk[start..end]);
                     let joined = line.split().freeze();
-                    block.take_line(&joined, &joined, reconnection_time);
+                    let kept = scanner.limits().kept_lines();
+                    block.take_line(&joined, &joined, kept, reconnection_time);
                 }
                 Piece::Dispatch { .. } => {
                     if let Some(event) = block.dispatch(last_event_id) {
@@ -234,11 +238,19 @@ impl Parser {
 
 impl Block {
     /// Interprets one complete, non-blank line; `line` is a slice of `owner`.
-    fn take_line(&mut self, owner: &Bytes, line: &[u8], reconnection_time: &mut Option<u64>) {
+    fn take_line(
+        &mut self,
+        owner: &Bytes,
+        line: &[u8],
+        kept_lines: usize,
+        reconnection_time: &mut Option<u64>,
+    ) {
         self.has_lines = true;
         let (name, value) = match memchr(b':', line) {
             Some(0) => {
-                self.comments.push(owner.slice_ref(&line[1..]));
+                if self.comments.len() < kept_lines {
+                    self.comments.push(owner.slice_ref(&line[1..]));
+                }
                 return;
             }
             Some(colon) => {
@@ -261,9 +273,10 @@ impl Block {
                     *reconnection_time = Some(ms);
                 }
             }
-            _ => self
+            _ if self.fields.len() < kept_lines => self
                 .fields
                 .push((owner.slice_ref(name), owner.slice_ref(value))),
+            _ => {}
         }
     }
 
@@ -365,6 +378,17 @@ mod tests {
         parser.push(Bytes::from_static(b"data: x\n\n"));
         assert!(parser.next_event().unwrap().is_err());
         assert!(parser.next_event().is_none());
+    }
+
+    #[test]
+    fn comment_and_unknown_field_lines_kept_are_capped() {
+        let mut parser = Parser::with_limits(Limits::default().max_kept_lines(3));
+        parser.push(Bytes::from(":\nx\n".repeat(100_000) + "data: d\n\n"));
+        let event = parser.next_event().unwrap().unwrap();
+        assert_eq!(event.comments().len(), 3);
+        assert_eq!(event.unknown_fields().len(), 3);
+        assert_eq!(event.data().as_deref(), Some("d"));
+        assert_eq!(Limits::default().kept_lines(), 64);
     }
 
     #[test]
