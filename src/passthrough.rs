@@ -57,7 +57,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -65,7 +65,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::wire::{is_event_stream, BomStep, Event, LeadingBom, BOM};
+use crate::wire::{is_event_stream, BomFilter, Event};
 
 /// Forwards event streams unbuffered; see the [module docs](self).
 #[derive(Clone, Debug, Default)]
@@ -188,9 +188,9 @@ where
         parts.headers.remove(CONTENT_LENGTH);
         let initial = this.initial.take();
         let bom = if initial.is_some() {
-            LeadingBom::new()
+            BomFilter::dropping()
         } else {
-            LeadingBom::Decided
+            BomFilter::off()
         };
         let body = PassthroughBody {
             kind: Kind::Stream {
@@ -198,7 +198,6 @@ where
                 state: StreamState {
                     initial,
                     bom,
-                    held: 0,
                     stashed: None,
                     ended: false,
                 },
@@ -227,13 +226,11 @@ pin_project! {
 struct StreamState {
     /// The comment still to send first.
     initial: Option<Bytes>,
-    /// Whether the inner body's first bytes are a BOM to drop; decided from the start when there
-    /// is no initial comment.
-    bom: LeadingBom,
-    /// Bytes of a possible BOM held back (a prefix of `BOM`).
-    held: u8,
+    /// Drops the inner body's leading BOM when the initial comment goes in front of it.
+    bom: BomFilter,
     /// A frame that arrived while held bytes had to go out first.
     stashed: Option<Frame<Bytes>>,
+    /// The inner body returned `None` (while bytes were held): never poll it again.
     ended: bool,
 }
 
@@ -266,9 +263,9 @@ impl<B: Body<Data = Bytes>> Body for PassthroughBody<B> {
             Kind::Untouched { inner } => inner.is_end_stream(),
             Kind::Stream { inner, state } => {
                 state.initial.is_none()
-                    && state.held == 0
+                    && state.bom.is_done()
                     && state.stashed.is_none()
-                    && inner.is_end_stream()
+                    && (state.ended || inner.is_end_stream())
             }
         }
     }
@@ -291,31 +288,33 @@ impl StreamState {
         if let Some(comment) = self.initial.take() {
             return Poll::Ready(Some(Ok(Frame::data(comment))));
         }
-        if self.bom == LeadingBom::Decided {
-            if let Some(frame) = self.stashed.take() {
-                return Poll::Ready(Some(Ok(frame)));
-            }
+        if let Some(frame) = self.stashed.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if self.bom.is_done() {
             return inner.poll_frame(cx);
         }
         loop {
-            if self.ended {
-                // The body ended inside a possible BOM: what was held is content.
-                self.bom = LeadingBom::Decided;
-                return Poll::Ready(self.take_held().map(|b| Ok(Frame::data(b))));
-            }
             let frame = match ready!(inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                // The body ended inside a possible BOM: what was held is content.
                 None => {
                     self.ended = true;
-                    continue;
+                    return Poll::Ready(self.bom.finish().map(|b| Ok(Frame::data(b))));
                 }
             };
-            let mut data = match frame.into_data() {
-                Ok(data) => data,
+            match frame.into_data() {
+                Ok(data) => {
+                    if let Some(data) = self.bom.push(data) {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
                 Err(frame) => {
-                    self.bom = LeadingBom::Decided;
-                    let frame = match self.take_held() {
+                    let frame = match self.bom.finish() {
                         Some(held) => {
                             self.stashed = Some(frame);
                             Frame::data(held)
@@ -324,36 +323,8 @@ impl StreamState {
                     };
                     return Poll::Ready(Some(Ok(frame)));
                 }
-            };
-            match self.bom.step(&data) {
-                // At most two bytes: a longer chunk decides the question.
-                BomStep::NeedMore => self.held += data.len() as u8,
-                BomStep::Found { end } => {
-                    self.held = 0;
-                    data.advance(end);
-                    if !data.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                BomStep::Absent { .. } | BomStep::Decided => {
-                    let data = match self.take_held() {
-                        Some(held) => {
-                            let mut joined = BytesMut::with_capacity(held.len() + data.len());
-                            joined.extend_from_slice(&held);
-                            joined.extend_from_slice(&data);
-                            joined.freeze()
-                        }
-                        None => data,
-                    };
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
             }
         }
-    }
-
-    fn take_held(&mut self) -> Option<Bytes> {
-        let n = std::mem::take(&mut self.held);
-        (n > 0).then(|| Bytes::from_static(&BOM[..usize::from(n)]))
     }
 }
 
@@ -477,6 +448,24 @@ mod tests {
             let got = frames(response.into_body()).await.concat();
             assert_eq!(got, [&b":\n\n"[..], expected].concat(), "{chunks:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn inner_body_is_not_polled_after_it_ended() {
+        let response = respond(
+            PassthroughLayer::new().initial_comment(""),
+            "text/event-stream",
+            ScriptedBody::data(&[b"\xEF"]).then_panic_if_polled(),
+        )
+        .await;
+        let mut body = response.into_body();
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            got.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(got, b":\n\n\xEF");
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
     }
 
     #[tokio::test]

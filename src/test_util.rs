@@ -23,6 +23,8 @@ enum Step {
 pub(crate) struct ScriptedBody {
     steps: VecDeque<Step>,
     forever_pending: bool,
+    ended: bool,
+    panic_if_polled_after_end: bool,
 }
 
 #[derive(Debug)]
@@ -44,6 +46,8 @@ impl ScriptedBody {
                 .map(|c| Step::Data(Bytes::copy_from_slice(c)))
                 .collect(),
             forever_pending: false,
+            ended: false,
+            panic_if_polled_after_end: false,
         }
     }
 
@@ -51,6 +55,8 @@ impl ScriptedBody {
         Self {
             steps: VecDeque::new(),
             forever_pending: true,
+            ended: false,
+            panic_if_polled_after_end: false,
         }
     }
 
@@ -61,6 +67,12 @@ impl ScriptedBody {
 
     pub(crate) fn with_error(mut self, message: &'static str) -> Self {
         self.steps.push_back(Step::Error(message));
+        self
+    }
+
+    /// Panics when polled again after it returned `None`, which callers must not do.
+    pub(crate) fn then_panic_if_polled(mut self) -> Self {
+        self.panic_if_polled_after_end = true;
         self
     }
 
@@ -88,7 +100,14 @@ impl Body for ScriptedBody {
                 Poll::Pending
             }
             None if self.forever_pending => Poll::Pending,
-            None => Poll::Ready(None),
+            None => {
+                assert!(
+                    !(self.ended && self.panic_if_polled_after_end),
+                    "polled after the end"
+                );
+                self.ended = true;
+                Poll::Ready(None)
+            }
         }
     }
 

@@ -67,9 +67,115 @@ impl LeadingBom {
     }
 }
 
+/// Drops the leading BOM of an inner stream that something was inserted in front of.
+///
+/// A BOM is only skipped at the very start of a stream: once a layer sends its own bytes first
+/// (an initial comment, a `retry` hint, a heartbeat), an upstream BOM would become an ordinary
+/// character that spoils the first line. A client drops a leading BOM anyway, so dropping it here
+/// changes nothing it sees. While the first bytes may still be a BOM (at most two), they are held.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BomFilter {
+    bom: LeadingBom,
+    held: u8,
+}
+
+impl BomFilter {
+    /// A filter that drops a leading BOM.
+    pub(crate) const fn dropping() -> Self {
+        Self {
+            bom: LeadingBom::new(),
+            held: 0,
+        }
+    }
+
+    /// A filter that lets everything through.
+    pub(crate) const fn off() -> Self {
+        Self {
+            bom: LeadingBom::Decided,
+            held: 0,
+        }
+    }
+
+    /// True once the question is settled: every chunk passes through as it is.
+    pub(crate) fn is_done(&self) -> bool {
+        self.bom == LeadingBom::Decided && self.held == 0
+    }
+
+    /// Filters the next chunk of the inner stream; `None` when nothing is to be sent yet.
+    pub(crate) fn push(&mut self, mut data: bytes::Bytes) -> Option<bytes::Bytes> {
+        match self.bom.step(&data) {
+            // At most two bytes: a longer chunk settles the question.
+            BomStep::NeedMore => {
+                self.held += data.len() as u8;
+                None
+            }
+            BomStep::Found { end } => {
+                self.held = 0;
+                bytes::Buf::advance(&mut data, end);
+                (!data.is_empty()).then_some(data)
+            }
+            BomStep::Absent { .. } | BomStep::Decided => match self.take_held() {
+                Some(held) => {
+                    let mut joined = bytes::BytesMut::with_capacity(held.len() + data.len());
+                    joined.extend_from_slice(&held);
+                    joined.extend_from_slice(&data);
+                    Some(joined.freeze())
+                }
+                None => Some(data),
+            },
+        }
+    }
+
+    /// Settles the question without more bytes (the stream ended, or a non-data frame came):
+    /// what was held is content after all.
+    pub(crate) fn finish(&mut self) -> Option<bytes::Bytes> {
+        self.bom = LeadingBom::Decided;
+        self.take_held()
+    }
+
+    fn take_held(&mut self) -> Option<bytes::Bytes> {
+        let n = std::mem::take(&mut self.held);
+        (n > 0).then(|| bytes::Bytes::from_static(&BOM[..usize::from(n)]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    fn filter_all(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut filter = BomFilter::dropping();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            if let Some(data) = filter.push(Bytes::copy_from_slice(chunk)) {
+                out.extend_from_slice(&data);
+            }
+        }
+        if let Some(data) = filter.finish() {
+            out.extend_from_slice(&data);
+        }
+        assert!(filter.is_done());
+        out
+    }
+
+    #[test]
+    fn filter_drops_a_leading_bom_however_split() {
+        assert_eq!(filter_all(&[b"\xEF\xBB\xBFdata"]), b"data");
+        assert_eq!(filter_all(&[b"\xEF", b"", b"\xBB", b"\xBF", b"x"]), b"x");
+        assert_eq!(filter_all(&[b"\xEF\xBB\xBF\xEF\xBB\xBF"]), b"\xEF\xBB\xBF");
+    }
+
+    #[test]
+    fn filter_keeps_what_is_not_a_bom() {
+        assert_eq!(filter_all(&[b"\xEF\xBB", b"x"]), b"\xEF\xBBx");
+        assert_eq!(filter_all(&[b"\xEF"]), b"\xEF");
+        assert_eq!(filter_all(&[b"data", b"\xEF\xBB\xBF"]), b"data\xEF\xBB\xBF");
+        let mut off = BomFilter::off();
+        assert!(off.is_done());
+        let bom = Bytes::from_static(&BOM);
+        assert_eq!(off.push(bom.clone()), Some(bom));
+    }
 
     #[test]
     fn whole_bom_in_one_chunk() {

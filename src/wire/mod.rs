@@ -65,7 +65,7 @@ pub use parser::{ParseError, Parser};
 pub use reader::{EventReader, ReadError};
 pub use scanner::{Piece, Pieces, Scanner};
 
-pub(crate) use bom::{BomStep, LeadingBom, BOM};
+pub(crate) use bom::{BomFilter, BomStep, LeadingBom};
 
 /// Bounds on how much of an unfinished line or event a reader of the stream may hold.
 ///

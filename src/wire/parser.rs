@@ -262,11 +262,9 @@ impl Block {
         match name {
             b"data" => self.data.append(owner, value),
             b"event" => self.event = Some(owner.slice_ref(value)),
-            b"id" => {
-                if memchr(0, value).is_none() {
-                    self.id = Some(owner.slice_ref(value));
-                }
-            }
+            b"id" if memchr(0, value).is_none() => self.id = Some(owner.slice_ref(value)),
+            // An id holding NUL is ignored, not an unknown field.
+            b"id" => {}
             b"retry" => {
                 if let Some(ms) = parse_retry(value) {
                     self.retry = Some(ms);
