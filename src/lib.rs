@@ -74,6 +74,7 @@
 //! [`tower`]: https://docs.rs/tower
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod body;
 pub mod headers;
 pub mod passthrough;
 pub mod wire;

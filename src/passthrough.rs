@@ -65,7 +65,8 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::wire::{is_event_stream, BomFilter, Event};
+use crate::body::InnerFrames;
+use crate::wire::{is_event_stream, Event};
 
 /// Forwards event streams unbuffered; see the [module docs](self).
 #[derive(Clone, Debug, Default)]
@@ -187,20 +188,15 @@ where
         let (mut parts, inner) = response.into_parts();
         parts.headers.remove(CONTENT_LENGTH);
         let initial = this.initial.take();
-        let bom = if initial.is_some() {
-            BomFilter::dropping()
-        } else {
-            BomFilter::off()
-        };
+        let mut frames = InnerFrames::new();
+        if initial.is_some() {
+            frames.drop_leading_bom();
+        }
         let body = PassthroughBody {
             kind: Kind::Stream {
                 inner,
-                state: StreamState {
-                    initial,
-                    bom,
-                    stashed: None,
-                    ended: false,
-                },
+                initial,
+                frames,
             },
         };
         Poll::Ready(Ok(Response::from_parts(parts, body)))
@@ -219,19 +215,14 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Untouched { #[pin] inner: B },
-        Stream { #[pin] inner: B, state: StreamState },
+        Stream {
+            #[pin]
+            inner: B,
+            // The comment still to send first.
+            initial: Option<Bytes>,
+            frames: InnerFrames,
+        },
     }
-}
-
-struct StreamState {
-    /// The comment still to send first.
-    initial: Option<Bytes>,
-    /// Drops the inner body's leading BOM when the initial comment goes in front of it.
-    bom: BomFilter,
-    /// A frame that arrived while held bytes had to go out first.
-    stashed: Option<Frame<Bytes>>,
-    /// The inner body returned `None` (while bytes were held): never poll it again.
-    ended: bool,
 }
 
 impl<B> fmt::Debug for PassthroughBody<B> {
@@ -254,19 +245,25 @@ impl<B: Body<Data = Bytes>> Body for PassthroughBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Untouched { inner } => inner.poll_frame(cx),
-            KindProj::Stream { inner, state } => state.poll_frame(inner, cx),
+            KindProj::Stream {
+                inner,
+                initial,
+                frames,
+            } => match initial.take() {
+                Some(comment) => Poll::Ready(Some(Ok(Frame::data(comment)))),
+                None => frames.poll_frame(inner, cx),
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Untouched { inner } => inner.is_end_stream(),
-            Kind::Stream { inner, state } => {
-                state.initial.is_none()
-                    && state.bom.is_done()
-                    && state.stashed.is_none()
-                    && (state.ended || inner.is_end_stream())
-            }
+            Kind::Stream {
+                inner,
+                initial,
+                frames,
+            } => initial.is_none() && frames.is_end_stream(inner),
         }
     }
 
@@ -275,55 +272,6 @@ impl<B: Body<Data = Bytes>> Body for PassthroughBody<B> {
             Kind::Untouched { inner } => inner.size_hint(),
             // Content-Length is gone: an exact hint would make hyper put it back.
             Kind::Stream { .. } => SizeHint::default(),
-        }
-    }
-}
-
-impl StreamState {
-    fn poll_frame<B: Body<Data = Bytes>>(
-        &mut self,
-        mut inner: Pin<&mut B>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        if let Some(comment) = self.initial.take() {
-            return Poll::Ready(Some(Ok(Frame::data(comment))));
-        }
-        if let Some(frame) = self.stashed.take() {
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        if self.bom.is_done() {
-            return inner.poll_frame(cx);
-        }
-        loop {
-            let frame = match ready!(inner.as_mut().poll_frame(cx)) {
-                Some(Ok(frame)) => frame,
-                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                // The body ended inside a possible BOM: what was held is content.
-                None => {
-                    self.ended = true;
-                    return Poll::Ready(self.bom.finish().map(|b| Ok(Frame::data(b))));
-                }
-            };
-            match frame.into_data() {
-                Ok(data) => {
-                    if let Some(data) = self.bom.push(data) {
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                Err(frame) => {
-                    let frame = match self.bom.finish() {
-                        Some(held) => {
-                            self.stashed = Some(frame);
-                            Frame::data(held)
-                        }
-                        None => frame,
-                    };
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-            }
         }
     }
 }
