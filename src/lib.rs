@@ -76,10 +76,12 @@
 
 mod body;
 pub mod headers;
+pub mod heartbeat;
 pub mod passthrough;
 pub mod wire;
 
 pub use headers::SseHeadersLayer;
+pub use heartbeat::HeartbeatLayer;
 pub use passthrough::PassthroughLayer;
 
 #[cfg(test)]

@@ -146,3 +146,51 @@ where
     }
     frames
 }
+
+/// A service answering every request with `content_type` and a body fed through the returned
+/// sender: the test decides when each chunk arrives.
+pub(crate) fn channel_service(
+    content_type: &'static str,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<http_body_util::channel::Sender<Bytes>>,
+    impl tower::Service<
+            http::Request<()>,
+            Response = http::Response<http_body_util::channel::Channel<Bytes>>,
+            Error = std::convert::Infallible,
+            Future = std::future::Ready<
+                Result<
+                    http::Response<http_body_util::channel::Channel<Bytes>>,
+                    std::convert::Infallible,
+                >,
+            >,
+        > + Clone,
+) {
+    let (senders_tx, senders_rx) = tokio::sync::mpsc::unbounded_channel();
+    let service = tower::service_fn(move |_request: http::Request<()>| {
+        let (sender, body) = http_body_util::channel::Channel::new(16);
+        let _ = senders_tx.send(sender);
+        let response = http::Response::builder()
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(body)
+            .unwrap();
+        std::future::ready(Ok(response))
+    });
+    (senders_rx, service)
+}
+
+/// The next data frame of `body`, or `None` if none arrives within `within` (on tokio's clock).
+pub(crate) async fn next_data_within<B>(
+    body: Pin<&mut B>,
+    within: std::time::Duration,
+) -> Option<Bytes>
+where
+    B: Body<Data = Bytes>,
+    B::Error: fmt::Debug,
+{
+    let mut body = body;
+    match tokio::time::timeout(within, body.frame()).await {
+        Ok(Some(frame)) => Some(frame.unwrap().into_data().expect("a data frame")),
+        Ok(None) => panic!("the body ended"),
+        Err(_) => None,
+    }
+}

@@ -1,0 +1,551 @@
+//! Heartbeats on quiet event streams.
+//!
+//! [`HeartbeatLayer`] sends a comment (by default `:` and a blank line) when nothing has gone to
+//! the client for the interval, so load balancers and proxies with idle limits (60 s is common)
+//! keep the connection open. A frame from the inner body pushes the next heartbeat back: a busy
+//! stream gets none.
+//!
+//! A heartbeat only ever goes in at an event boundary, where it cannot change what the client
+//! parses. If the inner body goes quiet in the middle of an event, no heartbeat can be sent until
+//! that event is complete; the layer waits rather than corrupt it (pair it with an
+//! idle timeout for upstreams that stall mid-event). A
+//! heartbeat sent before the inner body's first byte makes the layer drop a leading BOM from the
+//! inner body, which would otherwise spoil the first line.
+//!
+//! Browsers' `EventSource` hides comments. For page code that must see liveness, send a typed
+//! [`Event`] instead with [`event`](HeartbeatLayer::event): without an id, it does not move the
+//! client's cursor.
+//!
+//! Compared with axum's `KeepAlive`: it works on any body (a proxied upstream included), it only
+//! inserts at event boundaries, and it costs one timer per stream that is moved, not re-created,
+//! as frames flow. Responses that are not event streams pass through untouched.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! use std::time::Duration;
+//! use http::{header, Request, Response};
+//! use http_body_util::BodyExt;
+//! use tower::{service_fn, ServiceExt};
+//! use tower_layer::Layer;
+//! use tower_sse::HeartbeatLayer;
+//!
+//! // An upstream that sends one event, then nothing for a long time.
+//! let quiet = service_fn(|_req: Request<()>| async {
+//!     let (mut tx, body) = http_body_util::channel::Channel::<bytes::Bytes>::new(1);
+//!     tokio::spawn(async move {
+//!         tx.send_data("data: hello\n\n".into()).await.unwrap();
+//!         tokio::time::sleep(Duration::from_secs(3600)).await;
+//!     });
+//!     let response = Response::builder()
+//!         .header(header::CONTENT_TYPE, "text/event-stream")
+//!         .body(body)
+//!         .unwrap();
+//!     Ok::<_, std::convert::Infallible>(response)
+//! });
+//! let service = HeartbeatLayer::new(Duration::from_secs(15)).comment("ping").layer(quiet);
+//!
+//! let body = service.oneshot(Request::new(())).await.unwrap().into_body();
+//! // The timer lives inside the body, so the body is pinned (hyper and axum do this themselves).
+//! let mut body = std::pin::pin!(body);
+//! let frame = body.frame().await.unwrap().unwrap();
+//! assert_eq!(frame.into_data().unwrap(), "data: hello\n\n");
+//! let started = tokio::time::Instant::now();
+//! let frame = body.frame().await.unwrap().unwrap();
+//! assert_eq!(frame.into_data().unwrap(), ":ping\n\n");
+//! assert_eq!(started.elapsed(), Duration::from_secs(15));
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::InnerFrames;
+use crate::wire::{is_event_stream, Event, Scanner};
+
+/// Sends heartbeats on quiet event streams; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct HeartbeatLayer {
+    config: Config,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    interval: Duration,
+    frame: Bytes,
+}
+
+impl HeartbeatLayer {
+    /// The interval heartbeats go out at by default: 15 seconds.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
+
+    /// Sends `:` and a blank line after `interval` without any frame to the client.
+    ///
+    /// # Panics
+    ///
+    /// If `interval` is zero.
+    pub fn new(interval: Duration) -> Self {
+        assert!(!interval.is_zero(), "a heartbeat interval must not be zero");
+        Self {
+            config: Config {
+                interval,
+                frame: Event::comment("").encode(),
+            },
+        }
+    }
+
+    /// Sends `:text` and a blank line as the heartbeat; line breaks start further comment lines.
+    pub fn comment(mut self, text: impl Into<String>) -> Self {
+        self.config.frame = Event::comment(text).encode();
+        self
+    }
+
+    /// Sends `event` as the heartbeat, for page code that must see it (`EventSource` hides
+    /// comments). Give it no id, or every heartbeat moves the client's cursor.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_sse::{wire::Event, HeartbeatLayer};
+    ///
+    /// let ping = Event::builder().event("heartbeat").data("").build().unwrap();
+    /// let layer = HeartbeatLayer::new(Duration::from_secs(5)).event(&ping);
+    /// ```
+    pub fn event(mut self, event: &Event) -> Self {
+        self.config.frame = event.encode();
+        self
+    }
+
+    /// The interval.
+    pub fn interval(&self) -> Duration {
+        self.config.interval
+    }
+}
+
+impl Default for HeartbeatLayer {
+    fn default() -> Self {
+        Self::new(Self::DEFAULT_INTERVAL)
+    }
+}
+
+impl<S> Layer<S> for HeartbeatLayer {
+    type Service = Heartbeat<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Heartbeat {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service made by [`HeartbeatLayer`]; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Heartbeat<S> {
+    inner: S,
+    config: Config,
+}
+
+impl<S> Heartbeat<S> {
+    /// Wraps `inner`, with heartbeats every `interval`.
+    pub fn new(inner: S, interval: Duration) -> Self {
+        HeartbeatLayer::new(interval).layer(inner)
+    }
+
+    /// The layer, to configure it for several services.
+    pub fn layer(interval: Duration) -> HeartbeatLayer {
+        HeartbeatLayer::new(interval)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Heartbeat<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<HeartbeatBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        ResponseFuture {
+            future: self.inner.call(request),
+            config: Some(self.config.clone()),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Heartbeat`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        future: F,
+        config: Option<Config>,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<HeartbeatBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.future.poll(cx))?;
+        let config = this
+            .config
+            .take()
+            .expect("ResponseFuture polled after completion");
+        if !is_event_stream(response.headers()) {
+            return Poll::Ready(Ok(response.map(|inner| HeartbeatBody {
+                kind: Kind::Untouched { inner },
+            })));
+        }
+        let now = Instant::now();
+        Poll::Ready(Ok(response.map(|inner| HeartbeatBody {
+            kind: Kind::Stream {
+                inner,
+                timer: tokio::time::sleep_until(now + config.interval),
+                state: StreamState {
+                    interval: config.interval,
+                    frame: config.frame,
+                    last_sent: now,
+                    scanner: Scanner::new(),
+                    frames: InnerFrames::new(),
+                },
+            },
+        })))
+    }
+}
+
+pin_project! {
+    /// The response body of [`Heartbeat`]; see the [module docs](self).
+    pub struct HeartbeatBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Untouched { #[pin] inner: B },
+        Stream {
+            #[pin]
+            inner: B,
+            // One timer per stream, moved as frames flow, never re-created.
+            #[pin]
+            timer: Sleep,
+            state: StreamState,
+        },
+    }
+}
+
+#[derive(Debug)]
+struct StreamState {
+    interval: Duration,
+    frame: Bytes,
+    /// When the client last got a frame.
+    last_sent: Instant,
+    /// Where the client's stream is: only at a boundary may a heartbeat go in.
+    scanner: Scanner,
+    frames: InnerFrames,
+}
+
+impl<B> fmt::Debug for HeartbeatBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Kind::Untouched { .. } => "Untouched",
+            Kind::Stream { .. } => "Stream",
+        };
+        f.debug_tuple("HeartbeatBody").field(&kind).finish()
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for HeartbeatBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let (inner, mut timer, state) = match self.project().kind.project() {
+            KindProj::Untouched { inner } => return inner.poll_frame(cx),
+            KindProj::Stream {
+                inner,
+                timer,
+                state,
+            } => (inner, timer, state),
+        };
+        if let Poll::Ready(frame) = state.frames.poll_frame(inner, cx) {
+            if let Some(Ok(frame)) = &frame {
+                if let Some(data) = frame.data_ref() {
+                    // An unbounded scanner holds nothing, so it cannot fail.
+                    let _ = state.scanner.scan(data);
+                }
+                // Only the time is noted: the timer is moved lazily, when it fires.
+                state.last_sent = Instant::now();
+            }
+            return Poll::Ready(frame);
+        }
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            let now = Instant::now();
+            let due = state.last_sent + state.interval;
+            if now < due {
+                timer.as_mut().reset(due);
+                continue;
+            }
+            if !state.scanner.is_at_boundary() {
+                // Mid-event: wait for the event to end; its frames move the timer anyway.
+                timer.as_mut().reset(now + state.interval);
+                continue;
+            }
+            if state.scanner.is_at_stream_start() {
+                state.frames.drop_leading_bom();
+            }
+            state.last_sent = now;
+            timer.as_mut().reset(now + state.interval);
+            return Poll::Ready(Some(Ok(Frame::data(state.frame.clone()))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Untouched { inner } => inner.is_end_stream(),
+            Kind::Stream { inner, state, .. } => state.frames.is_end_stream(inner),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Untouched { inner } => inner.size_hint(),
+            // Heartbeats add bytes at times no one knows in advance.
+            Kind::Stream { inner, .. } => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.size_hint().lower());
+                hint
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{channel_service, next_data_within, ScriptedBody};
+    use http_body_util::BodyExt;
+    use std::pin::pin;
+    use tower::ServiceExt;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    async fn start(
+        layer: HeartbeatLayer,
+        content_type: &'static str,
+    ) -> (
+        http_body_util::channel::Sender<Bytes>,
+        HeartbeatBody<http_body_util::channel::Channel<Bytes>>,
+    ) {
+        let (mut senders, service) = channel_service(content_type);
+        let response = layer
+            .layer(service)
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        (senders.recv().await.unwrap(), response.into_body())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cadence_on_a_quiet_stream() {
+        let (_tx, body) = start(HeartbeatLayer::new(15 * SECOND), "text/event-stream").await;
+        let mut body = pin!(body);
+        let started = Instant::now();
+        for n in 1..=3 {
+            let frame = next_data_within(body.as_mut(), 60 * SECOND).await.unwrap();
+            assert_eq!(frame, ":\n\n");
+            assert_eq!(started.elapsed(), n * 15 * SECOND);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_pushes_heartbeats_back() {
+        let (mut tx, body) = start(HeartbeatLayer::new(15 * SECOND), "text/event-stream").await;
+        let mut body = pin!(body);
+        for _ in 0..5 {
+            tokio::time::sleep(10 * SECOND).await;
+            tx.send_data(Bytes::from_static(b"data: x\n\n"))
+                .await
+                .unwrap();
+            let frame = next_data_within(body.as_mut(), SECOND).await.unwrap();
+            assert_eq!(frame, "data: x\n\n", "no heartbeat on a busy stream");
+        }
+        // Quiet again: the heartbeat comes 15 s after the last event, not on a fixed grid.
+        let last = Instant::now();
+        assert_eq!(
+            next_data_within(body.as_mut(), 60 * SECOND).await.unwrap(),
+            ":\n\n"
+        );
+        assert_eq!(last.elapsed(), 15 * SECOND);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_heartbeat_in_the_middle_of_an_event() {
+        let (mut tx, body) = start(HeartbeatLayer::new(15 * SECOND), "text/event-stream").await;
+        let mut body = pin!(body);
+        tx.send_data(Bytes::from_static(b"data: first half"))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_data_within(body.as_mut(), SECOND).await.unwrap(),
+            "data: first half"
+        );
+        // The upstream stalls mid-event for a minute: nothing may be inserted.
+        assert_eq!(next_data_within(body.as_mut(), 60 * SECOND).await, None);
+        tx.send_data(Bytes::from_static(b", second half\n\n"))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_data_within(body.as_mut(), SECOND).await.unwrap(),
+            ", second half\n\n"
+        );
+        let ended = Instant::now();
+        assert_eq!(
+            next_data_within(body.as_mut(), 60 * SECOND).await.unwrap(),
+            ":\n\n"
+        );
+        assert_eq!(ended.elapsed(), 15 * SECOND);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_comment_line_without_its_blank_line_is_mid_event() {
+        let (mut tx, body) = start(HeartbeatLayer::new(SECOND), "text/event-stream").await;
+        let mut body = pin!(body);
+        tx.send_data(Bytes::from_static(b":note\r")).await.unwrap();
+        next_data_within(body.as_mut(), SECOND).await.unwrap();
+        assert_eq!(next_data_within(body.as_mut(), 10 * SECOND).await, None);
+        // The lone CR already ended the line; this LF only completes it. Still mid-event.
+        tx.send_data(Bytes::from_static(b"\n")).await.unwrap();
+        next_data_within(body.as_mut(), SECOND).await.unwrap();
+        assert_eq!(next_data_within(body.as_mut(), 10 * SECOND).await, None);
+        tx.send_data(Bytes::from_static(b"\r\n")).await.unwrap();
+        next_data_within(body.as_mut(), SECOND).await.unwrap();
+        assert_eq!(
+            next_data_within(body.as_mut(), 2 * SECOND).await.unwrap(),
+            ":\n\n"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeat_before_the_first_byte_drops_the_upstream_bom() {
+        let layer = HeartbeatLayer::new(SECOND).comment("hb");
+        let (mut tx, body) = start(layer, "text/event-stream").await;
+        let mut body = pin!(body);
+        assert_eq!(
+            next_data_within(body.as_mut(), 2 * SECOND).await.unwrap(),
+            ":hb\n\n"
+        );
+        tx.send_data(Bytes::from_static(b"\xEF\xBB")).await.unwrap();
+        tx.send_data(Bytes::from_static(b"\xBFdata: 1\n\n"))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_data_within(body.as_mut(), SECOND / 2).await.unwrap(),
+            "data: 1\n\n"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn named_event_heartbeat() {
+        let ping = Event::builder()
+            .event("heartbeat")
+            .data("")
+            .build()
+            .unwrap();
+        let layer = HeartbeatLayer::new(5 * SECOND).event(&ping);
+        let (_tx, body) = start(layer, "text/event-stream").await;
+        let mut body = pin!(body);
+        let frame = next_data_within(body.as_mut(), 10 * SECOND).await.unwrap();
+        assert_eq!(frame, "event: heartbeat\ndata: \n\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_streams_get_no_heartbeat() {
+        let (mut tx, body) = start(HeartbeatLayer::new(SECOND), "application/json").await;
+        let mut body = pin!(body);
+        assert_eq!(next_data_within(body.as_mut(), 60 * SECOND).await, None);
+        tx.send_data(Bytes::from_static(b"{}")).await.unwrap();
+        assert_eq!(next_data_within(body.as_mut(), SECOND).await.unwrap(), "{}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn body_end_and_trailers_pass_through() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-end", "1".parse().unwrap());
+        let body = ScriptedBody::data(&[b"data: 1\n\n"]).with_trailers(trailers.clone());
+        let service = tower::service_fn(move |_req: Request<()>| {
+            let body = body.clone();
+            async move {
+                let response = Response::builder()
+                    .header(http::header::CONTENT_TYPE, "text/event-stream")
+                    .body(body)
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let response = HeartbeatLayer::new(SECOND)
+            .layer(service)
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(response.body().size_hint().exact(), None);
+        let collected = response.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(collected.to_bytes(), "data: 1\n\n");
+    }
+
+    #[test]
+    #[should_panic(expected = "must not be zero")]
+    fn zero_interval_is_refused() {
+        let _ = HeartbeatLayer::new(Duration::ZERO);
+    }
+}
