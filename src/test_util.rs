@@ -147,22 +147,22 @@ where
     frames
 }
 
-/// A service answering every request with `content_type` and a body fed through the returned
-/// sender: the test decides when each chunk arrives.
+type ChannelBody = http_body_util::channel::Channel<Bytes>;
+type ChannelResponse =
+    std::future::Ready<Result<http::Response<ChannelBody>, std::convert::Infallible>>;
+type Senders = tokio::sync::mpsc::UnboundedReceiver<http_body_util::channel::Sender<Bytes>>;
+
+/// A service answering every request with `content_type` and a body fed through the sender it
+/// hands out for that request: the test decides when each chunk arrives.
 pub(crate) fn channel_service(
     content_type: &'static str,
 ) -> (
-    tokio::sync::mpsc::UnboundedReceiver<http_body_util::channel::Sender<Bytes>>,
+    Senders,
     impl tower::Service<
             http::Request<()>,
-            Response = http::Response<http_body_util::channel::Channel<Bytes>>,
+            Response = http::Response<ChannelBody>,
             Error = std::convert::Infallible,
-            Future = std::future::Ready<
-                Result<
-                    http::Response<http_body_util::channel::Channel<Bytes>>,
-                    std::convert::Infallible,
-                >,
-            >,
+            Future = ChannelResponse,
         > + Clone,
 ) {
     let (senders_tx, senders_rx) = tokio::sync::mpsc::unbounded_channel();
