@@ -1,10 +1,14 @@
-//! Machinery the layers' response bodies share.
+//! Response bodies shared by several layers.
 
+use std::fmt;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body, Frame};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 
 use crate::wire::BomFilter;
 
@@ -91,5 +95,93 @@ impl InnerFrames {
     /// True when nothing is held and the inner body has nothing more.
     pub(crate) fn is_end_stream<B: Body>(&self, inner: &B) -> bool {
         self.stashed.is_none() && self.bom.is_done() && (self.ended || inner.is_end_stream())
+    }
+}
+
+pin_project! {
+    /// The inner service's body untouched, or a short plain-text answer a layer gave itself
+    /// (`406 Not Acceptable`, `504 Gateway Timeout`) without a body from the inner service.
+    pub struct InnerOrLocal<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] body: B },
+        Local { body: Option<Bytes> },
+    }
+}
+
+impl<B> InnerOrLocal<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        Self {
+            kind: Kind::Inner { body },
+        }
+    }
+
+    /// A response with `status` and `text` as a `text/plain` body.
+    pub(crate) fn plain_text(status: StatusCode, text: &'static str) -> Response<Self> {
+        let mut response = Response::new(Self {
+            kind: Kind::Local {
+                body: Some(Bytes::from_static(text.as_bytes())),
+            },
+        });
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(text.len()));
+        response
+    }
+
+    /// True when a layer answered by itself.
+    pub fn is_local(&self) -> bool {
+        matches!(self.kind, Kind::Local { .. })
+    }
+}
+
+impl<B> fmt::Debug for InnerOrLocal<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Kind::Inner { .. } => "Inner",
+            Kind::Local { .. } => "Local",
+        };
+        f.debug_tuple("InnerOrLocal").field(&kind).finish()
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for InnerOrLocal<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Local { body } => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Local { body } => body.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Local { body } => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
     }
 }

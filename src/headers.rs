@@ -62,13 +62,14 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::header::{HeaderName, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, VARY};
+use http::header::{HeaderName, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, VARY};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::body::InnerOrLocal;
 use crate::wire::{
     accepts_event_stream, asks_for_event_stream, is_event_stream, EVENT_STREAM_UTF8,
 };
@@ -303,7 +304,7 @@ where
                 if is_stream {
                     policy.apply(response.headers_mut(), *http1);
                 }
-                Poll::Ready(Ok(response.map(SseHeadersBody::inner)))
+                Poll::Ready(Ok(response.map(InnerOrLocal::inner)))
             }
             StateProj::Rejected { done } => {
                 assert!(!*done, "ResponseFuture polled after completion");
@@ -338,87 +339,16 @@ impl Policy {
 }
 
 fn not_acceptable<B>() -> Response<SseHeadersBody<B>> {
-    let mut response = Response::new(SseHeadersBody {
-        kind: Kind::Rejection {
-            body: Some(Bytes::from_static(NOT_ACCEPTABLE_BODY.as_bytes())),
-        },
-    });
-    *response.status_mut() = StatusCode::NOT_ACCEPTABLE;
-    let headers = response.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(NOT_ACCEPTABLE_BODY.len()));
-    headers.insert(VARY, HeaderValue::from_static("accept"));
+    let mut response = InnerOrLocal::plain_text(StatusCode::NOT_ACCEPTABLE, NOT_ACCEPTABLE_BODY);
+    response
+        .headers_mut()
+        .insert(VARY, HeaderValue::from_static("accept"));
     response
 }
 
-pin_project! {
-    /// The response body of [`SseHeaders`]: the inner body untouched, or the short text of a
-    /// `406 Not Acceptable`.
-    pub struct SseHeadersBody<B> {
-        #[pin]
-        kind: Kind<B>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
-        Inner { #[pin] body: B },
-        Rejection { body: Option<Bytes> },
-    }
-}
-
-impl<B> SseHeadersBody<B> {
-    fn inner(body: B) -> Self {
-        Self {
-            kind: Kind::Inner { body },
-        }
-    }
-}
-
-impl<B> fmt::Debug for SseHeadersBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Inner { .. } => "Inner",
-            Kind::Rejection { .. } => "Rejection",
-        };
-        f.debug_tuple("SseHeadersBody").field(&kind).finish()
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for SseHeadersBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Inner { body } => body.poll_frame(cx),
-            KindProj::Rejection { body } => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Inner { body } => body.is_end_stream(),
-            Kind::Rejection { body } => body.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Inner { body } => body.size_hint(),
-            Kind::Rejection { body } => {
-                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
-            }
-        }
-    }
-}
+/// The response body of [`SseHeaders`]: the inner body untouched, or the short text of a
+/// `406 Not Acceptable`.
+pub type SseHeadersBody<B> = InnerOrLocal<B>;
 
 #[cfg(test)]
 mod tests {

@@ -74,10 +74,11 @@
 //! [`tower`]: https://docs.rs/tower
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod body;
+pub mod body;
 pub mod headers;
 pub mod heartbeat;
 pub mod passthrough;
+pub mod timeout;
 pub mod wire;
 
 pub use headers::SseHeadersLayer;

@@ -1,0 +1,71 @@
+//! Timeouts that fit long-lived streams.
+//!
+//! A plain request timeout (`tower::timeout`, tower-http's `TimeoutLayer`) cannot serve event
+//! streams: it either covers only the response head, or kills a healthy stream that is simply
+//! long. Streams need two separate clocks, as Envoy users keep asking for:
+//!
+//! | layer | clock | on expiry |
+//! |---|---|---|
+//! | [`ResponseTimeoutLayer`] | from the request to the inner service's response headers | `504 Gateway Timeout`, the inner call dropped |
+//! | [`IdleTimeoutLayer`] | between frames of an event-stream body | the stream ends cleanly (or with [`IdleTimeout`]) |
+//!
+//! Put both innermost, right around the inner service: they must measure the upstream's silence,
+//! and a [`HeartbeatLayer`](crate::HeartbeatLayer) outside them keeps the client's connection warm
+//! without ever resetting them. Inside a heartbeat layer, an idle timeout would never fire.
+//!
+//! When the idle timeout ends a stream, the client sees a normal end of stream and reconnects with
+//! its `Last-Event-ID`, which is what an upstream that went silent calls for. An event the
+//! upstream left half-sent is discarded by the client, as the spec says; it never sees part of
+//! one.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! use std::time::Duration;
+//! use http::{header, Request, Response, StatusCode};
+//! use http_body_util::BodyExt;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
+//!
+//! // An upstream that sends one event and then stalls.
+//! let stalls = service_fn(|_req: Request<()>| async {
+//!     let (mut tx, body) = http_body_util::channel::Channel::<bytes::Bytes>::new(1);
+//!     tokio::spawn(async move {
+//!         tx.send_data("data: 1\n\n".into()).await.unwrap();
+//!         std::future::pending::<()>().await;
+//!     });
+//!     let response = Response::builder()
+//!         .header(header::CONTENT_TYPE, "text/event-stream")
+//!         .body(body)
+//!         .unwrap();
+//!     Ok::<_, std::convert::Infallible>(response)
+//! });
+//! let service = ServiceBuilder::new()
+//!     .layer(ResponseTimeoutLayer::new(Duration::from_secs(10)))
+//!     .layer(IdleTimeoutLayer::new(Duration::from_secs(60)))
+//!     .service(stalls);
+//!
+//! let response = service.oneshot(Request::new(())).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::OK);
+//! // The event, then a clean end after 60 s of silence.
+//! let body = response.into_body().collect().await.unwrap().to_bytes();
+//! assert_eq!(body, "data: 1\n\n");
+//! # }
+//! ```
+
+mod idle;
+mod response;
+
+pub use idle::{IdleTimeout, IdleTimeoutBody, IdleTimeoutLayer, IdleTimeoutService};
+pub use response::{ResponseTimeout, ResponseTimeoutBody, ResponseTimeoutLayer};
+
+/// The boxed error the [`IdleTimeoutLayer`]'s body reports.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Response futures of the layers in this module.
+pub mod future {
+    pub use super::idle::ResponseFuture as IdleTimeoutFuture;
+    pub use super::response::ResponseFuture as ResponseTimeoutFuture;
+}
