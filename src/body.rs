@@ -98,6 +98,38 @@ impl InnerFrames {
     }
 }
 
+/// A frame of the layer's own first, then the inner body's frames (see [`InnerFrames`]).
+#[derive(Debug)]
+pub(crate) struct Prefixed {
+    first: Option<Bytes>,
+    frames: InnerFrames,
+}
+
+impl Prefixed {
+    pub(crate) fn new(first: Option<Bytes>) -> Self {
+        let mut frames = InnerFrames::new();
+        if first.is_some() {
+            frames.drop_leading_bom();
+        }
+        Self { first, frames }
+    }
+
+    pub(crate) fn poll_frame<B: Body<Data = Bytes>>(
+        &mut self,
+        inner: Pin<&mut B>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.first.take() {
+            Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+            None => self.frames.poll_frame(inner, cx),
+        }
+    }
+
+    pub(crate) fn is_end_stream<B: Body>(&self, inner: &B) -> bool {
+        self.first.is_none() && self.frames.is_end_stream(inner)
+    }
+}
+
 pin_project! {
     /// The inner service's body untouched, or a short plain-text answer a layer gave itself
     /// (`406 Not Acceptable`, `504 Gateway Timeout`) without a body from the inner service.

@@ -77,13 +77,18 @@
 pub mod body;
 pub mod headers;
 pub mod heartbeat;
+mod jitter;
+pub mod lifetime;
 pub mod passthrough;
+pub mod retry;
 pub mod timeout;
 pub mod wire;
 
 pub use headers::SseHeadersLayer;
 pub use heartbeat::HeartbeatLayer;
+pub use lifetime::{LifetimeLayer, Shutdown};
 pub use passthrough::PassthroughLayer;
+pub use retry::RetryLayer;
 
 #[cfg(test)]
 mod test_util;

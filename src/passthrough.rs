@@ -65,7 +65,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::InnerFrames;
+use crate::body::Prefixed;
 use crate::wire::{is_event_stream, Event};
 
 /// Forwards event streams unbuffered; see the [module docs](self).
@@ -187,16 +187,10 @@ where
         }
         let (mut parts, inner) = response.into_parts();
         parts.headers.remove(CONTENT_LENGTH);
-        let initial = this.initial.take();
-        let mut frames = InnerFrames::new();
-        if initial.is_some() {
-            frames.drop_leading_bom();
-        }
         let body = PassthroughBody {
             kind: Kind::Stream {
                 inner,
-                initial,
-                frames,
+                frames: Prefixed::new(this.initial.take()),
             },
         };
         Poll::Ready(Ok(Response::from_parts(parts, body)))
@@ -218,9 +212,8 @@ pin_project! {
         Stream {
             #[pin]
             inner: B,
-            // The comment still to send first.
-            initial: Option<Bytes>,
-            frames: InnerFrames,
+            // The initial comment, if any, then the inner body.
+            frames: Prefixed,
         },
     }
 }
@@ -245,25 +238,14 @@ impl<B: Body<Data = Bytes>> Body for PassthroughBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Untouched { inner } => inner.poll_frame(cx),
-            KindProj::Stream {
-                inner,
-                initial,
-                frames,
-            } => match initial.take() {
-                Some(comment) => Poll::Ready(Some(Ok(Frame::data(comment)))),
-                None => frames.poll_frame(inner, cx),
-            },
+            KindProj::Stream { inner, frames } => frames.poll_frame(inner, cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Untouched { inner } => inner.is_end_stream(),
-            Kind::Stream {
-                inner,
-                initial,
-                frames,
-            } => initial.is_none() && frames.is_end_stream(inner),
+            Kind::Stream { inner, frames } => frames.is_end_stream(inner),
         }
     }
 

@@ -1,0 +1,682 @@
+//! Ending event streams at an event boundary: after a maximum lifetime, or on shutdown.
+//!
+//! [`LifetimeLayer`] ends an event stream when one of two things happens:
+//!
+//! - its maximum lifetime is over ([`max_lifetime`](LifetimeLayer::max_lifetime)), so load
+//!   balancers can rebalance long-lived connections; [`jitter`](LifetimeLayer::jitter) shortens
+//!   each stream's lifetime by a random part (Mercure uses 80-100 %) so streams opened together
+//!   do not all reconnect in the same second;
+//! - a [`Shutdown`] handle fires ([`shutdown`](LifetimeLayer::shutdown)), so a server's graceful
+//!   shutdown (`axum::serve(..).with_graceful_shutdown(..)`, hyper-util's `GracefulShutdown`)
+//!   completes promptly instead of waiting forever on open streams (axum #2673).
+//!
+//! Either way the stream ends at the next event boundary, never inside an event: the client has
+//! every event it was sent, and reconnects with the right `Last-Event-ID`. If the inner body
+//! stops in the middle of an event, the layer waits for its end at most the
+//! [`grace`](LifetimeLayer::grace) period (5 s by default) and then ends anyway; the client
+//! discards the unfinished event, as the spec says. Optionally a final `retry:` block
+//! ([`retry_on_end`](LifetimeLayer::retry_on_end)) tells clients how long to wait before they
+//! come back, say during a deploy.
+//!
+//! Responses that are not event streams pass through untouched, and shutdown does not touch
+//! them: the server's own graceful shutdown lets them finish.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! use std::time::Duration;
+//! use http::{header, Request, Response};
+//! use http_body_util::BodyExt;
+//! use tower::{service_fn, ServiceExt};
+//! use tower_layer::Layer;
+//! use tower_sse::lifetime::{LifetimeLayer, Shutdown};
+//!
+//! let endless = service_fn(|_req: Request<()>| async {
+//!     let (mut tx, body) = http_body_util::channel::Channel::<bytes::Bytes>::new(1);
+//!     tokio::spawn(async move {
+//!         tx.send_data("data: 1\n\ndata: 2 sta".into()).await.unwrap();
+//!         tokio::time::sleep(Duration::from_secs(1)).await;
+//!         tx.send_data("rts\n\ndata: 3".into()).await.unwrap();
+//!         std::future::pending::<()>().await;
+//!     });
+//!     let response = Response::builder()
+//!         .header(header::CONTENT_TYPE, "text/event-stream")
+//!         .body(body)
+//!         .unwrap();
+//!     Ok::<_, std::convert::Infallible>(response)
+//! });
+//! let shutdown = Shutdown::new();
+//! let service = LifetimeLayer::new()
+//!     .shutdown(&shutdown)
+//!     .retry_on_end(Duration::from_secs(10))
+//!     .layer(endless);
+//!
+//! let body = service.oneshot(Request::new(())).await.unwrap().into_body();
+//! let mut body = std::pin::pin!(body);
+//! let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+//! assert_eq!(first, "data: 1\n\ndata: 2 sta");
+//!
+//! // Shutdown in the middle of event 2: the stream goes on to its end, adds the retry hint and
+//! // ends, without the start of event 3.
+//! shutdown.trigger();
+//! let rest = body.collect().await.unwrap().to_bytes();
+//! assert_eq!(rest, "rts\n\nretry: 10000\n\n");
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::jitter;
+use crate::wire::{is_event_stream, Event, Piece, Scanner};
+
+/// A signal that ends every open event stream of the [`LifetimeLayer`]s it was given to, each
+/// at its next event boundary.
+///
+/// Cheap to clone; every clone fires the same signal. Fire it when the server starts its graceful
+/// shutdown:
+///
+/// ```no_run
+/// # async fn run(app: axum::Router, listener: tokio::net::TcpListener) {
+/// use tower_sse::lifetime::{LifetimeLayer, Shutdown};
+///
+/// let shutdown = Shutdown::new();
+/// let app = app.layer(LifetimeLayer::new().shutdown(&shutdown));
+/// axum::serve(listener, app)
+///     .with_graceful_shutdown(async move {
+///         let _ = tokio::signal::ctrl_c().await;
+///         shutdown.trigger();
+///     })
+///     .await
+///     .unwrap();
+/// # }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    triggered: Arc<AtomicBool>,
+    notify: Arc<Notify>,
+}
+
+impl Shutdown {
+    /// A signal that has not fired.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fires the signal: open streams end at their next boundary, new ones end at once.
+    pub fn trigger(&self) {
+        self.triggered.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// True once [`trigger`](Shutdown::trigger) was called.
+    pub fn is_triggered(&self) -> bool {
+        self.triggered.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the signal fires.
+    pub async fn triggered(&self) {
+        let notified = self.notify.notified();
+        if !self.is_triggered() {
+            notified.await;
+        }
+    }
+
+    fn waiter(&self) -> OwnedNotified {
+        // Created before the flag is read, so a trigger in between is never missed.
+        self.notify.clone().notified_owned()
+    }
+}
+
+/// Ends event streams at a boundary after a maximum lifetime or on shutdown; see the
+/// [module docs](self).
+#[derive(Clone, Debug)]
+pub struct LifetimeLayer {
+    config: Arc<Config>,
+}
+
+#[derive(Debug)]
+struct Config {
+    max_lifetime: Option<Duration>,
+    jitter: f64,
+    shutdown: Option<Shutdown>,
+    farewell: Option<Bytes>,
+    grace: Duration,
+}
+
+impl Default for LifetimeLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LifetimeLayer {
+    /// The default grace period for an event still in flight: 5 seconds.
+    pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+    /// No lifetime limit and no shutdown signal yet: add them with the builder methods.
+    pub fn new() -> Self {
+        Self {
+            config: Arc::new(Config {
+                max_lifetime: None,
+                jitter: 0.0,
+                shutdown: None,
+                farewell: None,
+                grace: Self::DEFAULT_GRACE,
+            }),
+        }
+    }
+
+    /// Ends each stream after `lifetime` (less the [`jitter`](LifetimeLayer::jitter)).
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.config_mut().max_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Shortens each stream's lifetime by a random part of up to `fraction` (0.0 to 1.0):
+    /// 0.2 ends streams between 80 % and 100 % of the maximum lifetime.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.config_mut().jitter = fraction.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Ends every stream when `shutdown` fires.
+    pub fn shutdown(mut self, shutdown: &Shutdown) -> Self {
+        self.config_mut().shutdown = Some(shutdown.clone());
+        self
+    }
+
+    /// Sends `retry: <ms>` as the last block before the stream ends, so clients wait `retry`
+    /// before they reconnect.
+    pub fn retry_on_end(mut self, retry: Duration) -> Self {
+        let hint = Event::builder().retry(retry).build();
+        self.config_mut().farewell = hint.ok().map(|event| event.encode());
+        self
+    }
+
+    /// How long to wait for the end of an event in flight before ending anyway.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.config_mut().grace = grace;
+        self
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::get_mut(&mut self.config).expect("configure the layer before cloning it")
+    }
+}
+
+impl<S> Layer<S> for LifetimeLayer {
+    type Service = Lifetime<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Lifetime {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service made by [`LifetimeLayer`]; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Lifetime<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> Lifetime<S> {
+    /// The layer, to configure it.
+    pub fn layer() -> LifetimeLayer {
+        LifetimeLayer::new()
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Lifetime<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<LifetimeBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        ResponseFuture {
+            future: self.inner.call(request),
+            config: Some(self.config.clone()),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Lifetime`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        future: F,
+        config: Option<Arc<Config>>,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<LifetimeBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.future.poll(cx))?;
+        let config = this
+            .config
+            .take()
+            .expect("ResponseFuture polled after completion");
+        if !is_event_stream(response.headers()) {
+            return Poll::Ready(Ok(response.map(|inner| LifetimeBody {
+                kind: Kind::Untouched { inner },
+            })));
+        }
+        // A far deadline stands in for "no lifetime": one timer serves lifetime and grace.
+        let deadline = Instant::now()
+            + config
+                .max_lifetime
+                .map_or(FAR_FUTURE, |max| jitter::shorten(max, config.jitter));
+        let shutdown = match &config.shutdown {
+            Some(shutdown) => ShutdownWaiter::Waiting {
+                notified: shutdown.waiter(),
+                shutdown: shutdown.clone(),
+            },
+            None => ShutdownWaiter::Never,
+        };
+        Poll::Ready(Ok(response.map(|inner| LifetimeBody {
+            kind: Kind::Stream {
+                inner,
+                timer: tokio::time::sleep_until(deadline),
+                shutdown,
+                state: StreamState {
+                    phase: Phase::Live,
+                    scanner: Scanner::new(),
+                    config,
+                },
+            },
+        })))
+    }
+}
+
+/// About thirty years: later than any stream lives, early enough for tokio's timer.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+pin_project! {
+    #[project = WaiterProj]
+    enum ShutdownWaiter {
+        Never,
+        Waiting { #[pin] notified: OwnedNotified, shutdown: Shutdown },
+    }
+}
+
+impl ShutdownWaiter {
+    fn poll_fired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        match self.project() {
+            WaiterProj::Never => false,
+            WaiterProj::Waiting { notified, shutdown } => {
+                notified.poll(cx).is_ready() || shutdown.is_triggered()
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response body of [`Lifetime`]; see the [module docs](self).
+    pub struct LifetimeBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Untouched { #[pin] inner: B },
+        Stream {
+            #[pin]
+            inner: B,
+            // The lifetime deadline, then the end of the grace period.
+            #[pin]
+            timer: Sleep,
+            #[pin]
+            shutdown: ShutdownWaiter,
+            state: StreamState,
+        },
+    }
+}
+
+struct StreamState {
+    phase: Phase,
+    scanner: Scanner,
+    config: Arc<Config>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Forwarding; waiting for the lifetime to end or for shutdown.
+    Live,
+    /// Told to end: forwarding up to the next boundary, within the grace period.
+    Ending,
+    /// At a boundary: the farewell block (if any) goes out, then the end.
+    Farewell,
+    Done,
+}
+
+impl<B> fmt::Debug for LifetimeBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Untouched { .. } => "Untouched",
+            Kind::Stream { state, .. } => match state.phase {
+                Phase::Live => "Live",
+                Phase::Ending => "Ending",
+                Phase::Farewell => "Farewell",
+                Phase::Done => "Done",
+            },
+        };
+        f.debug_tuple("LifetimeBody").field(&kind).finish()
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for LifetimeBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let (inner, mut timer, mut shutdown, state) = match self.project().kind.project() {
+            KindProj::Untouched { inner } => return inner.poll_frame(cx),
+            KindProj::Stream {
+                inner,
+                timer,
+                shutdown,
+                state,
+            } => (inner, timer, shutdown, state),
+        };
+        loop {
+            match state.phase {
+                Phase::Done => return Poll::Ready(None),
+                Phase::Farewell => {
+                    state.phase = Phase::Done;
+                    if let Some(farewell) = &state.config.farewell {
+                        return Poll::Ready(Some(Ok(Frame::data(farewell.clone()))));
+                    }
+                    continue;
+                }
+                Phase::Live => {
+                    let expired = timer.as_mut().poll(cx).is_ready();
+                    if expired || shutdown.as_mut().poll_fired(cx) {
+                        state.phase = if state.scanner.is_at_boundary() {
+                            Phase::Farewell
+                        } else {
+                            timer.as_mut().reset(Instant::now() + state.config.grace);
+                            Phase::Ending
+                        };
+                        continue;
+                    }
+                }
+                Phase::Ending => {
+                    if timer.as_mut().poll(cx).is_ready() {
+                        // The event in flight never ended; a farewell now would join it.
+                        state.phase = Phase::Done;
+                        continue;
+                    }
+                }
+            }
+            let frame = match ready!(inner.poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                other => {
+                    state.phase = Phase::Done;
+                    return Poll::Ready(other);
+                }
+            };
+            let Some(data) = frame.data_ref() else {
+                return Poll::Ready(Some(Ok(frame)));
+            };
+            if state.phase == Phase::Live {
+                let _ = state.scanner.scan(data);
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            // Ending: forward up to the first boundary, drop the start of the next event.
+            let boundary = state.scanner.pieces(data).find_map(|piece| match piece {
+                Ok(Piece::Dispatch { end }) => Some(end),
+                _ => None,
+            });
+            let Some(end) = boundary else {
+                return Poll::Ready(Some(Ok(frame)));
+            };
+            state.phase = Phase::Farewell;
+            let mut data = frame.into_data().unwrap_or_default();
+            data.truncate(end);
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Untouched { inner } => inner.is_end_stream(),
+            Kind::Stream { inner, state, .. } => match state.phase {
+                Phase::Done => true,
+                Phase::Farewell => state.config.farewell.is_none(),
+                Phase::Live | Phase::Ending => inner.is_end_stream(),
+            },
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Untouched { inner } => inner.size_hint(),
+            // The stream may be cut short, and a farewell block added.
+            Kind::Stream { .. } => SizeHint::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{channel_service, next_data_within};
+    use http_body_util::BodyExt;
+    use std::pin::pin;
+    use tower::ServiceExt;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    type Channel = http_body_util::channel::Channel<Bytes>;
+
+    async fn start(
+        layer: &LifetimeLayer,
+        content_type: &'static str,
+    ) -> (
+        http_body_util::channel::Sender<Bytes>,
+        LifetimeBody<Channel>,
+    ) {
+        let (mut senders, service) = channel_service(content_type);
+        let response = layer
+            .layer(service)
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        (senders.recv().await.unwrap(), response.into_body())
+    }
+
+    /// Everything left in the body, and when it ended.
+    async fn rest(body: Pin<&mut LifetimeBody<Channel>>) -> (Bytes, Instant) {
+        let collected = body.collect().await.unwrap().to_bytes();
+        (collected, Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_lifetime_ends_at_a_boundary() {
+        let layer = LifetimeLayer::new().max_lifetime(25 * SECOND);
+        let (mut tx, body) = start(&layer, "text/event-stream").await;
+        let mut body = pin!(body);
+        let started = Instant::now();
+        tokio::spawn(async move {
+            for n in 0.. {
+                tokio::time::sleep(10 * SECOND).await;
+                if tx.send_data(format!("data: {n}\n\n").into()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (sent, ended) = rest(body.as_mut()).await;
+        assert_eq!(sent, "data: 0\n\ndata: 1\n\n");
+        assert_eq!(ended - started, 25 * SECOND);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lifetime_over_mid_event_waits_for_its_end() {
+        let layer = LifetimeLayer::new()
+            .max_lifetime(10 * SECOND)
+            .retry_on_end(SECOND);
+        let (mut tx, body) = start(&layer, "text/event-stream").await;
+        let mut body = pin!(body);
+        tx.send_data(Bytes::from_static(b"data: a")).await.unwrap();
+        assert_eq!(
+            next_data_within(body.as_mut(), SECOND).await.unwrap(),
+            "data: a"
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(12 * SECOND).await;
+            tx.send_data(Bytes::from_static(b"\r\n\r\ndata: b\n\n"))
+                .await
+                .unwrap();
+            std::future::pending::<()>().await;
+        });
+        let (sent, _) = rest(body.as_mut()).await;
+        assert_eq!(sent, "\r\n\r\nretry: 1000\n\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jitter_spreads_lifetimes() {
+        let layer = LifetimeLayer::new().max_lifetime(100 * SECOND).jitter(0.2);
+        let mut ends = Vec::new();
+        for _ in 0..8 {
+            let (_tx, body) = start(&layer, "text/event-stream").await;
+            let started = Instant::now();
+            let mut body = pin!(body);
+            let (_, ended) = rest(body.as_mut()).await;
+            let lifetime = ended - started;
+            assert!(
+                (80 * SECOND..=100 * SECOND).contains(&lifetime),
+                "{lifetime:?}"
+            );
+            ends.push(lifetime);
+        }
+        ends.sort();
+        ends.dedup();
+        assert!(
+            ends.len() > 1,
+            "every stream got the same lifetime: {ends:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_every_open_stream_and_new_ones_at_once() {
+        let shutdown = Shutdown::new();
+        let layer = LifetimeLayer::new()
+            .shutdown(&shutdown)
+            .retry_on_end(5 * SECOND);
+        let mut open = Vec::new();
+        for n in 0..10 {
+            let (mut tx, body) = start(&layer, "text/event-stream").await;
+            let mut body = Box::pin(body);
+            tx.send_data(format!("data: {n}\n\n").into()).await.unwrap();
+            assert!(next_data_within(body.as_mut(), SECOND).await.is_some());
+            open.push((tx, body));
+        }
+        let triggered = Instant::now();
+        shutdown.trigger();
+        for (_tx, body) in &mut open {
+            let (sent, ended) = rest(body.as_mut()).await;
+            assert_eq!(sent, "retry: 5000\n\n");
+            assert_eq!(ended, triggered);
+        }
+        let (_tx, body) = start(&layer, "text/event-stream").await;
+        let mut body = pin!(body);
+        assert_eq!(rest(body.as_mut()).await.0, "retry: 5000\n\n");
+        shutdown.triggered().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_event_ends_after_the_grace_period_without_a_farewell() {
+        let shutdown = Shutdown::new();
+        let layer = LifetimeLayer::new()
+            .shutdown(&shutdown)
+            .retry_on_end(SECOND)
+            .grace(3 * SECOND);
+        let (mut tx, body) = start(&layer, "text/event-stream").await;
+        let mut body = pin!(body);
+        tx.send_data(Bytes::from_static(b"data: never ends"))
+            .await
+            .unwrap();
+        next_data_within(body.as_mut(), SECOND).await.unwrap();
+        let triggered = Instant::now();
+        shutdown.trigger();
+        let (sent, ended) = rest(body.as_mut()).await;
+        assert_eq!(sent, "");
+        assert_eq!(ended - triggered, 3 * SECOND);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_streams_are_left_to_finish() {
+        let shutdown = Shutdown::new();
+        let layer = LifetimeLayer::new()
+            .shutdown(&shutdown)
+            .max_lifetime(SECOND);
+        let (mut tx, body) = start(&layer, "application/json").await;
+        let mut body = pin!(body);
+        shutdown.trigger();
+        tokio::time::sleep(10 * SECOND).await;
+        tx.send_data(Bytes::from_static(b"{}")).await.unwrap();
+        drop(tx);
+        assert_eq!(rest(body.as_mut()).await.0, "{}");
+    }
+}

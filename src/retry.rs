@@ -1,0 +1,313 @@
+//! Telling clients how long to wait before they reconnect.
+//!
+//! [`RetryLayer`] sends a `retry: <ms>` block as the first bytes of every event stream, which
+//! sets the client's reconnection time. With [`jitter`](RetryLayer::jitter) each stream gets a
+//! slightly different value, so that when a gateway restarts its clients do not all come back in
+//! the same instant (a reconnect storm).
+//!
+//! The block goes first, before the inner body's first byte, and the layer drops a leading BOM
+//! of the inner body that would otherwise no longer be leading. Responses that are not event
+//! streams pass through untouched.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use std::time::Duration;
+//! use http::{header, Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, ServiceExt};
+//! use tower_layer::Layer;
+//! use tower_sse::RetryLayer;
+//!
+//! let stream = service_fn(|_req: Request<()>| async {
+//!     let response = Response::builder()
+//!         .header(header::CONTENT_TYPE, "text/event-stream")
+//!         .body(Full::new(bytes::Bytes::from_static(b"data: hi\n\n")))
+//!         .unwrap();
+//!     Ok::<_, std::convert::Infallible>(response)
+//! });
+//! let service = RetryLayer::new(Duration::from_secs(3)).layer(stream);
+//! let response = service.oneshot(Request::new(())).await.unwrap();
+//! let body = response.into_body().collect().await.unwrap().to_bytes();
+//! assert_eq!(body, "retry: 3000\n\ndata: hi\n\n");
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::Prefixed;
+use crate::jitter;
+use crate::wire::{is_event_stream, Event};
+
+/// Sends `retry:` first on every event stream; see the [module docs](self).
+#[derive(Clone, Copy, Debug)]
+pub struct RetryLayer {
+    config: Config,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Config {
+    retry: Duration,
+    jitter: Duration,
+}
+
+impl Config {
+    fn block(&self) -> Bytes {
+        let retry = jitter::extend(self.retry, self.jitter);
+        Event::builder()
+            .retry(retry)
+            .build()
+            .map(|event| event.encode())
+            .unwrap_or_default()
+    }
+}
+
+impl RetryLayer {
+    /// Tells clients to wait `retry` before reconnecting.
+    pub fn new(retry: Duration) -> Self {
+        Self {
+            config: Config {
+                retry,
+                jitter: Duration::ZERO,
+            },
+        }
+    }
+
+    /// Adds up to `spread` to each stream's retry time, at random.
+    pub fn jitter(mut self, spread: Duration) -> Self {
+        self.config.jitter = spread;
+        self
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry {
+            inner,
+            config: self.config,
+        }
+    }
+}
+
+/// The service made by [`RetryLayer`]; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Retry<S> {
+    inner: S,
+    config: Config,
+}
+
+impl<S> Retry<S> {
+    /// Wraps `inner`, telling clients to wait `retry`.
+    pub fn new(inner: S, retry: Duration) -> Self {
+        RetryLayer::new(retry).layer(inner)
+    }
+
+    /// The layer, to configure it for several services.
+    pub fn layer(retry: Duration) -> RetryLayer {
+        RetryLayer::new(retry)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Retry<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<RetryBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        ResponseFuture {
+            future: self.inner.call(request),
+            config: self.config,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Retry`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        future: F,
+        config: Config,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<RetryBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.future.poll(cx))?;
+        let block = is_event_stream(response.headers()).then(|| this.config.block());
+        Poll::Ready(Ok(response.map(|inner| RetryBody {
+            kind: match block {
+                Some(block) => Kind::Stream {
+                    inner,
+                    frames: Prefixed::new(Some(block)),
+                },
+                None => Kind::Untouched { inner },
+            },
+        })))
+    }
+}
+
+pin_project! {
+    /// The response body of [`Retry`].
+    pub struct RetryBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Untouched { #[pin] inner: B },
+        Stream { #[pin] inner: B, frames: Prefixed },
+    }
+}
+
+impl<B> fmt::Debug for RetryBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Kind::Untouched { .. } => "Untouched",
+            Kind::Stream { .. } => "Stream",
+        };
+        f.debug_tuple("RetryBody").field(&kind).finish()
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for RetryBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Untouched { inner } => inner.poll_frame(cx),
+            KindProj::Stream { inner, frames } => frames.poll_frame(inner, cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Untouched { inner } => inner.is_end_stream(),
+            Kind::Stream { inner, frames } => frames.is_end_stream(inner),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Untouched { inner } => inner.size_hint(),
+            Kind::Stream { .. } => SizeHint::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{frames, ScriptedBody};
+    use std::convert::Infallible;
+    use tower::{service_fn, ServiceExt};
+
+    async fn respond(
+        layer: RetryLayer,
+        content_type: &'static str,
+        chunks: &'static [&'static [u8]],
+    ) -> Vec<Bytes> {
+        let inner = service_fn(move |_req: Request<()>| async move {
+            let response = Response::builder()
+                .header(http::header::CONTENT_TYPE, content_type)
+                .body(ScriptedBody::data(chunks))
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        });
+        let response = layer.layer(inner).oneshot(Request::new(())).await.unwrap();
+        frames(response.into_body()).await
+    }
+
+    #[tokio::test]
+    async fn retry_block_comes_first_and_a_bom_is_dropped() {
+        let got = respond(
+            RetryLayer::new(Duration::from_millis(2500)),
+            "text/event-stream",
+            &[b"\xEF\xBB\xBFdata: 1\n\n"],
+        )
+        .await;
+        assert_eq!(got, [&b"retry: 2500\n\n"[..], b"data: 1\n\n"]);
+    }
+
+    #[tokio::test]
+    async fn jitter_varies_the_retry_time_within_the_spread() {
+        let layer = RetryLayer::new(Duration::from_secs(1)).jitter(Duration::from_secs(1));
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let got = respond(layer, "text/event-stream", &[b"data: 1\n\n"]).await;
+            let mut parser = crate::wire::Parser::new();
+            parser.push(got[0].clone());
+            let retry = parser.next_event().unwrap().unwrap().retry().unwrap();
+            assert!((1000..2000).contains(&retry.as_millis()), "{retry:?}");
+            seen.insert(retry);
+        }
+        assert!(seen.len() > 1, "no spread: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn non_streams_are_untouched() {
+        let got = respond(
+            RetryLayer::new(Duration::from_secs(1)),
+            "application/json",
+            &[b"{}"],
+        )
+        .await;
+        assert_eq!(got, [&b"{}"[..]]);
+    }
+}
