@@ -157,8 +157,18 @@ struct Config {
     max_lifetime: Option<Duration>,
     jitter: f64,
     shutdown: Option<Shutdown>,
-    farewell: Option<Bytes>,
+    farewell: Option<Duration>,
+    farewell_jitter: Duration,
     grace: Duration,
+}
+
+impl Config {
+    /// The `retry:` block that ends a stream, jittered per stream.
+    fn farewell(&self) -> Option<Bytes> {
+        let retry = jitter::extend(self.farewell?, self.farewell_jitter);
+        let event = Event::builder().retry(retry).build().ok()?;
+        Some(event.encode())
+    }
 }
 
 impl Default for LifetimeLayer {
@@ -179,6 +189,7 @@ impl LifetimeLayer {
                 jitter: 0.0,
                 shutdown: None,
                 farewell: None,
+                farewell_jitter: Duration::ZERO,
                 grace: Self::DEFAULT_GRACE,
             }),
         }
@@ -206,8 +217,14 @@ impl LifetimeLayer {
     /// Sends `retry: <ms>` as the last block before the stream ends, so clients wait `retry`
     /// before they reconnect.
     pub fn retry_on_end(mut self, retry: Duration) -> Self {
-        let hint = Event::builder().retry(retry).build();
-        self.config_mut().farewell = hint.ok().map(|event| event.encode());
+        self.config_mut().farewell = Some(retry);
+        self
+    }
+
+    /// Adds up to `spread` at random to each stream's final `retry:`, so that clients cut off
+    /// together (by a shutdown, say) do not all come back in the same instant.
+    pub fn retry_jitter(mut self, spread: Duration) -> Self {
+        self.config_mut().farewell_jitter = spread;
         self
     }
 
@@ -444,8 +461,8 @@ impl<B: Body<Data = Bytes>> Body for LifetimeBody<B> {
                 Phase::Done => return Poll::Ready(None),
                 Phase::Farewell => {
                     state.phase = Phase::Done;
-                    if let Some(farewell) = &state.config.farewell {
-                        return Poll::Ready(Some(Ok(Frame::data(farewell.clone()))));
+                    if let Some(farewell) = state.config.farewell() {
+                        return Poll::Ready(Some(Ok(Frame::data(farewell))));
                     }
                     continue;
                 }
@@ -643,6 +660,27 @@ mod tests {
         let mut body = pin!(body);
         assert_eq!(rest(body.as_mut()).await.0, "retry: 5000\n\n");
         shutdown.triggered().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn final_retry_hints_are_jittered() {
+        let shutdown = Shutdown::new();
+        let layer = LifetimeLayer::new()
+            .shutdown(&shutdown)
+            .retry_on_end(SECOND)
+            .retry_jitter(SECOND);
+        shutdown.trigger();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10 {
+            let (_tx, body) = start(&layer, "text/event-stream").await;
+            let mut body = pin!(body);
+            let mut parser = crate::wire::Parser::new();
+            parser.push(rest(body.as_mut()).await.0);
+            let retry = parser.next_event().unwrap().unwrap().retry().unwrap();
+            assert!((SECOND..2 * SECOND).contains(&retry), "{retry:?}");
+            seen.insert(retry);
+        }
+        assert!(seen.len() > 1, "no spread: {seen:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,6 +12,7 @@
 //! streamed both ways, and event-stream responses get the tower-sse stack on the way back.
 
 mod demo;
+mod optional;
 mod proxy;
 
 use std::convert::Infallible;
@@ -28,9 +29,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tower::layer::util::{Identity, Stack};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_sse::{PassthroughLayer, SseHeadersLayer};
+use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
+use tower_sse::{
+    HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer, Shutdown, SseHeadersLayer,
+};
+
+use optional::Optional;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -55,23 +60,99 @@ struct Args {
     #[arg(long, conflicts_with = "initial_comment")]
     no_initial_comment: bool,
 
+    /// Seconds without anything sent to a client before a heartbeat comment goes out (0: off).
+    #[arg(long, value_name = "SECS", default_value_t = 15.0, value_parser = seconds)]
+    heartbeat: f64,
+
+    /// Seconds of upstream silence after which a stream ends, so the client reconnects (0: off).
+    /// Heartbeats do not count as activity.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = seconds)]
+    idle_timeout: f64,
+
+    /// Seconds the upstream may take to send response headers before the client gets a 504
+    /// (0: off).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = seconds)]
+    response_timeout: f64,
+
+    /// Seconds after which a stream ends at its next event boundary, shortened at random by up to
+    /// 20 % so clients do not reconnect together (0: off).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = seconds)]
+    max_lifetime: f64,
+
+    /// Reconnection time in milliseconds sent to clients as `retry:` at the start of every stream
+    /// and before a stream ends on shutdown or at its maximum lifetime (0: not sent).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    retry: u64,
+
+    /// Up to this many milliseconds added at random to each `retry:` sent, so that clients cut
+    /// off together (by a restart, say) do not reconnect in the same instant.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    retry_jitter: u64,
+
     /// Milliseconds between events of the demo stream.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     demo_interval: u64,
 }
 
-/// The layers every response goes through, outermost first (see the crate docs for the order).
-fn layers(
-    args: &Args,
-) -> ServiceBuilder<Stack<PassthroughLayer, Stack<SseHeadersLayer, Identity>>> {
+/// A non-negative number of seconds, fractions allowed.
+fn seconds(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Ok(secs),
+        _ => Err(format!("expected a number of seconds >= 0, got {value:?}")),
+    }
+}
+
+/// `Some(duration)` for a positive number of seconds, `None` for 0 (off).
+fn positive(secs: f64) -> Option<Duration> {
+    (secs > 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// Serves `inner` behind every layer, outermost first as the crate docs recommend: the header
+/// policy decides the final headers; passthrough sends the first byte; `retry:` goes first in
+/// the stream; heartbeats see what the client sees; the lifetime and shutdown end streams at a
+/// boundary; the timeouts sit next to the upstream, so they measure its silence, not heartbeats.
+async fn serve_stack<S, B>(args: &Args, listener: TcpListener, inner: S)
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let passthrough = if args.no_initial_comment {
         PassthroughLayer::new()
     } else {
         PassthroughLayer::new().initial_comment(args.initial_comment.clone())
     };
-    ServiceBuilder::new()
+    let retry = (args.retry > 0).then(|| Duration::from_millis(args.retry));
+    let shutdown = Shutdown::new();
+    let mut lifetime = LifetimeLayer::new().shutdown(&shutdown);
+    if let Some(max) = positive(args.max_lifetime) {
+        lifetime = lifetime.max_lifetime(max).jitter(0.2);
+    }
+    if let Some(retry) = retry {
+        lifetime = lifetime
+            .retry_on_end(retry)
+            .retry_jitter(Duration::from_millis(args.retry_jitter));
+    }
+    let service = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
         .layer(passthrough)
+        .layer(Optional(retry.map(|retry| {
+            RetryLayer::new(retry).jitter(Duration::from_millis(args.retry_jitter))
+        })))
+        .layer(Optional(positive(args.heartbeat).map(HeartbeatLayer::new)))
+        .layer(lifetime)
+        .layer(Optional(
+            positive(args.idle_timeout).map(IdleTimeoutLayer::new),
+        ))
+        .layer(Optional(
+            positive(args.response_timeout).map(ResponseTimeoutLayer::new),
+        ))
+        .service(inner);
+    serve(listener, service, shutdown).await;
 }
 
 #[tokio::main]
@@ -86,14 +167,13 @@ async fn main() -> Result<(), BoxError> {
         Some(upstream) => {
             println!("  proxying every request to {upstream}");
             println!("  try: curl -N http://{addr}/<path of an event stream>");
-            let service = layers(&args).service(proxy::Proxy::new(upstream.clone()));
-            serve(listener, service).await;
+            serve_stack(&args, listener, proxy::Proxy::new(upstream.clone())).await;
         }
         None => {
             println!("  page:   http://{addr}/");
             println!("  stream: http://{addr}/events   (try: curl -N http://{addr}/events)");
             let demo = demo::Demo::new(Duration::from_millis(args.demo_interval.max(1)));
-            serve(listener, layers(&args).service(demo)).await;
+            serve_stack(&args, listener, demo).await;
         }
     }
     Ok(())
@@ -103,8 +183,9 @@ async fn main() -> Result<(), BoxError> {
 #[derive(Clone, Copy, Debug)]
 struct PeerAddr(SocketAddr);
 
-/// Accepts HTTP/1 and HTTP/2 connections until Ctrl-C (or SIGTERM), then shuts down gracefully.
-async fn serve<S, B>(listener: TcpListener, service: S)
+/// Accepts HTTP/1 and HTTP/2 connections until Ctrl-C (or SIGTERM), then shuts down gracefully:
+/// `shutdown` ends every open event stream at its next boundary, so connections finish.
+async fn serve<S, B>(listener: TcpListener, service: S, shutdown: Shutdown)
 where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -116,7 +197,7 @@ where
 {
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut signal = std::pin::pin!(shutdown_signal());
     println!("Ctrl-C to stop.");
     loop {
         let (stream, peer) = tokio::select! {
@@ -128,7 +209,7 @@ where
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut signal => break,
         };
         // Events are small writes that must leave at once.
         let _ = stream.set_nodelay(true);
@@ -153,13 +234,15 @@ where
             }
         });
     }
-    println!("shutting down: waiting up to 3 s for open connections");
-    // Event streams never end by themselves; without a shutdown layer they are cut here.
-    if tokio::time::timeout(Duration::from_secs(3), graceful.shutdown())
+    println!("shutting down: ending open event streams at their next event boundary");
+    shutdown.trigger();
+    // Streams end within the lifetime layer's grace period; this bound is a last resort.
+    let deadline = LifetimeLayer::DEFAULT_GRACE + Duration::from_secs(5);
+    if tokio::time::timeout(deadline, graceful.shutdown())
         .await
         .is_err()
     {
-        println!("closing the event streams still open");
+        println!("connections still open after {deadline:?}: closing them");
     }
 }
 
