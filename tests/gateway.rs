@@ -242,8 +242,8 @@ async fn unreachable_upstream_is_a_502() {
 
 #[cfg(unix)]
 #[tokio::test]
-async fn ctrl_c_stops_the_gateway_with_streams_open() {
-    let mut gateway = Gateway::start(&["--demo-interval", "20"]).await;
+async fn ctrl_c_ends_streams_at_a_boundary_and_stops_the_gateway() {
+    let mut gateway = Gateway::start(&["--demo-interval", "20", "--retry", "1500"]).await;
     let response = get(&gateway.url("/events"), &[]).await;
     let mut reader = EventReader::new(response.into_body());
     next(&mut reader).await;
@@ -253,6 +253,93 @@ async fn ctrl_c_stops_the_gateway_with_streams_open() {
         .status()
         .unwrap();
     assert!(status.success());
+    let mut last = None;
+    while let Some(block) = timeout(GUARD, reader.next_event()).await.unwrap() {
+        last = Some(block.unwrap());
+    }
+    assert!(!reader.ended_mid_event());
+    assert_eq!(last.unwrap().retry(), Some(Duration::from_millis(1500)));
     let exit = timeout(GUARD, gateway.child.wait()).await.unwrap().unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+#[tokio::test]
+async fn heartbeats_and_retry_reach_the_client_between_events() {
+    let gateway = Gateway::start(&[
+        "--demo-interval",
+        "60000",
+        "--heartbeat",
+        "0.05",
+        "--retry",
+        "2500",
+        "--initial-comment",
+        "hello",
+    ])
+    .await;
+    let response = get(&gateway.url("/events"), &[]).await;
+    let mut reader = EventReader::new(response.into_body());
+    assert_eq!(next(&mut reader).await.comments(), ["hello"]);
+    assert_eq!(next(&mut reader).await.retry(), Some(Duration::from_millis(2500)));
+    assert_eq!(next(&mut reader).await.id(), Some(&b"1"[..]));
+    // The next event is a minute away: heartbeats keep the connection busy meanwhile.
+    for _ in 0..3 {
+        let heartbeat = next(&mut reader).await;
+        assert_eq!(heartbeat.comments(), [""]);
+        assert!(!heartbeat.is_message());
+    }
+}
+
+#[tokio::test]
+async fn slow_upstream_headers_get_a_504() {
+    // An upstream that accepts connections and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let gateway = Gateway::start(&[
+        "--upstream",
+        &format!("http://{addr}"),
+        "--response-timeout",
+        "0.2",
+    ])
+    .await;
+    let response = get(&gateway.url("/events"), &[]).await;
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    held.abort();
+}
+
+#[tokio::test]
+async fn idle_upstream_ends_the_stream_despite_heartbeats() {
+    let (upstream_addr, feeds) = upstream().await;
+    let gateway = Gateway::start(&[
+        "--upstream",
+        &format!("http://{upstream_addr}"),
+        "--heartbeat",
+        "0.05",
+        "--idle-timeout",
+        "0.5",
+    ])
+    .await;
+    let (events, feed) = mpsc::channel(4);
+    feeds.send(feed).await.unwrap();
+    let response = get(&gateway.url("/stream"), &[]).await;
+    let mut reader = EventReader::new(response.into_body());
+    events.send(Bytes::from_static(b"id: 7\ndata: x\n\n")).await.unwrap();
+    let mut heartbeats = 0;
+    loop {
+        match timeout(GUARD, reader.next_event()).await.unwrap() {
+            Some(block) => {
+                if block.unwrap().comments() == [""] {
+                    heartbeats += 1;
+                }
+            }
+            None => break,
+        }
+    }
+    assert!(heartbeats >= 3, "{heartbeats} heartbeats before the idle end");
+    assert_eq!(reader.parser().last_event_id(), b"7");
 }
