@@ -24,7 +24,9 @@ use crate::wire::BomFilter;
 pub(crate) struct InnerFrames {
     bom: BomFilter,
     seen_data: bool,
-    stashed: Option<Frame<Bytes>>,
+    // Boxed: a frame waits here only when trailers follow a held BOM, and inline it would make
+    // every idle stream carry a header map's worth of bytes.
+    stashed: Option<Box<Frame<Bytes>>>,
     ended: bool,
 }
 
@@ -52,7 +54,7 @@ impl InnerFrames {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         if let Some(frame) = self.stashed.take() {
-            return Poll::Ready(Some(Ok(frame)));
+            return Poll::Ready(Some(Ok(*frame)));
         }
         if self.ended {
             return Poll::Ready(None);
@@ -81,7 +83,7 @@ impl InnerFrames {
                 Err(frame) => {
                     let frame = match self.bom.finish() {
                         Some(held) => {
-                            self.stashed = Some(frame);
+                            self.stashed = Some(Box::new(frame));
                             Frame::data(held)
                         }
                         None => frame,

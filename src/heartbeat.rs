@@ -62,6 +62,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -79,7 +80,7 @@ use crate::wire::{is_event_stream, Event, Scanner};
 /// Sends heartbeats on quiet event streams; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct HeartbeatLayer {
-    config: Config,
+    config: Arc<Config>,
 }
 
 #[derive(Clone, Debug)]
@@ -100,16 +101,16 @@ impl HeartbeatLayer {
     pub fn new(interval: Duration) -> Self {
         assert!(!interval.is_zero(), "a heartbeat interval must not be zero");
         Self {
-            config: Config {
+            config: Arc::new(Config {
                 interval,
                 frame: Event::comment("").encode(),
-            },
+            }),
         }
     }
 
     /// Sends `:text` and a blank line as the heartbeat; line breaks start further comment lines.
     pub fn comment(mut self, text: impl Into<String>) -> Self {
-        self.config.frame = Event::comment(text).encode();
+        Arc::make_mut(&mut self.config).frame = Event::comment(text).encode();
         self
     }
 
@@ -124,7 +125,7 @@ impl HeartbeatLayer {
     /// let layer = HeartbeatLayer::new(Duration::from_secs(5)).event(&ping);
     /// ```
     pub fn event(mut self, event: &Event) -> Self {
-        self.config.frame = event.encode();
+        Arc::make_mut(&mut self.config).frame = event.encode();
         self
     }
 
@@ -155,7 +156,7 @@ impl<S> Layer<S> for HeartbeatLayer {
 #[derive(Clone, Debug)]
 pub struct Heartbeat<S> {
     inner: S,
-    config: Config,
+    config: Arc<Config>,
 }
 
 impl<S> Heartbeat<S> {
@@ -211,7 +212,7 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         future: F,
-        config: Option<Config>,
+        config: Option<Arc<Config>>,
     }
 }
 
@@ -245,8 +246,7 @@ where
                 inner,
                 timer: tokio::time::sleep_until(now + config.interval),
                 state: StreamState {
-                    interval: config.interval,
-                    frame: config.frame,
+                    config,
                     last_sent: now,
                     scanner: Scanner::new(),
                     frames: InnerFrames::new(),
@@ -281,8 +281,7 @@ pin_project! {
 
 #[derive(Debug)]
 struct StreamState {
-    interval: Duration,
-    frame: Bytes,
+    config: Arc<Config>,
     /// When the client last got a frame.
     last_sent: Instant,
     /// Where the client's stream is: only at a boundary may a heartbeat go in.
@@ -330,22 +329,22 @@ impl<B: Body<Data = Bytes>> Body for HeartbeatBody<B> {
         loop {
             ready!(timer.as_mut().poll(cx));
             let now = Instant::now();
-            let due = state.last_sent + state.interval;
+            let due = state.last_sent + state.config.interval;
             if now < due {
                 timer.as_mut().reset(due);
                 continue;
             }
             if !state.scanner.is_at_boundary() {
                 // Mid-event: wait for the event to end; its frames move the timer anyway.
-                timer.as_mut().reset(now + state.interval);
+                timer.as_mut().reset(now + state.config.interval);
                 continue;
             }
             if state.scanner.is_at_stream_start() {
                 state.frames.drop_leading_bom();
             }
             state.last_sent = now;
-            timer.as_mut().reset(now + state.interval);
-            return Poll::Ready(Some(Ok(Frame::data(state.frame.clone()))));
+            timer.as_mut().reset(now + state.config.interval);
+            return Poll::Ready(Some(Ok(Frame::data(state.config.frame.clone()))));
         }
     }
 
@@ -547,5 +546,15 @@ mod tests {
     #[should_panic(expected = "must not be zero")]
     fn zero_interval_is_refused() {
         let _ = HeartbeatLayer::new(Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod footprint {
+    /// Idle streams are the common case: keep what each one holds small (see benches/liveness.rs).
+    #[test]
+    fn an_idle_stream_body_stays_small() {
+        let size = std::mem::size_of::<super::HeartbeatBody<http_body_util::Full<bytes::Bytes>>>();
+        assert!(size <= 256, "HeartbeatBody grew to {size} bytes");
     }
 }

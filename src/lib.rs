@@ -73,6 +73,7 @@
 //!
 //! [`tower`]: https://docs.rs/tower
 #![cfg_attr(docsrs, feature(doc_cfg))]
+#![forbid(unsafe_code)]
 
 pub mod body;
 pub mod headers;

@@ -43,7 +43,15 @@ pub struct Scanner {
     event_len: usize,
     /// The last complete line was blank (or there was none yet).
     after_blank_line: bool,
-    failed: Option<LimitError>,
+    /// Which limit was broken, if any; the error is rebuilt from `limits`, which keeps every
+    /// idle stream's scanner a few bytes smaller.
+    failed: Option<Broken>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Broken {
+    Line,
+    Event,
 }
 
 /// One thing a [`Scanner`] found in a chunk; offsets are into that chunk.
@@ -160,7 +168,8 @@ impl Scanner {
         chunk: &[u8],
         pos: &mut usize,
     ) -> Option<Result<Piece, LimitError>> {
-        if let Some(error) = self.failed {
+        if let Some(broken) = self.failed {
+            let error = self.error(broken);
             // Report a failure once per chunk, then nothing.
             let report = *pos < chunk.len();
             *pos = chunk.len();
@@ -230,19 +239,26 @@ impl Scanner {
     }
 
     fn check_limits(&mut self) -> Result<(), LimitError> {
-        let error = if self.line_len > self.limits.line_len() {
-            LimitError::LineTooLong {
-                limit: self.limits.line_len(),
-            }
+        let broken = if self.line_len > self.limits.line_len() {
+            Broken::Line
         } else if self.event_len > self.limits.event_len() {
-            LimitError::EventTooLarge {
-                limit: self.limits.event_len(),
-            }
+            Broken::Event
         } else {
             return Ok(());
         };
-        self.failed = Some(error);
-        Err(error)
+        self.failed = Some(broken);
+        Err(self.error(broken))
+    }
+
+    fn error(&self, broken: Broken) -> LimitError {
+        match broken {
+            Broken::Line => LimitError::LineTooLong {
+                limit: self.limits.line_len(),
+            },
+            Broken::Event => LimitError::EventTooLarge {
+                limit: self.limits.event_len(),
+            },
+        }
     }
 }
 
