@@ -25,14 +25,17 @@ use tower_sse::{HeartbeatLayer, LifetimeLayer, Shutdown};
 
 const SECOND: Duration = Duration::from_secs(1);
 
+type Feeds = mpsc::UnboundedReceiver<Sender<Bytes>>;
+type Answer = std::future::Ready<Result<Response<Channel<Bytes>>, Infallible>>;
+
 /// A service whose event-stream body the test feeds; the senders arrive on the receiver.
 fn upstream() -> (
-    mpsc::UnboundedReceiver<Sender<Bytes>>,
+    Feeds,
     impl tower::Service<
             Request<()>,
             Response = Response<Channel<Bytes>>,
             Error = Infallible,
-            Future = std::future::Ready<Result<Response<Channel<Bytes>>, Infallible>>,
+            Future = Answer,
         > + Clone,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -115,7 +118,9 @@ async fn upstream_traffic_resets_the_idle_timeout_but_heartbeats_do_not() {
     let mut tx = senders.recv().await.unwrap();
     tokio::spawn(async move {
         tokio::time::sleep(22 * SECOND).await;
-        tx.send_data(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
+        tx.send_data(Bytes::from_static(b"data: 1\n\n"))
+            .await
+            .unwrap();
         std::future::pending::<()>().await;
     });
     let start = Instant::now();
@@ -134,14 +139,20 @@ async fn max_lifetime_with_heartbeats_ends_at_a_boundary() {
     let (mut senders, inner) = upstream();
     let service = ServiceBuilder::new()
         .layer(HeartbeatLayer::new(5 * SECOND))
-        .layer(LifetimeLayer::new().max_lifetime(12 * SECOND).retry_on_end(SECOND))
+        .layer(
+            LifetimeLayer::new()
+                .max_lifetime(12 * SECOND)
+                .retry_on_end(SECOND),
+        )
         .service(inner);
     let response = service.oneshot(Request::new(())).await.unwrap();
     let mut tx = senders.recv().await.unwrap();
     tx.send_data(Bytes::from_static(b"data: a")).await.unwrap();
     tokio::spawn(async move {
         tokio::time::sleep(14 * SECOND).await;
-        tx.send_data(Bytes::from_static(b"\n\ndata: b\n\n")).await.unwrap();
+        tx.send_data(Bytes::from_static(b"\n\ndata: b\n\n"))
+            .await
+            .unwrap();
         std::future::pending::<()>().await;
     });
     let (frames, ended) = timeline(response.into_body(), Instant::now(), 600 * SECOND).await;
@@ -161,9 +172,11 @@ fn ticking_app(shutdown: &Shutdown) -> Router {
             Ok(AxumEvent::default().id(n.to_string()).data("tick"))
         }))
     }
-    Router::new()
-        .route("/events", get(events))
-        .layer(LifetimeLayer::new().shutdown(shutdown).retry_on_end(3 * SECOND))
+    Router::new().route("/events", get(events)).layer(
+        LifetimeLayer::new()
+            .shutdown(shutdown)
+            .retry_on_end(3 * SECOND),
+    )
 }
 
 /// axum's graceful shutdown waits for every connection; open streams used to keep it waiting
