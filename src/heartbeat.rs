@@ -8,7 +8,7 @@
 //! A heartbeat only ever goes in at an event boundary, where it cannot change what the client
 //! parses. If the inner body goes quiet in the middle of an event, no heartbeat can be sent until
 //! that event is complete; the layer waits rather than corrupt it (pair it with an
-//! idle timeout for upstreams that stall mid-event). A
+//! [`IdleTimeoutLayer`](crate::timeout::IdleTimeoutLayer) for upstreams that stall mid-event). A
 //! heartbeat sent before the inner body's first byte makes the layer drop a leading BOM from the
 //! inner body, which would otherwise spoil the first line.
 //!

@@ -10,6 +10,11 @@
 //! |---|---|
 //! | [`SseHeadersLayer`] | `Content-Type`, `Cache-Control`, `Connection` (HTTP/1 only), `X-Accel-Buffering: no`; optional `406` on a wrong `Accept` |
 //! | [`PassthroughLayer`] | forwards every frame at once, drops `Content-Length`, optionally sends a first byte immediately |
+//! | [`RetryLayer`] | `retry:` first in every stream, jittered against reconnect storms |
+//! | [`HeartbeatLayer`] | a comment (or a typed event) when the stream is quiet, only between events |
+//! | [`LifetimeLayer`] + [`Shutdown`] | end streams at an event boundary after a (jittered) maximum lifetime or on shutdown, so graceful shutdown completes |
+//! | [`timeout::IdleTimeoutLayer`] | end a stream whose upstream went silent |
+//! | [`timeout::ResponseTimeoutLayer`] | `504` when response headers are late |
 //!
 //! Beneath the layers, [`wire`] is the event-stream core they share: a scanner for event
 //! boundaries, a zero-copy parser that follows the WHATWG rules to the letter, and a typed
@@ -57,19 +62,46 @@
 //!
 //! # Stack order
 //!
-//! Outermost first; each layer sees what the layers inside it produced:
+//! Outermost first; each layer sees what the layers inside it produced, and the order matters:
 //!
 //! 1. [`SseHeadersLayer`]: it decides the final headers, so nothing inside can undo them, and
 //!    its `406` answers before any other work is done.
-//! 2. [`PassthroughLayer`]: it removes `Content-Length` and sends the first byte; outside every
-//!    layer that adds bytes, so nothing it sends can be held back.
+//! 2. [`PassthroughLayer`]: it removes `Content-Length` and sends the first byte; it must sit
+//!    outside every layer that adds bytes, or a `Content-Length` could survive them.
+//! 3. [`RetryLayer`]: `retry:` goes first in the stream (after the initial comment).
+//! 4. [`HeartbeatLayer`]: it must see everything the client sees, so that replayed or framed
+//!    events inside it count as activity, and outside the timeouts, so that heartbeats never
+//!    count as upstream activity.
+//! 5. [`LifetimeLayer`]: it ends streams at a boundary it can see, with its final `retry:` hint.
+//! 6. [`timeout::IdleTimeoutLayer`], [`timeout::ResponseTimeoutLayer`]: innermost, next to the
+//!    upstream, so they measure the upstream's silence. An idle timeout outside the heartbeat
+//!    layer never fires (heartbeats look like traffic); a response timeout outside a layer that
+//!    answers early (the `406`) would time that answer too.
 //!
-//! Later layers (heartbeats, timeouts, replay) go inside these two.
+//! ```
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
+//! use tower_sse::{
+//!     HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer, Shutdown, SseHeadersLayer,
+//! };
+//!
+//! let shutdown = Shutdown::new();
+//! let stack = ServiceBuilder::new()
+//!     .layer(SseHeadersLayer::new())
+//!     .layer(PassthroughLayer::new().initial_comment("ok"))
+//!     .layer(RetryLayer::new(Duration::from_secs(2)).jitter(Duration::from_secs(1)))
+//!     .layer(HeartbeatLayer::new(Duration::from_secs(15)))
+//!     .layer(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)).jitter(0.2).shutdown(&shutdown))
+//!     .layer(IdleTimeoutLayer::new(Duration::from_secs(60)))
+//!     .layer(ResponseTimeoutLayer::new(Duration::from_secs(10)));
+//! # let _ = stack;
+//! ```
 //!
 //! # Feature flags
 //!
 //! The crate has no optional dependencies yet; `full` is reserved for the modules that will
-//! pull some (Redis, compression).
+//! pull some (Redis, compression). It depends on tokio for timers only (`time`, `sync`).
 //!
 //! [`tower`]: https://docs.rs/tower
 #![cfg_attr(docsrs, feature(doc_cfg))]
