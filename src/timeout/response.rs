@@ -64,20 +64,7 @@ impl<S> ResponseTimeout<S> {
         ResponseTimeoutLayer::new(timeout)
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_service_accessors!();
 }
 
 /// The response body of [`ResponseTimeout`]: the inner body, or the text of the `504`.
