@@ -279,7 +279,10 @@ async fn heartbeats_and_retry_reach_the_client_between_events() {
     let response = get(&gateway.url("/events"), &[]).await;
     let mut reader = EventReader::new(response.into_body());
     assert_eq!(next(&mut reader).await.comments(), ["hello"]);
-    assert_eq!(next(&mut reader).await.retry(), Some(Duration::from_millis(2500)));
+    assert_eq!(
+        next(&mut reader).await.retry(),
+        Some(Duration::from_millis(2500))
+    );
     assert_eq!(next(&mut reader).await.id(), Some(&b"1"[..]));
     // The next event is a minute away: heartbeats keep the connection busy meanwhile.
     for _ in 0..3 {
@@ -328,7 +331,10 @@ async fn idle_upstream_ends_the_stream_despite_heartbeats() {
     feeds.send(feed).await.unwrap();
     let response = get(&gateway.url("/stream"), &[]).await;
     let mut reader = EventReader::new(response.into_body());
-    events.send(Bytes::from_static(b"id: 7\ndata: x\n\n")).await.unwrap();
+    events
+        .send(Bytes::from_static(b"id: 7\ndata: x\n\n"))
+        .await
+        .unwrap();
     let mut heartbeats = 0;
     loop {
         match timeout(GUARD, reader.next_event()).await.unwrap() {
@@ -340,6 +346,9 @@ async fn idle_upstream_ends_the_stream_despite_heartbeats() {
             None => break,
         }
     }
-    assert!(heartbeats >= 3, "{heartbeats} heartbeats before the idle end");
+    assert!(
+        heartbeats >= 3,
+        "{heartbeats} heartbeats before the idle end"
+    );
     assert_eq!(reader.parser().last_event_id(), b"7");
 }
