@@ -80,6 +80,9 @@ impl Body for Silent {
     }
 }
 
+/// Opens one idle stream.
+type Open = fn() -> Pin<Box<dyn std::future::Future<Output = BoxedBody>>>;
+
 type BoxedBody =
     Pin<Box<dyn Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>> + Send>>;
 
@@ -138,10 +141,7 @@ fn paused_runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn memory_per_idle_stream(
-    name: &str,
-    open: fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = BoxedBody>>>,
-) {
+fn memory_per_idle_stream(name: &str, open: Open) {
     let runtime = paused_runtime();
     runtime.block_on(async {
         let before = LIVE.load(Ordering::Relaxed);
@@ -170,10 +170,7 @@ fn heartbeat_cpu(c: &mut Criterion) {
     group.sample_size(20);
     group.measurement_time(Duration::from_secs(3));
     group.warm_up_time(Duration::from_millis(500));
-    let cases: [(
-        &str,
-        fn() -> Pin<Box<dyn std::future::Future<Output = BoxedBody>>>,
-    ); 2] = [
+    let cases: [(&str, Open); 2] = [
         ("tower-sse HeartbeatLayer", || Box::pin(tower_sse_stream())),
         ("axum Sse::keep_alive", || Box::pin(axum_stream())),
     ];

@@ -1,1 +1,166 @@
-fn main(){}
+//! Throughput of the wire core: the parser and the boundary scanner, next to the least work any
+//! line-based reader must do (finding every CR and LF with `memchr`), measured in the same run.
+//!
+//! ```text
+//! cargo bench --bench wire
+//! ```
+//!
+//! Each input is fed whole and in 1460-byte chunks (a TCP segment's payload), the chunks cut
+//! before timing. Ratios to read: parser / memchr_lines and scanner / memchr_lines.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tower_sse::wire::{Event, Limits, Parser, Scanner};
+
+const EVENTS: usize = 10_000;
+
+fn small() -> Vec<u8> {
+    let mut out = Vec::new();
+    for n in 0..EVENTS {
+        out.extend_from_slice(
+            format!("id: {n}\nevent: tick\ndata: {{\"n\":{n},\"msg\":\"hello world\"}}\n\n")
+                .as_bytes(),
+        );
+    }
+    out
+}
+
+fn multiline() -> Vec<u8> {
+    let mut out = Vec::new();
+    for n in 0..EVENTS {
+        out.extend_from_slice(format!(": event {n}\nid: {n}\n").as_bytes());
+        for line in 0..5 {
+            out.extend_from_slice(
+                format!("data: line {line} of a multi-line payload\n").as_bytes(),
+            );
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+fn large() -> Vec<u8> {
+    let payload = "x".repeat(64 * 1024);
+    let mut out = Vec::new();
+    for n in 0..64 {
+        out.extend_from_slice(format!("id: {n}\ndata: {payload}\n\n").as_bytes());
+    }
+    out
+}
+
+fn crlf() -> Vec<u8> {
+    String::from_utf8(small())
+        .unwrap()
+        .replace('\n', "\r\n")
+        .into_bytes()
+}
+
+fn chunked(stream: &Bytes, size: usize) -> Vec<Bytes> {
+    (0..stream.len())
+        .step_by(size)
+        .map(|start| stream.slice(start..(start + size).min(stream.len())))
+        .collect()
+}
+
+fn parse(chunks: &[Bytes]) -> usize {
+    let mut parser = Parser::with_limits(Limits::unbounded());
+    let mut events = 0;
+    for chunk in chunks {
+        parser.push(chunk.clone());
+        while let Some(event) = parser.next_event() {
+            black_box(event.unwrap());
+            events += 1;
+        }
+    }
+    events
+}
+
+fn scan(chunks: &[Bytes]) -> usize {
+    let mut scanner = Scanner::new();
+    let mut boundaries = 0;
+    for chunk in chunks {
+        if scanner.scan(chunk).unwrap().is_some() {
+            boundaries += 1;
+        }
+    }
+    boundaries
+}
+
+fn memchr_lines(chunks: &[Bytes]) -> usize {
+    chunks
+        .iter()
+        .map(|chunk| memchr::memchr2_iter(b'\r', b'\n', chunk).count())
+        .sum()
+}
+
+fn wire(c: &mut Criterion) {
+    let inputs = [
+        ("small", small()),
+        ("multiline", multiline()),
+        ("large", large()),
+        ("crlf", crlf()),
+    ];
+    for (name, stream) in inputs {
+        let stream = Bytes::from(stream);
+        let mut group = c.benchmark_group(format!("wire/{name}"));
+        group.throughput(Throughput::Bytes(stream.len() as u64));
+        group.sample_size(20);
+        group.measurement_time(Duration::from_secs(2));
+        group.warm_up_time(Duration::from_millis(500));
+        for (chunking, chunks) in [
+            ("whole", vec![stream.clone()]),
+            ("1460B", chunked(&stream, 1460)),
+        ] {
+            assert!(parse(&chunks) > 0);
+            group.bench_with_input(
+                BenchmarkId::new("parser", chunking),
+                &chunks,
+                |b, chunks| b.iter(|| parse(chunks)),
+            );
+            group.bench_with_input(
+                BenchmarkId::new("scanner", chunking),
+                &chunks,
+                |b, chunks| b.iter(|| scan(chunks)),
+            );
+            group.bench_with_input(
+                BenchmarkId::new("memchr_lines", chunking),
+                &chunks,
+                |b, chunks| b.iter(|| memchr_lines(chunks)),
+            );
+        }
+        group.finish();
+    }
+
+    let events: Vec<Event> = (0..EVENTS)
+        .map(|n| {
+            Event::builder()
+                .id(n.to_string())
+                .event("tick")
+                .data(format!("{{\"n\":{n},\"msg\":\"hello world\"}}"))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let encoded_len: usize = events.iter().map(Event::encoded_len).sum();
+    let mut group = c.benchmark_group("wire/encode");
+    group.throughput(Throughput::Bytes(encoded_len as u64));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(2));
+    group.warm_up_time(Duration::from_millis(500));
+    group.bench_function("10k events", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::with_capacity(encoded_len);
+            for event in &events {
+                event.encode_into(&mut buf);
+            }
+            black_box(buf.freeze())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, wire);
+criterion_main!(benches);

@@ -336,14 +336,9 @@ async fn idle_upstream_ends_the_stream_despite_heartbeats() {
         .await
         .unwrap();
     let mut heartbeats = 0;
-    loop {
-        match timeout(GUARD, reader.next_event()).await.unwrap() {
-            Some(block) => {
-                if block.unwrap().comments() == [""] {
-                    heartbeats += 1;
-                }
-            }
-            None => break,
+    while let Some(block) = timeout(GUARD, reader.next_event()).await.unwrap() {
+        if block.unwrap().comments() == [""] {
+            heartbeats += 1;
         }
     }
     assert!(
