@@ -133,6 +133,7 @@ pub mod heartbeat;
 mod jitter;
 pub mod lifetime;
 pub mod passthrough;
+pub mod replay;
 pub mod retry;
 pub mod timeout;
 pub mod wire;
@@ -141,6 +142,7 @@ pub use headers::SseHeadersLayer;
 pub use heartbeat::HeartbeatLayer;
 pub use lifetime::{LifetimeLayer, Shutdown};
 pub use passthrough::PassthroughLayer;
+pub use replay::ReplayLayer;
 pub use retry::RetryLayer;
 
 #[cfg(test)]

@@ -85,6 +85,14 @@ impl Event {
         }
     }
 
+    pub(crate) fn set_id(&mut self, id: Bytes) {
+        self.id = Some(id);
+    }
+
+    pub(crate) fn clear_id(&mut self) {
+        self.id = None;
+    }
+
     /// The `id` of this block: `Some(b"")` resets the client's last event id.
     pub fn id(&self) -> Option<&[u8]> {
         self.id.as_deref()

@@ -1,0 +1,750 @@
+//! `Last-Event-ID` replay: a reconnecting client gets what it missed, then the live stream.
+//!
+//! [`ReplayLayer`] records every event-stream response that passes through, event by event,
+//! into a [`ReplayStore`] under a stream key (by default the request's path and query). When a
+//! client reconnects with `Last-Event-ID` (the header, or a `lastEventId` query parameter as
+//! EventSource polyfills and Mercure send it), the layer:
+//!
+//! 1. looks the id up in the store (bounded: an index, not a scan);
+//! 2. sends the retained events after it, first in the response;
+//! 3. calls the inner service with `Last-Event-ID` set to the last replayed id, so an upstream that
+//!    can resume continues exactly from there (after an unknown id replayed from the oldest event,
+//!    the client's own id goes to the inner service instead);
+//! 4. drops live events whose ids the client already has (the one it sent, and every replayed
+//!    one) for the life of the stream, so an upstream that resends them delivers nothing twice.
+//!
+//! Several clients on one key share one history; an event seen by several connections is stored
+//! once, by id. Only events with an id are recorded: an event without one can be neither resumed
+//! after nor told apart from its copies. To give every event an id, see [`Ids`].
+//!
+//! Every replayed response says where it resumed in a `sse-resumed-from` header: `new` (no id
+//! was sent), `last-event-id` (found; what followed was replayed), `earliest` (unknown id; replayed
+//! from the oldest retained event), `live` (unknown id; nothing old was sent) or `upstream` (the
+//! id went to the inner service untouched). With
+//! [`history_lost_event`](ReplayLayer::history_lost_event) a named event tells the page itself.
+//!
+//! # QoS
+//!
+//! The seeds' QoS levels (Gravitee SSE Advanced) map to presets of the layer:
+//!
+//! | [`Qos`] | known id | unknown or expired id | store failure | guarantees |
+//! |---|---|---|---|---|
+//! | `None` | nothing recorded or replayed | header to the inner service | - | none from this layer |
+//! | `AtBest` | replay after it | header to the inner service | header to the inner service | best effort, no cost when history is missing |
+//! | `Balanced` (default) | replay after it | replay from the oldest retained | header to the inner service | no duplicates; loss only beyond the retained window |
+//! | `AtMostOnce` | replay after it | nothing old (`live`) | nothing old | an id is never delivered twice to a reconnecting client; loss preferred |
+//! | `AtLeastOnce` | replay after it | replay from the oldest retained | header to the inner service | everything retained is redelivered; duplicates preferred to loss |
+//!
+//! The window is the store's: a [`MemoryStore`] keeps, per key, the newest events within its
+//! [`MemoryLimits`]. At-least-once replays up to the whole window at once; the others up to
+//! [`max_replay`](ReplayLayer::max_replay) events (default 1,000). The cost of replay is one store
+//! read per reconnect and one append per recorded event.
+//!
+//! An event that was in flight while the client reconnected (recorded by another connection
+//! after the replay was read, but begun upstream before the new connection joined) is sent from
+//! the store just before the next live event: the first new live event triggers one more read
+//! after the client's newest id. This needs the recording connection to be ahead of the
+//! reconnecting one; with independent upstream connections a lagging recorder can still leave a
+//! gap, which a hub that keeps one upstream subscription per key closes.
+//!
+//! The layer knows the client has its own last event and whatever was replayed; it cannot know
+//! about older events. An upstream that ignores `Last-Event-ID` and resends events from before
+//! the client's id will get them through; such an upstream belongs behind a hub that keeps one
+//! subscription per key.
+//!
+//! # Bad input
+//!
+//! An id longer than [`max_id_len`](ReplayLayer::max_id_len) (256 bytes by default) or holding a
+//! control character is treated as unknown: never looked up, never stored, never echoed.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use http::{header, Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, ServiceExt};
+//! use tower_layer::Layer;
+//! use tower_sse::replay::ReplayLayer;
+//!
+//! // An upstream that sends three events and cannot resume by itself.
+//! let upstream = service_fn(|_req: Request<()>| async {
+//!     let body = Full::new(bytes::Bytes::from_static(b"id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\ndata: c\n\n"));
+//!     let response = Response::builder()
+//!         .header(header::CONTENT_TYPE, "text/event-stream")
+//!         .body(body)
+//!         .unwrap();
+//!     Ok::<_, std::convert::Infallible>(response)
+//! });
+//! let service = ReplayLayer::new().layer(upstream);
+//!
+//! // A first client records the stream.
+//! let first = service.clone().oneshot(Request::new(())).await.unwrap();
+//! first.into_body().collect().await.unwrap();
+//!
+//! // A client that saw event 1 reconnects: it gets 2 and 3 from the store. This upstream
+//! // ignores Last-Event-ID and sends 1, 2, 3 again: the client has them, so they are dropped.
+//! let request = Request::builder().header("last-event-id", "1").body(()).unwrap();
+//! let response = service.oneshot(request).await.unwrap();
+//! assert_eq!(response.headers()["sse-resumed-from"], "last-event-id");
+//! let body = response.into_body().collect().await.unwrap().to_bytes();
+//! assert_eq!(body, "id: 2\ndata: b\n\nid: 3\ndata: c\n\n");
+//! # }
+//! ```
+
+mod body;
+mod store;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::header::HeaderName;
+use http::{HeaderValue, Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+pub use body::ReplayBody;
+pub use store::{
+    Lookup, MemoryLimits, MemoryStore, ReadFrom, ReplayStore, StoreError, StoredEvent,
+};
+
+use crate::wire::{is_event_stream, Event};
+
+const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+const RESUMED_FROM: HeaderName = HeaderName::from_static("sse-resumed-from");
+const QUERY_PARAMETER: &str = "lastEventId";
+
+/// Which requests share a history: the stream key of a request, or `None` to leave it alone.
+pub trait StreamKey<B>: Clone + Send + Sync + 'static {
+    /// The key of `request`.
+    fn key(&self, request: &Request<B>) -> Option<Bytes>;
+}
+
+/// The default [`StreamKey`]: the request's path and query, without a `lastEventId` parameter.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PathAndQuery;
+
+impl<B> StreamKey<B> for PathAndQuery {
+    fn key(&self, request: &Request<B>) -> Option<Bytes> {
+        let uri = request.uri();
+        let mut key = uri.path().to_owned();
+        let kept: Vec<&str> = uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some(QUERY_PARAMETER))
+            .collect();
+        if !kept.is_empty() {
+            key.push('?');
+            key.push_str(&kept.join("&"));
+        }
+        Some(Bytes::from(key))
+    }
+}
+
+impl<B, F> StreamKey<B> for F
+where
+    F: Fn(&Request<B>) -> Option<Bytes> + Clone + Send + Sync + 'static,
+{
+    fn key(&self, request: &Request<B>) -> Option<Bytes> {
+        self(request)
+    }
+}
+
+/// Delivery guarantees, as presets; see the [module docs](self) for the table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Qos {
+    /// No recording, no replay.
+    None,
+    /// Replay what is known; otherwise leave it to the inner service.
+    AtBest,
+    /// Replay what is known; an unknown id replays from the oldest retained event.
+    #[default]
+    Balanced,
+    /// Never deliver an id twice; an unknown id sends nothing old.
+    AtMostOnce,
+    /// Redeliver everything retained after the id; an unknown id replays from the oldest.
+    AtLeastOnce,
+}
+
+/// What to do with a `Last-Event-ID` the store does not know (or no longer retains).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownId {
+    /// Replay from the oldest retained event (`sse-resumed-from: earliest`).
+    FromOldest,
+    /// Send nothing old; the inner service gets no `Last-Event-ID` (`live`).
+    LiveOnly,
+    /// Replay nothing; the inner service gets the header as the client sent it (`upstream`).
+    PassUpstream,
+}
+
+/// Whose ids the events carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ids {
+    /// Keep the upstream's ids; events without one are neither recorded nor resumable.
+    #[default]
+    Keep,
+    /// Give events without an id one from the store, increasing per key.
+    AssignMissing,
+    /// Give every event an id from the store, replacing the upstream's (whose ids then never
+    /// reach the client, so the inner service gets no `Last-Event-ID`).
+    AssignAlways,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    qos: Qos,
+    unknown: UnknownId,
+    store_failure: UnknownId,
+    lost_event: Option<String>,
+    ids: Ids,
+    max_replay: usize,
+    max_id_len: usize,
+}
+
+impl Config {
+    fn for_qos(qos: Qos) -> Self {
+        let (unknown, store_failure) = match qos {
+            Qos::None | Qos::AtBest => (UnknownId::PassUpstream, UnknownId::PassUpstream),
+            Qos::Balanced | Qos::AtLeastOnce => (UnknownId::FromOldest, UnknownId::PassUpstream),
+            Qos::AtMostOnce => (UnknownId::LiveOnly, UnknownId::LiveOnly),
+        };
+        Self {
+            qos,
+            unknown,
+            store_failure,
+            lost_event: None,
+            ids: Ids::Keep,
+            max_replay: 1_000,
+            max_id_len: 256,
+        }
+    }
+
+    fn replay_limit(&self) -> usize {
+        match self.qos {
+            Qos::AtLeastOnce => usize::MAX,
+            _ => self.max_replay,
+        }
+    }
+}
+
+/// Records event streams and replays them to reconnecting clients; see the [module docs](self).
+#[derive(Clone)]
+pub struct ReplayLayer<St = MemoryStore, K = PathAndQuery> {
+    store: St,
+    key: K,
+    config: Arc<Config>,
+}
+
+impl<St: fmt::Debug, K: fmt::Debug> fmt::Debug for ReplayLayer<St, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayLayer")
+            .field("store", &self.store)
+            .field("key", &self.key)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Default for ReplayLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ReplayLayer {
+    /// Balanced QoS over a new [`MemoryStore`] with default limits, keyed by path and query.
+    pub fn new() -> Self {
+        Self::with_store(MemoryStore::new())
+    }
+}
+
+impl<St> ReplayLayer<St> {
+    /// Balanced QoS over `store`, keyed by path and query.
+    pub fn with_store(store: St) -> Self {
+        Self {
+            store,
+            key: PathAndQuery,
+            config: Arc::new(Config::for_qos(Qos::default())),
+        }
+    }
+}
+
+impl<St, K> ReplayLayer<St, K> {
+    /// Keys requests with `key` (a [`StreamKey`], or a closure `Fn(&Request<B>) -> Option<Bytes>`).
+    pub fn key<K2>(self, key: K2) -> ReplayLayer<St, K2> {
+        ReplayLayer {
+            store: self.store,
+            key,
+            config: self.config,
+        }
+    }
+
+    /// Applies a [`Qos`] preset (and its unknown-id and store-failure policies).
+    pub fn qos(mut self, qos: Qos) -> Self {
+        let config = Arc::make_mut(&mut self.config);
+        let preset = Config::for_qos(qos);
+        config.qos = preset.qos;
+        config.unknown = preset.unknown;
+        config.store_failure = preset.store_failure;
+        self
+    }
+
+    /// Overrides what an unknown or expired id does.
+    pub fn on_unknown_id(mut self, policy: UnknownId) -> Self {
+        Arc::make_mut(&mut self.config).unknown = policy;
+        self
+    }
+
+    /// Sends an event of type `name` (data `earliest` or `live`) when a client's id was unknown
+    /// and history was skipped, so page code learns it (`EventSource` hides headers).
+    pub fn history_lost_event(mut self, name: impl Into<String>) -> Self {
+        Arc::make_mut(&mut self.config).lost_event = Some(name.into());
+        self
+    }
+
+    /// Whose ids the events carry (default: the upstream's).
+    pub fn ids(mut self, ids: Ids) -> Self {
+        Arc::make_mut(&mut self.config).ids = ids;
+        self
+    }
+
+    /// Replays at most `events` per reconnect (default 1,000; at-least-once replays all).
+    pub fn max_replay(mut self, events: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_replay = events;
+        self
+    }
+
+    /// Treats ids longer than `bytes` as unknown (default 256).
+    pub fn max_id_len(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_id_len = bytes;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+}
+
+impl<S, St: Clone, K: Clone> Layer<S> for ReplayLayer<St, K> {
+    type Service = Replay<S, St, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Replay {
+            inner,
+            store: self.store.clone(),
+            key: self.key.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service made by [`ReplayLayer`]; see the [module docs](self).
+#[derive(Clone)]
+pub struct Replay<S, St = MemoryStore, K = PathAndQuery> {
+    inner: S,
+    store: St,
+    key: K,
+    config: Arc<Config>,
+}
+
+impl<S: fmt::Debug, St: fmt::Debug, K: fmt::Debug> fmt::Debug for Replay<S, St, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replay")
+            .field("inner", &self.inner)
+            .field("store", &self.store)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St, K> Replay<S, St, K> {
+    inner_service_accessors!();
+}
+
+/// Where a response resumed, as the `sse-resumed-from` header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resumed {
+    New,
+    LastEventId,
+    Earliest,
+    Live,
+    Upstream,
+}
+
+impl Resumed {
+    fn header(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Self::New => "new",
+            Self::LastEventId => "last-event-id",
+            Self::Earliest => "earliest",
+            Self::Live => "live",
+            Self::Upstream => "upstream",
+        })
+    }
+}
+
+/// What a response will replay, decided before the inner service is called.
+#[derive(Debug)]
+struct Plan {
+    key: Bytes,
+    /// The id the client sent, when it was valid: the client has that event already.
+    client_id: Option<Bytes>,
+    resumed: Resumed,
+    replay: Vec<StoredEvent>,
+    /// The history-lost signal's data, when history was skipped.
+    lost: Option<&'static str>,
+}
+
+impl Plan {
+    fn new(key: Bytes, resumed: Resumed) -> Self {
+        Self {
+            key,
+            client_id: None,
+            resumed,
+            replay: Vec::new(),
+            lost: None,
+        }
+    }
+}
+
+/// Which read a lookup is waiting for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    AfterId,
+    Oldest,
+}
+
+impl<S, St, K, ReqBody, ResBody> Service<Request<ReqBody>> for Replay<S, St, K>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    St: ReplayStore,
+    K: StreamKey<ReqBody>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<ReplayBody<ResBody, St>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, St, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let config = &self.config;
+        let key = match config.qos {
+            Qos::None => None,
+            _ => self.key.key(&request),
+        };
+        let Some(key) = key else {
+            return self.respond(request, None);
+        };
+        let (step, client_id) = match last_event_id(&request, config.max_id_len) {
+            ClientId::None => return self.respond(request, Some(Plan::new(key, Resumed::New))),
+            ClientId::Valid(id) => (Step::AfterId, id),
+            ClientId::Garbage => {
+                // Never looked up, never passed on.
+                request.headers_mut().remove(LAST_EVENT_ID);
+                match config.unknown {
+                    UnknownId::FromOldest => (Step::Oldest, Vec::new()),
+                    UnknownId::LiveOnly => {
+                        let mut plan = Plan::new(key, Resumed::Live);
+                        plan.lost = Some("live");
+                        return self.respond(request, Some(plan));
+                    }
+                    UnknownId::PassUpstream => {
+                        return self.respond(request, Some(Plan::new(key, Resumed::Upstream)));
+                    }
+                }
+            }
+        };
+        let from = match step {
+            Step::AfterId => ReadFrom::After(&client_id),
+            Step::Oldest => ReadFrom::Oldest,
+        };
+        let read = self.store.read(&key, from, config.replay_limit());
+        // The ready service goes into the future; a clone takes its place (tower's rule).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            state: State::Reading {
+                read,
+                step,
+                request: Some(request),
+                inner: Some(inner),
+            },
+            store: self.store.clone(),
+            config: self.config.clone(),
+            plan: Some(Plan {
+                client_id: (step == Step::AfterId).then(|| Bytes::from(client_id)),
+                ..Plan::new(key, Resumed::Upstream)
+            }),
+        }
+    }
+}
+
+impl<S, St, K> Replay<S, St, K>
+where
+    St: ReplayStore,
+{
+    fn respond<ReqBody>(
+        &mut self,
+        request: Request<ReqBody>,
+        plan: Option<Plan>,
+    ) -> ResponseFuture<S, St, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        ResponseFuture {
+            state: State::Calling {
+                future: self.inner.call(request),
+            },
+            store: self.store.clone(),
+            config: self.config.clone(),
+            plan,
+        }
+    }
+}
+
+enum ClientId {
+    None,
+    Valid(Vec<u8>),
+    Garbage,
+}
+
+/// The client's last event id: the header's raw bytes (a non-ASCII id is valid), else the
+/// `lastEventId` query parameter, percent-decoded.
+fn last_event_id<B>(request: &Request<B>, max_len: usize) -> ClientId {
+    let id = match request.headers().get(LAST_EVENT_ID) {
+        Some(value) => value.as_bytes().to_vec(),
+        None => {
+            let query = request.uri().query().unwrap_or_default();
+            let Some(value) = query.split('&').find_map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (name == QUERY_PARAMETER).then_some(value)
+            }) else {
+                return ClientId::None;
+            };
+            match percent_decode(value.as_bytes(), max_len) {
+                Some(id) => id,
+                None => return ClientId::Garbage,
+            }
+        }
+    };
+    if id.is_empty() {
+        ClientId::None
+    } else if id.len() > max_len || id.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        ClientId::Garbage
+    } else {
+        ClientId::Valid(id)
+    }
+}
+
+/// `%XX` escapes decoded; `None` for a malformed escape or more than `max_len` bytes.
+fn percent_decode(input: &[u8], max_len: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(input.len().min(max_len + 1));
+    let mut i = 0;
+    while i < input.len() {
+        let byte = if input[i] == b'%' {
+            let hex = std::str::from_utf8(input.get(i + 1..i + 3)?).ok()?;
+            i += 3;
+            u8::from_str_radix(hex, 16).ok()?
+        } else {
+            i += 1;
+            input[i - 1]
+        };
+        if out.len() == max_len {
+            return None;
+        }
+        out.push(byte);
+    }
+    Some(out)
+}
+
+pin_project! {
+    /// The response future of [`Replay`].
+    pub struct ResponseFuture<S, St, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        St: ReplayStore,
+    {
+        #[pin]
+        state: State<S::Future, St::Read, S, Request<ReqBody>>,
+        store: St,
+        config: Arc<Config>,
+        plan: Option<Plan>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, R, S, Req> {
+        Reading {
+            #[pin]
+            read: R,
+            step: Step,
+            request: Option<Req>,
+            inner: Option<S>,
+        },
+        Calling { #[pin] future: F },
+    }
+}
+
+impl<S, St, ReqBody> fmt::Debug for ResponseFuture<S, St, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    St: ReplayStore,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a finished read means for the plan.
+enum Next {
+    Call,
+    ReadOldest,
+}
+
+fn apply_read(
+    config: &Config,
+    plan: &mut Plan,
+    step: Step,
+    result: Result<Lookup, StoreError>,
+    headers: &mut http::HeaderMap,
+) -> Next {
+    let policy = match (step, result) {
+        (Step::AfterId, Ok(Lookup::Found(events))) => {
+            plan.resumed = Resumed::LastEventId;
+            plan.replay = events;
+            None
+        }
+        (Step::Oldest, Ok(Lookup::Found(events))) => {
+            plan.resumed = Resumed::Earliest;
+            plan.lost = Some("earliest");
+            plan.replay = events;
+            None
+        }
+        (Step::AfterId, Ok(Lookup::Unknown)) => Some(config.unknown),
+        (Step::AfterId, Err(_)) => Some(config.store_failure),
+        // Reading from the oldest cannot find "unknown"; a failure leaves it to the inner service.
+        (Step::Oldest, _) => Some(UnknownId::PassUpstream),
+    };
+    match policy {
+        Some(UnknownId::FromOldest) if step == Step::AfterId => return Next::ReadOldest,
+        Some(UnknownId::LiveOnly) => {
+            plan.resumed = Resumed::Live;
+            plan.lost = Some("live");
+            headers.remove(LAST_EVENT_ID);
+        }
+        Some(_) => plan.resumed = Resumed::Upstream,
+        None => {}
+    }
+    if config.ids == Ids::AssignAlways {
+        // The client's ids are the store's, which the inner service never saw.
+        headers.remove(LAST_EVENT_ID);
+    } else if plan.resumed == Resumed::LastEventId {
+        // Resume the inner service right after what was replayed. From the oldest (an unknown
+        // id), the client's own id stays: an upstream that knows it can fill the gap, and what
+        // was replayed already is dropped from its answer.
+        if let Some(value) = plan
+            .replay
+            .last()
+            .and_then(|last| HeaderValue::from_bytes(&last.id).ok())
+        {
+            headers.insert(LAST_EVENT_ID, value);
+        }
+    }
+    Next::Call
+}
+
+impl<S, St, ReqBody, ResBody> Future for ResponseFuture<S, St, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    St: ReplayStore,
+    ResBody: Body<Data = Bytes>,
+{
+    type Output = Result<Response<ReplayBody<ResBody, St>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Reading {
+                    read,
+                    step,
+                    request,
+                    inner,
+                } => {
+                    let result = ready!(read.poll(cx));
+                    let plan = this.plan.as_mut().expect("a plan while reading");
+                    let mut request = request.take().expect("polled after completion");
+                    let step = *step;
+                    match apply_read(this.config, plan, step, result, request.headers_mut()) {
+                        Next::ReadOldest => {
+                            let read = this.store.read(
+                                &plan.key,
+                                ReadFrom::Oldest,
+                                this.config.replay_limit(),
+                            );
+                            let inner = inner.take();
+                            this.state.set(State::Reading {
+                                read,
+                                step: Step::Oldest,
+                                request: Some(request),
+                                inner,
+                            });
+                        }
+                        Next::Call => {
+                            let mut inner = inner.take().expect("polled after completion");
+                            let future = inner.call(request);
+                            this.state.set(State::Calling { future });
+                        }
+                    }
+                }
+                StateProj::Calling { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    let plan = this.plan.take();
+                    return Poll::Ready(Ok(match plan {
+                        Some(plan) if is_event_stream(response.headers()) => {
+                            let (mut parts, inner) = response.into_parts();
+                            parts.headers.insert(RESUMED_FROM, plan.resumed.header());
+                            let body = ReplayBody::stream(
+                                inner,
+                                plan,
+                                this.store.clone(),
+                                this.config.clone(),
+                            );
+                            Response::from_parts(parts, body)
+                        }
+                        _ => response.map(ReplayBody::untouched),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// The history-lost signal for `lost`, if configured.
+fn lost_event(config: &Config, lost: &str) -> Option<Bytes> {
+    let name = config.lost_event.as_ref()?;
+    let event = Event::builder()
+        .event(name.clone())
+        .data(lost)
+        .build()
+        .ok()?;
+    Some(event.encode())
+}
+
+#[cfg(test)]
+mod tests;
