@@ -347,3 +347,153 @@ async fn idle_upstream_ends_the_stream_despite_heartbeats() {
     );
     assert_eq!(reader.parser().last_event_id(), b"7");
 }
+
+/// A live upstream with no history: every event goes to the streams open when it is sent.
+#[derive(Clone, Default)]
+struct Broadcast {
+    feeds: std::sync::Arc<std::sync::Mutex<Vec<mpsc::UnboundedSender<Bytes>>>>,
+}
+
+impl Broadcast {
+    async fn serve() -> (SocketAddr, Self) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let broadcast = Self::default();
+        let feeds = broadcast.feeds.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let feeds = feeds.clone();
+                let service = hyper::service::service_fn(move |_request: Request<Incoming>| {
+                    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+                    feeds.lock().unwrap().push(tx);
+                    let frames = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+                    let body = StreamBody::new(tokio_stream::StreamExt::map(frames, |b| {
+                        Ok::<_, Infallible>(Frame::data(b))
+                    }));
+                    let response = Response::builder()
+                        .header(CONTENT_TYPE, "text/event-stream")
+                        .body(body)
+                        .unwrap();
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, broadcast)
+    }
+
+    fn send(&self, id: &str) {
+        let event = Event::builder()
+            .id(id)
+            .data(format!("event {id}"))
+            .build()
+            .unwrap();
+        let bytes = event.encode();
+        self.feeds
+            .lock()
+            .unwrap()
+            .retain(|feed| feed.send(bytes.clone()).is_ok());
+    }
+
+    /// Waits until `n` upstream streams are open.
+    async fn wait_for(&self, n: usize) {
+        timeout(GUARD, async {
+            while self.feeds.lock().unwrap().len() < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("upstream connections");
+    }
+}
+
+/// Reads message events until `n` arrived; returns their ids.
+async fn read_ids(reader: &mut EventReader<Incoming>, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let event = next(reader).await;
+        if event.is_message() {
+            ids.push(String::from_utf8_lossy(event.id().unwrap()).into_owned());
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn replay_resumes_a_reconnecting_client_without_gap_or_duplicate() {
+    let (upstream_addr, upstream) = Broadcast::serve().await;
+    let gateway = Gateway::start(&[
+        "--upstream",
+        &format!("http://{upstream_addr}"),
+        "--replay",
+        "100",
+        "--heartbeat",
+        "0",
+    ])
+    .await;
+    let url = gateway.url("/live?room=7");
+
+    // Another client keeps the stream recording throughout.
+    let recorder = get(&url, &[]).await;
+    let mut recorder = EventReader::new(recorder.into_body());
+    let client = get(&url, &[]).await;
+    let mut client = EventReader::new(client.into_body());
+    upstream.wait_for(2).await;
+    let ids: Vec<String> = (1..=5).map(|n| n.to_string()).collect();
+    for id in &ids {
+        upstream.send(id);
+    }
+    assert_eq!(read_ids(&mut client, 5).await, ids);
+    assert_eq!(read_ids(&mut recorder, 5).await, ids);
+    drop(client);
+
+    // Reconnect having seen only up to 3: 4 and 5 from history, then live 6 and 7.
+    let resumed = get(&url, &[("last-event-id", "3")]).await;
+    assert_eq!(resumed.headers()["sse-resumed-from"], "last-event-id");
+    let mut resumed = EventReader::new(resumed.into_body());
+    assert_eq!(read_ids(&mut resumed, 2).await, ["4", "5"]);
+    upstream.wait_for(2).await;
+    upstream.send("6");
+    upstream.send("7");
+    assert_eq!(read_ids(&mut resumed, 2).await, ["6", "7"]);
+    assert_eq!(read_ids(&mut recorder, 2).await, ["6", "7"]);
+
+    // The id in the query string (EventSource polyfills, Mercure) works the same.
+    let by_query = get(&gateway.url("/live?room=7&lastEventId=5"), &[]).await;
+    assert_eq!(by_query.headers()["sse-resumed-from"], "last-event-id");
+    let mut by_query = EventReader::new(by_query.into_body());
+    assert_eq!(read_ids(&mut by_query, 2).await, ["6", "7"]);
+
+    // A non-ASCII id round-trips through Last-Event-ID as raw bytes.
+    upstream.send("\u{2026}8");
+    assert_eq!(read_ids(&mut recorder, 1).await, ["\u{2026}8"]);
+    upstream.send("9");
+    assert_eq!(read_ids(&mut recorder, 1).await, ["9"]);
+    let non_ascii = http::HeaderValue::from_bytes("\u{2026}8".as_bytes()).unwrap();
+    let mut request = Request::get(&url);
+    request = request.header("last-event-id", non_ascii);
+    let response = timeout(GUARD, client_request(request)).await.unwrap();
+    assert_eq!(response.headers()["sse-resumed-from"], "last-event-id");
+    let mut reader = EventReader::new(response.into_body());
+    assert_eq!(read_ids(&mut reader, 1).await, ["9"]);
+
+    // An unknown (expired) id: the default policy replays from the oldest retained.
+    let expired = get(&url, &[("last-event-id", "gone")]).await;
+    assert_eq!(expired.headers()["sse-resumed-from"], "earliest");
+    let mut expired = EventReader::new(expired.into_body());
+    assert_eq!(read_ids(&mut expired, 3).await, ["1", "2", "3"]);
+}
+
+async fn client_request(request: http::request::Builder) -> Response<Incoming> {
+    client()
+        .request(request.body(Empty::new()).unwrap())
+        .await
+        .unwrap()
+}

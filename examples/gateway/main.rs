@@ -30,6 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_sse::replay::{MemoryLimits, MemoryStore, ReplayLayer};
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
     HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer, Shutdown, SseHeadersLayer,
@@ -89,6 +90,11 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = 0)]
     retry_jitter: u64,
 
+    /// Events kept per stream for `Last-Event-ID` replay: a reconnecting client gets what it
+    /// missed, then the live stream (0: off). Streams are keyed by path and query.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    replay: usize,
+
     /// Milliseconds between events of the demo stream.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     demo_interval: u64,
@@ -110,7 +116,8 @@ fn positive(secs: f64) -> Option<Duration> {
 /// Serves `inner` behind every layer, outermost first as the crate docs recommend: the header
 /// policy decides the final headers; passthrough sends the first byte; `retry:` goes first in
 /// the stream; heartbeats see what the client sees; the lifetime and shutdown end streams at a
-/// boundary; the timeouts sit next to the upstream, so they measure its silence, not heartbeats.
+/// boundary; replay resumes clients and records events (never heartbeats); the timeouts sit next
+/// to the upstream, so they measure its silence, not heartbeats.
 async fn serve_stack<S, B>(args: &Args, listener: TcpListener, inner: S)
 where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -145,6 +152,10 @@ where
         })))
         .layer(Optional(positive(args.heartbeat).map(HeartbeatLayer::new)))
         .layer(lifetime)
+        .layer(Optional((args.replay > 0).then(|| {
+            let limits = MemoryLimits::default().events_per_key(args.replay);
+            ReplayLayer::with_store(MemoryStore::with_limits(limits))
+        })))
         .layer(Optional(
             positive(args.idle_timeout).map(IdleTimeoutLayer::new),
         ))
