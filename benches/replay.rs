@@ -1,0 +1,205 @@
+//! Replay costs: appending to and resuming from the in-memory store, and what recording and
+//! resuming add to a response through `ReplayLayer`, each next to a same-run baseline.
+//!
+//! ```text
+//! cargo bench --bench replay
+//! ```
+//!
+//! First it prints the heap memory per retained event (a counting global allocator, 10,000
+//! keys of 100 events each). Then criterion measures:
+//! - `store/append`: events appended per second to one key bounded at 1,000 events;
+//! - `store/resume`: reads of the 100 events after an id in the middle of that key;
+//! - `layer/record`: a 1,000-event response through `ReplayLayer` (parsing and recording every
+//!   event), against the same response through no layer (baseline);
+//! - `layer/resume`: a reconnect that replays 100 events, against a new subscription (baseline).
+
+#[path = "support/alloc.rs"]
+mod alloc;
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput};
+use http::{header, Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{service_fn, ServiceExt};
+use tower_layer::Layer;
+use tower_sse::replay::{
+    MemoryLimits, MemoryStore, ReadFrom, ReplayLayer, ReplayStore, StoredEvent,
+};
+
+fn event(id: u64) -> StoredEvent {
+    let bytes = Bytes::from(format!(
+        "id: {id}\nevent: tick\ndata: {{\"n\":{id},\"msg\":\"hello world\"}}\n\n"
+    ));
+    StoredEvent {
+        id: Bytes::from(id.to_string()),
+        bytes,
+    }
+}
+
+fn memory_per_retained_event() {
+    let limits = MemoryLimits::default().events_per_key(100).max_keys(10_000);
+    let events: Vec<Vec<StoredEvent>> = (0..10_000u64)
+        .map(|k| (0..100).map(|i| event(k * 100 + i)).collect())
+        .collect();
+    let payload: usize = events
+        .iter()
+        .flatten()
+        .map(|e| e.bytes.len() + e.id.len())
+        .sum();
+    let before = alloc::LIVE.load(Ordering::Relaxed);
+    let store = MemoryStore::with_limits(limits);
+    let keys: Vec<Bytes> = (0..10_000)
+        .map(|k| Bytes::from(format!("/stream/{k}")))
+        .collect();
+    for (key, events) in keys.iter().zip(events) {
+        for event in events {
+            store.append(key, event);
+        }
+    }
+    let total = (alloc::LIVE.load(Ordering::Relaxed) - before) as f64;
+    let retained = 1_000_000.0;
+    println!(
+        "MemoryStore, 10,000 keys x 100 events: {:.0} bytes per retained event, of which {:.0} are the \
+         event and its id and {:.0} bookkeeping",
+        total / retained,
+        payload as f64 / retained,
+        (total - payload as f64) / retained
+    );
+    drop(store);
+}
+
+fn store(c: &mut Criterion) {
+    let key = Bytes::from_static(b"/stream");
+    let events: Vec<StoredEvent> = (0..10_000).map(event).collect();
+    let mut group = c.benchmark_group("store");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(2));
+    group.warm_up_time(Duration::from_millis(500));
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.bench_function("append", |b| {
+        let store = MemoryStore::with_limits(MemoryLimits::default().events_per_key(1_000));
+        b.iter(|| {
+            for event in &events {
+                store.append(&key, event.clone());
+            }
+        })
+    });
+    let store = MemoryStore::with_limits(MemoryLimits::default().events_per_key(1_000));
+    for event in &events {
+        store.append(&key, event.clone());
+    }
+    let middle = events[9_500].id.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("resume (100 events after an id)", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(store.read(&key, ReadFrom::After(&middle), 100))
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+fn stream_of(events: u64) -> Bytes {
+    let mut out = Vec::new();
+    for id in 1..=events {
+        out.extend_from_slice(&event(id).bytes);
+    }
+    Bytes::from(out)
+}
+
+fn layer(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let stream = stream_of(1_000);
+    let upstream = service_fn(move |_req: Request<()>| {
+        let body = Full::new(stream.clone());
+        let response = Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(body)
+            .unwrap();
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    let mut group = c.benchmark_group("layer");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(2));
+    group.warm_up_time(Duration::from_millis(500));
+    group.throughput(Throughput::Elements(1_000));
+    group.bench_function("record: 1000 events, no layer (baseline)", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let response = upstream.clone().oneshot(Request::new(())).await.unwrap();
+                response.into_body().collect().await.unwrap().to_bytes()
+            })
+        })
+    });
+    group.bench_function("record: 1000 events through ReplayLayer", |b| {
+        let layer = ReplayLayer::new();
+        b.iter(|| {
+            runtime.block_on(async {
+                let response = layer
+                    .layer(upstream.clone())
+                    .oneshot(Request::new(()))
+                    .await
+                    .unwrap();
+                response.into_body().collect().await.unwrap().to_bytes()
+            })
+        })
+    });
+    // Resuming: the store holds the 1,000 events; the upstream has nothing new to say.
+    let empty = service_fn(|_req: Request<()>| {
+        let response = Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    let layer = ReplayLayer::new();
+    runtime.block_on(async {
+        let response = layer
+            .layer(upstream.clone())
+            .oneshot(Request::new(()))
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+    });
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("resume: new subscription (baseline)", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let response = layer.layer(empty).oneshot(Request::new(())).await.unwrap();
+                response.into_body().collect().await.unwrap().to_bytes()
+            })
+        })
+    });
+    group.bench_function("resume: reconnect replaying 100 events", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let request = Request::builder()
+                    .header("last-event-id", "900")
+                    .body(())
+                    .unwrap();
+                let response = layer.layer(empty).oneshot(request).await.unwrap();
+                response.into_body().collect().await.unwrap().to_bytes()
+            })
+        })
+    });
+    group.finish();
+}
+
+fn main() {
+    memory_per_retained_event();
+    let mut criterion = Criterion::default().configure_from_args();
+    store(&mut criterion);
+    layer(&mut criterion);
+    criterion.final_summary();
+}
