@@ -13,6 +13,7 @@
 //! | [`RetryLayer`] | `retry:` first in every stream, jittered against reconnect storms |
 //! | [`HeartbeatLayer`] | a comment (or a typed event) when the stream is quiet, only between events |
 //! | [`LifetimeLayer`] + [`Shutdown`] | end streams at an event boundary after a (jittered) maximum lifetime or on shutdown, so graceful shutdown completes |
+//! | [`ReplayLayer`] | record events per stream key; a client reconnecting with `Last-Event-ID` gets what it missed, then the live stream, with QoS presets |
 //! | [`timeout::IdleTimeoutLayer`] | end a stream whose upstream went silent |
 //! | [`timeout::ResponseTimeoutLayer`] | `504` when response headers are late |
 //!
@@ -73,7 +74,9 @@
 //!    events inside it count as activity, and outside the timeouts, so that heartbeats never
 //!    count as upstream activity.
 //! 5. [`LifetimeLayer`]: it ends streams at a boundary it can see, with its final `retry:` hint.
-//! 6. [`timeout::IdleTimeoutLayer`], [`timeout::ResponseTimeoutLayer`]: innermost, next to the
+//! 6. [`ReplayLayer`]: inside the heartbeat layer, so heartbeats are never recorded, and inside
+//!    the lifetime layer, so a replayed burst is ended at a boundary like anything else.
+//! 7. [`timeout::IdleTimeoutLayer`], [`timeout::ResponseTimeoutLayer`]: innermost, next to the
 //!    upstream, so they measure the upstream's silence. An idle timeout outside the heartbeat
 //!    layer never fires (heartbeats look like traffic); a response timeout outside a layer that
 //!    answers early (the `406`) would time that answer too.
@@ -83,7 +86,8 @@
 //! use tower::ServiceBuilder;
 //! use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 //! use tower_sse::{
-//!     HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer, Shutdown, SseHeadersLayer,
+//!     HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReplayLayer, RetryLayer, Shutdown,
+//!     SseHeadersLayer,
 //! };
 //!
 //! let shutdown = Shutdown::new();
@@ -93,6 +97,7 @@
 //!     .layer(RetryLayer::new(Duration::from_secs(2)).jitter(Duration::from_secs(1)))
 //!     .layer(HeartbeatLayer::new(Duration::from_secs(15)))
 //!     .layer(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)).jitter(0.2).shutdown(&shutdown))
+//!     .layer(ReplayLayer::new())
 //!     .layer(IdleTimeoutLayer::new(Duration::from_secs(60)))
 //!     .layer(ResponseTimeoutLayer::new(Duration::from_secs(10)));
 //! # let _ = stack;

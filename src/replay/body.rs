@@ -138,12 +138,12 @@ impl<St: ReplayStore> StreamState<St> {
         if !event.is_message() {
             return;
         }
-        if let Some(id) = event.id().filter(|id| !id.is_empty()) {
-            let stored = StoredEvent {
-                id: Bytes::copy_from_slice(id),
-                bytes: event.encode(),
-            };
-            self.store.append(&self.key, stored);
+        if event.id().is_some_and(|id| !id.is_empty()) {
+            // The id is a slice of the encoded bytes: one allocation per recorded event.
+            let (bytes, id) = event.encode_with_id();
+            if let Some(id) = id {
+                self.store.append(&self.key, StoredEvent { id, bytes });
+            }
         }
     }
 

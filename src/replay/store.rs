@@ -77,6 +77,9 @@ pub trait ReplayStore: Clone + Send + Sync + 'static {
 
     /// A new id for an event of `key`: unique for this store, increasing per key.
     fn next_id(&self, key: &Bytes) -> Bytes;
+
+    /// Keeps only the newest `keep` events of `key` (0 forgets its history).
+    fn trim(&self, key: &Bytes, keep: usize);
 }
 
 /// Bounds of a [`MemoryStore`].
@@ -355,6 +358,24 @@ impl ReplayStore for MemoryStore {
         stream.trim(&self.shared.limits, now);
     }
 
+    fn trim(&self, key: &Bytes, keep: usize) {
+        let mut streams = self.lock();
+        let Some(stream) = streams.get_mut(key) else {
+            return;
+        };
+        let limits = MemoryLimits {
+            events_per_key: keep,
+            ..self.shared.limits
+        };
+        stream.trim(&limits, Instant::now());
+        if keep == 0 {
+            // Ids assigned so far stay used: `assigned` keeps counting.
+            stream.events.clear();
+            stream.index.clear();
+            stream.bytes = 0;
+        }
+    }
+
     fn next_id(&self, key: &Bytes) -> Bytes {
         let now = Instant::now();
         let mut streams = self.lock();
@@ -510,6 +531,22 @@ mod tests {
             .lock()
             .values()
             .all(|s| s.index.len() == s.events.len()));
+    }
+
+    #[tokio::test]
+    async fn trim_keeps_the_newest() {
+        let store = MemoryStore::new();
+        let key = Bytes::from_static(b"k");
+        for id in 0..10 {
+            store.append(&key, event(&id.to_string()));
+        }
+        store.trim(&key, 2);
+        assert_eq!(read(&store, &key, ReadFrom::Oldest, 10).await, ["8", "9"]);
+        store.trim(&key, 0);
+        assert!(store.is_empty(b"k"));
+        store.append(&key, event("10"));
+        assert_eq!(read(&store, &key, ReadFrom::Oldest, 10).await, ["10"]);
+        store.trim(&Bytes::from_static(b"none"), 0);
     }
 
     #[test]

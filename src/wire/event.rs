@@ -151,6 +151,21 @@ impl Event {
         len
     }
 
+    /// Encodes the block and returns its id as a slice of the encoding (no second allocation).
+    pub(crate) fn encode_with_id(&self) -> (Bytes, Option<Bytes>) {
+        let mut buf = BytesMut::with_capacity(self.encoded_len());
+        self.encode_into(&mut buf);
+        let bytes = buf.freeze();
+        let id = self.id.as_ref().map(|id| {
+            // The id line follows the comments and the event type, as `encode_into` writes them.
+            let start = self.comments.iter().map(|c| c.len() + 2).sum::<usize>()
+                + self.event.as_ref().map_or(0, |e| e.len() + 8)
+                + 4;
+            bytes.slice(start..start + id.len())
+        });
+        (bytes, id)
+    }
+
     /// Encodes the block, ending with its blank line.
     pub fn encode(&self) -> Bytes {
         let mut buf = BytesMut::with_capacity(self.encoded_len());
@@ -389,6 +404,21 @@ mod tests {
         for event in events {
             assert_eq!(event.encode().len(), event.encoded_len(), "{event:?}");
         }
+    }
+
+    #[test]
+    fn encode_with_id_slices_the_id_out_of_the_encoding() {
+        let event = Event::builder()
+            .comment("c\nd")
+            .event("tick")
+            .id("42")
+            .data("x")
+            .build()
+            .unwrap();
+        let (bytes, id) = event.encode_with_id();
+        assert_eq!(bytes, event.encode());
+        assert_eq!(id.unwrap(), "42");
+        assert_eq!(Event::comment("x").encode_with_id().1, None);
     }
 
     #[test]
