@@ -219,3 +219,79 @@ impl<B: Body<Data = Bytes>> Body for InnerOrLocal<B> {
         }
     }
 }
+
+pin_project! {
+    /// The inner body untouched (a response that is not an event stream), or an event stream
+    /// with a frame of the layer's own first: the body of the layers that only add a prefix.
+    pub struct PrefixedBody<B> {
+        #[pin]
+        kind: PrefixedKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = PrefixedProj]
+    enum PrefixedKind<B> {
+        Untouched { #[pin] inner: B },
+        Stream { #[pin] inner: B, frames: Prefixed },
+    }
+}
+
+impl<B> PrefixedBody<B> {
+    pub(crate) fn untouched(inner: B) -> Self {
+        Self {
+            kind: PrefixedKind::Untouched { inner },
+        }
+    }
+
+    /// An event stream: `first` (if any) goes out first; the inner body's leading BOM is then
+    /// dropped.
+    pub(crate) fn stream(inner: B, first: Option<Bytes>) -> Self {
+        Self {
+            kind: PrefixedKind::Stream {
+                inner,
+                frames: Prefixed::new(first),
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for PrefixedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            PrefixedKind::Untouched { .. } => "Untouched",
+            PrefixedKind::Stream { .. } => "Stream",
+        };
+        f.debug_tuple("PrefixedBody").field(&kind).finish()
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for PrefixedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().kind.project() {
+            PrefixedProj::Untouched { inner } => inner.poll_frame(cx),
+            PrefixedProj::Stream { inner, frames } => frames.poll_frame(inner, cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            PrefixedKind::Untouched { inner } => inner.is_end_stream(),
+            PrefixedKind::Stream { inner, frames } => frames.is_end_stream(inner),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            PrefixedKind::Untouched { inner } => inner.size_hint(),
+            // Bytes are added, and Content-Length is gone: an exact hint would bring it back.
+            PrefixedKind::Stream { .. } => SizeHint::default(),
+        }
+    }
+}

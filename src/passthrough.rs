@@ -60,12 +60,12 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::Prefixed;
+use crate::body::PrefixedBody;
 use crate::wire::{is_event_stream, Event};
 
 /// Forwards event streams unbuffered; see the [module docs](self).
@@ -168,82 +168,17 @@ where
         let this = self.project();
         let response = ready!(this.future.poll(cx))?;
         if !is_event_stream(response.headers()) {
-            return Poll::Ready(Ok(response.map(|inner| PassthroughBody {
-                kind: Kind::Untouched { inner },
-            })));
+            return Poll::Ready(Ok(response.map(PrefixedBody::untouched)));
         }
         let (mut parts, inner) = response.into_parts();
         parts.headers.remove(CONTENT_LENGTH);
-        let body = PassthroughBody {
-            kind: Kind::Stream {
-                inner,
-                frames: Prefixed::new(this.initial.take()),
-            },
-        };
+        let body = PrefixedBody::stream(inner, this.initial.take());
         Poll::Ready(Ok(Response::from_parts(parts, body)))
     }
 }
 
-pin_project! {
-    /// The response body of [`Passthrough`]; see the [module docs](self).
-    pub struct PassthroughBody<B> {
-        #[pin]
-        kind: Kind<B>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
-        Untouched { #[pin] inner: B },
-        Stream {
-            #[pin]
-            inner: B,
-            // The initial comment, if any, then the inner body.
-            frames: Prefixed,
-        },
-    }
-}
-
-impl<B> fmt::Debug for PassthroughBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Untouched { .. } => "Untouched",
-            Kind::Stream { .. } => "Stream",
-        };
-        f.debug_tuple("PassthroughBody").field(&kind).finish()
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for PassthroughBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Untouched { inner } => inner.poll_frame(cx),
-            KindProj::Stream { inner, frames } => frames.poll_frame(inner, cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.is_end_stream(),
-            Kind::Stream { inner, frames } => frames.is_end_stream(inner),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.size_hint(),
-            // Content-Length is gone: an exact hint would make hyper put it back.
-            Kind::Stream { .. } => SizeHint::default(),
-        }
-    }
-}
+/// The response body of [`Passthrough`]; see the [module docs](self).
+pub type PassthroughBody<B> = PrefixedBody<B>;
 
 #[cfg(test)]
 mod tests {

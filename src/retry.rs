@@ -43,12 +43,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::Prefixed;
+use crate::body::PrefixedBody;
 use crate::jitter;
 use crate::wire::{is_event_stream, Event};
 
@@ -170,73 +170,18 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = ready!(this.future.poll(cx))?;
-        let block = is_event_stream(response.headers()).then(|| this.config.block());
-        Poll::Ready(Ok(response.map(|inner| RetryBody {
-            kind: match block {
-                Some(block) => Kind::Stream {
-                    inner,
-                    frames: Prefixed::new(Some(block)),
-                },
-                None => Kind::Untouched { inner },
-            },
-        })))
-    }
-}
-
-pin_project! {
-    /// The response body of [`Retry`].
-    pub struct RetryBody<B> {
-        #[pin]
-        kind: Kind<B>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
-        Untouched { #[pin] inner: B },
-        Stream { #[pin] inner: B, frames: Prefixed },
-    }
-}
-
-impl<B> fmt::Debug for RetryBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Untouched { .. } => "Untouched",
-            Kind::Stream { .. } => "Stream",
-        };
-        f.debug_tuple("RetryBody").field(&kind).finish()
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for RetryBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Untouched { inner } => inner.poll_frame(cx),
-            KindProj::Stream { inner, frames } => frames.poll_frame(inner, cx),
+        if !is_event_stream(response.headers()) {
+            return Poll::Ready(Ok(response.map(PrefixedBody::untouched)));
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.is_end_stream(),
-            Kind::Stream { inner, frames } => frames.is_end_stream(inner),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.size_hint(),
-            Kind::Stream { .. } => SizeHint::new(),
-        }
+        let block = this.config.block();
+        Poll::Ready(Ok(
+            response.map(|inner| PrefixedBody::stream(inner, Some(block)))
+        ))
     }
 }
+
+/// The response body of [`Retry`].
+pub type RetryBody<B> = PrefixedBody<B>;
 
 #[cfg(test)]
 mod tests {
