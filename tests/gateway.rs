@@ -497,3 +497,67 @@ async fn client_request(request: http::request::Builder) -> Response<Incoming> {
         .await
         .unwrap()
 }
+
+#[tokio::test]
+async fn comment_metadata_shows_raw_readers_what_event_source_ignores() {
+    let plain = Gateway::start(&["--demo-interval", "20", "--initial-comment", "x"]).await;
+    let framed = Gateway::start(&[
+        "--demo-interval",
+        "20",
+        "--initial-comment",
+        "x",
+        "--headers-as-comment",
+        "x-demo-stream,set-cookie",
+        "--metadata-as-comment",
+    ])
+    .await;
+    let raw = |gateway: &Gateway| {
+        let url = gateway.url("/events");
+        async move {
+            let response = get(&url, &[]).await;
+            let mut body = response.into_body();
+            let mut bytes = Vec::new();
+            // Enough for the header block and three events.
+            while bytes.windows(4).filter(|w| w == b"id: ").count() < 3 {
+                let frame = timeout(GUARD, body.frame())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
+                if let Ok(data) = frame.into_data() {
+                    bytes.extend_from_slice(&data);
+                }
+            }
+            bytes
+        }
+    };
+    let plain_bytes = raw(&plain).await;
+    let framed_bytes = raw(&framed).await;
+    let framed_text = String::from_utf8_lossy(&framed_bytes);
+    assert!(
+        framed_text.contains(":x-demo-stream=ticks\n"),
+        "{framed_text}"
+    );
+    assert!(
+        framed_text.contains(":source=demo\nid: 1\n"),
+        "{framed_text}"
+    );
+    assert!(!framed_text.contains("meta-source"));
+    assert!(String::from_utf8_lossy(&plain_bytes).contains("meta-source: demo"));
+
+    // What EventSource sees is the same either way.
+    let messages = |bytes: &[u8]| {
+        let mut parser = tower_sse::wire::Parser::new();
+        parser.push(Bytes::copy_from_slice(bytes));
+        let mut seen = Vec::new();
+        while let Some(Ok(event)) = parser.next_event() {
+            if event.is_message() {
+                let data = event.data().unwrap().into_owned();
+                // The demo's data holds the time; compare ids and the shape only.
+                seen.push((event.id().map(<[u8]>::to_vec), data.starts_with("{\"n\":")));
+            }
+        }
+        seen
+    };
+    assert_eq!(messages(&plain_bytes)[..3], messages(&framed_bytes)[..3]);
+}

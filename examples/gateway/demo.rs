@@ -55,6 +55,7 @@ impl<B> Service<Request<B>> for Demo {
                     .unwrap_or(0);
                 Response::builder()
                     .header(CONTENT_TYPE, "text/event-stream")
+                    .header("x-demo-stream", "ticks")
                     .body(Either::Left(Ticks::new(self.every, after + 1)))
             }
             (&Method::GET, "/index.html") => Response::builder()
@@ -108,6 +109,8 @@ impl Body for Ticks {
         let (h, m, s) = ((now / 3600) % 24, (now / 60) % 60, now % 60);
         let event = Event::builder()
             .id(id.to_string())
+            // Shown to raw readers as `:source=demo` with --metadata-as-comment.
+            .metadata("source", "demo")
             .data(format!(r#"{{"n":{id},"utc":"{h:02}:{m:02}:{s:02}"}}"#))
             .build()
             .expect("digits and JSON are valid event values");

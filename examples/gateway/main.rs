@@ -33,7 +33,8 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse::replay::{MemoryLimits, MemoryStore, ReplayLayer};
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
-    HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer, Shutdown, SseHeadersLayer,
+    CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer, Shutdown,
+    SseHeadersLayer,
 };
 
 use optional::Optional;
@@ -90,6 +91,16 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = 0)]
     retry_jitter: u64,
 
+    /// Response headers to show raw readers as `:name=value` comments at the start of each
+    /// stream, comma-separated (sensitive ones such as set-cookie are never shown).
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+    headers_as_comment: Vec<http::header::HeaderName>,
+
+    /// Show per-event metadata (`meta-<key>` fields) as `:key=value` comments inside each event;
+    /// with `--headers-as-comment` alone, metadata fields are stripped.
+    #[arg(long)]
+    metadata_as_comment: bool,
+
     /// Events kept per stream for `Last-Event-ID` replay: a reconnecting client gets what it
     /// missed, then the live stream (0: off). Streams are keyed by path and query.
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -115,7 +126,8 @@ fn positive(secs: f64) -> Option<Duration> {
 
 /// Serves `inner` behind every layer, outermost first as the crate docs recommend: the header
 /// policy decides the final headers; passthrough sends the first byte; `retry:` goes first in
-/// the stream; heartbeats see what the client sees; the lifetime and shutdown end streams at a
+/// the stream; comment metadata is framed for the client (replayed events too); heartbeats see
+/// what the client sees; the lifetime and shutdown end streams at a
 /// boundary; replay resumes clients and records events (never heartbeats); the timeouts sit next
 /// to the upstream, so they measure its silence, not heartbeats.
 async fn serve_stack<S, B>(args: &Args, listener: TcpListener, inner: S)
@@ -150,6 +162,13 @@ where
         .layer(Optional(retry.map(|retry| {
             RetryLayer::new(retry).jitter(Duration::from_millis(args.retry_jitter))
         })))
+        .layer(Optional(
+            (args.metadata_as_comment || !args.headers_as_comment.is_empty()).then(|| {
+                CommentMetadataLayer::new()
+                    .headers_as_comment(args.headers_as_comment.clone())
+                    .metadata_as_comment(args.metadata_as_comment)
+            }),
+        ))
         .layer(Optional(positive(args.heartbeat).map(HeartbeatLayer::new)))
         .layer(lifetime)
         .layer(Optional((args.replay > 0).then(|| {

@@ -93,6 +93,18 @@ impl Event {
         self.id = None;
     }
 
+    pub(crate) fn take_unknown_fields(&mut self) -> Vec<(Bytes, Bytes)> {
+        std::mem::take(&mut self.fields)
+    }
+
+    pub(crate) fn push_unknown_field(&mut self, name: Bytes, value: Bytes) {
+        self.fields.push((name, value));
+    }
+
+    pub(crate) fn push_comment(&mut self, comment: Bytes) {
+        self.comments.push(comment);
+    }
+
     /// The `id` of this block: `Some(b"")` resets the client's last event id.
     pub fn id(&self) -> Option<&[u8]> {
         self.id.as_deref()
@@ -274,6 +286,9 @@ fn split_lines(value: Bytes) -> Vec<Bytes> {
     lines
 }
 
+/// The prefix of the extension fields that carry [`EventBuilder::metadata`].
+pub const METADATA_PREFIX: &str = "meta-";
+
 /// Builds a validated [`Event`]; errors are kept until [`build`](EventBuilder::build).
 ///
 /// Values may hold any text. Line breaks in `data` become several `data:` lines (clients join
@@ -328,6 +343,46 @@ impl EventBuilder {
         self
     }
 
+    /// Adds an extension field, which spec-conformant clients ignore.
+    ///
+    /// The name must be non-empty, hold no colon, CR, LF or NUL, and not be one of the spec's
+    /// own fields (`data`, `event`, `id`, `retry`); the value must hold no CR, LF or NUL.
+    /// Anything else is an [`EventError`], never an injected field.
+    pub fn field(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        let (name, value) = (Bytes::from(name.into()), Bytes::from(value.into()));
+        let reserved = matches!(&name[..], b"data" | b"event" | b"id" | b"retry");
+        if name.is_empty() || reserved || memchr::memchr3(b':', b'\r', b'\n', &name).is_some() {
+            self.fail(EventError::InvalidFieldName);
+        } else if memchr(0, &name).is_some() || memchr(0, &value).is_some() {
+            self.fail(EventError::Nul(Field::Extension));
+        } else if memchr2(b'\n', b'\r', &value).is_some() {
+            self.fail(EventError::LineBreak(Field::Extension));
+        }
+        self.event.fields.push((name, value));
+        self
+    }
+
+    /// Attaches metadata: an extension field named [`METADATA_PREFIX`] + `key`, which the
+    /// [`CommentMetadataLayer`](crate::metadata::CommentMetadataLayer) shows raw readers as a
+    /// `:key=value` comment (or strips). The key must also hold no `=`, so the comment reads back
+    /// unambiguously.
+    ///
+    /// ```
+    /// use tower_sse::wire::Event;
+    ///
+    /// let event = Event::builder().metadata("trace", "abc123").data("x").build().unwrap();
+    /// assert_eq!(event.encode(), "meta-trace: abc123\ndata: x\n\n");
+    /// assert!(Event::builder().metadata("a=b", "x").build().is_err());
+    /// assert!(Event::builder().metadata("k", "line\nbreak").build().is_err());
+    /// ```
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        let key = key.into();
+        if key.contains('=') {
+            self.fail(EventError::InvalidFieldName);
+        }
+        self.field(format!("{METADATA_PREFIX}{key}"), value)
+    }
+
     /// The event, or the first error found while building it.
     pub fn build(self) -> Result<Event, EventError> {
         match self.error {
@@ -349,6 +404,11 @@ pub enum EventError {
     LineBreak(Field),
     /// A NUL in an id: clients ignore such an id, so the event would not move their cursor.
     NulInId,
+    /// A NUL in a value that raw readers show as text.
+    Nul(Field),
+    /// An extension field name (or metadata key) that is empty, holds a colon, `=`, CR or LF,
+    /// or names one of the spec's own fields.
+    InvalidFieldName,
 }
 
 /// A field of an event, named in an [`EventError`].
@@ -359,6 +419,8 @@ pub enum Field {
     Id,
     /// The `event` field.
     Event,
+    /// An extension field (or metadata).
+    Extension,
 }
 
 impl fmt::Display for Field {
@@ -366,6 +428,7 @@ impl fmt::Display for Field {
         f.write_str(match self {
             Self::Id => "id",
             Self::Event => "event",
+            Self::Extension => "extension field",
         })
     }
 }
@@ -375,6 +438,11 @@ impl fmt::Display for EventError {
         match self {
             Self::LineBreak(field) => write!(f, "the `{field}` value contains a line break"),
             Self::NulInId => f.write_str("the `id` value contains a NUL character"),
+            Self::Nul(field) => write!(f, "the `{field}` value contains a NUL character"),
+            Self::InvalidFieldName => f.write_str(
+                "an extension field name must be non-empty, hold no colon, `=`, CR, LF or NUL, \
+                 and not be data, event, id or retry",
+            ),
         }
     }
 }

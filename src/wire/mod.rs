@@ -56,7 +56,7 @@ mod scanner;
 
 use std::fmt;
 
-pub use event::{Event, EventBuilder, EventError, Field};
+pub use event::{Event, EventBuilder, EventError, Field, METADATA_PREFIX};
 pub use media::{
     accepts_event_stream, asks_for_event_stream, is_event_stream, is_event_stream_type,
     EVENT_STREAM_UTF8,
