@@ -11,6 +11,7 @@
 //! | [`SseHeadersLayer`] | `Content-Type`, `Cache-Control`, `Connection` (HTTP/1 only), `X-Accel-Buffering: no`; optional `406` on a wrong `Accept` |
 //! | [`PassthroughLayer`] | forwards every frame at once, drops `Content-Length`, optionally sends a first byte immediately |
 //! | [`RetryLayer`] | `retry:` first in every stream, jittered against reconnect storms |
+//! | [`CommentMetadataLayer`] | response headers and per-event metadata as `:key=value` comments for raw readers, injection-proof |
 //! | [`HeartbeatLayer`] | a comment (or a typed event) when the stream is quiet, only between events |
 //! | [`LifetimeLayer`] + [`Shutdown`] | end streams at an event boundary after a (jittered) maximum lifetime or on shutdown, so graceful shutdown completes |
 //! | [`ReplayLayer`] | record events per stream key; a client reconnecting with `Last-Event-ID` gets what it missed, then the live stream, with QoS presets |
@@ -73,10 +74,10 @@
 //! 4. [`HeartbeatLayer`]: it must see everything the client sees, so that replayed or framed
 //!    events inside it count as activity, and outside the timeouts, so that heartbeats never
 //!    count as upstream activity.
-//! 5. [`LifetimeLayer`]: it ends streams at a boundary it can see, with its final `retry:` hint.
-//! 6. [`ReplayLayer`]: inside the heartbeat layer, so heartbeats are never recorded, and inside
+//! 6. [`LifetimeLayer`]: it ends streams at a boundary it can see, with its final `retry:` hint.
+//! 7. [`ReplayLayer`]: inside the heartbeat layer, so heartbeats are never recorded, and inside
 //!    the lifetime layer, so a replayed burst is ended at a boundary like anything else.
-//! 7. [`timeout::IdleTimeoutLayer`], [`timeout::ResponseTimeoutLayer`]: innermost, next to the
+//! 8. [`timeout::IdleTimeoutLayer`], [`timeout::ResponseTimeoutLayer`]: innermost, next to the
 //!    upstream, so they measure the upstream's silence. An idle timeout outside the heartbeat
 //!    layer never fires (heartbeats look like traffic); a response timeout outside a layer that
 //!    answers early (the `406`) would time that answer too.
@@ -86,8 +87,8 @@
 //! use tower::ServiceBuilder;
 //! use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 //! use tower_sse::{
-//!     HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReplayLayer, RetryLayer, Shutdown,
-//!     SseHeadersLayer,
+//!     CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReplayLayer,
+//!     RetryLayer, Shutdown, SseHeadersLayer,
 //! };
 //!
 //! let shutdown = Shutdown::new();
@@ -95,6 +96,7 @@
 //!     .layer(SseHeadersLayer::new())
 //!     .layer(PassthroughLayer::new().initial_comment("ok"))
 //!     .layer(RetryLayer::new(Duration::from_secs(2)).jitter(Duration::from_secs(1)))
+//!     .layer(CommentMetadataLayer::new().metadata_as_comment(true))
 //!     .layer(HeartbeatLayer::new(Duration::from_secs(15)))
 //!     .layer(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)).jitter(0.2).shutdown(&shutdown))
 //!     .layer(ReplayLayer::new())
