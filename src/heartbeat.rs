@@ -358,7 +358,7 @@ impl<B: Body<Data = Bytes>> Body for HeartbeatBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{channel_service, next_data_within, ScriptedBody};
+    use crate::test_util::{channel_service, next_data_within, Script};
     use http_body_util::BodyExt;
     use std::pin::pin;
     use tower::ServiceExt;
@@ -507,9 +507,13 @@ mod tests {
     async fn body_end_and_trailers_pass_through() {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("x-end", "1".parse().unwrap());
-        let body = ScriptedBody::data(&[b"data: 1\n\n"]).with_trailers(trailers.clone());
+        let body = Script::new()
+            .chunks([b"data: 1\n\n"])
+            .trailers(trailers.clone())
+            .into_body();
+        let mut body = Some(body);
         let service = tower::service_fn(move |_req: Request<()>| {
-            let body = body.clone();
+            let body = body.take().expect("called once");
             async move {
                 let response = Response::builder()
                     .header(http::header::CONTENT_TYPE, "text/event-stream")

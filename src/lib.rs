@@ -107,8 +107,11 @@
 //!
 //! # Feature flags
 //!
-//! The crate has no optional dependencies yet; `full` is reserved for the modules that will
-//! pull some (Redis, compression). It depends on tokio for timers only (`time`, `sync`).
+//! - `test-util`: the [`testing`] kit for your own tests (requests as browsers send them,
+//!   assertions on what a client sees, scripted upstreams).
+//! - `full`: every feature.
+//!
+//! The crate depends on tokio for timers only (`time`, `sync`).
 //!
 //! [`tower`]: https://docs.rs/tower
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -143,6 +146,9 @@ pub mod metadata;
 pub mod passthrough;
 pub mod replay;
 pub mod retry;
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod testing;
 pub mod timeout;
 pub mod wire;
 

@@ -183,7 +183,7 @@ pub type PassthroughBody<B> = PrefixedBody<B>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{frames, ScriptedBody};
+    use crate::test_util::{frames, Script, ScriptedBody};
     use http::header::CONTENT_TYPE;
     use http::HeaderMap;
     use http_body_util::BodyExt;
@@ -195,8 +195,9 @@ mod tests {
         content_type: &'static str,
         body: ScriptedBody,
     ) -> Response<PassthroughBody<ScriptedBody>> {
+        let mut body = Some(body);
         let inner = service_fn(move |_req: Request<()>| {
-            let body = body.clone();
+            let body = body.take().expect("called once");
             async move {
                 let response = Response::builder()
                     .header(CONTENT_TYPE, content_type)
@@ -211,7 +212,7 @@ mod tests {
 
     #[tokio::test]
     async fn streams_lose_content_length_and_exact_size() {
-        let body = ScriptedBody::data(&[b"data: 1\n\n"]);
+        let body = Script::new().chunks([b"data: 1\n\n"]).into_body();
         let response = respond(PassthroughLayer::new(), "text/event-stream", body).await;
         assert!(response.headers().get(CONTENT_LENGTH).is_none());
         assert_eq!(response.body().size_hint().exact(), None);
@@ -224,7 +225,7 @@ mod tests {
         let response = respond(
             PassthroughLayer::new(),
             "text/event-stream",
-            ScriptedBody::data(&chunks),
+            Script::new().chunks(chunks).into_body(),
         )
         .await;
         assert_eq!(frames(response.into_body()).await, chunks);
@@ -234,7 +235,10 @@ mod tests {
     async fn non_streams_are_untouched_trailers_and_all() {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
-        let body = ScriptedBody::data(&[b"{}"]).with_trailers(trailers.clone());
+        let body = Script::new()
+            .chunks([b"{}"])
+            .trailers(trailers.clone())
+            .into_body();
         let response = respond(
             PassthroughLayer::new().initial_comment("x"),
             "application/json",
@@ -253,7 +257,7 @@ mod tests {
         let response = respond(
             PassthroughLayer::new().initial_comment("hello"),
             "text/event-stream",
-            ScriptedBody::pending_forever(),
+            Script::new().hang().into_body(),
         )
         .await;
         let mut body = response.into_body();
@@ -275,7 +279,7 @@ mod tests {
             let response = respond(
                 PassthroughLayer::new().initial_comment(""),
                 "text/event-stream",
-                ScriptedBody::data(chunks),
+                Script::new().chunks(chunks).into_body(),
             )
             .await;
             let got = frames(response.into_body()).await.concat();
@@ -294,7 +298,7 @@ mod tests {
             let response = respond(
                 PassthroughLayer::new().initial_comment(""),
                 "text/event-stream",
-                ScriptedBody::data(chunks),
+                Script::new().chunks(chunks).into_body(),
             )
             .await;
             let got = frames(response.into_body()).await.concat();
@@ -307,7 +311,7 @@ mod tests {
         let response = respond(
             PassthroughLayer::new().initial_comment(""),
             "text/event-stream",
-            ScriptedBody::data(&[b"\xEF"]).then_panic_if_polled(),
+            Script::new().chunks([b"\xEF"]).into_body(),
         )
         .await;
         let mut body = response.into_body();
@@ -324,7 +328,10 @@ mod tests {
     async fn held_bytes_go_out_before_trailers() {
         let mut trailers = HeaderMap::new();
         trailers.insert("x-done", "1".parse().unwrap());
-        let body = ScriptedBody::data(&[b"\xEF\xBB"]).with_trailers(trailers.clone());
+        let body = Script::new()
+            .chunks([b"\xEF\xBB"])
+            .trailers(trailers.clone())
+            .into_body();
         let response = respond(
             PassthroughLayer::new().initial_comment(""),
             "text/event-stream",
@@ -341,7 +348,9 @@ mod tests {
         let response = respond(
             PassthroughLayer::new(),
             "text/event-stream",
-            ScriptedBody::data(&[b"\xEF\xBB\xBFdata: 1\n\n"]),
+            Script::new()
+                .chunks([b"\xEF\xBB\xBFdata: 1\n\n"])
+                .into_body(),
         )
         .await;
         assert_eq!(
@@ -352,7 +361,10 @@ mod tests {
 
     #[tokio::test]
     async fn errors_of_the_inner_body_pass_through() {
-        let body = ScriptedBody::data(&[b"data: 1\n\n"]).with_error("upstream reset");
+        let body = Script::new()
+            .chunks([b"data: 1\n\n"])
+            .error("upstream reset")
+            .into_body();
         let response = respond(PassthroughLayer::new(), "text/event-stream", body).await;
         let mut body = response.into_body();
         assert!(body.frame().await.unwrap().is_ok());

@@ -186,7 +186,7 @@ pub type RetryBody<B> = PrefixedBody<B>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{frames, ScriptedBody};
+    use crate::test_util::{frames, Script};
     use std::convert::Infallible;
     use tower::{service_fn, ServiceExt};
 
@@ -198,7 +198,7 @@ mod tests {
         let inner = service_fn(move |_req: Request<()>| async move {
             let response = Response::builder()
                 .header(http::header::CONTENT_TYPE, content_type)
-                .body(ScriptedBody::data(chunks))
+                .body(Script::new().chunks(chunks).into_body())
                 .unwrap();
             Ok::<_, Infallible>(response)
         });

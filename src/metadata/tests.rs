@@ -1,5 +1,5 @@
 use super::*;
-use crate::test_util::ScriptedBody;
+use crate::test_util::{Script, ScriptedBody};
 use http::header::CONTENT_TYPE;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
@@ -21,7 +21,9 @@ fn upstream(
             response = response.header(*name, *value);
         }
         let chunks: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
-        std::future::ready(Ok(response.body(ScriptedBody::data(&chunks)).unwrap()))
+        std::future::ready(Ok(response
+            .body(Script::new().chunks(&chunks).into_body())
+            .unwrap()))
     })
 }
 
@@ -144,7 +146,7 @@ async fn non_streams_are_untouched() {
         let response = Response::builder()
             .header(CONTENT_TYPE, "application/json")
             .header("x-id", "1")
-            .body(ScriptedBody::data(&[b"meta-a: 1\n\n"]))
+            .body(Script::new().chunks([b"meta-a: 1\n\n"]).into_body())
             .unwrap();
         Ok::<_, Infallible>(response)
     });

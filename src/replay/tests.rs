@@ -1,5 +1,5 @@
 use super::*;
-use crate::test_util::ScriptedBody;
+use crate::test_util::{Script, ScriptedBody};
 use crate::wire::Parser;
 use http_body_util::BodyExt;
 use std::convert::Infallible;
@@ -53,7 +53,7 @@ impl LogUpstream {
             let chunks: Vec<&[u8]> = stream.chunks(this.chunk).collect();
             let response = Response::builder()
                 .header(http::header::CONTENT_TYPE, this.content_type)
-                .body(ScriptedBody::data(&chunks))
+                .body(Script::new().chunks(&chunks).into_body())
                 .unwrap();
             std::future::ready(Ok(response))
         })
@@ -277,7 +277,9 @@ async fn at_most_once_sends_nothing_old_for_an_unknown_id() {
 async fn assigned_ids_are_monotonic_across_clones_and_recorded() {
     let layer = ReplayLayer::new().ids(Ids::AssignMissing);
     let anonymous = service_fn(|_req: Request<()>| async {
-        let body = ScriptedBody::data(&[b"data: a\n\nid: up\ndata: b\n\n", b"data: c\n\n"]);
+        let body = Script::new()
+            .chunks([&b"data: a\n\nid: up\ndata: b\n\n"[..], b"data: c\n\n"])
+            .into_body();
         let response = Response::builder()
             .header(http::header::CONTENT_TYPE, "text/event-stream")
             .body(body)
@@ -309,8 +311,9 @@ async fn assigned_ids_are_monotonic_across_clones_and_recorded() {
 async fn heartbeats_and_id_less_events_are_not_recorded() {
     let layer = ReplayLayer::new();
     let upstream = service_fn(|_req: Request<()>| async {
-        let body =
-            ScriptedBody::data(&[b":\n\ndata: no id\n\nid: 1\n\nretry: 5\n\nid: 2\ndata: x\n\n"]);
+        let body = Script::new()
+            .chunks([b":\n\ndata: no id\n\nid: 1\n\nretry: 5\n\nid: 2\ndata: x\n\n"])
+            .into_body();
         let response = Response::builder()
             .header(http::header::CONTENT_TYPE, "text/event-stream")
             .body(body)
@@ -326,7 +329,9 @@ async fn a_bom_after_replayed_events_is_dropped() {
     let layer = ReplayLayer::new();
     fetch(layer.layer(LogUpstream::new(2).service()), request(None)).await;
     let bom = service_fn(|_req: Request<()>| async {
-        let body = ScriptedBody::data(&[b"\xEF\xBB", b"\xBFid: 3\ndata: x\n\n"]);
+        let body = Script::new()
+            .chunks([&b"\xEF\xBB"[..], b"\xBFid: 3\ndata: x\n\n"])
+            .into_body();
         let response = Response::builder()
             .header(http::header::CONTENT_TYPE, "text/event-stream")
             .body(body)

@@ -1,0 +1,114 @@
+//! The testing kit as users meet it: `oneshot` a request, read what a client would see.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use tower::{Layer, ServiceBuilder, ServiceExt};
+use tower_sse::testing::{reconnect, subscribe, Script, ScriptedService, TestStream};
+use tower_sse::timeout::IdleTimeoutLayer;
+use tower_sse::{HeartbeatLayer, LifetimeLayer, RetryLayer, Shutdown, SseHeadersLayer};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_and_idle_end_in_virtual_time() {
+    let upstream = ScriptedService::event_stream(Script::new().chunk("data: hello\n\n").hang());
+    let service = ServiceBuilder::new()
+        .layer(HeartbeatLayer::new(15 * SECOND))
+        .layer(IdleTimeoutLayer::new(40 * SECOND))
+        .service(upstream);
+    let mut stream = TestStream::new(service.oneshot(subscribe::<()>("/")).await.unwrap());
+    assert_eq!(stream.next_event().await.data().as_deref(), Some("hello"));
+    stream.expect_nothing_for(14 * SECOND).await;
+    assert_eq!(stream.next_comment().await, "");
+    assert_eq!(stream.next_comment().await, "");
+    stream.assert_ends().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_scripted_upstream_with_pauses_chunks_and_trailers() {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-done", "yes".parse().unwrap());
+    let script = Script::new()
+        .byte_by_byte("id: 1\r\ndata: split\r\n\r\n")
+        .pause(30 * SECOND)
+        .chunk(Bytes::from_static(b"id: 2\ndata: later\n\n"))
+        .trailers(trailers);
+    let upstream = ScriptedService::event_stream(script);
+    let service = ServiceBuilder::new()
+        .layer(SseHeadersLayer::new())
+        .layer(RetryLayer::new(2 * SECOND))
+        .service(upstream.clone());
+    let response = service
+        .oneshot(reconnect::<()>("/feed", "0"))
+        .await
+        .unwrap();
+    let mut stream = TestStream::new(response);
+    assert_eq!(stream.status(), StatusCode::OK);
+    stream.assert_header("cache-control", "no-cache");
+    let first = stream.next_event().await;
+    assert_eq!(
+        (first.id(), first.data().as_deref()),
+        (Some(&b"1"[..]), Some("split"))
+    );
+    stream.expect_nothing_for(29 * SECOND).await;
+    let events = stream.until_end().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(stream.last_event_id(), b"2");
+    assert_eq!(stream.trailers().unwrap()["x-done"], "yes");
+    let seen = upstream.requests();
+    assert_eq!(seen[0].headers()["accept"], "text/event-stream");
+    assert_eq!(seen[0].headers()["last-event-id"], "0");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_the_stream_with_its_retry_hint() {
+    let shutdown = Shutdown::new();
+    let upstream = ScriptedService::event_stream(Script::new().chunk("data: 1\n\n").hang());
+    let service = LifetimeLayer::new()
+        .shutdown(&shutdown)
+        .retry_on_end(5 * SECOND)
+        .layer(upstream);
+    let mut stream = TestStream::new(service.oneshot(subscribe::<()>("/")).await.unwrap());
+    stream.next_event().await;
+    shutdown.trigger();
+    let hint = stream.next_block().await.unwrap();
+    assert_eq!(hint.retry(), Some(5 * SECOND));
+    stream.assert_ends().await;
+}
+
+#[tokio::test]
+async fn non_ascii_ids_reconnect_as_raw_bytes() {
+    let request: Request<()> = reconnect("/", "\u{2026}7".as_bytes());
+    assert_eq!(
+        request.headers()["last-event-id"].as_bytes(),
+        "\u{2026}7".as_bytes()
+    );
+    assert_eq!(request.headers()["cache-control"], "no-cache");
+}
+
+#[tokio::test]
+#[should_panic(expected = "expected a comment, got Event { data: \"surprise\" }")]
+async fn failures_say_what_arrived_instead() {
+    let upstream = ScriptedService::event_stream(Script::new().chunk("data: surprise\n\n"));
+    let mut stream = TestStream::new(upstream.oneshot(subscribe::<()>("/")).await.unwrap());
+    stream.next_comment().await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "received last: \"data: first\\n\\ndata: incompl\"")]
+async fn failures_show_the_raw_bytes() {
+    let upstream =
+        ScriptedService::event_stream(Script::new().chunk("data: first\n\ndata: incompl"));
+    let mut stream = TestStream::new(upstream.oneshot(subscribe::<()>("/")).await.unwrap());
+    stream.events(2).await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "the body failed: upstream reset")]
+async fn body_errors_fail_the_test_with_their_message() {
+    let upstream = ScriptedService::event_stream(Script::new().error("upstream reset"));
+    let mut stream = TestStream::new(upstream.oneshot(subscribe::<()>("/")).await.unwrap());
+    stream.next_block().await;
+}
