@@ -75,7 +75,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::InnerFrames;
-use crate::wire::{is_event_stream, Event, Scanner};
+use crate::wire::{is_plain_event_stream, Event, Scanner};
 
 /// Sends heartbeats on quiet event streams; see the [module docs](self).
 #[derive(Clone, Debug)]
@@ -222,7 +222,7 @@ where
             .config
             .take()
             .expect("ResponseFuture polled after completion");
-        if !is_event_stream(response.headers()) {
+        if !is_plain_event_stream(response.headers()) {
             return Poll::Ready(Ok(response.map(|inner| HeartbeatBody {
                 kind: Kind::Untouched { inner },
             })));

@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`SseHeadersLayer`] | `Content-Type`, `Cache-Control`, `Connection` (HTTP/1 only), `X-Accel-Buffering: no`; optional `406` on a wrong `Accept` |
 //! | [`PassthroughLayer`] | forwards every frame at once, drops `Content-Length`, optionally sends a first byte immediately |
+//! | `compression::SseCompressionLayer` (feature `compression`) | gzip, deflate, brotli or zstd by `Accept-Encoding`, flushed after every event |
 //! | [`RetryLayer`] | `retry:` first in every stream, jittered against reconnect storms |
 //! | [`CommentMetadataLayer`] | response headers and per-event metadata as `:key=value` comments for raw readers, injection-proof |
 //! | [`HeartbeatLayer`] | a comment (or a typed event) when the stream is quiet, only between events |
@@ -74,10 +75,10 @@
 //! 4. [`HeartbeatLayer`]: it must see everything the client sees, so that replayed or framed
 //!    events inside it count as activity, and outside the timeouts, so that heartbeats never
 //!    count as upstream activity.
-//! 6. [`LifetimeLayer`]: it ends streams at a boundary it can see, with its final `retry:` hint.
-//! 7. [`ReplayLayer`]: inside the heartbeat layer, so heartbeats are never recorded, and inside
+//! 7. [`LifetimeLayer`]: it ends streams at a boundary it can see, with its final `retry:` hint.
+//! 8. [`ReplayLayer`]: inside the heartbeat layer, so heartbeats are never recorded, and inside
 //!    the lifetime layer, so a replayed burst is ended at a boundary like anything else.
-//! 8. [`timeout::IdleTimeoutLayer`], [`timeout::ResponseTimeoutLayer`]: innermost, next to the
+//! 9. [`timeout::IdleTimeoutLayer`], [`timeout::ResponseTimeoutLayer`]: innermost, next to the
 //!    upstream, so they measure the upstream's silence. An idle timeout outside the heartbeat
 //!    layer never fires (heartbeats look like traffic); a response timeout outside a layer that
 //!    answers early (the `406`) would time that answer too.
@@ -107,6 +108,7 @@
 //!
 //! # Feature flags
 //!
+//! - `compression`: `SseCompressionLayer` (pulls flate2, brotli and zstd).
 //! - `test-util`: the [`testing`] kit for your own tests (requests as browsers send them,
 //!   assertions on what a client sees, scripted upstreams).
 //! - `full`: every feature.
@@ -138,6 +140,9 @@ macro_rules! inner_service_accessors {
 }
 
 pub mod body;
+#[cfg(feature = "compression")]
+#[cfg_attr(docsrs, doc(cfg(feature = "compression")))]
+pub mod compression;
 pub mod headers;
 pub mod heartbeat;
 mod jitter;

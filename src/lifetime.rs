@@ -85,7 +85,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::jitter;
-use crate::wire::{is_event_stream, Event, Piece, Scanner};
+use crate::wire::{is_plain_event_stream, Event, Piece, Scanner};
 
 /// A signal that ends every open event stream of the [`LifetimeLayer`]s it was given to, each
 /// at its next event boundary.
@@ -315,7 +315,7 @@ where
             .config
             .take()
             .expect("ResponseFuture polled after completion");
-        if !is_event_stream(response.headers()) {
+        if !is_plain_event_stream(response.headers()) {
             return Poll::Ready(Ok(response.map(|inner| LifetimeBody {
                 kind: Kind::Untouched { inner },
             })));

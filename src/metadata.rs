@@ -97,7 +97,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::InnerFrames;
-use crate::wire::{is_event_stream, Event, Parser, METADATA_PREFIX};
+use crate::wire::{is_plain_event_stream, Event, Parser, METADATA_PREFIX};
 
 const SENSITIVE: [&str; 6] = [
     "set-cookie",
@@ -318,7 +318,7 @@ where
             .config
             .take()
             .expect("ResponseFuture polled after completion");
-        if !is_event_stream(response.headers()) {
+        if !is_plain_event_stream(response.headers()) {
             return Poll::Ready(Ok(response.map(|inner| CommentMetadataBody {
                 kind: Kind::Untouched { inner },
             })));

@@ -58,7 +58,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::header::CONTENT_LENGTH;
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -172,7 +172,14 @@ where
         }
         let (mut parts, inner) = response.into_parts();
         parts.headers.remove(CONTENT_LENGTH);
-        let body = PrefixedBody::stream(inner, this.initial.take());
+        // Plain bytes in front of an encoded body would corrupt it; the compression layer sends
+        // its own first bytes at once.
+        let encoded = parts
+            .headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|coding| coding != "identity");
+        let initial = this.initial.take().filter(|_| !encoded);
+        let body = PrefixedBody::stream(inner, initial);
         Poll::Ready(Ok(Response::from_parts(parts, body)))
     }
 }
@@ -341,6 +348,21 @@ mod tests {
         let collected = response.into_body().collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&trailers));
         assert_eq!(collected.to_bytes(), &b":\n\n\xEF\xBB"[..]);
+    }
+
+    #[tokio::test]
+    async fn no_initial_comment_in_front_of_an_encoded_body() {
+        let inner = service_fn(|_req: Request<()>| async {
+            let response = Response::builder()
+                .header(CONTENT_TYPE, "text/event-stream")
+                .header(CONTENT_ENCODING, "gzip")
+                .body(Script::new().chunk(&b"\x1f\x8b"[..]).into_body())
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        });
+        let layer = PassthroughLayer::new().initial_comment("ok");
+        let response = layer.layer(inner).oneshot(Request::new(())).await.unwrap();
+        assert_eq!(frames(response.into_body()).await, [&b"\x1f\x8b"[..]]);
     }
 
     #[tokio::test]

@@ -50,7 +50,7 @@ use tower_service::Service;
 
 use crate::body::PrefixedBody;
 use crate::jitter;
-use crate::wire::{is_event_stream, Event};
+use crate::wire::{is_plain_event_stream, Event};
 
 /// Sends `retry:` first on every event stream; see the [module docs](self).
 #[derive(Clone, Copy, Debug)]
@@ -170,7 +170,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = ready!(this.future.poll(cx))?;
-        if !is_event_stream(response.headers()) {
+        if !is_plain_event_stream(response.headers()) {
             return Poll::Ready(Ok(response.map(PrefixedBody::untouched)));
         }
         let block = this.config.block();

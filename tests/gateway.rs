@@ -561,3 +561,52 @@ async fn comment_metadata_shows_raw_readers_what_event_source_ignores() {
     };
     assert_eq!(messages(&plain_bytes)[..3], messages(&framed_bytes)[..3]);
 }
+
+/// curl decodes the compressed stream event by event (gzip, br and zstd builds of curl).
+#[tokio::test]
+async fn curl_decodes_compressed_streams_event_by_event() {
+    let Ok(version) = std::process::Command::new("curl").arg("--version").output() else {
+        assert!(std::env::var_os("CI").is_none(), "curl is missing under CI");
+        eprintln!("skipped: curl is not installed");
+        return;
+    };
+    let features = String::from_utf8_lossy(&version.stdout).to_lowercase();
+    let gateway = Gateway::start(&["--demo-interval", "100", "--compression"]).await;
+    for encoding in ["gzip", "deflate", "br", "zstd"] {
+        if encoding != "deflate" && !features.contains(&encoding.replace("br", "brotli")) {
+            continue;
+        }
+        let mut curl = Command::new("curl")
+            .args(["-sN", "--max-time", "10", "-H"])
+            .arg(format!("accept-encoding: {encoding}"))
+            .args(["--compressed", "-D", "-", &gateway.url("/events")])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(curl.stdout.take().unwrap()).lines();
+        let mut headers = Vec::new();
+        let mut ids = Vec::new();
+        // Three events arrive while the stream is still open: decoded one by one.
+        while ids.len() < 3 {
+            let line = timeout(GUARD, lines.next_line())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Some(id) = line.strip_prefix("id: ") {
+                ids.push(id.to_owned());
+            } else if ids.is_empty() {
+                headers.push(line.to_lowercase());
+            }
+        }
+        assert!(
+            headers
+                .iter()
+                .any(|h| h.trim() == format!("content-encoding: {encoding}")),
+            "{encoding}: {headers:?}"
+        );
+        assert_eq!(ids, ["1", "2", "3"], "{encoding}");
+        curl.kill().await.unwrap();
+    }
+}

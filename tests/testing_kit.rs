@@ -112,3 +112,32 @@ async fn body_errors_fail_the_test_with_their_message() {
     let mut stream = TestStream::new(upstream.oneshot(subscribe::<()>("/")).await.unwrap());
     stream.next_block().await;
 }
+
+/// A stream the upstream already compressed is opaque: no layer may read or insert bytes.
+#[tokio::test(start_paused = true)]
+async fn encoded_upstream_streams_are_left_alone() {
+    let upstream = ScriptedService::event_stream(Script::new().chunk(&b"\x1f\x8b\x08"[..]).hang());
+    let encoded = tower::util::MapResponseLayer::new(|mut response: http::Response<_>| {
+        response
+            .headers_mut()
+            .insert("content-encoding", "gzip".parse().unwrap());
+        response
+    });
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(SECOND))
+        .layer(HeartbeatLayer::new(SECOND))
+        .layer(tower_sse::ReplayLayer::new())
+        .layer(encoded)
+        .service(upstream);
+    let response = service.oneshot(reconnect::<()>("/", "1")).await.unwrap();
+    assert!(response.headers().get("sse-resumed-from").is_none());
+    let mut body = std::pin::pin!(response.into_body());
+    let first = http_body_util::BodyExt::frame(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), &b"\x1f\x8b\x08"[..]);
+    let nothing =
+        tokio::time::timeout(60 * SECOND, http_body_util::BodyExt::frame(&mut body)).await;
+    assert!(nothing.is_err(), "no heartbeat inside a compressed body");
+}

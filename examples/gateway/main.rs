@@ -30,6 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_sse::compression::SseCompressionLayer;
 use tower_sse::replay::{MemoryLimits, MemoryStore, ReplayLayer};
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
@@ -91,6 +92,11 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = 0)]
     retry_jitter: u64,
 
+    /// Compress event streams (gzip, deflate, br or zstd, by the client's Accept-Encoding),
+    /// flushed after every event so none is delayed.
+    #[arg(long)]
+    compression: bool,
+
     /// Response headers to show raw readers as `:name=value` comments at the start of each
     /// stream, comma-separated (sensitive ones such as set-cookie are never shown).
     #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
@@ -125,8 +131,8 @@ fn positive(secs: f64) -> Option<Duration> {
 }
 
 /// Serves `inner` behind every layer, outermost first as the crate docs recommend: the header
-/// policy decides the final headers; passthrough sends the first byte; `retry:` goes first in
-/// the stream; comment metadata is framed for the client (replayed events too); heartbeats see
+/// policy decides the final headers; passthrough sends the first byte; compression flushes after
+/// every event and compresses everything inside it; `retry:` goes first in the stream; comment metadata is framed for the client (replayed events too); heartbeats see
 /// what the client sees; the lifetime and shutdown end streams at a
 /// boundary; replay resumes clients and records events (never heartbeats); the timeouts sit next
 /// to the upstream, so they measure its silence, not heartbeats.
@@ -159,6 +165,7 @@ where
     let service = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
         .layer(passthrough)
+        .layer(Optional(args.compression.then(SseCompressionLayer::new)))
         .layer(Optional(retry.map(|retry| {
             RetryLayer::new(retry).jitter(Duration::from_millis(args.retry_jitter))
         })))

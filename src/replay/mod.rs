@@ -115,7 +115,7 @@ pub use store::{
     Lookup, MemoryLimits, MemoryStore, ReadFrom, ReplayStore, StoreError, StoredEvent,
 };
 
-use crate::wire::{is_event_stream, Event};
+use crate::wire::{is_plain_event_stream, Event};
 
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 const RESUMED_FROM: HeaderName = HeaderName::from_static("sse-resumed-from");
@@ -716,7 +716,7 @@ where
                     let response = ready!(future.poll(cx))?;
                     let plan = this.plan.take();
                     return Poll::Ready(Ok(match plan {
-                        Some(plan) if is_event_stream(response.headers()) => {
+                        Some(plan) if is_plain_event_stream(response.headers()) => {
                             let (mut parts, inner) = response.into_parts();
                             parts.headers.insert(RESUMED_FROM, plan.resumed.header());
                             let body = ReplayBody::stream(

@@ -32,6 +32,30 @@ pub fn is_event_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|value| is_event_stream_type(value.as_bytes()))
 }
 
+/// True when the response is an event stream whose bytes a layer may read and insert into: an
+/// event stream ([`is_event_stream`]) with no content coding (or `identity`).
+///
+/// A compressed stream (say, proxied from an upstream that compressed it) is opaque: layers
+/// that parse or insert bytes (heartbeats, retry, lifetime, replay, metadata) leave it alone;
+/// layers that only set headers or time the body still apply.
+///
+/// ```
+/// use http::{header::{CONTENT_ENCODING, CONTENT_TYPE}, HeaderMap};
+/// use tower_sse::wire::is_plain_event_stream;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert(CONTENT_TYPE, "text/event-stream".parse().unwrap());
+/// assert!(is_plain_event_stream(&headers));
+/// headers.insert(CONTENT_ENCODING, "gzip".parse().unwrap());
+/// assert!(!is_plain_event_stream(&headers));
+/// ```
+pub fn is_plain_event_stream(headers: &HeaderMap) -> bool {
+    is_event_stream(headers)
+        && headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_none_or(|coding| coding.as_bytes().eq_ignore_ascii_case(b"identity"))
+}
+
 /// True when a Content-Type value's MIME essence is `text/event-stream` (see [`is_event_stream`]).
 pub fn is_event_stream_type(content_type: &[u8]) -> bool {
     let essence = content_type
@@ -146,7 +170,7 @@ fn media_ranges(headers: &HeaderMap) -> impl Iterator<Item = MediaRange<'_>> {
 }
 
 /// `qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )`, in thousandths.
-fn parse_qvalue(value: &[u8]) -> Option<u16> {
+pub(crate) fn parse_qvalue(value: &[u8]) -> Option<u16> {
     let (whole, fraction) = match value.iter().position(|&b| b == b'.') {
         Some(dot) => (&value[..dot], &value[dot + 1..]),
         None => (value, &b""[..]),
@@ -165,7 +189,7 @@ fn parse_qvalue(value: &[u8]) -> Option<u16> {
     }
 }
 
-fn trim(bytes: &[u8]) -> &[u8] {
+pub(crate) fn trim(bytes: &[u8]) -> &[u8] {
     let is_space = |b: &u8| *b == b' ' || *b == b'\t';
     let start = bytes
         .iter()

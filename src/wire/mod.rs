@@ -49,7 +49,7 @@
 
 mod bom;
 mod event;
-mod media;
+pub(crate) mod media;
 mod parser;
 mod reader;
 mod scanner;
@@ -59,7 +59,7 @@ use std::fmt;
 pub use event::{Event, EventBuilder, EventError, Field, METADATA_PREFIX};
 pub use media::{
     accepts_event_stream, asks_for_event_stream, is_event_stream, is_event_stream_type,
-    EVENT_STREAM_UTF8,
+    is_plain_event_stream, EVENT_STREAM_UTF8,
 };
 pub use parser::{ParseError, Parser};
 pub use reader::{EventReader, ReadError};
