@@ -118,6 +118,8 @@
 //! [`tower`]: https://docs.rs/tower
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
+// Input never reaches a bare unwrap in the library; invariants say why in an `expect`.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 /// `get_ref`, `get_mut` and `into_inner` for a service whose inner service is `self.inner: S`.
 macro_rules! inner_service_accessors {

@@ -152,7 +152,7 @@ pub struct LifetimeLayer {
     config: Arc<Config>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Config {
     max_lifetime: Option<Duration>,
     jitter: f64,
@@ -235,7 +235,7 @@ impl LifetimeLayer {
     }
 
     fn config_mut(&mut self) -> &mut Config {
-        Arc::get_mut(&mut self.config).expect("configure the layer before cloning it")
+        Arc::make_mut(&mut self.config)
     }
 }
 
@@ -554,6 +554,15 @@ mod tests {
     async fn rest(body: Pin<&mut LifetimeBody<Channel>>) -> (Bytes, Instant) {
         let collected = body.collect().await.unwrap().to_bytes();
         (collected, Instant::now())
+    }
+
+    #[test]
+    fn a_cloned_layer_can_still_be_configured() {
+        let layer = LifetimeLayer::new();
+        let _keep = layer.clone();
+        let layer = layer.max_lifetime(SECOND).jitter(0.5);
+        assert_eq!(layer.config.max_lifetime, Some(SECOND));
+        assert_eq!(_keep.config.max_lifetime, None);
     }
 
     #[tokio::test(start_paused = true)]
