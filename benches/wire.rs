@@ -16,6 +16,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use tower_sse::wire::{Event, Limits, Parser, Scanner};
 
 const EVENTS: usize = 10_000;
+/// Events in the `large` input, each with one 64 KiB data line (4 MiB in all).
+const LARGE_EVENTS: usize = 64;
 
 fn small() -> Vec<u8> {
     let mut out = Vec::new();
@@ -45,7 +47,7 @@ fn multiline() -> Vec<u8> {
 fn large() -> Vec<u8> {
     let payload = "x".repeat(64 * 1024);
     let mut out = Vec::new();
-    for n in 0..64 {
+    for n in 0..LARGE_EVENTS {
         out.extend_from_slice(format!("id: {n}\ndata: {payload}\n\n").as_bytes());
     }
     out
@@ -98,23 +100,32 @@ fn memchr_lines(chunks: &[Bytes]) -> usize {
 
 fn wire(c: &mut Criterion) {
     let inputs = [
-        ("small", small()),
-        ("multiline", multiline()),
-        ("large", large()),
-        ("crlf", crlf()),
+        ("small", small(), EVENTS),
+        ("multiline", multiline(), EVENTS),
+        ("large", large(), LARGE_EVENTS),
+        ("crlf", crlf(), EVENTS),
     ];
-    for (name, stream) in inputs {
+    for (name, stream, events) in inputs {
         let stream = Bytes::from(stream);
         let mut group = c.benchmark_group(format!("wire/{name}"));
         group.throughput(Throughput::Bytes(stream.len() as u64));
         group.sample_size(20);
         group.measurement_time(Duration::from_secs(2));
         group.warm_up_time(Duration::from_millis(500));
-        for (chunking, chunks) in [
-            ("whole", vec![stream.clone()]),
-            ("1460B", chunked(&stream, 1460)),
-        ] {
-            assert!(parse(&chunks) > 0);
+        // Both chunkings must do the same work: every event parsed, every line ending found.
+        let whole = vec![stream.clone()];
+        let endings = memchr_lines(&whole);
+        for (chunking, chunks) in [("whole", whole), ("1460B", chunked(&stream, 1460))] {
+            assert_eq!(parse(&chunks), events, "{name}/{chunking}: events parsed");
+            assert_eq!(
+                memchr_lines(&chunks),
+                endings,
+                "{name}/{chunking}: line endings"
+            );
+            assert!(
+                scan(&chunks) > 0,
+                "{name}/{chunking}: no event boundary found"
+            );
             group.bench_with_input(
                 BenchmarkId::new("parser", chunking),
                 &chunks,
