@@ -75,6 +75,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::InnerFrames;
+use crate::future::sealed::OnResponse;
 use crate::wire::{is_plain_event_stream, Event, Scanner};
 
 /// Sends heartbeats on quiet event streams; see the [module docs](self).
@@ -147,7 +148,7 @@ impl<S> Layer<S> for HeartbeatLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Heartbeat {
             inner,
-            config: self.config.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -156,7 +157,7 @@ impl<S> Layer<S> for HeartbeatLayer {
 #[derive(Clone, Debug)]
 pub struct Heartbeat<S> {
     inner: S,
-    config: Arc<Config>,
+    layer: HeartbeatLayer,
 }
 
 impl<S> Heartbeat<S> {
@@ -187,48 +188,25 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture {
-            future: self.inner.call(request),
-            config: Some(self.config.clone()),
-        }
+        ResponseFuture::new(self.inner.call(request), self.layer.clone())
     }
 }
 
-pin_project! {
-    /// The response future of [`Heartbeat`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        future: F,
-        config: Option<Arc<Config>>,
-    }
-}
+/// The response future of [`Heartbeat`].
+pub type ResponseFuture<F> = crate::future::ResponseFuture<F, HeartbeatLayer>;
 
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+impl<B> OnResponse<B> for HeartbeatLayer {
+    type Body = HeartbeatBody<B>;
 
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<HeartbeatBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.future.poll(cx))?;
-        let config = this
-            .config
-            .take()
-            .expect("ResponseFuture polled after completion");
+    fn on_response(self, response: Response<B>) -> Response<HeartbeatBody<B>> {
         if !is_plain_event_stream(response.headers()) {
-            return Poll::Ready(Ok(response.map(|inner| HeartbeatBody {
+            return response.map(|inner| HeartbeatBody {
                 kind: Kind::Untouched { inner },
-            })));
+            });
         }
+        let config = self.config;
         let now = Instant::now();
-        Poll::Ready(Ok(response.map(|inner| HeartbeatBody {
+        response.map(|inner| HeartbeatBody {
             kind: Kind::Stream {
                 inner,
                 timer: tokio::time::sleep_until(now + config.interval),
@@ -239,7 +217,7 @@ where
                     frames: InnerFrames::new(),
                 },
             },
-        })))
+        })
     }
 }
 

@@ -145,6 +145,7 @@ pub mod body;
 #[cfg(feature = "compression")]
 #[cfg_attr(docsrs, doc(cfg(feature = "compression")))]
 pub mod compression;
+pub mod future;
 pub mod headers;
 pub mod heartbeat;
 mod jitter;

@@ -84,6 +84,7 @@ use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::future::sealed::OnResponse;
 use crate::jitter;
 use crate::wire::{is_plain_event_stream, Event, Piece, Scanner};
 
@@ -245,7 +246,7 @@ impl<S> Layer<S> for LifetimeLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Lifetime {
             inner,
-            config: self.config.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -254,7 +255,7 @@ impl<S> Layer<S> for LifetimeLayer {
 #[derive(Clone, Debug)]
 pub struct Lifetime<S> {
     inner: S,
-    config: Arc<Config>,
+    layer: LifetimeLayer,
 }
 
 impl<S> Lifetime<S> {
@@ -280,45 +281,22 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture {
-            future: self.inner.call(request),
-            config: Some(self.config.clone()),
-        }
+        ResponseFuture::new(self.inner.call(request), self.layer.clone())
     }
 }
 
-pin_project! {
-    /// The response future of [`Lifetime`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        future: F,
-        config: Option<Arc<Config>>,
-    }
-}
+/// The response future of [`Lifetime`].
+pub type ResponseFuture<F> = crate::future::ResponseFuture<F, LifetimeLayer>;
 
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+impl<B> OnResponse<B> for LifetimeLayer {
+    type Body = LifetimeBody<B>;
 
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<LifetimeBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.future.poll(cx))?;
-        let config = this
-            .config
-            .take()
-            .expect("ResponseFuture polled after completion");
+    fn on_response(self, response: Response<B>) -> Response<LifetimeBody<B>> {
+        let config = self.config;
         if !is_plain_event_stream(response.headers()) {
-            return Poll::Ready(Ok(response.map(|inner| LifetimeBody {
+            return response.map(|inner| LifetimeBody {
                 kind: Kind::Untouched { inner },
-            })));
+            });
         }
         // A far deadline stands in for "no lifetime": one timer serves lifetime and grace.
         let deadline = Instant::now()
@@ -332,7 +310,7 @@ where
             },
             None => ShutdownWaiter::Never,
         };
-        Poll::Ready(Ok(response.map(|inner| LifetimeBody {
+        response.map(|inner| LifetimeBody {
             kind: Kind::Stream {
                 inner,
                 timer: tokio::time::sleep_until(deadline),
@@ -343,7 +321,7 @@ where
                     config,
                 },
             },
-        })))
+        })
     }
 }
 

@@ -82,7 +82,6 @@
 //! [`metadata_prefix`]: CommentMetadataLayer::metadata_prefix
 
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -97,6 +96,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::InnerFrames;
+use crate::future::sealed::OnResponse;
 use crate::wire::{is_plain_event_stream, Event, Parser, METADATA_PREFIX};
 
 const SENSITIVE: [&str; 6] = [
@@ -248,7 +248,7 @@ impl<S> Layer<S> for CommentMetadataLayer {
     fn layer(&self, inner: S) -> Self::Service {
         CommentMetadata {
             inner,
-            config: self.config.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -257,7 +257,7 @@ impl<S> Layer<S> for CommentMetadataLayer {
 #[derive(Clone, Debug)]
 pub struct CommentMetadata<S> {
     inner: S,
-    config: Arc<Config>,
+    layer: CommentMetadataLayer,
 }
 
 impl<S> CommentMetadata<S> {
@@ -283,52 +283,29 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture {
-            future: self.inner.call(request),
-            config: Some(self.config.clone()),
-        }
+        ResponseFuture::new(self.inner.call(request), self.layer.clone())
     }
 }
 
-pin_project! {
-    /// The response future of [`CommentMetadata`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        future: F,
-        config: Option<Arc<Config>>,
-    }
-}
+/// The response future of [`CommentMetadata`].
+pub type ResponseFuture<F> = crate::future::ResponseFuture<F, CommentMetadataLayer>;
 
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+impl<B> OnResponse<B> for CommentMetadataLayer {
+    type Body = CommentMetadataBody<B>;
 
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<CommentMetadataBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.future.poll(cx))?;
-        let config = this
-            .config
-            .take()
-            .expect("ResponseFuture polled after completion");
+    fn on_response(self, response: Response<B>) -> Response<CommentMetadataBody<B>> {
+        let config = self.config;
         if !is_plain_event_stream(response.headers()) {
-            return Poll::Ready(Ok(response.map(|inner| CommentMetadataBody {
+            return response.map(|inner| CommentMetadataBody {
                 kind: Kind::Untouched { inner },
-            })));
+            });
         }
         let first = config.header_block(response.headers());
         let mut frames = InnerFrames::new();
         if first.is_some() {
             frames.drop_leading_bom();
         }
-        Poll::Ready(Ok(response.map(|inner| CommentMetadataBody {
+        response.map(|inner| CommentMetadataBody {
             kind: Kind::Stream {
                 inner,
                 state: StreamState {
@@ -339,7 +316,7 @@ where
                     config,
                 },
             },
-        })))
+        })
     }
 }
 

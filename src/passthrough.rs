@@ -52,20 +52,17 @@
 //! # }
 //! ```
 
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use http::{Request, Response};
 use http_body::Body;
-use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::PrefixedBody;
+use crate::future::sealed::OnResponse;
 use crate::wire::{is_event_stream, Event};
 
 /// Forwards event streams unbuffered; see the [module docs](self).
@@ -96,7 +93,7 @@ impl<S> Layer<S> for PassthroughLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Passthrough {
             inner,
-            initial: self.initial.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -105,7 +102,7 @@ impl<S> Layer<S> for PassthroughLayer {
 #[derive(Clone, Debug)]
 pub struct Passthrough<S> {
     inner: S,
-    initial: Option<Bytes>,
+    layer: PassthroughLayer,
 }
 
 impl<S> Passthrough<S> {
@@ -136,39 +133,19 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture {
-            future: self.inner.call(request),
-            initial: self.initial.clone(),
-        }
+        ResponseFuture::new(self.inner.call(request), self.layer.clone())
     }
 }
 
-pin_project! {
-    /// The response future of [`Passthrough`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        future: F,
-        initial: Option<Bytes>,
-    }
-}
+/// The response future of [`Passthrough`].
+pub type ResponseFuture<F> = crate::future::ResponseFuture<F, PassthroughLayer>;
 
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+impl<B> OnResponse<B> for PassthroughLayer {
+    type Body = PassthroughBody<B>;
 
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<PassthroughBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.future.poll(cx))?;
+    fn on_response(self, response: Response<B>) -> Response<PassthroughBody<B>> {
         if !is_event_stream(response.headers()) {
-            return Poll::Ready(Ok(response.map(PrefixedBody::untouched)));
+            return response.map(PrefixedBody::untouched);
         }
         let (mut parts, inner) = response.into_parts();
         parts.headers.remove(CONTENT_LENGTH);
@@ -178,9 +155,8 @@ where
             .headers
             .get(CONTENT_ENCODING)
             .is_some_and(|coding| coding != "identity");
-        let initial = this.initial.take().filter(|_| !encoded);
-        let body = PrefixedBody::stream(inner, initial);
-        Poll::Ready(Ok(Response::from_parts(parts, body)))
+        let initial = self.initial.filter(|_| !encoded);
+        Response::from_parts(parts, PrefixedBody::stream(inner, initial))
     }
 }
 

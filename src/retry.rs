@@ -35,20 +35,17 @@
 //! # }
 //! ```
 
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::PrefixedBody;
+use crate::future::sealed::OnResponse;
 use crate::jitter;
 use crate::wire::{is_plain_event_stream, Event};
 
@@ -99,7 +96,7 @@ impl<S> Layer<S> for RetryLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Retry {
             inner,
-            config: self.config,
+            layer: *self,
         }
     }
 }
@@ -108,7 +105,7 @@ impl<S> Layer<S> for RetryLayer {
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
     inner: S,
-    config: Config,
+    layer: RetryLayer,
 }
 
 impl<S> Retry<S> {
@@ -139,44 +136,22 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture {
-            future: self.inner.call(request),
-            config: self.config,
-        }
+        ResponseFuture::new(self.inner.call(request), self.layer)
     }
 }
 
-pin_project! {
-    /// The response future of [`Retry`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        future: F,
-        config: Config,
-    }
-}
+/// The response future of [`Retry`].
+pub type ResponseFuture<F> = crate::future::ResponseFuture<F, RetryLayer>;
 
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+impl<B> OnResponse<B> for RetryLayer {
+    type Body = RetryBody<B>;
 
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<RetryBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.future.poll(cx))?;
+    fn on_response(self, response: Response<B>) -> Response<RetryBody<B>> {
         if !is_plain_event_stream(response.headers()) {
-            return Poll::Ready(Ok(response.map(PrefixedBody::untouched)));
+            return response.map(PrefixedBody::untouched);
         }
-        let block = this.config.block();
-        Poll::Ready(Ok(
-            response.map(|inner| PrefixedBody::stream(inner, Some(block)))
-        ))
+        let block = self.config.block();
+        response.map(|inner| PrefixedBody::stream(inner, Some(block)))
     }
 }
 

@@ -15,6 +15,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::BoxError;
+use crate::future::sealed::OnResponse;
 use crate::wire::is_event_stream;
 
 /// Ends an event stream when its inner body sends nothing for the timeout; see the
@@ -59,7 +60,7 @@ impl<S> Layer<S> for IdleTimeoutLayer {
     fn layer(&self, inner: S) -> Self::Service {
         IdleTimeoutService {
             inner,
-            config: self.config,
+            layer: *self,
         }
     }
 }
@@ -68,7 +69,7 @@ impl<S> Layer<S> for IdleTimeoutLayer {
 #[derive(Clone, Debug)]
 pub struct IdleTimeoutService<S> {
     inner: S,
-    config: Config,
+    layer: IdleTimeoutLayer,
 }
 
 impl<S> IdleTimeoutService<S> {
@@ -100,47 +101,25 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture {
-            future: self.inner.call(request),
-            config: self.config,
-        }
+        ResponseFuture::new(self.inner.call(request), self.layer)
     }
 }
 
-pin_project! {
-    /// The response future of [`IdleTimeoutService`].
-    pub struct ResponseFuture<F> {
-        #[pin]
-        future: F,
-        config: Config,
-    }
-}
+/// The response future of [`IdleTimeoutService`].
+pub type ResponseFuture<F> = crate::future::ResponseFuture<F, IdleTimeoutLayer>;
 
-impl<F> fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("timeout", &self.config.timeout)
-            .finish_non_exhaustive()
-    }
-}
+impl<B> OnResponse<B> for IdleTimeoutLayer {
+    type Body = IdleTimeoutBody<B>;
 
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<IdleTimeoutBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.future.poll(cx))?;
-        let config = *this.config;
+    fn on_response(self, response: Response<B>) -> Response<IdleTimeoutBody<B>> {
+        let config = self.config;
         if !is_event_stream(response.headers()) {
-            return Poll::Ready(Ok(response.map(|inner| IdleTimeoutBody {
+            return response.map(|inner| IdleTimeoutBody {
                 kind: Kind::Untouched { inner },
-            })));
+            });
         }
         let now = Instant::now();
-        Poll::Ready(Ok(response.map(|inner| IdleTimeoutBody {
+        response.map(|inner| IdleTimeoutBody {
             kind: Kind::Stream {
                 inner,
                 timer: tokio::time::sleep_until(now + config.timeout),
@@ -148,7 +127,7 @@ where
                 config,
                 timed_out: false,
             },
-        })))
+        })
     }
 }
 
