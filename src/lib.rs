@@ -145,6 +145,7 @@ pub mod body;
 #[cfg(feature = "compression")]
 #[cfg_attr(docsrs, doc(cfg(feature = "compression")))]
 pub mod compression;
+pub mod fanout;
 pub mod future;
 pub mod headers;
 pub mod heartbeat;
@@ -160,6 +161,7 @@ pub mod testing;
 pub mod timeout;
 pub mod wire;
 
+pub use fanout::FanoutLayer;
 pub use headers::SseHeadersLayer;
 pub use heartbeat::HeartbeatLayer;
 pub use lifetime::{LifetimeLayer, Shutdown};
@@ -167,6 +169,9 @@ pub use metadata::CommentMetadataLayer;
 pub use passthrough::PassthroughLayer;
 pub use replay::ReplayLayer;
 pub use retry::RetryLayer;
+
+/// A boxed error, as the bodies of the layers that can end a stream with their own error report.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[cfg(test)]
 mod test_util;

@@ -76,19 +76,27 @@ impl<B, St: ReplayStore> ReplayBody<B, St> {
         }
     }
 
-    pub(super) fn stream(inner: B, plan: Plan, store: St, config: Arc<Config>) -> Self {
+    /// The stream variant. `recorded`: an inner layer recorded the events, with final ids.
+    pub(super) fn stream(
+        inner: B,
+        plan: Plan,
+        store: St,
+        config: Arc<Config>,
+        recorded: bool,
+    ) -> Self {
         let mut first = BytesMut::new();
         if let Some(lost) = plan.lost.and_then(|lost| lost_event(&config, lost)) {
             first.extend_from_slice(&lost);
         }
+        let ids = if recorded { Ids::Keep } else { config.ids };
         let mut delivered = HashSet::with_capacity(plan.replay.len() + 1);
         let newest = plan
             .replay
             .last()
             .map(|e| e.id.clone())
             .or(plan.client_id.clone());
-        // Filling the gap needs ids the store knows: only with the upstream's own ids.
-        let fill_after = newest.filter(|_| config.ids == Ids::Keep);
+        // Filling the gap needs ids the store knows: the upstream's own, or the hub's.
+        let mut fill_after = newest.filter(|_| ids == Ids::Keep);
         delivered.extend(plan.client_id);
         for event in plan.replay {
             first.extend_from_slice(&event.bytes);
@@ -98,11 +106,21 @@ impl<B, St: ReplayStore> ReplayBody<B, St> {
         if !first.is_empty() {
             frames.drop_leading_bom();
         }
-        let reframe = !delivered.is_empty() || config.ids != Ids::Keep;
+        let reframe = !delivered.is_empty() || ids != Ids::Keep;
+        let replay_limit = config.replay_limit();
+        // A recorder inside (the hub) has stored everything up to what this client will receive
+        // live, so the gap is filled at once instead of before the next live event.
+        let fill = match fill_after.take_if(|_| recorded) {
+            Some(after) => Fill::Reading {
+                read: store.read(&plan.key, ReadFrom::After(&after), replay_limit),
+                held: None,
+            },
+            None => Fill::Idle,
+        };
         Self {
             kind: Kind::Stream {
                 inner,
-                fill: Fill::Idle,
+                fill,
                 state: StreamState {
                     first: (!first.is_empty()).then(|| first.freeze()),
                     frames,
@@ -110,12 +128,12 @@ impl<B, St: ReplayStore> ReplayBody<B, St> {
                     reframe,
                     delivered,
                     fill_after,
-                    replay_limit: config.replay_limit(),
-                    recording: true,
+                    replay_limit,
+                    recording: !recorded,
                     ended: false,
                     store,
                     key: plan.key,
-                    ids: config.ids,
+                    ids,
                 },
             },
         }
@@ -135,15 +153,12 @@ impl<B, St: ReplayStore> fmt::Debug for ReplayBody<B, St> {
 impl<St: ReplayStore> StreamState<St> {
     /// Records a message event that has an id; heartbeats and id-less events are not recorded.
     fn record(&self, event: &Event) {
-        if !event.is_message() {
+        if !self.recording || !super::is_recordable(event) {
             return;
         }
-        if event.id().is_some_and(|id| !id.is_empty()) {
-            // The id is a slice of the encoded bytes: one allocation per recorded event.
-            let (bytes, id) = event.encode_with_id();
-            if let Some(id) = id {
-                self.store.append(&self.key, StoredEvent { id, bytes });
-            }
+        // The id is a slice of the encoded bytes: one allocation per recorded event.
+        if let (bytes, Some(id)) = event.encode_with_id() {
+            self.store.append(&self.key, StoredEvent { id, bytes });
         }
     }
 
@@ -194,11 +209,7 @@ impl<St: ReplayStore> StreamState<St> {
 
     /// Sends a live message event: with an id as configured, recorded.
     fn emit(&mut self, mut event: Event, out: &mut BytesMut) {
-        let assign = match self.ids {
-            Ids::Keep => false,
-            Ids::AssignMissing => event.id().is_none_or(<[u8]>::is_empty),
-            Ids::AssignAlways => true,
-        };
+        let assign = self.ids.assigns(&event);
         if assign {
             event.set_id(self.store.next_id(&self.key));
         }
@@ -207,12 +218,12 @@ impl<St: ReplayStore> StreamState<St> {
     }
 
     /// The events recorded since the client's newest id, up to the live event `held`.
-    fn fill(&mut self, lookup: Lookup, held: &Event, out: &mut BytesMut) {
+    fn fill(&mut self, lookup: Lookup, held: Option<&Event>, out: &mut BytesMut) {
         let Lookup::Found(events) = lookup else {
             return;
         };
         for stored in events {
-            if held.id() == Some(&stored.id[..]) {
+            if held.is_some_and(|held| held.id() == Some(&stored.id[..])) {
                 break;
             }
             if self.delivered.insert(stored.id) {
@@ -249,11 +260,13 @@ where
         if let FillProj::Reading { read, held } = fill.as_mut().project() {
             // A failed read fills nothing: the live event goes on.
             let lookup = ready!(read.poll(cx)).unwrap_or(Lookup::Unknown);
-            let held = held.take().expect("an event waits for the fill");
-            state.fill(lookup, &held, &mut out);
+            let held = held.take();
+            state.fill(lookup, held.as_ref(), &mut out);
             state.fill_after = None;
             fill.set(Fill::Idle);
-            state.emit(held, &mut out);
+            if let Some(held) = held {
+                state.emit(held, &mut out);
+            }
         } else {
             if state.ended {
                 return Poll::Ready(None);

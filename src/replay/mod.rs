@@ -198,6 +198,28 @@ pub enum Ids {
     AssignAlways,
 }
 
+impl Ids {
+    /// Whether a message event gets an id from the store under this policy.
+    pub(crate) fn assigns(self, event: &Event) -> bool {
+        match self {
+            Self::Keep => false,
+            Self::AssignMissing => event.id().is_none_or(<[u8]>::is_empty),
+            Self::AssignAlways => true,
+        }
+    }
+}
+
+/// Only message events with a non-empty id are recorded: the others can be neither resumed
+/// after nor told apart from their copies.
+pub(crate) fn is_recordable(event: &Event) -> bool {
+    event.is_message() && event.id().is_some_and(|id| !id.is_empty())
+}
+
+/// Marks a response whose events an inner layer (the fan-out hub) has recorded into the replay
+/// store already, with their final ids: the replay layer then neither records nor assigns ids.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AlreadyRecorded;
+
 #[derive(Clone, Debug)]
 struct Config {
     qos: Qos,
@@ -719,11 +741,13 @@ where
                         Some(plan) if is_plain_event_stream(response.headers()) => {
                             let (mut parts, inner) = response.into_parts();
                             parts.headers.insert(RESUMED_FROM, plan.resumed.header());
+                            let recorded = parts.extensions.get::<AlreadyRecorded>().is_some();
                             let body = ReplayBody::stream(
                                 inner,
                                 plan,
                                 this.store.clone(),
                                 this.config.clone(),
+                                recorded,
                             );
                             Response::from_parts(parts, body)
                         }

@@ -62,7 +62,7 @@ pub use idle::{IdleTimeout, IdleTimeoutBody, IdleTimeoutLayer, IdleTimeoutServic
 pub use response::{ResponseTimeout, ResponseTimeoutBody, ResponseTimeoutLayer};
 
 /// The boxed error the [`IdleTimeoutLayer`]'s body reports.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::BoxError;
 
 /// Response futures of the layers in this module.
 pub mod future {

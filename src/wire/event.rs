@@ -110,6 +110,11 @@ impl Event {
         self.id.as_deref()
     }
 
+    /// The id as the shared bytes it was parsed from or built with.
+    pub(crate) fn id_bytes(&self) -> Option<&Bytes> {
+        self.id.as_ref()
+    }
+
     /// The event type, if the block named one; clients use `message` otherwise.
     pub fn event_type(&self) -> Option<&[u8]> {
         self.event.as_deref()
