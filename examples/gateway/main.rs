@@ -31,6 +31,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse::compression::SseCompressionLayer;
+use tower_sse::fanout::FanoutLayer;
 use tower_sse::replay::{MemoryLimits, MemoryStore, ReplayLayer};
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
@@ -112,6 +113,17 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 0)]
     replay: usize,
 
+    /// Share one upstream subscription per stream (path and query) among all its clients, with
+    /// a bounded queue per client; a client that falls behind is disconnected and, with
+    /// `--replay`, resumes from the replay buffer when it reconnects.
+    #[arg(long)]
+    fanout: bool,
+
+    /// Seconds a shared upstream subscription stays open (still recording for `--replay`) after
+    /// its last client leaves, so a client that reconnects within it misses nothing.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = seconds, requires = "fanout")]
+    linger: f64,
+
     /// Milliseconds between events of the demo stream.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     demo_interval: u64,
@@ -134,7 +146,8 @@ fn positive(secs: f64) -> Option<Duration> {
 /// policy decides the final headers; passthrough sends the first byte; compression flushes after
 /// every event and compresses everything inside it; `retry:` goes first in the stream; comment metadata is framed for the client (replayed events too); heartbeats see
 /// what the client sees; the lifetime and shutdown end streams at a
-/// boundary; replay resumes clients and records events (never heartbeats); the timeouts sit next
+/// boundary; replay resumes clients and records events (never heartbeats); the fan-out hub shares
+/// one upstream subscription per stream and records into the same store; the timeouts sit next
 /// to the upstream, so they measure its silence, not heartbeats.
 async fn serve_stack<S, B>(args: &Args, listener: TcpListener, inner: S)
 where
@@ -162,6 +175,9 @@ where
             .retry_on_end(retry)
             .retry_jitter(Duration::from_millis(args.retry_jitter));
     }
+    // The hub records into the replay layer's store, so it keeps recording while it lingers.
+    let store = (args.replay > 0)
+        .then(|| MemoryStore::with_limits(MemoryLimits::default().events_per_key(args.replay)));
     let service = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
         .layer(passthrough)
@@ -178,9 +194,13 @@ where
         ))
         .layer(Optional(positive(args.heartbeat).map(HeartbeatLayer::new)))
         .layer(lifetime)
-        .layer(Optional((args.replay > 0).then(|| {
-            let limits = MemoryLimits::default().events_per_key(args.replay);
-            ReplayLayer::with_store(MemoryStore::with_limits(limits))
+        .layer(Optional(store.clone().map(ReplayLayer::with_store)))
+        .layer(Optional(args.fanout.then(|| {
+            let fanout = FanoutLayer::new().linger(Duration::from_secs_f64(args.linger));
+            match store {
+                Some(store) => fanout.record_into(store),
+                None => fanout,
+            }
         })))
         .layer(Optional(
             positive(args.idle_timeout).map(IdleTimeoutLayer::new),

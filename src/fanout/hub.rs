@@ -34,7 +34,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 pub(super) struct Hub {
     topics: Mutex<HashMap<Bytes, Arc<Topic>>>,
-    clients: AtomicUsize,
+    /// Clients being fed: counted while their queue is on a topic's list.
+    clients: Arc<AtomicUsize>,
     tasks: AtomicUsize,
 }
 
@@ -66,7 +67,7 @@ impl Hub {
             // An ended subscription hands its upstream position to the next one.
             resume_id = state.resume_id.clone();
         }
-        let topic = Arc::new(Topic::new(key.clone(), resume_id));
+        let topic = Arc::new(Topic::new(key.clone(), resume_id, self.clients.clone()));
         lock(&topic.state).clients.push(queue.clone());
         topics.insert(key, topic.clone());
         drop(topics);
@@ -75,11 +76,7 @@ impl Hub {
 
     fn client(self: &Arc<Self>, topic: Arc<Topic>, queue: Arc<Queue>) -> Client {
         self.clients.fetch_add(1, Ordering::Relaxed);
-        Client {
-            hub: self.clone(),
-            topic,
-            queue,
-        }
+        Client { topic, queue }
     }
 
     /// Forgets `topic` unless a newer subscription took its key.
@@ -131,6 +128,8 @@ enum Phase {
 pub(super) struct Topic {
     key: Bytes,
     state: Mutex<TopicState>,
+    /// The hub's count of clients being fed.
+    fed: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
@@ -145,9 +144,10 @@ struct TopicState {
 }
 
 impl Topic {
-    fn new(key: Bytes, resume_id: Option<Bytes>) -> Self {
+    fn new(key: Bytes, resume_id: Option<Bytes>, fed: Arc<AtomicUsize>) -> Self {
         Self {
             key,
+            fed,
             state: Mutex::new(TopicState {
                 phase: Phase::Opening,
                 head: None,
@@ -177,6 +177,7 @@ impl Topic {
         if resume_id.is_some() {
             state.resume_id = resume_id;
         }
+        self.fed.fetch_sub(state.clients.len(), Ordering::Relaxed);
         for queue in state.clients.drain(..) {
             queue.end(End::Clean);
         }
@@ -186,9 +187,12 @@ impl Topic {
     fn broadcast(&self, frame: &Bytes, config: &Config) {
         let now = Instant::now();
         let mut state = lock(&self.state);
+        let before = state.clients.len();
         state
             .clients
             .retain(|queue| queue.offer(frame, now, config));
+        self.fed
+            .fetch_sub(before - state.clients.len(), Ordering::Relaxed);
     }
 
     /// Whether nobody is attached; registers the task to hear when that changes.
@@ -205,6 +209,7 @@ impl Topic {
         let mut state = lock(&self.state);
         if let Some(index) = state.clients.iter().position(|q| Arc::ptr_eq(q, queue)) {
             state.clients.swap_remove(index);
+            self.fed.fetch_sub(1, Ordering::Relaxed);
             if state.clients.is_empty() {
                 if let Some(task) = &state.task {
                     task.wake_by_ref();
@@ -328,7 +333,6 @@ pub(super) enum HeadState {
 /// A client's place in a subscription; dropping it detaches the client.
 #[derive(Debug)]
 pub(super) struct Client {
-    hub: Arc<Hub>,
     topic: Arc<Topic>,
     queue: Arc<Queue>,
 }
@@ -356,7 +360,6 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.topic.detach(&self.queue);
-        self.hub.clients.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -33,11 +33,13 @@
 //! [`write_deadline`](FanoutLayer::write_deadline) (5 s by default, as Mercure's
 //! `dispatch_timeout`) when the next event arrives, the [`SlowClient`] policy applies:
 //!
-//! - [`SlowClient::Disconnect`] (default): the client's queue is dropped and its body ends with
-//!   a [`ClientTooSlow`] error, so the server drops the connection at once, even when the client
-//!   has stopped reading. `EventSource` reconnects with the id of the last whole event it got and,
+//! - [`SlowClient::Disconnect`] (default): the client's queue is dropped at once and its body
+//!   ends with a [`ClientTooSlow`] error the next time the server reads it, so the server aborts
+//!   the connection. `EventSource` reconnects with the id of the last whole event it got and,
 //!   with a [`ReplayLayer`](crate::replay::ReplayLayer) outside, is replayed from the store: no
-//!   loss.
+//!   loss. (A client that stopped reading altogether keeps only its connection and the socket
+//!   buffers until it reads again or TCP gives up: the server does not read a body it cannot
+//!   write.)
 //! - [`SlowClient::SkipEvents`]: frames that find the queue full are skipped for that client,
 //!   which stays connected with a gap (for streams where only the newest value matters).
 //!
@@ -288,7 +290,7 @@ impl<K, St> FanoutLayer<K, St> {
         self.hub.subscriptions()
     }
 
-    /// Clients currently attached to a subscription.
+    /// Clients currently fed by a subscription (a client cut off as too slow no longer counts).
     pub fn clients(&self) -> usize {
         self.hub.clients()
     }
