@@ -16,6 +16,7 @@
 //! | [`HeartbeatLayer`] | a comment (or a typed event) when the stream is quiet, only between events |
 //! | [`LifetimeLayer`] + [`Shutdown`] | end streams at an event boundary after a (jittered) maximum lifetime or on shutdown, so graceful shutdown completes |
 //! | [`ReplayLayer`] | record events per stream key; a client reconnecting with `Last-Event-ID` gets what it missed, then the live stream, with QoS presets |
+//! | [`FanoutLayer`] | one upstream subscription per stream key shared by all its clients, a bounded queue per client, lingering for reconnects |
 //! | [`timeout::IdleTimeoutLayer`] | end a stream whose upstream went silent |
 //! | [`timeout::ResponseTimeoutLayer`] | `504` when response headers are late |
 //!
@@ -71,28 +72,38 @@
 //!    its `406` answers before any other work is done.
 //! 2. [`PassthroughLayer`]: it removes `Content-Length` and sends the first byte; it must sit
 //!    outside every layer that adds bytes, or a `Content-Length` could survive them.
-//! 3. [`RetryLayer`]: `retry:` goes first in the stream (after the initial comment).
-//! 4. [`HeartbeatLayer`]: it must see everything the client sees, so that replayed or framed
+//! 3. `compression::SseCompressionLayer`: outside everything that adds bytes (heartbeats,
+//!    replayed events), so those are compressed and flushed too.
+//! 4. [`RetryLayer`]: `retry:` goes first in the stream (after the initial comment).
+//! 5. [`CommentMetadataLayer`]: outside replay, so replayed events are framed like live ones.
+//! 6. [`HeartbeatLayer`]: it must see everything the client sees, so that replayed or framed
 //!    events inside it count as activity, and outside the timeouts, so that heartbeats never
 //!    count as upstream activity.
 //! 7. [`LifetimeLayer`]: it ends streams at a boundary it can see, with its final `retry:` hint.
 //! 8. [`ReplayLayer`]: inside the heartbeat layer, so heartbeats are never recorded, and inside
 //!    the lifetime layer, so a replayed burst is ended at a boundary like anything else.
-//! 9. [`timeout::IdleTimeoutLayer`], [`timeout::ResponseTimeoutLayer`]: innermost, next to the
-//!    upstream, so they measure the upstream's silence. An idle timeout outside the heartbeat
-//!    layer never fires (heartbeats look like traffic); a response timeout outside a layer that
-//!    answers early (the `406`) would time that answer too.
+//! 9. [`FanoutLayer`]: inside replay, so that each client is replayed on its own before it joins
+//!    the shared stream, and given replay's store so that it records once for everybody (also
+//!    while it lingers); outside it, per-client layers (heartbeat, metadata, compression,
+//!    lifetime) still act per client. Outside replay it would share one client's replay with
+//!    everyone.
+//! 10. [`timeout::IdleTimeoutLayer`], [`timeout::ResponseTimeoutLayer`]: innermost, next to the
+//!     upstream, so they measure the upstream's silence. An idle timeout outside the heartbeat
+//!     layer never fires (heartbeats look like traffic); a response timeout outside a layer that
+//!     answers early (the `406`) would time that answer too.
 //!
 //! ```
 //! use std::time::Duration;
 //! use tower::ServiceBuilder;
 //! use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
+//! use tower_sse::replay::MemoryStore;
 //! use tower_sse::{
-//!     CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReplayLayer,
-//!     RetryLayer, Shutdown, SseHeadersLayer,
+//!     CommentMetadataLayer, FanoutLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer,
+//!     ReplayLayer, RetryLayer, Shutdown, SseHeadersLayer,
 //! };
 //!
 //! let shutdown = Shutdown::new();
+//! let store = MemoryStore::new();
 //! let stack = ServiceBuilder::new()
 //!     .layer(SseHeadersLayer::new())
 //!     .layer(PassthroughLayer::new().initial_comment("ok"))
@@ -100,7 +111,8 @@
 //!     .layer(CommentMetadataLayer::new().metadata_as_comment(true))
 //!     .layer(HeartbeatLayer::new(Duration::from_secs(15)))
 //!     .layer(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)).jitter(0.2).shutdown(&shutdown))
-//!     .layer(ReplayLayer::new())
+//!     .layer(ReplayLayer::with_store(store.clone()))
+//!     .layer(FanoutLayer::new().record_into(store).linger(Duration::from_secs(10)))
 //!     .layer(IdleTimeoutLayer::new(Duration::from_secs(60)))
 //!     .layer(ResponseTimeoutLayer::new(Duration::from_secs(10)));
 //! # let _ = stack;
@@ -113,7 +125,8 @@
 //!   assertions on what a client sees, scripted upstreams).
 //! - `full`: every feature.
 //!
-//! The crate depends on tokio for timers only (`time`, `sync`).
+//! The crate depends on tokio for timers and, in the fan-out hub, one spawned task per shared
+//! subscription (`time`, `sync`, `rt`); it needs a tokio runtime.
 //!
 //! [`tower`]: https://docs.rs/tower
 #![cfg_attr(docsrs, feature(doc_cfg))]

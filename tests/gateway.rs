@@ -610,3 +610,47 @@ async fn curl_decodes_compressed_streams_event_by_event() {
         curl.kill().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn fanout_shares_one_upstream_stream_and_replays_from_it() {
+    let (upstream_addr, upstream) = Broadcast::serve().await;
+    let gateway = Gateway::start(&[
+        "--upstream",
+        &format!("http://{upstream_addr}"),
+        "--fanout",
+        "--linger",
+        "30",
+        "--replay",
+        "100",
+        "--heartbeat",
+        "0",
+    ])
+    .await;
+    let url = gateway.url("/live");
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        readers.push(EventReader::new(get(&url, &[]).await.into_body()));
+    }
+    upstream.wait_for(1).await;
+    for id in ["1", "2", "3"] {
+        upstream.send(id);
+    }
+    for reader in &mut readers {
+        assert_eq!(read_ids(reader, 3).await, ["1", "2", "3"]);
+    }
+    assert_eq!(
+        upstream.feeds.lock().unwrap().len(),
+        1,
+        "one upstream stream"
+    );
+    // Everyone leaves; the hub lingers and records; a client comes back with its last id.
+    drop(readers);
+    upstream.send("4");
+    upstream.send("5");
+    let resumed = get(&url, &[("last-event-id", "3")]).await;
+    assert_eq!(resumed.headers()["sse-resumed-from"], "last-event-id");
+    let mut resumed = EventReader::new(resumed.into_body());
+    upstream.send("6");
+    assert_eq!(read_ids(&mut resumed, 3).await, ["4", "5", "6"]);
+    assert_eq!(upstream.feeds.lock().unwrap().len(), 1);
+}

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
@@ -21,11 +21,13 @@ const PAGE: &str = include_str!("page.html");
 #[derive(Clone, Debug)]
 pub(crate) struct Demo {
     every: Duration,
+    /// Data padded to about this many bytes (load tests).
+    size: usize,
 }
 
 impl Demo {
-    pub(crate) fn new(every: Duration) -> Self {
-        Self { every }
+    pub(crate) fn new(every: Duration, size: usize) -> Self {
+        Self { every, size }
     }
 }
 
@@ -56,7 +58,7 @@ impl<B> Service<Request<B>> for Demo {
                 Response::builder()
                     .header(CONTENT_TYPE, "text/event-stream")
                     .header("x-demo-stream", "ticks")
-                    .body(Either::Left(Ticks::new(self.every, after + 1)))
+                    .body(Either::Left(Ticks::new(self.every, after + 1, self.size)))
             }
             (&Method::GET, "/index.html") => Response::builder()
                 .status(StatusCode::MOVED_PERMANENTLY)
@@ -71,21 +73,58 @@ impl<B> Service<Request<B>> for Demo {
     }
 }
 
-/// An endless event stream: one event with an increasing id per tick, the first at once.
+/// An endless event stream: one event with an increasing id per tick, the first at once. Each
+/// event's data carries its send time (`ts`, microseconds since the Unix epoch) for load tools.
 #[derive(Debug)]
 pub(crate) struct Ticks {
     interval: Interval,
     next_id: u64,
+    size: usize,
 }
 
+/// At most this many due ticks go out in one frame.
+const MAX_BATCH: usize = 1024;
+
 impl Ticks {
-    fn new(every: Duration, first_id: u64) -> Self {
+    fn new(every: Duration, first_id: u64, size: usize) -> Self {
         let mut interval = interval(every);
-        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Below the timer's 1 ms resolution, several ticks fall due per wake-up: they go out
+        // together and the rate holds.
+        interval.set_missed_tick_behavior(if every < Duration::from_millis(1) {
+            MissedTickBehavior::Burst
+        } else {
+            MissedTickBehavior::Delay
+        });
         Self {
             interval,
             next_id: first_id,
+            size,
         }
+    }
+
+    fn event(&mut self, now: Duration) -> Event {
+        let id = self.next_id;
+        self.next_id += 1;
+        let secs = now.as_secs();
+        let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+        let mut data = format!(
+            r#"{{"n":{id},"utc":"{h:02}:{m:02}:{s:02}","ts":{}"#,
+            now.as_micros()
+        );
+        if data.len() + 2 < self.size {
+            data.push_str(r#","pad":""#);
+            let pad = self.size.saturating_sub(data.len() + 2);
+            data.extend(std::iter::repeat_n('x', pad));
+            data.push('"');
+        }
+        data.push('}');
+        Event::builder()
+            .id(id.to_string())
+            // Shown to raw readers as `:source=demo` with --metadata-as-comment.
+            .metadata("source", "demo")
+            .data(data)
+            .build()
+            .expect("digits and JSON are valid event values")
     }
 }
 
@@ -100,20 +139,17 @@ impl Body for Ticks {
         if self.interval.poll_tick(cx).is_pending() {
             return Poll::Pending;
         }
-        let id = self.next_id;
-        self.next_id += 1;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let (h, m, s) = ((now / 3600) % 24, (now / 60) % 60, now % 60);
-        let event = Event::builder()
-            .id(id.to_string())
-            // Shown to raw readers as `:source=demo` with --metadata-as-comment.
-            .metadata("source", "demo")
-            .data(format!(r#"{{"n":{id},"utc":"{h:02}:{m:02}:{s:02}"}}"#))
-            .build()
-            .expect("digits and JSON are valid event values");
-        Poll::Ready(Some(Ok(Frame::data(event.encode()))))
+            .unwrap_or_default();
+        let mut frame = BytesMut::new();
+        self.event(now).encode_into(&mut frame);
+        for _ in 1..MAX_BATCH {
+            if self.interval.poll_tick(cx).is_pending() {
+                break;
+            }
+            self.event(now).encode_into(&mut frame);
+        }
+        Poll::Ready(Some(Ok(Frame::data(frame.freeze()))))
     }
 }

@@ -127,6 +127,15 @@ struct Args {
     /// Milliseconds between events of the demo stream.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     demo_interval: u64,
+
+    /// Events per second of each demo stream, for load tests (overrides --demo-interval; events
+    /// due in the same timer tick go out in one frame).
+    #[arg(long, value_name = "N")]
+    demo_rate: Option<f64>,
+
+    /// Pad each demo event's data to about this many bytes, for load tests.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    demo_size: usize,
 }
 
 /// A non-negative number of seconds, fractions allowed.
@@ -229,7 +238,11 @@ async fn main() -> Result<(), BoxError> {
         None => {
             println!("  page:   http://{addr}/");
             println!("  stream: http://{addr}/events   (try: curl -N http://{addr}/events)");
-            let demo = demo::Demo::new(Duration::from_millis(args.demo_interval.max(1)));
+            let every = match args.demo_rate {
+                Some(rate) if rate > 0.0 => Duration::from_secs_f64(1.0 / rate),
+                _ => Duration::from_millis(args.demo_interval.max(1)),
+            };
+            let demo = demo::Demo::new(every, args.demo_size);
             serve_stack(&args, listener, demo).await;
         }
     }
@@ -281,11 +294,7 @@ where
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
-                // A client leaving an endless stream is how streams normally end.
-                let client_left = error
-                    .downcast_ref::<hyper::Error>()
-                    .is_some_and(hyper::Error::is_incomplete_message);
-                if !client_left {
+                if !client_left(&*error) {
                     eprintln!("connection from {peer} ended with an error: {error}");
                 }
             }
@@ -301,6 +310,28 @@ where
     {
         println!("connections still open after {deadline:?}: closing them");
     }
+}
+
+/// A client leaving an endless stream is how streams normally end: the connection closes while
+/// a body is being read or written.
+fn client_left(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+            if matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) {
+                return true;
+            }
+        }
+        cause = error.source();
+    }
+    false
 }
 
 async fn shutdown_signal() {
