@@ -12,9 +12,15 @@
 //! - `layer/record`: a 1,000-event response through `ReplayLayer` (parsing and recording every
 //!   event), against the same response through no layer (baseline);
 //! - `layer/resume`: a reconnect that replays 100 events, against a new subscription (baseline).
+//! - `redis/append` and `redis/resume` (when `redis-server` is installed; the bench starts one on
+//!   a free port): the same two operations on a `RedisStore`, to set against `store/*`. An append
+//!   is counted when Redis has confirmed it (pipelined batches through the store's writer task).
 
 #[path = "support/alloc.rs"]
 mod alloc;
+#[path = "../tests/support/redis.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod redis_server;
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -27,7 +33,8 @@ use http_body_util::{BodyExt, Full};
 use tower::{service_fn, ServiceExt};
 use tower_layer::Layer;
 use tower_sse::replay::{
-    MemoryLimits, MemoryStore, ReadFrom, ReplayLayer, ReplayStore, StoredEvent,
+    Lookup, MemoryLimits, MemoryStore, ReadFrom, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
+    StoredEvent,
 };
 
 fn event(id: u64) -> StoredEvent {
@@ -96,6 +103,81 @@ fn store(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("resume (100 events after an id)", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(store.read(&key, ReadFrom::After(&middle), 100))
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+fn redis(c: &mut Criterion) {
+    let Some(server) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = runtime.block_on(async {
+        let store = RedisStore::open(&server.url(), RedisConfig::default().max_len(1_000)).unwrap();
+        assert!(store.connected(Duration::from_secs(10)).await);
+        store
+    });
+    let key = Bytes::from_static(b"/stream");
+    let events: Vec<StoredEvent> = (0..10_000).map(event).collect();
+    let mut group = c.benchmark_group("redis");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(5));
+    group.warm_up_time(Duration::from_millis(500));
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.bench_function("append", |b| {
+        let mut round = 0u64;
+        b.iter_custom(|iters| {
+            let started = std::time::Instant::now();
+            for _ in 0..iters {
+                round += 1;
+                // New ids each round: a retained id would be deduplicated, not appended.
+                let target = store.stats().appended + events.len() as u64;
+                for event in &events {
+                    let id = Bytes::from(format!(
+                        "{round}-{}",
+                        std::str::from_utf8(&event.id).unwrap()
+                    ));
+                    store.append(
+                        &key,
+                        StoredEvent {
+                            id,
+                            bytes: event.bytes.clone(),
+                        },
+                    );
+                }
+                runtime.block_on(async {
+                    while store.stats().appended < target {
+                        assert_eq!(store.stats().dropped, 0, "an append was dropped");
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                });
+            }
+            started.elapsed()
+        })
+    });
+    for event in &events {
+        store.append(&key, event.clone());
+    }
+    let middle = events[9_500].id.clone();
+    runtime.block_on(async {
+        while !matches!(
+            store.read(&key, ReadFrom::After(&middle), 100).await,
+            Ok(Lookup::Found(ref found)) if found.len() == 100
+        ) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
     group.throughput(Throughput::Elements(100));
     group.bench_function("resume (100 events after an id)", |b| {
         b.iter(|| {
@@ -200,6 +282,7 @@ fn main() {
     memory_per_retained_event();
     let mut criterion = Criterion::default().configure_from_args();
     store(&mut criterion);
+    redis(&mut criterion);
     layer(&mut criterion);
     criterion.final_summary();
 }

@@ -121,6 +121,8 @@
 //! # Feature flags
 //!
 //! - `compression`: `SseCompressionLayer` (pulls flate2, brotli and zstd).
+//! - `redis`: `replay::RedisStore`, replay history in Redis Streams shared by several instances
+//!   (pulls redis and tracing).
 //! - `test-util`: the [`testing`] kit for your own tests (requests as browsers send them,
 //!   assertions on what a client sees, scripted upstreams).
 //! - `full`: every feature.

@@ -1,191 +1,29 @@
 //! The fan-out hub over real sockets: a counting upstream, the hub in a hyper server, and real
 //! HTTP clients on loopback.
 
-use std::convert::Infallible;
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::CONTENT_TYPE;
-use http::{Request, Response};
-use http_body_util::{Empty, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::time::timeout;
-use tower::{service_fn, ServiceBuilder};
+use tower::ServiceBuilder;
 use tower_sse::fanout::FanoutLayer;
 use tower_sse::replay::{MemoryStore, ReplayLayer};
-use tower_sse::wire::{Event, EventReader};
 
-const GUARD: Duration = Duration::from_secs(30);
+use support::{alive_tasks, proxy, read_ids, serve, subscribe, until, Upstream, GUARD};
 
-/// A live upstream without history that counts the connections and requests it gets.
-#[derive(Clone, Default)]
-struct Upstream {
-    feeds: Arc<Mutex<Vec<mpsc::Sender<Bytes>>>>,
-    connections: Arc<AtomicUsize>,
-    requests: Arc<AtomicUsize>,
-}
-
-impl Upstream {
-    async fn serve() -> (SocketAddr, Self) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let upstream = Self::default();
-        let shared = upstream.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                shared.connections.fetch_add(1, Ordering::SeqCst);
-                let shared = shared.clone();
-                let service = hyper::service::service_fn(move |_request: Request<Incoming>| {
-                    shared.requests.fetch_add(1, Ordering::SeqCst);
-                    // Bounded: an upstream that a slow reader could hold back would show it.
-                    let (tx, rx) = mpsc::channel::<Bytes>(64);
-                    shared.feeds.lock().unwrap().push(tx);
-                    let frames = tokio_stream::wrappers::ReceiverStream::new(rx);
-                    let body = StreamBody::new(tokio_stream::StreamExt::map(frames, |b| {
-                        Ok::<_, Infallible>(Frame::data(b))
-                    }));
-                    let response = Response::builder()
-                        .header(CONTENT_TYPE, "text/event-stream")
-                        .body(body)
-                        .unwrap();
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        (addr, upstream)
-    }
-
-    /// Sends an event to every open upstream stream, waiting while one is full.
-    async fn send(&self, id: usize, data: &str) {
-        let event = Event::builder()
-            .id(id.to_string())
-            .data(data)
-            .build()
-            .unwrap();
-        let bytes = event.encode();
-        let feeds: Vec<_> = self.feeds.lock().unwrap().clone();
-        for feed in feeds {
-            let _ = timeout(GUARD, feed.send(bytes.clone()))
-                .await
-                .expect("the upstream is never held back");
-        }
-    }
-}
-
-/// The inner service of the hub: one upstream connection per call, as a proxy without a pool.
-fn proxy(
-    upstream: SocketAddr,
-) -> impl tower::Service<
-    Request<Incoming>,
-    Response = Response<Incoming>,
-    Error = hyper::Error,
-    Future = impl Send,
-> + Clone
-       + Send
-       + 'static {
-    service_fn(move |request: Request<Incoming>| async move {
-        let stream = TcpStream::connect(upstream).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let mut forwarded = Request::get(request.uri().clone());
-        for (name, value) in request.headers() {
-            forwarded = forwarded.header(name, value);
-        }
-        sender
-            .send_request(forwarded.body(Empty::<Bytes>::new()).unwrap())
-            .await
-    })
-}
-
-/// Serves replay + fan-out in front of `upstream`; returns the address and the hub's layer.
+/// Serves replay + fan-out in front of `upstream`; returns the address.
 async fn gateway(upstream: SocketAddr, fanout: FanoutLayer) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let store = MemoryStore::new();
     let service = ServiceBuilder::new()
         .layer(ReplayLayer::with_store(store.clone()))
         .layer(fanout.record_into(store))
         .service(proxy(upstream));
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = TowerToHyperService::new(service.clone());
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-/// An SSE client on its own connection.
-async fn subscribe(addr: SocketAddr, last_event_id: Option<&str>) -> EventReader<Incoming> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let mut request = Request::get(format!("http://{addr}/topic"));
-    if let Some(id) = last_event_id {
-        request = request.header("last-event-id", id);
-    }
-    let response = timeout(
-        GUARD,
-        sender.send_request(request.body(Empty::<Bytes>::new()).unwrap()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    EventReader::new(response.into_body())
-}
-
-async fn read_ids(reader: &mut EventReader<Incoming>, n: usize) -> Vec<usize> {
-    let mut ids = Vec::with_capacity(n);
-    while ids.len() < n {
-        let event = timeout(GUARD, reader.next_event())
-            .await
-            .expect("an event in time")
-            .expect("the stream goes on")
-            .expect("a valid event");
-        if event.is_message() {
-            let id = std::str::from_utf8(event.id().unwrap()).unwrap();
-            ids.push(id.parse().unwrap());
-        }
-    }
-    ids
-}
-
-async fn until(what: &str, mut condition: impl FnMut() -> bool) {
-    timeout(GUARD, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("waiting for {what}"));
-}
-
-fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks()
+    serve(service).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,9 @@ use tokio::net::TcpListener;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse::compression::SseCompressionLayer;
 use tower_sse::fanout::FanoutLayer;
-use tower_sse::replay::{MemoryLimits, MemoryStore, ReplayLayer};
+use tower_sse::replay::{
+    MemoryLimits, MemoryStore, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
+};
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
     CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer, Shutdown,
@@ -124,6 +126,21 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = seconds, requires = "fanout")]
     linger: f64,
 
+    /// Keep replay history in Redis Streams at this URL (`redis://host:port/db`), shared by every
+    /// gateway pointed at it, so a client may reconnect to any of them; turns replay on
+    /// (`--replay` events per stream, 1000 if not given).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+
+    /// Prefix of every Redis key this gateway writes.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "sse:",
+        requires = "redis"
+    )]
+    redis_prefix: String,
+
     /// Milliseconds between events of the demo stream.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     demo_interval: u64,
@@ -158,8 +175,9 @@ fn positive(secs: f64) -> Option<Duration> {
 /// boundary; replay resumes clients and records events (never heartbeats); the fan-out hub shares
 /// one upstream subscription per stream and records into the same store; the timeouts sit next
 /// to the upstream, so they measure its silence, not heartbeats.
-async fn serve_stack<S, B>(args: &Args, listener: TcpListener, inner: S)
+async fn serve_stack<S, B, St>(args: &Args, listener: TcpListener, inner: S, store: Option<St>)
 where
+    St: ReplayStore,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -185,8 +203,6 @@ where
             .retry_jitter(Duration::from_millis(args.retry_jitter));
     }
     // The hub records into the replay layer's store, so it keeps recording while it lingers.
-    let store = (args.replay > 0)
-        .then(|| MemoryStore::with_limits(MemoryLimits::default().events_per_key(args.replay)));
     let service = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
         .layer(passthrough)
@@ -205,11 +221,9 @@ where
         .layer(lifetime)
         .layer(Optional(store.clone().map(ReplayLayer::with_store)))
         .layer(Optional(args.fanout.then(|| {
-            let fanout = FanoutLayer::new().linger(Duration::from_secs_f64(args.linger));
-            match store {
-                Some(store) => fanout.record_into(store),
-                None => fanout,
-            }
+            FanoutLayer::new()
+                .linger(Duration::from_secs_f64(args.linger))
+                .recording(store)
         })))
         .layer(Optional(
             positive(args.idle_timeout).map(IdleTimeoutLayer::new),
@@ -229,11 +243,37 @@ async fn main() -> Result<(), BoxError> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("tower-sse gateway listening on http://{addr}");
+    if let Some(url) = &args.redis {
+        let events = if args.replay > 0 { args.replay } else { 1_000 };
+        let config = RedisConfig::default()
+            .prefix(args.redis_prefix.clone())
+            .max_len(events);
+        let store = RedisStore::open(url, config).map_err(|e| format!("--redis {url}: {e}"))?;
+        println!("  replay history in Redis at {url} ({events} events per stream)");
+        if !store.connected(Duration::from_secs(2)).await {
+            println!("  Redis is not answering yet: streams flow, recording starts when it does");
+        }
+        run(&args, listener, addr, Some(store)).await;
+    } else {
+        let store = (args.replay > 0)
+            .then(|| MemoryStore::with_limits(MemoryLimits::default().events_per_key(args.replay)));
+        run(&args, listener, addr, store).await;
+    }
+    Ok(())
+}
+
+/// Serves the stack in front of the upstream, or the demo, with replay in `store`.
+async fn run<St: ReplayStore>(
+    args: &Args,
+    listener: TcpListener,
+    addr: SocketAddr,
+    store: Option<St>,
+) {
     match &args.upstream {
         Some(upstream) => {
             println!("  proxying every request to {upstream}");
             println!("  try: curl -N http://{addr}/<path of an event stream>");
-            serve_stack(&args, listener, proxy::Proxy::new(upstream.clone())).await;
+            serve_stack(args, listener, proxy::Proxy::new(upstream.clone()), store).await;
         }
         None => {
             println!("  page:   http://{addr}/");
@@ -243,10 +283,9 @@ async fn main() -> Result<(), BoxError> {
                 _ => Duration::from_millis(args.demo_interval.max(1)),
             };
             let demo = demo::Demo::new(every, args.demo_size);
-            serve_stack(&args, listener, demo).await;
+            serve_stack(args, listener, demo, store).await;
         }
     }
-    Ok(())
 }
 
 /// The peer's address, put into every request's extensions for the proxy's `X-Forwarded-For`.

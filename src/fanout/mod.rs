@@ -244,10 +244,16 @@ impl<K, St> FanoutLayer<K, St> {
     /// Records every event into `store` (give it the replay layer's store), once per event and
     /// also while lingering.
     pub fn record_into<St2: ReplayStore>(self, store: St2) -> FanoutLayer<K, St2> {
+        self.recording(Some(store))
+    }
+
+    /// [`record_into`](Self::record_into) the store when there is one, records nothing
+    /// otherwise (for configurations where replay is optional).
+    pub fn recording<St2: ReplayStore>(self, store: Option<St2>) -> FanoutLayer<K, St2> {
         FanoutLayer {
             hub: self.hub,
             key: self.key,
-            store: Some(store),
+            store,
             config: self.config,
         }
     }

@@ -36,7 +36,8 @@
 //! | `AtLeastOnce` | replay after it | replay from the oldest retained | header to the inner service | everything retained is redelivered; duplicates preferred to loss |
 //!
 //! The window is the store's: a [`MemoryStore`] keeps, per key, the newest events within its
-//! [`MemoryLimits`]. At-least-once replays up to the whole window at once; the others up to
+//! [`MemoryLimits`]; a `RedisStore` (feature `redis`) keeps them in Redis Streams, shared by
+//! every instance that points at the same Redis. At-least-once replays up to the whole window at once; the others up to
 //! [`max_replay`](ReplayLayer::max_replay) events (default 1,000). The cost of replay is one store
 //! read per reconnect and one append per recorded event.
 //!
@@ -94,6 +95,8 @@
 //! ```
 
 mod body;
+#[cfg(feature = "redis")]
+mod redis_store;
 mod store;
 
 use std::fmt;
@@ -111,6 +114,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 pub use body::ReplayBody;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis_store::{RedisConfig, RedisStats, RedisStore};
 pub use store::{
     Lookup, MemoryLimits, MemoryStore, ReadFrom, ReplayStore, StoreError, StoredEvent,
 };

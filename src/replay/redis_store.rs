@@ -1,0 +1,530 @@
+//! [`RedisStore`]: replay history in Redis Streams, shared by every gateway instance.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, Value};
+use tokio::sync::{mpsc, watch};
+
+use super::store::{Lookup, ReadFrom, ReplayStore, StoreError, StoredEvent};
+
+/// Records an event unless its id is already retained: the id key (`SET NX`) is the dedupe and
+/// the index from the SSE id to the stream entry. Both keys share a hash tag (cluster-safe).
+const APPEND: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'i', ARGV[1], 'b', ARGV[2])
+redis.call('SET', KEYS[2], entry, 'EX', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+";
+
+/// The entries after the one an SSE id names; nil when the id is unknown or trimmed away.
+const READ_AFTER: &str = r"
+local entry = redis.call('GET', KEYS[2])
+if not entry then return false end
+if #redis.call('XRANGE', KEYS[1], entry, entry) == 0 then return false end
+return redis.call('XRANGE', KEYS[1], '(' .. entry, '+', 'COUNT', ARGV[1])
+";
+
+/// Settings of a [`RedisStore`].
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    prefix: String,
+    max_len: usize,
+    ttl: Duration,
+    timeout: Duration,
+    queue: usize,
+    batch: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "sse:".to_owned(),
+            max_len: 1_000,
+            ttl: Duration::from_secs(3600),
+            timeout: Duration::from_millis(500),
+            queue: 10_000,
+            batch: 256,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Prefixes every Redis key (default `sse:`), so several applications can share a server.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Keeps about `events` events per stream (default 1,000; `XADD MAXLEN ~`, so Redis may keep
+    /// up to a hundred more until its next trim).
+    pub fn max_len(mut self, events: usize) -> Self {
+        self.max_len = events.max(1);
+        self
+    }
+
+    /// Forgets a stream, and every id of it, `ttl` after its last append (default one hour).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Gives up on a Redis call after `timeout` (default 500 ms): a read that times out replays
+    /// nothing, a batch of appends that times out is not recorded.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Queues at most `events` appends waiting for Redis (default 10,000); beyond it, appends
+    /// are dropped (and counted) rather than held in memory.
+    pub fn queue(mut self, events: usize) -> Self {
+        self.queue = events.max(1);
+        self
+    }
+
+    /// Sends at most `events` appends in one pipelined round trip (default 256).
+    pub fn batch(mut self, events: usize) -> Self {
+        self.batch = events.max(1);
+        self
+    }
+}
+
+/// What a [`RedisStore`] has done, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedisStats {
+    /// Appends Redis confirmed (new or already retained).
+    pub appended: u64,
+    /// Appends dropped without reaching Redis: the queue was full, or Redis failed or timed out.
+    pub dropped: u64,
+    /// Reads that failed or timed out.
+    pub failed_reads: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    appended: AtomicU64,
+    dropped: AtomicU64,
+    failed_reads: AtomicU64,
+    sequence: AtomicU64,
+}
+
+enum Command {
+    Append { key: Bytes, event: StoredEvent },
+    Trim { key: Bytes, keep: usize },
+}
+
+struct Shared {
+    config: RedisConfig,
+    counters: Counters,
+    writes: mpsc::Sender<Command>,
+    connection: watch::Receiver<Option<ConnectionManager>>,
+    /// Distinguishes the ids this store assigns from those of other instances.
+    instance: u32,
+}
+
+/// A [`ReplayStore`] in Redis Streams (feature `redis`): every gateway instance that points at
+/// the same Redis replays what any of them recorded, so a client may reconnect to any instance.
+///
+/// Per stream key, one Redis stream (`XADD ... MAXLEN ~`, with a TTL renewed by each append)
+/// holds the encoded events, and one small key per event id maps the SSE id to its stream entry.
+/// That makes a lookup O(1) for any id, the upstream's own included, and it dedupes: several
+/// instances that record the same upstream event store it once. Reads are one round trip (a
+/// short Lua script: `GET` the entry, `XRANGE` after it).
+///
+/// The live stream never waits for Redis. Appends go into a bounded queue, and a background task
+/// writes them in pipelined batches. When Redis is down, slow or the queue is full, recording is
+/// skipped: a `tracing` warning is logged and [`stats`](RedisStore::stats) counts it. Reads that
+/// fail or time out make the replay layer apply its store-failure policy. The connection is
+/// multiplexed and reconnects by itself. The store can be created while Redis is down and starts
+/// recording once Redis is up.
+///
+/// Client input never shapes a Redis command: stream keys and ids are bulk arguments, and in key
+/// names they are percent-encoded (`{`, `}`, `:` and every byte outside `A-Za-z0-9-._~/`), under
+/// the configured prefix.
+///
+/// Ids it assigns ([`Ids`](super::Ids)) are `<unix ms>-<instance>-<n>`: unique across instances,
+/// increasing per instance.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use tower_sse::replay::{RedisConfig, RedisStore, ReplayLayer};
+///
+/// let store = RedisStore::open("redis://127.0.0.1:6379/", RedisConfig::default().prefix("app:sse:"))
+///     .expect("a valid Redis URL");
+/// let replay = ReplayLayer::with_store(store);
+/// # let _ = replay;
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("config", &self.shared.config)
+            .field("connected", &self.shared.connection.borrow().is_some())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// A store on the Redis at `url` (`redis://host:port/db`). Connects in the background and
+    /// keeps reconnecting; must be called within a tokio runtime. Fails only on a malformed URL.
+    pub fn open(url: &str, config: RedisConfig) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(StoreError::new)?;
+        let (writes, commands) = mpsc::channel(config.queue);
+        let (publish, connection) = watch::channel(None);
+        let store = Self {
+            shared: Arc::new(Shared {
+                config,
+                counters: Counters::default(),
+                writes,
+                connection,
+                instance: (crate::jitter::unit() * f64::from(u32::MAX)) as u32,
+            }),
+        };
+        tokio::spawn(connect(client, store.shared.config.timeout, publish));
+        tokio::spawn(write(Arc::downgrade(&store.shared), commands));
+        Ok(store)
+    }
+
+    /// Waits until the first connection to Redis is made, or `timeout` passes; true if connected.
+    pub async fn connected(&self, timeout: Duration) -> bool {
+        let mut connection = self.shared.connection.clone();
+        tokio::time::timeout(timeout, connection.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|changed| changed.is_ok())
+    }
+
+    /// What the store has done so far.
+    pub fn stats(&self) -> RedisStats {
+        let counters = &self.shared.counters;
+        RedisStats {
+            appended: counters.appended.load(Ordering::Relaxed),
+            dropped: counters.dropped.load(Ordering::Relaxed),
+            failed_reads: counters.failed_reads.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// `%XX` for every byte outside the unreserved set (and `/`), so that client-chosen bytes can
+/// neither leave the key's hash tag nor collide with the key layout.
+fn escape(bytes: &[u8], out: &mut String) {
+    for &byte in bytes {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+}
+
+impl Shared {
+    /// `<prefix>{<key>}:s`, the stream.
+    fn stream_key(&self, key: &[u8]) -> String {
+        let mut name = String::with_capacity(self.config.prefix.len() + key.len() + 4);
+        name.push_str(&self.config.prefix);
+        name.push('{');
+        escape(key, &mut name);
+        name.push_str("}:s");
+        name
+    }
+
+    /// `<prefix>{<key>}:i:<id>`, the entry an SSE id names.
+    fn id_key(&self, key: &[u8], id: &[u8]) -> String {
+        let mut name = String::with_capacity(self.config.prefix.len() + key.len() + id.len() + 6);
+        name.push_str(&self.config.prefix);
+        name.push('{');
+        escape(key, &mut name);
+        name.push_str("}:i:");
+        escape(id, &mut name);
+        name
+    }
+
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.connection.borrow().clone()
+    }
+}
+
+/// Connects, retrying with backoff until Redis answers; then the connection manager reconnects
+/// by itself.
+async fn connect(
+    client: redis::Client,
+    timeout: Duration,
+    publish: watch::Sender<Option<ConnectionManager>>,
+) {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout)
+        .set_number_of_retries(2)
+        .set_max_delay(1_000);
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            Ok(connection) => {
+                let _ = publish.send(Some(connection));
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "replay store: cannot connect to Redis; retrying");
+                if publish.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Writes queued appends in pipelined batches until the store is dropped.
+async fn write(shared: std::sync::Weak<Shared>, mut commands: mpsc::Receiver<Command>) {
+    let mut batch = Vec::new();
+    loop {
+        let Some(first) = commands.recv().await else {
+            return;
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        batch.push(first);
+        while batch.len() < shared.config.batch {
+            match commands.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        let appends = batch
+            .iter()
+            .filter(|c| matches!(c, Command::Append { .. }))
+            .count() as u64;
+        let counters = &shared.counters;
+        match send_batch(&shared, &batch).await {
+            Ok(()) => counters.appended.fetch_add(appends, Ordering::Relaxed),
+            Err(error) => {
+                tracing::warn!(%error, events = appends, "replay store: Redis write failed; events not recorded");
+                counters.dropped.fetch_add(appends, Ordering::Relaxed)
+            }
+        };
+        batch.clear();
+    }
+}
+
+async fn send_batch(shared: &Shared, batch: &[Command]) -> Result<(), StoreError> {
+    let Some(mut connection) = shared.connection() else {
+        return Err(StoreError::new("not connected to Redis"));
+    };
+    let config = &shared.config;
+    let ttl = config.ttl.as_secs().max(1);
+    let append_hash = redis::Script::new(APPEND).get_hash().to_owned();
+    let pipeline = |with_source: bool| {
+        let mut pipe = redis::pipe();
+        for command in batch {
+            match command {
+                Command::Append { key, event } => {
+                    let call = if with_source {
+                        pipe.cmd("EVAL").arg(APPEND)
+                    } else {
+                        pipe.cmd("EVALSHA").arg(&append_hash)
+                    };
+                    call.arg(2)
+                        .arg(shared.stream_key(key))
+                        .arg(shared.id_key(key, &event.id))
+                        .arg(&event.id[..])
+                        .arg(&event.bytes[..])
+                        .arg(config.max_len)
+                        .arg(ttl)
+                        .ignore();
+                }
+                Command::Trim { key, keep: 0 } => {
+                    pipe.cmd("DEL").arg(shared.stream_key(key)).ignore();
+                }
+                Command::Trim { key, keep } => {
+                    pipe.cmd("XTRIM")
+                        .arg(shared.stream_key(key))
+                        .arg("MAXLEN")
+                        .arg(*keep)
+                        .ignore();
+                }
+            }
+        }
+        pipe
+    };
+    let result = timed(
+        config.timeout,
+        pipeline(false).query_async::<()>(&mut connection),
+    )
+    .await;
+    match result {
+        // The script cache is empty after a Redis restart: send the source once, which loads it.
+        Err(error) if error.kind() == ErrorKind::NoScriptError => timed(
+            config.timeout,
+            pipeline(true).query_async::<()>(&mut connection),
+        )
+        .await
+        .map_err(StoreError::new),
+        other => other.map_err(StoreError::new),
+    }
+}
+
+/// `future` within `timeout`, a timeout being an I/O error like any other.
+async fn timed<T>(
+    timeout: Duration,
+    future: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    match tokio::time::timeout(timeout, future).await {
+        Ok(result) => result,
+        Err(_) => Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "Redis did not answer in time",
+        ))),
+    }
+}
+
+/// Entries of an `XRANGE` answer as stored events.
+fn entries(value: Value) -> Result<Vec<StoredEvent>, StoreError> {
+    let Value::Array(entries) = value else {
+        return Err(StoreError::new("unexpected XRANGE answer"));
+    };
+    let mut events = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(mut parts) = entry else {
+            return Err(StoreError::new("unexpected stream entry"));
+        };
+        let Some(Value::Array(fields)) = parts.pop() else {
+            return Err(StoreError::new("unexpected stream entry fields"));
+        };
+        let (mut id, mut bytes) = (None, None);
+        let mut fields = fields.into_iter();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            match (name, value) {
+                (Value::BulkString(name), Value::BulkString(value)) if name == b"i" => {
+                    id = Some(Bytes::from(value));
+                }
+                (Value::BulkString(name), Value::BulkString(value)) if name == b"b" => {
+                    bytes = Some(Bytes::from(value));
+                }
+                _ => {}
+            }
+        }
+        if let (Some(id), Some(bytes)) = (id, bytes) {
+            events.push(StoredEvent { id, bytes });
+        }
+    }
+    Ok(events)
+}
+
+async fn read(
+    shared: Arc<Shared>,
+    stream: String,
+    id_key: Option<String>,
+    limit: usize,
+) -> Result<Lookup, StoreError> {
+    let Some(mut connection) = shared.connection() else {
+        shared.counters.failed_reads.fetch_add(1, Ordering::Relaxed);
+        return Err(StoreError::new("not connected to Redis"));
+    };
+    let count = limit.min(shared.config.max_len + 100).max(1);
+    let answer = match &id_key {
+        None => {
+            let mut command = redis::cmd("XRANGE");
+            command
+                .arg(&stream)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(count);
+            timed(
+                shared.config.timeout,
+                command.query_async::<Value>(&mut connection),
+            )
+            .await
+        }
+        Some(id_key) => {
+            let script = redis::Script::new(READ_AFTER);
+            let mut invocation = script.key(&stream);
+            invocation.key(id_key).arg(count);
+            timed(
+                shared.config.timeout,
+                invocation.invoke_async::<Value>(&mut connection),
+            )
+            .await
+        }
+    };
+    let lookup = match answer {
+        Ok(Value::Nil) => Ok(Lookup::Unknown),
+        Ok(value) => entries(value).map(Lookup::Found),
+        Err(error) => Err(StoreError::new(error)),
+    };
+    if let Err(error) = &lookup {
+        shared.counters.failed_reads.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%error, "replay store: Redis read failed; nothing replayed");
+    }
+    lookup
+}
+
+impl ReplayStore for RedisStore {
+    type Read = Pin<Box<dyn Future<Output = Result<Lookup, StoreError>> + Send>>;
+
+    fn read(&self, key: &Bytes, from: ReadFrom<'_>, limit: usize) -> Self::Read {
+        let shared = &self.shared;
+        let stream = shared.stream_key(key);
+        let id_key = match from {
+            ReadFrom::Oldest => None,
+            ReadFrom::After(id) => Some(shared.id_key(key, id)),
+        };
+        Box::pin(read(shared.clone(), stream, id_key, limit))
+    }
+
+    fn append(&self, key: &Bytes, event: StoredEvent) {
+        let command = Command::Append {
+            key: key.clone(),
+            event,
+        };
+        if self.shared.writes.try_send(command).is_err() {
+            let dropped = self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            // One warning per thousand drops: a full queue drops at the event rate.
+            if dropped % 1_000 == 0 {
+                tracing::warn!(
+                    dropped = dropped + 1,
+                    "replay store: Redis write queue full; events not recorded"
+                );
+            }
+        }
+    }
+
+    fn next_id(&self, _key: &Bytes) -> Bytes {
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let n = self
+            .shared
+            .counters
+            .sequence
+            .fetch_add(1, Ordering::Relaxed);
+        Bytes::from(format!("{millis}-{:08x}-{n}", self.shared.instance))
+    }
+
+    fn trim(&self, key: &Bytes, keep: usize) {
+        let command = Command::Trim {
+            key: key.clone(),
+            keep,
+        };
+        if self.shared.writes.try_send(command).is_err() {
+            tracing::warn!("replay store: Redis write queue full; trim skipped");
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! `RedisStore` against a real redis-server that the tests start: the store itself, two gateway
+//! stacks sharing one Redis, and Redis going away and coming back under live traffic.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tower::ServiceBuilder;
+use tower_sse::fanout::FanoutLayer;
+use tower_sse::replay::{
+    Lookup, ReadFrom, RedisConfig, RedisStore, ReplayLayer, ReplayStore, StoredEvent,
+};
+
+use support::redis::RedisServer;
+use support::{proxy, read_ids, serve, subscribe, until, Upstream, GUARD};
+
+fn event(id: &str) -> StoredEvent {
+    StoredEvent {
+        id: Bytes::copy_from_slice(id.as_bytes()),
+        bytes: Bytes::from(format!("id: {id}\ndata: event {id}\n\n")),
+    }
+}
+
+async fn store(server: &RedisServer, config: RedisConfig) -> RedisStore {
+    let store = RedisStore::open(&server.url(), config).unwrap();
+    assert!(store.connected(GUARD).await, "connected to Redis");
+    store
+}
+
+fn ids(lookup: Lookup) -> Vec<String> {
+    match lookup {
+        Lookup::Found(events) => events
+            .iter()
+            .map(|e| String::from_utf8(e.id.to_vec()).unwrap())
+            .collect(),
+        Lookup::Unknown => panic!("expected events, the id is unknown"),
+    }
+}
+
+async fn wait_appended(store: &RedisStore, n: u64) {
+    until("appends to reach Redis", || store.stats().appended >= n).await;
+}
+
+#[tokio::test]
+async fn appends_reads_dedupes_trims_and_escapes() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = store(&server, RedisConfig::default().prefix("t1:")).await;
+    let key = Bytes::from_static(b"/prices?currency=eur");
+    for id in ["1", "2", "3", "4", "5"] {
+        store.append(&key, event(id));
+    }
+    wait_appended(&store, 5).await;
+    let after_two = store.read(&key, ReadFrom::After(b"2"), 10).await.unwrap();
+    assert_eq!(ids(after_two), ["3", "4", "5"]);
+    let limited = store.read(&key, ReadFrom::After(b"1"), 2).await.unwrap();
+    assert_eq!(ids(limited), ["2", "3"]);
+    let oldest = store.read(&key, ReadFrom::Oldest, 10).await.unwrap();
+    assert_eq!(ids(oldest), ["1", "2", "3", "4", "5"]);
+    let unknown = store.read(&key, ReadFrom::After(b"9"), 10).await.unwrap();
+    assert_eq!(unknown, Lookup::Unknown);
+    let nothing = store
+        .read(&Bytes::from_static(b"/none"), ReadFrom::After(b"1"), 10)
+        .await
+        .unwrap();
+    assert_eq!(nothing, Lookup::Unknown);
+
+    // Another instance records the same events: each is stored once.
+    let other = self::store(&server, RedisConfig::default().prefix("t1:")).await;
+    for id in ["4", "5", "6"] {
+        other.append(&key, event(id));
+    }
+    wait_appended(&other, 3).await;
+    let all = store.read(&key, ReadFrom::Oldest, 100).await.unwrap();
+    assert_eq!(ids(all), ["1", "2", "3", "4", "5", "6"]);
+    // The bytes come back as they went in.
+    let Lookup::Found(events) = store.read(&key, ReadFrom::After(b"5"), 1).await.unwrap() else {
+        panic!("id 5 is retained");
+    };
+    assert_eq!(events, [event("6")]);
+
+    // Keys and ids made of the layout's own characters stay apart.
+    let tricky = Bytes::from_static(b"/prices?currency=eur}:s");
+    store.append(&tricky, event("1"));
+    store.append(&key, event("}:i:1"));
+    wait_appended(&store, 7).await;
+    let tricky_events = store.read(&tricky, ReadFrom::Oldest, 10).await.unwrap();
+    assert_eq!(ids(tricky_events), ["1"]);
+    let after = store
+        .read(&key, ReadFrom::After(b"}:i:1"), 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(after), Vec::<String>::new());
+
+    // Trim keeps the newest; zero forgets the key.
+    store.trim(&key, 2);
+    other.trim(&tricky, 0);
+    tokio::time::timeout(GUARD, async {
+        loop {
+            let oldest = store.read(&key, ReadFrom::Oldest, 10).await.unwrap();
+            if ids(oldest).len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the trim lands");
+    assert_eq!(
+        store.read(&key, ReadFrom::After(b"2"), 10).await.unwrap(),
+        Lookup::Unknown,
+        "a trimmed id is unknown"
+    );
+    let stats = store.stats();
+    assert_eq!(stats.dropped, 0);
+    assert_eq!(stats.failed_reads, 0);
+}
+
+#[tokio::test]
+async fn assigned_ids_are_unique_across_instances() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let first = store(&server, RedisConfig::default()).await;
+    let second = store(&server, RedisConfig::default()).await;
+    let key = Bytes::from_static(b"/k");
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..1_000 {
+        assert!(seen.insert(first.next_id(&key)));
+        assert!(seen.insert(second.next_id(&key)));
+    }
+}
+
+/// Replay over a Redis store in front of a proxy to `upstream`.
+async fn gateway(upstream: std::net::SocketAddr, store: RedisStore) -> std::net::SocketAddr {
+    let service = ServiceBuilder::new()
+        .layer(ReplayLayer::with_store(store))
+        .service(proxy(upstream));
+    serve(service).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_instance_without_gap_or_duplicate() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (upstream_addr, upstream) = Upstream::serve().await;
+    let store_a = store(&server, RedisConfig::default()).await;
+    let store_b = store(&server, RedisConfig::default()).await;
+    let a = gateway(upstream_addr, store_a.clone()).await;
+    let b = gateway(upstream_addr, store_b.clone()).await;
+
+    // A recorder stays on A throughout; the client reads 1-3 on A, then goes.
+    let mut recorder = subscribe(a, None).await;
+    let mut client = subscribe(a, None).await;
+    until("two upstream streams", || {
+        upstream.feeds.lock().unwrap().len() == 2
+    })
+    .await;
+    for id in 1..=3 {
+        upstream.send(id, "on A").await;
+    }
+    assert_eq!(read_ids(&mut client, 3).await, [1, 2, 3]);
+    drop(client);
+    for id in 4..=5 {
+        upstream.send(id, "while away").await;
+    }
+    assert_eq!(read_ids(&mut recorder, 5).await, [1, 2, 3, 4, 5]);
+    wait_appended(&store_a, 5).await;
+
+    // It comes back on B with the id it saw last: B replays 4 and 5 from Redis, then live.
+    let mut client = subscribe(b, Some("3")).await;
+    assert_eq!(read_ids(&mut client, 2).await, [4, 5]);
+    until("B's upstream stream", || {
+        upstream.feeds.lock().unwrap().len() >= 3
+    })
+    .await;
+    for id in 6..=7 {
+        upstream.send(id, "live").await;
+    }
+    assert_eq!(read_ids(&mut client, 2).await, [6, 7]);
+    // Both instances recorded 6 and 7; Redis holds each once.
+    wait_appended(&store_b, 2).await;
+    let all = store_b
+        .read(&Bytes::from_static(b"/topic"), ReadFrom::Oldest, 100)
+        .await
+        .unwrap();
+    assert_eq!(ids(all), ["1", "2", "3", "4", "5", "6", "7"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_going_away_never_stops_the_live_stream_and_recording_resumes() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let (upstream_addr, upstream) = Upstream::serve().await;
+    let config = RedisConfig::default().timeout(Duration::from_millis(200));
+    let store = store(&server, config).await;
+    let fanout = FanoutLayer::new();
+    let service = ServiceBuilder::new()
+        .layer(ReplayLayer::with_store(store.clone()))
+        .layer(fanout.record_into(store.clone()))
+        .service(proxy(upstream_addr));
+    let addr = serve(service).await;
+    let mut client = subscribe(addr, None).await;
+    until("the upstream stream", || {
+        upstream.feeds.lock().unwrap().len() == 1
+    })
+    .await;
+    upstream.send(1, "recorded").await;
+    assert_eq!(read_ids(&mut client, 1).await, [1]);
+    wait_appended(&store, 1).await;
+
+    // Redis dies: every live event still arrives; recording is skipped and counted.
+    server.kill();
+    for id in 2..=20 {
+        upstream.send(id, "redis down").await;
+    }
+    let expected: Vec<usize> = (2..=20).collect();
+    assert_eq!(read_ids(&mut client, 19).await, expected);
+    until("failed appends to be counted", || store.stats().dropped > 0).await;
+    // A reconnecting client gets the live stream; the failed lookup replays nothing.
+    let mut resumed = subscribe(addr, Some("1")).await;
+    upstream.send(21, "still live").await;
+    assert_eq!(read_ids(&mut resumed, 1).await, [21]);
+    assert_eq!(read_ids(&mut client, 1).await, [21]);
+    assert!(store.stats().failed_reads > 0);
+
+    // Redis comes back (empty: it kept nothing on disk): recording resumes.
+    server.restart();
+    let mut id = 22;
+    tokio::time::timeout(GUARD, async {
+        loop {
+            upstream.send(id, "redis back").await;
+            assert_eq!(read_ids(&mut client, 1).await, [id]);
+            let lookup = store
+                .read(&Bytes::from_static(b"/topic"), ReadFrom::Oldest, 100)
+                .await;
+            if let Ok(Lookup::Found(events)) = lookup {
+                if !events.is_empty() {
+                    break;
+                }
+            }
+            id += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("recording resumes once Redis is back");
+    // And a client can resume from what was recorded since.
+    let first_recorded = match store
+        .read(&Bytes::from_static(b"/topic"), ReadFrom::Oldest, 1)
+        .await
+        .unwrap()
+    {
+        Lookup::Found(events) => String::from_utf8(events[0].id.to_vec()).unwrap(),
+        Lookup::Unknown => unreachable!(),
+    };
+    upstream.send(id + 1, "after").await;
+    assert_eq!(read_ids(&mut client, 1).await, [id + 1]);
+    wait_appended(&store, 3).await;
+    let mut resumed = subscribe(addr, Some(&first_recorded)).await;
+    let first: usize = first_recorded.parse().unwrap();
+    let replayed = read_ids(&mut resumed, id + 1 - first).await;
+    assert_eq!(replayed, (first + 1..=id + 1).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_times_out_and_the_client_gets_the_live_stream() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (upstream_addr, upstream) = Upstream::serve().await;
+    let config = RedisConfig::default().timeout(Duration::from_millis(200));
+    let store = store(&server, config).await;
+    let addr = gateway(upstream_addr, store.clone()).await;
+    server.freeze(true);
+    let started = std::time::Instant::now();
+    let mut client = subscribe(addr, Some("1")).await;
+    // The lookup timed out: no replay, the live stream instead (measured, not asserted: the
+    // guard above bounds it).
+    let waited = started.elapsed();
+    until("the upstream stream", || {
+        upstream.feeds.lock().unwrap().len() == 1
+    })
+    .await;
+    upstream.send(2, "live").await;
+    assert_eq!(read_ids(&mut client, 1).await, [2]);
+    assert!(store.stats().failed_reads >= 1);
+    server.freeze(false);
+    eprintln!("response with a frozen Redis after {waited:?}");
+}
