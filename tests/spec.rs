@@ -306,3 +306,31 @@ fn limits_with_every_chunking() {
     let at = Limits::default().max_line_len(16).max_event_len(17);
     assert_eq!(datas(&parse_every_way_with(stream, at)), ["0123456789"]);
 }
+
+/// Found by Chromium through the fan-out hub: a re-encoded stream must never start with the
+/// bytes of a BOM that was not one, or the next layer (or the client) strips it and revives the
+/// spoiled first line.
+#[test]
+fn a_field_spoiled_by_a_second_bom_stays_ignored_when_re_encoded() {
+    let mut parser = Parser::new();
+    parser.push(Bytes::from_static(
+        b"\xEF\xBB\xBF\xEF\xBB\xBFdata:1\n\ndata:2\n\n",
+    ));
+    let mut encoded = bytes::BytesMut::new();
+    while let Some(event) = parser.next_event() {
+        let event = event.unwrap();
+        assert_eq!(event.encoded_len(), event.encode().len());
+        event.encode_into(&mut encoded);
+    }
+    assert!(!encoded.starts_with(b"\xEF\xBB\xBF"), "{encoded:?}");
+    // Read again, even by a reader that strips a leading BOM, only `2` is an event.
+    let mut again = Parser::new();
+    again.push(encoded.freeze());
+    let mut datas = Vec::new();
+    while let Some(event) = again.next_event() {
+        if let Some(data) = event.unwrap().data() {
+            datas.push(data.into_owned());
+        }
+    }
+    assert_eq!(datas, ["2"]);
+}

@@ -463,7 +463,7 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
         extensions: parts.extensions,
     });
     let mut pump = Pump {
-        parser: Parser::new(),
+        parser: Parser::with_limits(config.limits),
         out: BytesMut::new(),
         recorded: Vec::new(),
         store,

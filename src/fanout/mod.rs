@@ -21,7 +21,9 @@
 //! its own, so each gets the inner service's own answer.
 //!
 //! Every client gets the upstream's status and headers (minus `Content-Length`) and its events,
-//! re-framed so that each frame holds whole events: a client joins at an event boundary. Layers
+//! re-framed so that each frame holds whole events: a client joins at an event boundary. The hub
+//! parses the upstream within [`limits`](FanoutLayer::limits); an event beyond them ends the
+//! subscription cleanly (clients get everything before it). Layers
 //! outside the hub (heartbeat, comment metadata, compression, lifetime) still apply per client.
 //!
 //! # Slow clients
@@ -146,6 +148,7 @@ use tower_service::Service;
 pub use body::FanoutBody;
 
 use crate::replay::{Ids, MemoryStore, PathAndQuery, ReplayStore, StreamKey};
+use crate::wire::Limits;
 use crate::BoxError;
 use hub::{Client, Declined, HeadState, Hub, Subscription};
 
@@ -178,6 +181,7 @@ struct Config {
     write_deadline: Option<Duration>,
     linger: Duration,
     ids: Ids,
+    limits: Limits,
 }
 
 /// Shares one upstream subscription per stream key among all its clients; see the
@@ -224,6 +228,7 @@ impl FanoutLayer {
                 write_deadline: Some(Duration::from_secs(5)),
                 linger: Duration::from_secs(10),
                 ids: Ids::Keep,
+                limits: Limits::default(),
             }),
         }
     }
@@ -288,6 +293,14 @@ impl<K, St> FanoutLayer<K, St> {
     /// when the next event arrives; default 5 s; `None`: only a full queue counts).
     pub fn write_deadline(mut self, deadline: Option<Duration>) -> Self {
         Arc::make_mut(&mut self.config).write_deadline = deadline;
+        self
+    }
+
+    /// Bounds the hub's parser (default [`Limits::default`]: lines of 1 MiB, events of 4 MiB).
+    /// An upstream event beyond them ends the subscription after the events before it: every
+    /// client sees a clean end, and the event is never sent in part.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        Arc::make_mut(&mut self.config).limits = limits;
         self
     }
 

@@ -498,3 +498,20 @@ async fn every_client_gets_the_upstream_head() {
         assert!(response.headers().get(header::CONTENT_LENGTH).is_none());
     }
 }
+
+#[tokio::test]
+async fn an_event_beyond_the_limits_ends_the_subscription_cleanly() {
+    let (mut senders, upstream) = channel_service("text/event-stream");
+    let limits = crate::wire::Limits::default().max_line_len(64);
+    let layer = FanoutLayer::new().limits(limits).linger(Duration::ZERO);
+    let service = layer.layer(upstream);
+    let mut client = TestStream::new(service.clone().oneshot(get("/t")).await.unwrap());
+    let mut sender = senders.recv().await.unwrap();
+    send(&mut sender, &event(1)).await;
+    send(&mut sender, &format!("data: {}\n\n", "x".repeat(100))).await;
+    assert_eq!(data(&client.next_event().await), "event 1");
+    client.assert_ends().await;
+    // The next request subscribes again.
+    let _again = service.clone().oneshot(get("/t")).await.unwrap();
+    assert!(senders.recv().await.is_some());
+}

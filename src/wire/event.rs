@@ -160,7 +160,7 @@ impl Event {
         len += self
             .fields
             .iter()
-            .map(|(n, v)| n.len() + v.len() + 3)
+            .map(|(n, v)| n.len() + v.len() + 3 + usize::from(n.starts_with(BOM)))
             .sum::<usize>();
         if let Some(data) = &self.data {
             for_each_line(data, |line| len += line.len() + 7);
@@ -211,6 +211,12 @@ impl Event {
             put_field(buf, b"retry", ms.to_string().as_bytes());
         }
         for (name, value) in &self.fields {
+            if name.starts_with(BOM) {
+                // A field name starting with a BOM only comes from a spoiled first line. Written
+                // at the start of a stream, a layer or client would strip that BOM and revive the
+                // field; as a comment it stays ignored wherever it lands.
+                buf.put_u8(b':');
+            }
             put_field(buf, name, value);
         }
         if let Some(data) = &self.data {
@@ -219,6 +225,9 @@ impl Event {
         buf.put_u8(b'\n');
     }
 }
+
+/// UTF-8 byte order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl fmt::Debug for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
