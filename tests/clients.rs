@@ -552,7 +552,8 @@ fn show(events: &[(String, String, String)]) -> String {
         .iter()
         .map(|(t, d, id)| {
             let d = if d.len() > 40 {
-                format!("{}...({} bytes)", &d[..d.floor_char_boundary(40)], d.len())
+                let head: String = d.chars().take(40).collect();
+                format!("{head}...({} bytes)", d.len())
             } else {
                 d.clone()
             };
