@@ -19,7 +19,12 @@ function readStream(base, stream) {
       }
     };
     const onEvent = (event) => {
-      seen.events.push({ type: event.type, data: event.data, lastEventId: event.lastEventId });
+      seen.events.push({
+        type: event.type,
+        data: event.data,
+        lastEventId: event.lastEventId,
+        at: Date.now() - started,
+      });
       if (stream.until && seen.events.length >= stream.until) finish();
     };
     for (const type of stream.types) source.addEventListener(type, onEvent);
