@@ -10,6 +10,7 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::telemetry::{self, Close};
 use crate::wire::BomFilter;
 
 /// The inner body's frames, as a layer that inserts bytes of its own forwards them.
@@ -233,7 +234,52 @@ pin_project! {
     #[project = PrefixedProj]
     enum PrefixedKind<B> {
         Untouched { #[pin] inner: B },
-        Stream { #[pin] inner: B, frames: Prefixed },
+        Stream { #[pin] inner: B, frames: Prefixed, tally: Option<StreamTally> },
+    }
+}
+
+/// Reports an event stream's life (opened, frames, how it closed) to telemetry; the client
+/// leaving shows as the body dropped before its end.
+#[derive(Debug)]
+pub(crate) struct StreamTally {
+    bytes: u64,
+    closed: bool,
+}
+
+impl StreamTally {
+    pub(crate) fn open() -> Self {
+        telemetry::stream_opened();
+        Self {
+            bytes: 0,
+            closed: false,
+        }
+    }
+
+    pub(crate) fn observe<E>(&mut self, polled: &Poll<Option<Result<Frame<Bytes>, E>>>) {
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                    telemetry::frame_sent(data.len());
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.close(Close::Error),
+            Poll::Ready(None) => self.close(Close::End),
+            Poll::Pending => {}
+        }
+    }
+
+    fn close(&mut self, close: Close) {
+        if !self.closed {
+            self.closed = true;
+            telemetry::stream_closed(close, self.bytes);
+        }
+    }
+}
+
+impl Drop for StreamTally {
+    fn drop(&mut self) {
+        self.close(Close::ClientGone);
     }
 }
 
@@ -251,6 +297,19 @@ impl<B> PrefixedBody<B> {
             kind: PrefixedKind::Stream {
                 inner,
                 frames: Prefixed::new(first),
+                tally: None,
+            },
+        }
+    }
+
+    /// [`stream`](Self::stream), reporting the stream's life to telemetry (the passthrough
+    /// layer's job: it sees every event stream once).
+    pub(crate) fn counted_stream(inner: B, first: Option<Bytes>) -> Self {
+        Self {
+            kind: PrefixedKind::Stream {
+                inner,
+                frames: Prefixed::new(first),
+                tally: Some(StreamTally::open()),
             },
         }
     }
@@ -276,14 +335,24 @@ impl<B: Body<Data = Bytes>> Body for PrefixedBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             PrefixedProj::Untouched { inner } => inner.poll_frame(cx),
-            PrefixedProj::Stream { inner, frames } => frames.poll_frame(inner, cx),
+            PrefixedProj::Stream {
+                inner,
+                frames,
+                tally,
+            } => {
+                let polled = frames.poll_frame(inner, cx);
+                if let Some(tally) = tally {
+                    tally.observe(&polled);
+                }
+                polled
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             PrefixedKind::Untouched { inner } => inner.is_end_stream(),
-            PrefixedKind::Stream { inner, frames } => frames.is_end_stream(inner),
+            PrefixedKind::Stream { inner, frames, .. } => frames.is_end_stream(inner),
         }
     }
 

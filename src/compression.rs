@@ -73,6 +73,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::telemetry;
 use crate::wire::media::{parse_qvalue, trim};
 use crate::wire::{is_event_stream, Scanner};
 
@@ -300,6 +301,7 @@ where
                 inner,
                 state: StreamState {
                     compressor: Some(compressor),
+                    encoding: encoding.token(),
                     scanner: Scanner::new(),
                     first: Some(first),
                     stashed: None,
@@ -408,6 +410,8 @@ pin_project! {
 struct StreamState {
     /// `None` once the compressed stream is finished.
     compressor: Option<Compressor>,
+    /// The encoding's token, for telemetry.
+    encoding: &'static str,
     /// Where events end, so each one is flushed as soon as it is complete.
     scanner: Scanner,
     first: Option<Bytes>,
@@ -472,6 +476,7 @@ impl StreamState {
                 None => compressor.write(&data),
             }
             let out = compressor.take();
+            telemetry::compressed(self.encoding, data.len(), out.len());
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }

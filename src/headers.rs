@@ -70,6 +70,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::InnerOrLocal;
+use crate::telemetry;
 use crate::wire::{
     accepts_event_stream, asks_for_event_stream, is_event_stream, EVENT_STREAM_UTF8,
 };
@@ -290,6 +291,7 @@ where
                     || (*asked && response.status() == StatusCode::OK);
                 if is_stream {
                     policy.apply(response.headers_mut(), *http1);
+                    telemetry::headers_applied(policy.override_content_type);
                 }
                 Poll::Ready(Ok(response.map(InnerOrLocal::inner)))
             }
@@ -326,6 +328,7 @@ impl Policy {
 }
 
 fn not_acceptable<B>() -> Response<SseHeadersBody<B>> {
+    telemetry::not_acceptable();
     let mut response = InnerOrLocal::plain_text(StatusCode::NOT_ACCEPTABLE, NOT_ACCEPTABLE_BODY);
     response
         .headers_mut()

@@ -76,6 +76,7 @@ use tower_service::Service;
 
 use crate::body::InnerFrames;
 use crate::future::sealed::OnResponse;
+use crate::telemetry;
 use crate::wire::{is_plain_event_stream, Event, Scanner};
 
 /// Sends heartbeats on quiet event streams; see the [module docs](self).
@@ -309,6 +310,7 @@ impl<B: Body<Data = Bytes>> Body for HeartbeatBody<B> {
             }
             state.last_sent = now;
             timer.as_mut().reset(now + state.config.interval);
+            telemetry::heartbeat_sent();
             return Poll::Ready(Some(Ok(Frame::data(state.config.frame.clone()))));
         }
     }

@@ -170,6 +170,7 @@ pub mod metadata;
 pub mod passthrough;
 pub mod replay;
 pub mod retry;
+mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;

@@ -86,6 +86,7 @@ use tower_service::Service;
 
 use crate::future::sealed::OnResponse;
 use crate::jitter;
+use crate::telemetry::{self, Timeout};
 use crate::wire::{is_plain_event_stream, Event, Piece, Scanner};
 
 /// A signal that ends every open event stream of the [`LifetimeLayer`]s it was given to, each
@@ -434,6 +435,11 @@ impl<B: Body<Data = Bytes>> Body for LifetimeBody<B> {
                 Phase::Live => {
                     let expired = timer.as_mut().poll(cx).is_ready();
                     if expired || shutdown.as_mut().poll_fired(cx) {
+                        telemetry::timed_out(if expired {
+                            Timeout::Lifetime
+                        } else {
+                            Timeout::Shutdown
+                        });
                         state.phase = if state.scanner.is_at_boundary() {
                             Phase::Farewell
                         } else {

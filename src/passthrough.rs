@@ -156,7 +156,7 @@ impl<B> OnResponse<B> for PassthroughLayer {
             .get(CONTENT_ENCODING)
             .is_some_and(|coding| coding != "identity");
         let initial = self.initial.filter(|_| !encoded);
-        Response::from_parts(parts, PrefixedBody::stream(inner, initial))
+        Response::from_parts(parts, PrefixedBody::counted_stream(inner, initial))
     }
 }
 

@@ -19,6 +19,7 @@ use tower_service::Service;
 
 use super::{Config, SlowClient};
 use crate::replay::{is_recordable, AlreadyRecorded, Ids, ReplayStore, StoredEvent};
+use crate::telemetry;
 use crate::wire::{is_plain_event_stream, Parser};
 
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
@@ -76,6 +77,7 @@ impl Hub {
 
     fn client(self: &Arc<Self>, topic: Arc<Topic>, queue: Arc<Queue>) -> Client {
         self.clients.fetch_add(1, Ordering::Relaxed);
+        telemetry::subscribers_changed(1);
         Client { topic, queue }
     }
 
@@ -178,6 +180,7 @@ impl Topic {
             state.resume_id = resume_id;
         }
         self.fed.fetch_sub(state.clients.len(), Ordering::Relaxed);
+        telemetry::subscribers_changed(-(state.clients.len() as isize));
         for queue in state.clients.drain(..) {
             queue.end(End::Clean);
         }
@@ -191,8 +194,11 @@ impl Topic {
         state
             .clients
             .retain(|queue| queue.offer(frame, now, config));
-        self.fed
-            .fetch_sub(before - state.clients.len(), Ordering::Relaxed);
+        let cut = before - state.clients.len();
+        if cut > 0 {
+            self.fed.fetch_sub(cut, Ordering::Relaxed);
+            telemetry::subscribers_changed(-(cut as isize));
+        }
     }
 
     /// Whether nobody is attached; registers the task to hear when that changes.
@@ -210,6 +216,7 @@ impl Topic {
         if let Some(index) = state.clients.iter().position(|q| Arc::ptr_eq(q, queue)) {
             state.clients.swap_remove(index);
             self.fed.fetch_sub(1, Ordering::Relaxed);
+            telemetry::subscribers_changed(-1);
             if state.clients.is_empty() {
                 if let Some(task) = &state.task {
                     task.wake_by_ref();
@@ -288,11 +295,15 @@ impl Queue {
         });
         match config.slow_client {
             SlowClient::Disconnect if full || late => {
+                telemetry::slow_client("disconnect");
                 drop(state);
                 self.end(End::Cut);
                 return false;
             }
-            SlowClient::SkipEvents if full => return true,
+            SlowClient::SkipEvents if full => {
+                telemetry::slow_client("skip");
+                return true;
+            }
             _ => {}
         }
         state.frames.push_back((now, frame.clone()));
@@ -376,6 +387,8 @@ struct TaskGuard {
     hub: Arc<Hub>,
     topic: Arc<Topic>,
     resume_id: Option<Bytes>,
+    /// Why the subscription ended, for telemetry ("dropped": the runtime went away).
+    reason: &'static str,
 }
 
 impl Drop for TaskGuard {
@@ -383,6 +396,7 @@ impl Drop for TaskGuard {
         self.hub.remove(&self.topic);
         self.topic.end(self.resume_id.take());
         self.hub.tasks.fetch_sub(1, Ordering::Relaxed);
+        telemetry::subscription_closed(self.reason);
     }
 }
 
@@ -418,10 +432,12 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
         store,
     } = subscription;
     hub.tasks.fetch_add(1, Ordering::Relaxed);
+    telemetry::subscription_opened();
     let mut guard = TaskGuard {
         hub,
         topic,
         resume_id: None,
+        reason: "dropped",
     };
     let topic = guard.topic.clone();
     let inherited = lock(&topic.state).resume_id.clone();
@@ -442,10 +458,12 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
     let response = match response {
         Ok(response) if is_shareable(&response) => response,
         Ok(response) => {
+            guard.reason = "not_shareable";
             let _ = owner.send(Declined::Response(response));
             return;
         }
         Err(error) => {
+            guard.reason = "inner_error";
             let _ = owner.send(Declined::Error(error));
             return;
         }
@@ -469,6 +487,7 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
         store,
         ids: config.ids,
         key: topic.key.clone(),
+        events: 0,
     };
     // Boxed, so that it can be dropped before the linger that follows an upstream end.
     let mut body = Box::pin(body);
@@ -502,15 +521,22 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
                 Ok(Some(frame)) => topic.broadcast(&frame, &config),
                 Ok(None) => {}
                 // Past the parser's limits: end cleanly; clients resume where they are.
-                Err(()) => break,
+                Err(()) => {
+                    guard.reason = "limits";
+                    break;
+                }
             },
             Step::LingerExpired => {
                 if close_if_idle(&guard.hub, &topic) {
+                    guard.reason = "linger_expired";
                     return;
                 }
                 lingering = false;
             }
-            Step::UpstreamEnded => break,
+            Step::UpstreamEnded => {
+                guard.reason = "upstream_ended";
+                break;
+            }
         }
     }
     // The upstream is gone: clients end now; the topic stays for the linger so that whoever
@@ -555,6 +581,8 @@ struct Pump<St> {
     store: Option<St>,
     ids: Ids,
     key: Bytes,
+    /// Events in the frame being built.
+    events: usize,
 }
 
 impl<St: ReplayStore> Pump<St> {
@@ -573,6 +601,7 @@ impl<St: ReplayStore> Pump<St> {
             }
             let start = self.out.len();
             event.encode_into(&mut self.out);
+            self.events += 1;
             if self.store.is_some() && is_recordable(&event) {
                 if let Some(id) = event.id_bytes() {
                     self.recorded.push((start..self.out.len(), id.clone()));
@@ -582,6 +611,8 @@ impl<St: ReplayStore> Pump<St> {
         if self.out.is_empty() {
             return Ok(None);
         }
+        telemetry::fanned_out(self.events);
+        self.events = 0;
         let frame = self.out.split().freeze();
         if let Some(store) = &self.store {
             for (span, id) in self.recorded.drain(..) {

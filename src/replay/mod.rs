@@ -121,6 +121,7 @@ pub use store::{
     Lookup, MemoryLimits, MemoryStore, ReadFrom, ReplayStore, StoreError, StoredEvent,
 };
 
+use crate::telemetry;
 use crate::wire::{is_plain_event_stream, Event};
 
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
@@ -409,14 +410,18 @@ enum Resumed {
 }
 
 impl Resumed {
-    fn header(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
+    fn label(self) -> &'static str {
+        match self {
             Self::New => "new",
             Self::LastEventId => "last-event-id",
             Self::Earliest => "earliest",
             Self::Live => "live",
             Self::Upstream => "upstream",
-        })
+        }
+    }
+
+    fn header(self) -> HeaderValue {
+        HeaderValue::from_static(self.label())
     }
 }
 
@@ -479,6 +484,7 @@ where
             ClientId::None => return self.respond(request, Some(Plan::new(key, Resumed::New))),
             ClientId::Valid(id) => (Step::AfterId, id),
             ClientId::Garbage => {
+                telemetry::unknown_id();
                 // Never looked up, never passed on.
                 request.headers_mut().remove(LAST_EVENT_ID);
                 match config.unknown {
@@ -663,10 +669,21 @@ fn apply_read(
             plan.replay = events;
             None
         }
-        (Step::AfterId, Ok(Lookup::Unknown)) => Some(config.unknown),
-        (Step::AfterId, Err(_)) => Some(config.store_failure),
+        (Step::AfterId, Ok(Lookup::Unknown)) => {
+            telemetry::unknown_id();
+            Some(config.unknown)
+        }
+        (Step::AfterId, Err(error)) => {
+            telemetry::store_failed(&error);
+            Some(config.store_failure)
+        }
         // Reading from the oldest cannot find "unknown"; a failure leaves it to the inner service.
-        (Step::Oldest, _) => Some(UnknownId::PassUpstream),
+        (Step::Oldest, result) => {
+            if let Err(error) = result {
+                telemetry::store_failed(&error);
+            }
+            Some(UnknownId::PassUpstream)
+        }
     };
     match policy {
         Some(UnknownId::FromOldest) if step == Step::AfterId => return Next::ReadOldest,
@@ -747,6 +764,7 @@ where
                         Some(plan) if is_plain_event_stream(response.headers()) => {
                             let (mut parts, inner) = response.into_parts();
                             parts.headers.insert(RESUMED_FROM, plan.resumed.header());
+                            telemetry::replayed(plan.resumed.label(), plan.replay.len());
                             let recorded = parts.extensions.get::<AlreadyRecorded>().is_some();
                             let body = ReplayBody::stream(
                                 inner,

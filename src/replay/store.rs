@@ -178,6 +178,9 @@ struct Shared {
     limits: MemoryLimits,
     prefix: String,
     streams: Mutex<HashMap<Bytes, Stream>>,
+    /// When the store's size is next reported to telemetry (at most once a second).
+    #[cfg(feature = "metrics")]
+    next_report: Mutex<Instant>,
 }
 
 struct Stream {
@@ -228,6 +231,8 @@ impl MemoryStore {
                 limits,
                 prefix,
                 streams: Mutex::new(HashMap::new()),
+                #[cfg(feature = "metrics")]
+                next_report: Mutex::new(Instant::now()),
             }),
         }
     }
@@ -254,6 +259,21 @@ impl MemoryStore {
             .streams
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sets the size gauges, at most once a second (a sum over the keys).
+    #[cfg(feature = "metrics")]
+    fn report_size(&self, streams: &HashMap<Bytes, Stream>, now: Instant) {
+        let mut next = self
+            .shared
+            .next_report
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if now >= *next {
+            *next = now + Duration::from_secs(1);
+            let events = streams.values().map(|s| s.events.len()).sum();
+            crate::telemetry::store_size(streams.len(), events);
+        }
     }
 
     /// The stream of `key`, created if needed, with the key bound enforced.
@@ -356,6 +376,8 @@ impl ReplayStore for MemoryStore {
         stream.bytes += event.bytes.len();
         stream.events.push_back(Retained { event, at: now });
         stream.trim(&self.shared.limits, now);
+        #[cfg(feature = "metrics")]
+        self.report_size(&streams, now);
     }
 
     fn trim(&self, key: &Bytes, keep: usize) {

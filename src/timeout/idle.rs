@@ -16,6 +16,7 @@ use tower_service::Service;
 
 use super::BoxError;
 use crate::future::sealed::OnResponse;
+use crate::telemetry::{self, Timeout};
 use crate::wire::is_event_stream;
 
 /// Ends an event stream when its inner body sends nothing for the timeout; see the
@@ -206,6 +207,7 @@ where
                 continue;
             }
             *timed_out = true;
+            telemetry::timed_out(Timeout::Idle);
             return Poll::Ready(config.error.then(|| Err(IdleTimeout(()).into())));
         }
     }

@@ -13,6 +13,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::InnerOrLocal;
+use crate::telemetry::{self, Timeout};
 
 const GATEWAY_TIMEOUT_BODY: &str =
     "504 Gateway Timeout: the upstream sent no response headers in time\n";
@@ -120,6 +121,7 @@ where
             return Poll::Ready(result.map(|response| response.map(InnerOrLocal::inner)));
         }
         if this.sleep.poll(cx).is_ready() {
+            telemetry::timed_out(Timeout::Response);
             let response =
                 InnerOrLocal::plain_text(StatusCode::GATEWAY_TIMEOUT, GATEWAY_TIMEOUT_BODY);
             return Poll::Ready(Ok(response));

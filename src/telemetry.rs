@@ -1,0 +1,185 @@
+//! Every decision a layer makes, reported once: a `tracing` event (target `tower_sse`) and,
+//! with the `metrics` feature, a metric through the `metrics` facade. The names and labels are
+//! listed in the crate docs (Operations); nothing here costs more than a disabled-callsite check
+//! when no subscriber or recorder listens, and the metric calls are not compiled without the
+//! feature.
+
+/// Emits through the `metrics` facade, only with the `metrics` feature.
+macro_rules! metric {
+    ($($body:tt)*) => {
+        #[cfg(feature = "metrics")]
+        {
+            $($body)*
+        }
+    };
+}
+
+/// Why an event stream ended, as the passthrough layer saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// The body ended.
+    End,
+    /// The body failed.
+    Error,
+    /// The client went away (the body was dropped before its end).
+    ClientGone,
+}
+
+impl Close {
+    fn label(self) -> &'static str {
+        match self {
+            Self::End => "end",
+            Self::Error => "error",
+            Self::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// What ended a stream or an answer early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Timeout {
+    Idle,
+    Response,
+    Lifetime,
+    Shutdown,
+}
+
+impl Timeout {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Response => "response",
+            Self::Lifetime => "lifetime",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+pub(crate) fn stream_opened() {
+    tracing::debug!(target: "tower_sse", "event stream opened");
+    metric! {
+        metrics::counter!("sse_streams_opened_total").increment(1);
+        metrics::gauge!("sse_streams_open").increment(1.0);
+    }
+}
+
+pub(crate) fn stream_closed(close: Close, bytes: u64) {
+    let reason = close.label();
+    tracing::debug!(target: "tower_sse", reason, bytes, "event stream closed");
+    metric! {
+        metrics::counter!("sse_streams_closed_total", "reason" => reason).increment(1);
+        metrics::gauge!("sse_streams_open").decrement(1.0);
+    }
+}
+
+pub(crate) fn frame_sent(bytes: usize) {
+    tracing::trace!(target: "tower_sse", bytes, "frame sent");
+    metric! {
+        metrics::counter!("sse_frames_sent_total").increment(1);
+        metrics::counter!("sse_bytes_sent_total").increment(bytes as u64);
+    }
+    let _ = bytes;
+}
+
+pub(crate) fn headers_applied(content_type_set: bool) {
+    tracing::trace!(target: "tower_sse", content_type_set, "event-stream header policy applied");
+}
+
+pub(crate) fn not_acceptable() {
+    tracing::debug!(target: "tower_sse", "406: Accept rules out an event stream");
+    metric! {
+        metrics::counter!("sse_rejected_total", "reason" => "not_acceptable").increment(1);
+    }
+}
+
+pub(crate) fn heartbeat_sent() {
+    tracing::trace!(target: "tower_sse", "heartbeat sent");
+    metric! {
+        metrics::counter!("sse_heartbeats_total").increment(1);
+    }
+}
+
+pub(crate) fn timed_out(kind: Timeout) {
+    let kind = kind.label();
+    tracing::debug!(target: "tower_sse", kind, "event stream ended by a limit");
+    metric! {
+        metrics::counter!("sse_timeouts_total", "kind" => kind).increment(1);
+    }
+}
+
+/// A request with a replay plan: where it resumed and how many events were replayed.
+pub(crate) fn replayed(resumed: &'static str, events: usize) {
+    tracing::debug!(target: "tower_sse", resumed, events, "replay");
+    metric! {
+        metrics::counter!("sse_replay_requests_total", "resumed" => resumed).increment(1);
+        metrics::counter!("sse_replay_events_total").increment(events as u64);
+    }
+    let _ = events;
+}
+
+pub(crate) fn unknown_id() {
+    tracing::debug!(target: "tower_sse", "Last-Event-ID unknown, expired, too long or invalid");
+    metric! {
+        metrics::counter!("sse_replay_unknown_ids_total").increment(1);
+    }
+}
+
+pub(crate) fn store_failed(error: &dyn std::fmt::Display) {
+    tracing::warn!(target: "tower_sse", %error, "replay store failed; serving without replay");
+    metric! {
+        metrics::counter!("sse_replay_store_failures_total").increment(1);
+    }
+}
+
+#[cfg(feature = "metrics")]
+pub(crate) fn store_size(keys: usize, events: usize) {
+    metrics::gauge!("sse_replay_store_keys").set(keys as f64);
+    metrics::gauge!("sse_replay_store_events").set(events as f64);
+}
+
+pub(crate) fn subscription_opened() {
+    tracing::debug!(target: "tower_sse", "fan-out subscription opened");
+    metric! {
+        metrics::gauge!("sse_fanout_subscriptions").increment(1.0);
+    }
+}
+
+pub(crate) fn subscription_closed(reason: &'static str) {
+    tracing::debug!(target: "tower_sse", reason, "fan-out subscription closed");
+    metric! {
+        metrics::gauge!("sse_fanout_subscriptions").decrement(1.0);
+    }
+}
+
+pub(crate) fn subscribers_changed(delta: isize) {
+    metric! {
+        metrics::gauge!("sse_fanout_clients").increment(delta as f64);
+    }
+    let _ = delta;
+}
+
+pub(crate) fn slow_client(policy: &'static str) {
+    tracing::info!(target: "tower_sse", policy, "fan-out client too slow");
+    metric! {
+        metrics::counter!("sse_fanout_slow_clients_total", "policy" => policy).increment(1);
+    }
+}
+
+pub(crate) fn fanned_out(events: usize) {
+    metric! {
+        metrics::counter!("sse_fanout_events_total").increment(events as u64);
+    }
+    let _ = events;
+}
+
+#[cfg(feature = "compression")]
+pub(crate) fn compressed(encoding: &'static str, raw: usize, encoded: usize) {
+    tracing::trace!(target: "tower_sse", encoding, raw, encoded, "frame compressed");
+    metric! {
+        metrics::counter!("sse_compression_in_bytes_total", "encoding" => encoding)
+            .increment(raw as u64);
+        metrics::counter!("sse_compression_out_bytes_total", "encoding" => encoding)
+            .increment(encoded as u64);
+    }
+    let _ = (encoding, raw, encoded);
+}

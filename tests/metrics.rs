@@ -1,0 +1,322 @@
+//! The metrics the layers emit (feature `metrics`), read back from a recorder of the test's own,
+//! installed for each test's thread: every test runs on its own current-thread runtime.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower_sse::compression::SseCompressionLayer;
+use tower_sse::fanout::FanoutLayer;
+use tower_sse::testing::{Script, ScriptedService, TestStream};
+use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
+use tower_sse::{HeartbeatLayer, PassthroughLayer, ReplayLayer, SseHeadersLayer};
+
+/// A recorder for the tests: every counter and gauge by name and labels, readable at any time.
+#[derive(Default)]
+struct TestRecorder {
+    counters: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    gauges: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+/// `name{k=v,...}` with the labels sorted.
+fn render(name: &str, labels: &[(&str, &str)]) -> String {
+    let mut labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    format!("{name}{{{}}}", labels.join(","))
+}
+
+fn render_key(key: &Key) -> String {
+    let labels: Vec<(&str, &str)> = key.labels().map(|l| (l.key(), l.value())).collect();
+    render(key.name(), &labels)
+}
+
+impl Recorder for TestRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        let mut counters = self.counters.lock().unwrap();
+        Counter::from_arc(counters.entry(render_key(key)).or_default().clone())
+    }
+
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        let mut gauges = self.gauges.lock().unwrap();
+        Gauge::from_arc(gauges.entry(render_key(key)).or_default().clone())
+    }
+
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+struct Recorded {
+    recorder: &'static TestRecorder,
+    _guard: metrics::LocalRecorderGuard<'static>,
+}
+
+/// A recorder for this thread only (each test runs on its own current-thread runtime).
+fn record() -> Recorded {
+    let recorder: &'static TestRecorder = Box::leak(Box::default());
+    let guard = metrics::set_default_local_recorder(recorder);
+    Recorded {
+        recorder,
+        _guard: guard,
+    }
+}
+
+impl Recorded {
+    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let counters = self.recorder.counters.lock().unwrap();
+        counters
+            .get(&render(name, labels))
+            .map_or(0.0, |c| c.load(Ordering::Relaxed) as f64)
+    }
+
+    fn gauge(&self, name: &str) -> f64 {
+        let gauges = self.recorder.gauges.lock().unwrap();
+        gauges
+            .get(&render(name, &[]))
+            .map_or(0.0, |g| f64::from_bits(g.load(Ordering::Relaxed)))
+    }
+}
+
+fn upstream(script: Script) -> ScriptedService {
+    ScriptedService::event_stream(script)
+}
+
+fn get() -> Request<()> {
+    Request::get("/events").body(()).unwrap()
+}
+
+#[tokio::test]
+async fn streams_frames_and_bytes_are_counted_with_how_each_stream_closed() {
+    let recorded = record();
+    let service = PassthroughLayer::new()
+        .initial_comment("ok")
+        .layer_service(upstream(
+            Script::new().chunk("data: a\n\n").chunk("data: b\n\n"),
+        ));
+    let body = service.clone().oneshot(get()).await.unwrap().into_body();
+    assert_eq!(recorded.gauge("sse_streams_open"), 1.0);
+    let bytes = body.collect().await.unwrap().to_bytes();
+    assert_eq!(recorded.counter("sse_streams_opened_total", &[]), 1.0);
+    assert_eq!(recorded.counter("sse_frames_sent_total", &[]), 3.0);
+    assert_eq!(
+        recorded.counter("sse_bytes_sent_total", &[]),
+        bytes.len() as f64
+    );
+    assert_eq!(
+        recorded.counter("sse_streams_closed_total", &[("reason", "end")]),
+        1.0
+    );
+    assert_eq!(recorded.gauge("sse_streams_open"), 0.0);
+
+    // A client that leaves before the end.
+    let hanging =
+        PassthroughLayer::new().layer_service(upstream(Script::new().chunk("data: a\n\n").hang()));
+    let response = hanging.oneshot(get()).await.unwrap();
+    drop(response);
+    assert_eq!(
+        recorded.counter("sse_streams_closed_total", &[("reason", "client_gone")]),
+        1.0
+    );
+    assert_eq!(recorded.gauge("sse_streams_open"), 0.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_and_timeouts_are_counted() {
+    let recorded = record();
+    let service = ServiceBuilder::new()
+        .layer(HeartbeatLayer::new(Duration::from_secs(1)))
+        .layer(IdleTimeoutLayer::new(Duration::from_millis(3500)))
+        .service(upstream(Script::new().chunk("data: a\n\n").hang()));
+    let mut stream = TestStream::new(service.oneshot(get()).await.unwrap());
+    stream.next_event().await;
+    stream.assert_ends().await;
+    assert_eq!(recorded.counter("sse_heartbeats_total", &[]), 3.0);
+    assert_eq!(
+        recorded.counter("sse_timeouts_total", &[("kind", "idle")]),
+        1.0
+    );
+
+    let slow = service_fn(|_request: Request<()>| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    });
+    let response = ResponseTimeoutLayer::new(Duration::from_secs(5))
+        .layer_service(slow)
+        .oneshot(get())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        recorded.counter("sse_timeouts_total", &[("kind", "response")]),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn rejections_replays_and_unknown_ids_are_counted() {
+    let recorded = record();
+    let strict = SseHeadersLayer::new()
+        .strict_accept(true)
+        .layer_service(upstream(Script::new()));
+    let request = Request::get("/")
+        .header(header::ACCEPT, "application/json")
+        .body(())
+        .unwrap();
+    let response = strict.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_ACCEPTABLE);
+    assert_eq!(
+        recorded.counter("sse_rejected_total", &[("reason", "not_acceptable")]),
+        1.0
+    );
+
+    let events = "id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\ndata: c\n\n";
+    let service = ReplayLayer::new().layer_service(upstream(Script::new().chunk(events)));
+    service
+        .clone()
+        .oneshot(get())
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let resume = Request::get("/events")
+        .header("last-event-id", "1")
+        .body(())
+        .unwrap();
+    service
+        .clone()
+        .oneshot(resume)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let unknown = Request::get("/events")
+        .header("last-event-id", "9")
+        .body(())
+        .unwrap();
+    service
+        .clone()
+        .oneshot(unknown)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded.counter("sse_replay_requests_total", &[("resumed", "new")]),
+        1.0
+    );
+    assert_eq!(
+        recorded.counter("sse_replay_requests_total", &[("resumed", "last-event-id")]),
+        1.0
+    );
+    assert_eq!(
+        recorded.counter("sse_replay_requests_total", &[("resumed", "earliest")]),
+        1.0
+    );
+    // 2 after id 1, then 3 from the oldest.
+    assert_eq!(recorded.counter("sse_replay_events_total", &[]), 5.0);
+    assert_eq!(recorded.counter("sse_replay_unknown_ids_total", &[]), 1.0);
+    assert_eq!(recorded.gauge("sse_replay_store_keys"), 1.0);
+    assert_eq!(
+        recorded.gauge("sse_replay_store_events"),
+        1.0,
+        "reported on the first append"
+    );
+}
+
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !condition() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"));
+}
+
+#[tokio::test]
+async fn fanout_subscriptions_clients_and_slow_clients_are_counted() {
+    let recorded = record();
+    let quiet = FanoutLayer::new()
+        .linger(Duration::ZERO)
+        .layer_service(upstream(Script::new().hang()));
+    let first = quiet.clone().oneshot(get()).await.unwrap();
+    let second = quiet.clone().oneshot(get()).await.unwrap();
+    assert_eq!(recorded.gauge("sse_fanout_subscriptions"), 1.0);
+    assert_eq!(recorded.gauge("sse_fanout_clients"), 2.0);
+    drop((first, second));
+    assert_eq!(recorded.gauge("sse_fanout_clients"), 0.0);
+    eventually("the subscription closes after its zero linger", || {
+        recorded.gauge("sse_fanout_subscriptions") == 0.0
+    })
+    .await;
+
+    // A client that never reads, with a queue of one frame: the second frame cuts it off.
+    let busy = FanoutLayer::new().queue_capacity(1).layer_service(upstream(
+        Script::new()
+            .chunk("data: 1\n\n")
+            .chunk("data: 2\n\n")
+            .chunk("data: 3\n\n")
+            .hang(),
+    ));
+    let _slow = busy.oneshot(get()).await.unwrap();
+    eventually("the slow client is cut", || {
+        recorded.counter("sse_fanout_slow_clients_total", &[("policy", "disconnect")]) == 1.0
+    })
+    .await;
+    assert_eq!(recorded.gauge("sse_fanout_clients"), 0.0);
+    // Every upstream event is fanned out, whoever still reads it.
+    eventually("three events fanned out", || {
+        recorded.counter("sse_fanout_events_total", &[]) == 3.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn compression_counts_bytes_in_and_out() {
+    let recorded = record();
+    let events = "data: hello hello hello hello hello hello hello hello\n\n".repeat(20);
+    let service =
+        SseCompressionLayer::new().layer_service(upstream(Script::new().chunk(events.clone())));
+    let request = Request::get("/")
+        .header(header::ACCEPT_ENCODING, "gzip")
+        .body(())
+        .unwrap();
+    service
+        .oneshot(request)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let raw = recorded.counter("sse_compression_in_bytes_total", &[("encoding", "gzip")]);
+    let encoded = recorded.counter("sse_compression_out_bytes_total", &[("encoding", "gzip")]);
+    assert_eq!(raw, events.len() as f64);
+    assert!(encoded > 0.0 && encoded < raw / 5.0, "{raw} -> {encoded}");
+}
+
+/// `layer_service`: a layer applied to a service, for brevity above.
+trait LayerService<S>: tower::Layer<S> + Sized {
+    fn layer_service(self, service: S) -> Self::Service {
+        self.layer(service)
+    }
+}
+
+impl<L: tower::Layer<S>, S> LayerService<S> for L {}
