@@ -118,11 +118,49 @@
 //! # let _ = stack;
 //! ```
 //!
+//! # Operations
+//!
+//! Every layer reports its decisions as `tracing` events with target `tower_sse`. They are
+//! free when no subscriber listens.
+//! - `debug`: a stream opened or closed (with the reason and the bytes sent), a `406`, a
+//!   timeout or lifetime end, a replay (where it resumed, how many events), an unknown
+//!   `Last-Event-ID`, a fan-out subscription opened or closed (with the reason).
+//! - `info`: a fan-out client too slow.
+//! - `warn`: a replay store failure.
+//! - `trace`: every frame, heartbeat and compressed frame.
+//!
+//! With the `metrics` feature, the same decisions go to the [`metrics`](https://docs.rs/metrics)
+//! facade: install any recorder (Prometheus, StatsD, ...). Without the feature, no metric code is
+//! compiled.
+//!
+//! | metric | kind | labels | from |
+//! |---|---|---|---|
+//! | `sse_streams_open` | gauge | | passthrough: event streams open now |
+//! | `sse_streams_opened_total` | counter | | passthrough |
+//! | `sse_streams_closed_total` | counter | `reason`: `end`, `error`, `client_gone` | passthrough |
+//! | `sse_frames_sent_total`, `sse_bytes_sent_total` | counter | | passthrough: what left for clients |
+//! | `sse_heartbeats_total` | counter | | heartbeat |
+//! | `sse_timeouts_total` | counter | `kind`: `idle`, `response`, `lifetime`, `shutdown` | timeouts, lifetime |
+//! | `sse_rejected_total` | counter | `reason`: `not_acceptable` | headers (`406`) |
+//! | `sse_replay_requests_total` | counter | `resumed`: `new`, `last-event-id`, `earliest`, `live`, `upstream` | replay |
+//! | `sse_replay_events_total` | counter | | replay: events replayed |
+//! | `sse_replay_unknown_ids_total` | counter | | replay |
+//! | `sse_replay_store_failures_total` | counter | | replay |
+//! | `sse_replay_store_keys`, `sse_replay_store_events` | gauge | | `MemoryStore`, at most once a second |
+//! | `sse_fanout_subscriptions`, `sse_fanout_clients` | gauge | | fan-out |
+//! | `sse_fanout_events_total` | counter | | fan-out: upstream events shared |
+//! | `sse_fanout_slow_clients_total` | counter | `policy`: `disconnect`, `skip` | fan-out |
+//! | `sse_compression_in_bytes_total`, `sse_compression_out_bytes_total` | counter | `encoding` | compression (ratio = in / out) |
+//!
+//! Counts of streams, frames and bytes come from the passthrough layer, which sees every event
+//! stream once; a stack without it reports no stream counts.
+//!
 //! # Feature flags
 //!
 //! - `compression`: `SseCompressionLayer` (pulls flate2, brotli and zstd).
 //! - `redis`: `replay::RedisStore`, replay history in Redis Streams shared by several instances
-//!   (pulls redis and tracing).
+//!   (pulls redis).
+//! - `metrics`: metrics through the `metrics` facade (see Operations).
 //! - `test-util`: the [`testing`] kit for your own tests (requests as browsers send them,
 //!   assertions on what a client sees, scripted upstreams).
 //! - `full`: every feature.

@@ -654,3 +654,86 @@ async fn fanout_shares_one_upstream_stream_and_replays_from_it() {
     assert_eq!(read_ids(&mut resumed, 3).await, ["4", "5", "6"]);
     assert_eq!(upstream.feeds.lock().unwrap().len(), 1);
 }
+
+/// A Prometheus text line: `name{label="value",...} number`, or a `#` comment.
+fn is_prometheus_line(line: &str) -> bool {
+    if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+        return true;
+    }
+    let (series, value) = match line.rsplit_once(' ') {
+        Some(parts) => parts,
+        None => return false,
+    };
+    let number = value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value);
+    let (name, labels) = match series.split_once('{') {
+        Some((name, rest)) => (name, rest.strip_suffix('}')),
+        None => (series, Some("")),
+    };
+    let name_ok = !name.is_empty()
+        && name.chars().enumerate().all(|(i, c)| {
+            c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+        });
+    let labels_ok = labels.is_some_and(|labels| {
+        labels.is_empty()
+            || labels.split(',').all(|pair| {
+                pair.split_once('=').is_some_and(|(k, v)| {
+                    !k.is_empty() && v.len() >= 2 && v.starts_with('"') && v.ends_with('"')
+                })
+            })
+    });
+    number && name_ok && labels_ok
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_and_status_streams_them() {
+    let gateway = Gateway::start(&["--demo-interval", "20", "--replay", "10", "--fanout"]).await;
+    let events = get(&gateway.url("/events"), &[]).await;
+    let mut reader = EventReader::new(events.into_body());
+    for _ in 0..3 {
+        next(&mut reader).await;
+    }
+    let response = get(&gateway.url("/metrics"), &[]).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()[CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let bad: Vec<&str> = text.lines().filter(|l| !is_prometheus_line(l)).collect();
+    assert!(bad.is_empty(), "not Prometheus text: {bad:?}\n{text}");
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    assert!(value("sse_streams_opened_total") >= 1.0);
+    assert!(value("sse_frames_sent_total") >= 3.0);
+    assert_eq!(value("sse_fanout_subscriptions"), 1.0);
+    assert!(text.contains("sse_replay_requests_total{resumed=\"new\"}"));
+
+    // /status is an event stream of the same numbers.
+    let status = get(&gateway.url("/status"), &[]).await;
+    assert_eq!(
+        status.headers()[CONTENT_TYPE],
+        "text/event-stream; charset=utf-8"
+    );
+    let mut status = EventReader::new(status.into_body());
+    let event = loop {
+        let event = next(&mut status).await;
+        if event.is_message() {
+            break event;
+        }
+    };
+    assert_eq!(event.event_type(), Some(&b"status"[..]));
+    let data: serde_json::Value = serde_json::from_str(&event.data().unwrap()).unwrap();
+    assert!(data["open_streams"].as_f64().unwrap() >= 1.0, "{data}");
+}

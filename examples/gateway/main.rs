@@ -12,6 +12,7 @@
 //! streamed both ways, and event-stream responses get the tower-sse stack on the way back.
 
 mod demo;
+mod ops;
 mod optional;
 mod proxy;
 
@@ -41,6 +42,7 @@ use tower_sse::{
     SseHeadersLayer,
 };
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use optional::Optional;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -175,8 +177,13 @@ fn positive(secs: f64) -> Option<Duration> {
 /// boundary; replay resumes clients and records events (never heartbeats); the fan-out hub shares
 /// one upstream subscription per stream and records into the same store; the timeouts sit next
 /// to the upstream, so they measure its silence, not heartbeats.
-async fn serve_stack<S, B, St>(args: &Args, listener: TcpListener, inner: S, store: Option<St>)
-where
+async fn serve_stack<S, B, St>(
+    args: &Args,
+    listener: TcpListener,
+    inner: S,
+    store: Option<St>,
+    metrics: PrometheusHandle,
+) where
     St: ReplayStore,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -232,12 +239,13 @@ where
             positive(args.response_timeout).map(ResponseTimeoutLayer::new),
         ))
         .service(inner);
-    serve(listener, service, shutdown).await;
+    serve(listener, ops::Ops::new(service, metrics), shutdown).await;
 }
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
+    let metrics = ops::install_recorder()?;
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -253,11 +261,11 @@ async fn main() -> Result<(), BoxError> {
         if !store.connected(Duration::from_secs(2)).await {
             println!("  Redis is not answering yet: streams flow, recording starts when it does");
         }
-        run(&args, listener, addr, Some(store)).await;
+        run(&args, listener, addr, Some(store), metrics).await;
     } else {
         let store = (args.replay > 0)
             .then(|| MemoryStore::with_limits(MemoryLimits::default().events_per_key(args.replay)));
-        run(&args, listener, addr, store).await;
+        run(&args, listener, addr, store, metrics).await;
     }
     Ok(())
 }
@@ -268,12 +276,21 @@ async fn run<St: ReplayStore>(
     listener: TcpListener,
     addr: SocketAddr,
     store: Option<St>,
+    metrics: PrometheusHandle,
 ) {
+    println!("  metrics: http://{addr}/metrics   status stream: http://{addr}/status");
     match &args.upstream {
         Some(upstream) => {
             println!("  proxying every request to {upstream}");
             println!("  try: curl -N http://{addr}/<path of an event stream>");
-            serve_stack(args, listener, proxy::Proxy::new(upstream.clone()), store).await;
+            serve_stack(
+                args,
+                listener,
+                proxy::Proxy::new(upstream.clone()),
+                store,
+                metrics,
+            )
+            .await;
         }
         None => {
             println!("  page:   http://{addr}/");
@@ -283,7 +300,7 @@ async fn run<St: ReplayStore>(
                 _ => Duration::from_millis(args.demo_interval.max(1)),
             };
             let demo = demo::Demo::new(every, args.demo_size);
-            serve_stack(args, listener, demo, store).await;
+            serve_stack(args, listener, demo, store, metrics).await;
         }
     }
 }
