@@ -25,7 +25,7 @@ use http::{header, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tower::{service_fn, ServiceExt};
 use tower_layer::Layer;
-use tower_sse::HeartbeatLayer;
+use tower_sse::{HeartbeatLayer, PassthroughLayer};
 
 #[path = "support/alloc.rs"]
 mod alloc;
@@ -219,9 +219,8 @@ fn forwarding_cpu(c: &mut Criterion) {
         let mut cx = Context::from_waker(waker);
         b.iter(|| std::hint::black_box(body.as_mut().poll_frame(&mut cx)));
     });
-    group.bench_function("through HeartbeatLayer", |b| {
-        let frame = frame.clone();
-        let upstream = service_fn(move |_req: Request<()>| {
+    let busy_upstream = |frame: Bytes| {
+        service_fn(move |_req: Request<()>| {
             let frame = frame.clone();
             async move {
                 let response = Response::builder()
@@ -230,14 +229,28 @@ fn forwarding_cpu(c: &mut Criterion) {
                     .unwrap();
                 Ok::<_, Infallible>(response)
             }
-        });
-        let service = HeartbeatLayer::new(INTERVAL).layer(upstream);
+        })
+    };
+    group.bench_function("through HeartbeatLayer", |b| {
+        let service = HeartbeatLayer::new(INTERVAL).layer(busy_upstream(frame.clone()));
         let response = runtime.block_on(service.oneshot(Request::new(()))).unwrap();
         let mut body = Box::pin(response.into_body());
         let _guard = runtime.enter();
         let mut cx = Context::from_waker(waker);
         b.iter(|| std::hint::black_box(body.as_mut().poll_frame(&mut cx)));
     });
+    // Passthrough reports every frame to telemetry (a `tracing` callsite and, with the
+    // `metrics` feature, two counters): here with neither a subscriber nor a recorder.
+    group.bench_function(
+        "through PassthroughLayer (telemetry, nothing listening)",
+        |b| {
+            let service = PassthroughLayer::new().layer(busy_upstream(frame.clone()));
+            let response = runtime.block_on(service.oneshot(Request::new(()))).unwrap();
+            let mut body = Box::pin(response.into_body());
+            let mut cx = Context::from_waker(waker);
+            b.iter(|| std::hint::black_box(body.as_mut().poll_frame(&mut cx)));
+        },
+    );
     group.finish();
 }
 
