@@ -81,6 +81,37 @@ async fn tower_sse_stream() -> BoxedBody {
     boxed(service.oneshot(Request::new(())).await.unwrap().into_body())
 }
 
+/// The recommended stack on an idle stream, minus its one-off first frames (the initial comment
+/// and `retry:` carry no state once sent): headers, passthrough, heartbeat, lifetime, replay,
+/// idle and response timeouts.
+async fn full_stack_stream() -> BoxedBody {
+    let upstream = service_fn(|_req: Request<()>| async {
+        let response = Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(Silent)
+            .unwrap();
+        Ok::<_, Infallible>(response)
+    });
+    let hour = Duration::from_secs(3600);
+    let service = tower::ServiceBuilder::new()
+        .layer(tower_sse::SseHeadersLayer::new())
+        .layer(PassthroughLayer::new())
+        .layer(HeartbeatLayer::new(INTERVAL))
+        .layer(tower_sse::LifetimeLayer::new().max_lifetime(hour))
+        .layer(tower_sse::ReplayLayer::new())
+        .layer(tower_sse::timeout::IdleTimeoutLayer::new(hour))
+        .layer(tower_sse::timeout::ResponseTimeoutLayer::new(hour))
+        .service(upstream);
+    let body = service.oneshot(Request::new(())).await.unwrap().into_body();
+    if std::env::var_os("SIZES").is_some() {
+        eprintln!(
+            "full stack body: {} bytes inline",
+            std::mem::size_of_val(&body)
+        );
+    }
+    boxed(body)
+}
+
 async fn axum_stream() -> BoxedBody {
     let events = futures_pending::<Result<AxumEvent, Infallible>>();
     let response = Sse::new(events)
@@ -257,6 +288,7 @@ fn forwarding_cpu(c: &mut Criterion) {
 fn main() {
     memory_per_idle_stream("tower-sse HeartbeatLayer", || Box::pin(tower_sse_stream()));
     memory_per_idle_stream("axum Sse::keep_alive", || Box::pin(axum_stream()));
+    memory_per_idle_stream("tower-sse full stack", || Box::pin(full_stack_stream()));
     let mut criterion = Criterion::default().configure_from_args();
     heartbeat_cpu(&mut criterion);
     forwarding_cpu(&mut criterion);

@@ -53,6 +53,19 @@ fn large() -> Vec<u8> {
     out
 }
 
+/// `count` events of about `size` bytes each (id, data padding, blank line).
+fn sized(size: usize, count: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size * count);
+    for n in 0..count {
+        let head = format!("id: {n}\ndata: ");
+        let pad = size.saturating_sub(head.len() + 2);
+        out.extend_from_slice(head.as_bytes());
+        out.extend(std::iter::repeat_n(b'x', pad));
+        out.extend_from_slice(b"\n\n");
+    }
+    out
+}
+
 fn crlf() -> Vec<u8> {
     String::from_utf8(small())
         .unwrap()
@@ -106,45 +119,79 @@ fn wire(c: &mut Criterion) {
         ("crlf", crlf(), EVENTS),
     ];
     for (name, stream, events) in inputs {
-        let stream = Bytes::from(stream);
-        let mut group = c.benchmark_group(format!("wire/{name}"));
-        group.throughput(Throughput::Bytes(stream.len() as u64));
-        group.sample_size(20);
-        group.measurement_time(Duration::from_secs(2));
-        group.warm_up_time(Duration::from_millis(500));
-        // Both chunkings must do the same work: every event parsed, every line ending found.
-        let whole = vec![stream.clone()];
-        let endings = memchr_lines(&whole);
-        for (chunking, chunks) in [("whole", whole), ("1460B", chunked(&stream, 1460))] {
-            assert_eq!(parse(&chunks), events, "{name}/{chunking}: events parsed");
-            assert_eq!(
-                memchr_lines(&chunks),
-                endings,
-                "{name}/{chunking}: line endings"
-            );
-            assert!(
-                scan(&chunks) > 0,
-                "{name}/{chunking}: no event boundary found"
-            );
-            group.bench_with_input(
-                BenchmarkId::new("parser", chunking),
-                &chunks,
-                |b, chunks| b.iter(|| parse(chunks)),
-            );
-            group.bench_with_input(
-                BenchmarkId::new("scanner", chunking),
-                &chunks,
-                |b, chunks| b.iter(|| scan(chunks)),
-            );
-            group.bench_with_input(
-                BenchmarkId::new("memchr_lines", chunking),
-                &chunks,
-                |b, chunks| b.iter(|| memchr_lines(chunks)),
-            );
-        }
-        group.finish();
+        group(
+            c,
+            name,
+            Bytes::from(stream),
+            events,
+            &[("whole", 0), ("1460B", 1460)],
+        );
     }
+    // The performance issue's sizes: 64 B, 1 KiB and 64 KiB events (about 1 MiB of each), whole
+    // and cut into 1 B to 16 KiB chunks.
+    let chunkings: &[(&str, usize)] = &[
+        ("whole", 0),
+        ("1B", 1),
+        ("64B", 64),
+        ("1460B", 1460),
+        ("16KiB", 16 * 1024),
+    ];
+    for (name, size, count) in [
+        ("64B", 64, 16 * 1024),
+        ("1KiB", 1024, 1024),
+        ("64KiB", 64 * 1024, 16),
+    ] {
+        let stream = Bytes::from(sized(size, count));
+        group(c, &format!("events_{name}"), stream, count, chunkings);
+    }
+}
 
+/// Parser, scanner and the memchr baseline on `stream`, in each chunking (0: whole).
+fn group(c: &mut Criterion, name: &str, stream: Bytes, events: usize, chunkings: &[(&str, usize)]) {
+    let mut group = c.benchmark_group(format!("wire/{name}"));
+    group.throughput(Throughput::Bytes(stream.len() as u64));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(2));
+    group.warm_up_time(Duration::from_millis(500));
+    // Every chunking must do the same work: every event parsed, every line ending found.
+    let whole = vec![stream.clone()];
+    let endings = memchr_lines(&whole);
+    for &(chunking, size) in chunkings {
+        let chunks = if size == 0 {
+            whole.clone()
+        } else {
+            chunked(&stream, size)
+        };
+        assert_eq!(parse(&chunks), events, "{name}/{chunking}: events parsed");
+        assert_eq!(
+            memchr_lines(&chunks),
+            endings,
+            "{name}/{chunking}: line endings"
+        );
+        assert!(
+            scan(&chunks) > 0,
+            "{name}/{chunking}: no event boundary found"
+        );
+        group.bench_with_input(
+            BenchmarkId::new("parser", chunking),
+            &chunks,
+            |b, chunks| b.iter(|| parse(chunks)),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("scanner", chunking),
+            &chunks,
+            |b, chunks| b.iter(|| scan(chunks)),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("memchr_lines", chunking),
+            &chunks,
+            |b, chunks| b.iter(|| memchr_lines(chunks)),
+        );
+    }
+    group.finish();
+}
+
+fn encode(c: &mut Criterion) {
     let events: Vec<Event> = (0..EVENTS)
         .map(|n| {
             Event::builder()
@@ -173,5 +220,5 @@ fn wire(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, wire);
+criterion_group!(benches, wire, encode);
 criterion_main!(benches);

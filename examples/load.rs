@@ -38,6 +38,13 @@ struct Args {
     /// A label copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
+    /// Idle streams: wait for no event, only hold the connections open for `--secs` and count
+    /// the heartbeats (comments) that arrive.
+    #[arg(long)]
+    idle: bool,
+    /// With `--idle`: create this file once every connection is open (for memory readings).
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -88,7 +95,11 @@ async fn open(addr: SocketAddr, uri: Uri) -> Result<EventReader<hyper::body::Inc
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(connection);
-    let request = Request::get(uri)
+    // Origin form and a Host header, as browsers send them (nginx refuses HTTP/1.1 without Host).
+    let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let request = Request::get(path)
+        .header("host", host)
         .header("accept", "text/event-stream")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
@@ -166,6 +177,50 @@ async fn read(
     tally
 }
 
+/// Holds idle streams open for `--secs` and reports the heartbeats seen.
+async fn idle(
+    args: Args,
+    readers: Vec<EventReader<hyper::body::Incoming>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, args.conns.to_string())?;
+    }
+    let hold = Duration::from_secs_f64(args.secs);
+    let tasks: Vec<_> = readers
+        .into_iter()
+        .map(|mut reader| {
+            tokio::spawn(async move {
+                let (mut heartbeats, mut events, mut ended) = (0u64, 0u64, false);
+                let deadline = tokio::time::Instant::now() + hold;
+                loop {
+                    match tokio::time::timeout_at(deadline, reader.next_event()).await {
+                        Ok(Some(Ok(event))) if event.is_message() => events += 1,
+                        Ok(Some(Ok(_))) => heartbeats += 1,
+                        Ok(_) => {
+                            ended = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                (heartbeats, events, ended)
+            })
+        })
+        .collect();
+    let (mut heartbeats, mut events, mut ended) = (0, 0, 0);
+    for task in tasks {
+        let (h, e, x) = task.await?;
+        heartbeats += h;
+        events += e;
+        ended += u64::from(x);
+    }
+    println!(
+        "{{\"label\":{:?},\"conns\":{},\"secs\":{:.2},\"idle\":true,\"heartbeats\":{heartbeats},\"events\":{events},\"ended_early\":{ended}}}",
+        args.label, args.conns, args.secs
+    );
+    Ok(())
+}
+
 fn quantile(sorted: &[u32], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -188,6 +243,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut readers = Vec::with_capacity(args.conns);
     for _ in 0..args.conns {
         readers.push(open(addr, args.url.clone()).await?);
+    }
+    if args.idle {
+        return idle(args, readers).await;
     }
     let ready = Arc::new(tokio::sync::Barrier::new(args.conns + 1));
     let start = Arc::new(tokio::sync::OnceCell::new());
