@@ -60,6 +60,11 @@ full_stack() {
 }
 full_stack 4210 4200
 full_stack 4211 4201
+# The same gateway with no layer work but the header policy and a bare passthrough: the "bare
+# hyper passthrough of the same body" the full stack is held to.
+$bin/gateway --listen 127.0.0.1:4212 --upstream http://127.0.0.1:4200 --heartbeat 0 \
+  --no-initial-comment --response-timeout 0 >/dev/null &
+pids+=($!)
 
 cat >"$work/nginx.conf" <<EOF
 worker_processes auto;
@@ -89,7 +94,7 @@ http {
 EOF
 "$NGINX" -p "$work" -c "$work/nginx.conf" -g 'daemon off;' &
 pids+=($!)
-for port in 4200 4201 4210 4211 4220 4221; do wait_port $port; done
+for port in 4200 4201 4210 4211 4212 4220 4221; do wait_port $port; done
 
 load() { # label url conns
   $bin/load --url "$2/events" --conns "$3" --secs "$SECS" --label "$1" | tee -a "$results"
@@ -98,6 +103,7 @@ for _ in $(seq "$RUNS"); do
   load "max/direct" http://127.0.0.1:4200 50
   load "max/nginx" http://127.0.0.1:4220 50
   load "max/gateway" http://127.0.0.1:4210 50
+  load "max/bare" http://127.0.0.1:4212 50
   load "10/s/direct" http://127.0.0.1:4201 1000
   load "10/s/nginx" http://127.0.0.1:4221 1000
   load "10/s/gateway" http://127.0.0.1:4211 1000
@@ -159,6 +165,9 @@ print(f"| 50 conns, max rate, 256 B events: events/s | {d:,.0f} | {n:,.0f} | {g:
 for q in ("p50", "p99", "p999"):
     d, n, g = (sub(f"10/s/{w}", "latency_ms", q) for w in ("direct", "nginx", "gateway"))
     print(f"| 1,000 conns x 10 ev/s: {q} latency ms | {d:.2f} | {n:.2f} | {g:.2f} | {g/n:.2f}x | {g/d:.2f}x |")
+b = median("max/bare", "events_per_sec")
+g = median("max/gateway", "events_per_sec")
+print(f"| 50 conns, max rate: gateway bare passthrough events/s | | | {b:,.0f} (full stack / bare: {g/b:.2f}x) | | |")
 d, n, g = (median(f"10/s/{w}", "events_per_sec") for w in ("direct", "nginx", "gateway"))
 print(f"| 1,000 conns x 10 ev/s: events/s | {d:,.0f} | {n:,.0f} | {g:,.0f} | {g/n:.2f}x | {g/d:.2f}x |")
 idle = {r["label"]: r for r in rows if r["label"].startswith("idle/")}

@@ -43,7 +43,8 @@ pin_project! {
     #[project = FillProj]
     enum Fill<R> {
         Idle,
-        Reading { #[pin] read: R, held: Option<Event> },
+        // Boxed: a rare state that would otherwise widen every stream's body.
+        Reading { #[pin] read: R, held: Option<Box<Event>> },
     }
 }
 
@@ -51,7 +52,8 @@ struct StreamState<St> {
     /// Replayed events (and the history-lost signal), sent before anything live.
     first: Option<Bytes>,
     frames: InnerFrames,
-    parser: Parser,
+    /// Made on the first frame: an idle stream carries no parser.
+    parser: Option<Box<Parser>>,
     /// Events are re-encoded one by one (to drop duplicates or set ids) rather than forwarded
     /// frame by frame. Switched off at an event boundary once neither is needed.
     reframe: bool,
@@ -89,7 +91,9 @@ impl<B, St: ReplayStore> ReplayBody<B, St> {
             first.extend_from_slice(&lost);
         }
         let ids = if recorded { Ids::Keep } else { config.ids };
-        let mut delivered = HashSet::with_capacity(plan.replay.len() + 1);
+        // No allocation for a new client, which has nothing to drop.
+        let capacity = plan.replay.len() + usize::from(plan.client_id.is_some());
+        let mut delivered = HashSet::with_capacity(capacity);
         let newest = plan
             .replay
             .last()
@@ -124,7 +128,7 @@ impl<B, St: ReplayStore> ReplayBody<B, St> {
                 state: StreamState {
                     first: (!first.is_empty()).then(|| first.freeze()),
                     frames,
-                    parser: Parser::new(),
+                    parser: None,
                     reframe,
                     delivered,
                     fill_after,
@@ -151,6 +155,10 @@ impl<B, St: ReplayStore> fmt::Debug for ReplayBody<B, St> {
 }
 
 impl<St: ReplayStore> StreamState<St> {
+    fn parser_mut(&mut self) -> &mut Parser {
+        self.parser.get_or_insert_with(Box::default)
+    }
+
     /// Records a message event that has an id; heartbeats and id-less events are not recorded.
     fn record(&self, event: &Event) {
         if !self.recording || !super::is_recordable(event) {
@@ -167,8 +175,8 @@ impl<St: ReplayStore> StreamState<St> {
         if !self.recording {
             return;
         }
-        self.parser.push(data.clone());
-        while let Some(event) = self.parser.next_event() {
+        self.parser_mut().push(data.clone());
+        while let Some(event) = self.parser_mut().next_event() {
             match event {
                 Ok(event) => self.record(&event),
                 // Past the parser's limits the stream still flows; only recording stops.
@@ -181,7 +189,7 @@ impl<St: ReplayStore> StreamState<St> {
     /// ids as configured. Stops at the first new live event while a gap may need filling, and
     /// hands it back.
     fn reframe(&mut self, out: &mut BytesMut) -> Reframed {
-        while let Some(event) = self.parser.next_event() {
+        while let Some(event) = self.parser_mut().next_event() {
             let Ok(mut event) = event else {
                 return Reframed::Broken;
             };
@@ -201,7 +209,8 @@ impl<St: ReplayStore> StreamState<St> {
                 event.encode_into(out);
             }
         }
-        if self.delivered.is_empty() && self.ids == Ids::Keep && !self.parser.is_mid_event() {
+        let mid_event = self.parser.as_ref().is_some_and(|p| p.is_mid_event());
+        if self.delivered.is_empty() && self.ids == Ids::Keep && !mid_event {
             self.reframe = false;
         }
         Reframed::Done
@@ -261,11 +270,11 @@ where
             // A failed read fills nothing: the live event goes on.
             let lookup = ready!(read.poll(cx)).unwrap_or(Lookup::Unknown);
             let held = held.take();
-            state.fill(lookup, held.as_ref(), &mut out);
+            state.fill(lookup, held.as_deref(), &mut out);
             state.fill_after = None;
             fill.set(Fill::Idle);
             if let Some(held) = held {
-                state.emit(held, &mut out);
+                state.emit(*held, &mut out);
             }
         } else {
             if state.ended {
@@ -283,7 +292,7 @@ where
                 state.record_frame(&data);
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
-            state.parser.push(data);
+            state.parser_mut().push(data);
         }
         match state.reframe(&mut out) {
             Reframed::Done => {}
@@ -295,7 +304,7 @@ where
                         .read(&state.key, ReadFrom::After(&after), state.replay_limit);
                 fill.set(Fill::Reading {
                     read,
-                    held: Some(held),
+                    held: Some(Box::new(held)),
                 });
             }
             Reframed::Broken => {
