@@ -737,3 +737,79 @@ async fn metrics_are_prometheus_text_and_status_streams_them() {
     let data: serde_json::Value = serde_json::from_str(&event.data().unwrap()).unwrap();
     assert!(data["open_streams"].as_f64().unwrap() >= 1.0, "{data}");
 }
+
+/// The gateway's resident memory, in KiB.
+fn rss_kib(pid: u32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// 100 clients that stop reading while a fast stream runs: the gateway buffers nothing for them
+/// beyond the sockets' own buffers, and a reading client keeps going. Measured by progress (events
+/// read), not by the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_on_a_fast_stream_cost_bounded_memory() {
+    for fanout in [false, true] {
+        let mut args = vec![
+            "--demo-rate",
+            "5000",
+            "--demo-size",
+            "256",
+            "--heartbeat",
+            "1",
+        ];
+        if fanout {
+            args.extend(["--fanout", "--replay", "1000"]);
+        }
+        let gateway = Gateway::start(&args).await;
+        let pid = gateway.child.id().unwrap();
+        let reader = get(&gateway.url("/events"), &[]).await;
+        let mut reader = EventReader::new(reader.into_body());
+        for _ in 0..100 {
+            next(&mut reader).await;
+        }
+        let baseline = rss_kib(pid);
+        let mut stalled = Vec::new();
+        for _ in 0..100 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(16 * 1024).unwrap();
+            let mut stream = socket.connect(gateway.addr).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(
+                &mut stream,
+                b"GET /events HTTP/1.1\r\nhost: gateway\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            stalled.push(stream);
+        }
+        let mut samples = Vec::new();
+        for _ in 0..20 {
+            for _ in 0..2_000 {
+                next(&mut reader).await;
+            }
+            samples.push(rss_kib(pid) - baseline);
+        }
+        let peak = *samples.iter().max().unwrap();
+        eprintln!(
+            "100 stalled clients (fan-out: {fanout}): RSS over baseline {baseline} KiB, sampled \
+             every 2,000 events read: {samples:?} KiB; peak {peak} KiB, {} KiB per stalled client",
+            peak / 100
+        );
+        assert!(peak < 64 * 1024, "bounded: {samples:?}");
+        if fanout {
+            // The hub cut every stalled client off: their queues are gone.
+            let metrics = get(&gateway.url("/metrics"), &[]).await;
+            let text = metrics.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8_lossy(&text);
+            assert!(
+                text.contains("sse_fanout_slow_clients_total{policy=\"disconnect\"} 100"),
+                "{text}"
+            );
+        }
+        drop(stalled);
+    }
+}

@@ -82,8 +82,9 @@ pub(crate) struct Ticks {
     size: usize,
 }
 
-/// At most this many due ticks go out in one frame.
-const MAX_BATCH: usize = 1024;
+/// At most this many due ticks go out in one frame: a client that stalls and comes back gets
+/// the backlog in frames of this size, not in one huge frame held for it meanwhile.
+const MAX_BATCH: usize = 64;
 
 impl Ticks {
     fn new(every: Duration, first_id: u64, size: usize) -> Self {

@@ -321,7 +321,10 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // What hyper queues for a client that stopped reading, beyond the socket's own buffer
+    // (hyper's default is about 400 KiB per connection); headers still fit many times over.
+    builder.http1().max_buf_size(64 * 1024);
     let graceful = GracefulShutdown::new();
     let mut signal = std::pin::pin!(shutdown_signal());
     println!("Ctrl-C to stop.");
