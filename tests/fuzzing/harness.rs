@@ -3,7 +3,8 @@
 //!
 //! Input: the first byte picks a chunk size, the rest is the upstream's event stream. Checked:
 //! nothing panics, and the messages a client sees through the parser in chunks, through each
-//! body layer, and through the full stack, equal those of the input read whole. A layer may end
+//! body layer (compression gunzipped), and through the full stack, equal those of the input read
+//! whole. A layer may end
 //! the stream early only where the input breaks the default limits, after the events before it.
 
 use std::convert::Infallible;
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use http::{header, Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use tower::{service_fn, Layer, ServiceBuilder, ServiceExt};
+use tower_sse::compression::SseCompressionLayer;
 use tower_sse::replay::MemoryStore;
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::wire::{Limits, Parser};
@@ -99,10 +101,37 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
-    let response = service
-        .oneshot(Request::get("/fuzz").body(()).unwrap())
-        .await
+    through_request(service, Request::get("/fuzz").body(()).unwrap()).await
+}
+
+/// The compression layer's output, gunzipped as a client would.
+async fn gunzipped<S, B>(service: S) -> Vec<Bytes>
+where
+    S: tower::Service<Request<()>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let request = Request::get("/fuzz")
+        .header(header::ACCEPT_ENCODING, "gzip")
+        .body(())
         .unwrap();
+    let compressed: Vec<u8> = through_request(service, request).await.concat();
+    let mut plain = Vec::new();
+    let mut decoder = flate2::read::GzDecoder::new(&compressed[..]);
+    // A stream cut short at a limit decodes up to where it stopped.
+    let _ = std::io::Read::read_to_end(&mut decoder, &mut plain);
+    vec![Bytes::from(plain)]
+}
+
+async fn through_request<S, B>(service: S, request: Request<()>) -> Vec<Bytes>
+where
+    S: tower::Service<Request<()>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let response = service.oneshot(request).await.unwrap();
     let mut body = std::pin::pin!(response.into_body());
     let mut frames = Vec::new();
     while let Some(frame) = body.frame().await {
@@ -159,6 +188,10 @@ pub(crate) fn check(input: &[u8]) {
             (
                 "idle timeout",
                 through(IdleTimeoutLayer::new(minute).layer(up())).await,
+            ),
+            (
+                "compression (gzip)",
+                gunzipped(SseCompressionLayer::new().layer(up())).await,
             ),
             (
                 "full stack",
