@@ -59,6 +59,8 @@ async fn appends_reads_dedupes_trims_and_escapes() {
     assert_eq!(ids(limited), ["2", "3"]);
     let oldest = store.read(&key, ReadFrom::Oldest, 10).await.unwrap();
     assert_eq!(ids(oldest), ["1", "2", "3", "4", "5"]);
+    let newest = store.read(&key, ReadFrom::Newest, 2).await.unwrap();
+    assert_eq!(ids(newest), ["4", "5"], "the newest, oldest first");
     let unknown = store.read(&key, ReadFrom::After(b"9"), 10).await.unwrap();
     assert_eq!(unknown, Lookup::Unknown);
     let nothing = store

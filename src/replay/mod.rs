@@ -17,8 +17,12 @@
 //! once, by id. Only events with an id are recorded: an event without one can be neither resumed
 //! after nor told apart from its copies. To give every event an id, see [`Ids`].
 //!
+//! A client that sends no id gets the live stream, or first what the
+//! [`first_message`](ReplayLayer::first_message) policy says: the newest event, the last N, or
+//! everything retained (a "snapshot"; the upstream is then asked to resume after it).
+//!
 //! Every replayed response says where it resumed in a `sse-resumed-from` header: `new` (no id
-//! was sent), `last-event-id` (found; what followed was replayed), `earliest` (unknown id; replayed
+//! was sent), `snapshot` (no id was sent; retained events came first), `last-event-id` (found; what followed was replayed), `earliest` (unknown id; replayed
 //! from the oldest retained event), `live` (unknown id; nothing old was sent) or `upstream` (the
 //! id went to the inner service untouched). With
 //! [`history_lost_event`](ReplayLayer::history_lost_event) a named event tells the page itself.
@@ -227,8 +231,62 @@ pub(crate) fn is_recordable(event: &Event) -> bool {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AlreadyRecorded;
 
+/// What a client that sends no `Last-Event-ID` gets before the live stream (Nchan's and Axway's
+/// "snapshot"). The response says `sse-resumed-from: snapshot` when something was sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FirstMessage {
+    /// Nothing old: the live stream only (default).
+    #[default]
+    LiveOnly,
+    /// The newest retained event.
+    Newest,
+    /// The newest `n` retained events, oldest first.
+    Last(usize),
+    /// Every retained event (up to [`max_replay`](ReplayLayer::max_replay)), oldest first.
+    AllRetained,
+}
+
+impl FirstMessage {
+    fn read(self, replay_limit: usize) -> (ReadFrom<'static>, usize) {
+        match self {
+            Self::LiveOnly | Self::Newest => (ReadFrom::Newest, 1),
+            Self::Last(n) => (ReadFrom::Newest, n.min(replay_limit)),
+            Self::AllRetained => (ReadFrom::Oldest, replay_limit),
+        }
+    }
+}
+
+/// Chooses a [`FirstMessage`] from a stream key.
+type ChooseFirst = Arc<dyn Fn(&[u8]) -> FirstMessage + Send + Sync>;
+
+/// The [`FirstMessage`] policy: one for every key, or chosen per key.
+#[derive(Clone)]
+enum FirstPolicy {
+    Fixed(FirstMessage),
+    ByKey(ChooseFirst),
+}
+
+impl FirstPolicy {
+    fn for_key(&self, key: &[u8]) -> FirstMessage {
+        match self {
+            Self::Fixed(first) => *first,
+            Self::ByKey(choose) => choose(key),
+        }
+    }
+}
+
+impl fmt::Debug for FirstPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fixed(first) => first.fmt(f),
+            Self::ByKey(_) => f.write_str("ByKey(..)"),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Config {
+    first: FirstPolicy,
     qos: Qos,
     unknown: UnknownId,
     store_failure: UnknownId,
@@ -246,6 +304,7 @@ impl Config {
             Qos::AtMostOnce => (UnknownId::LiveOnly, UnknownId::LiveOnly),
         };
         Self {
+            first: FirstPolicy::Fixed(FirstMessage::LiveOnly),
             qos,
             unknown,
             store_failure,
@@ -339,6 +398,22 @@ impl<St, K> ReplayLayer<St, K> {
         self
     }
 
+    /// What a client that sends no `Last-Event-ID` gets before the live stream (default: live
+    /// only).
+    pub fn first_message(mut self, first: FirstMessage) -> Self {
+        Arc::make_mut(&mut self.config).first = FirstPolicy::Fixed(first);
+        self
+    }
+
+    /// [`first_message`](Self::first_message) chosen per stream key.
+    pub fn first_message_by(
+        mut self,
+        choose: impl Fn(&[u8]) -> FirstMessage + Send + Sync + 'static,
+    ) -> Self {
+        Arc::make_mut(&mut self.config).first = FirstPolicy::ByKey(Arc::new(choose));
+        self
+    }
+
     /// Whose ids the events carry (default: the upstream's).
     pub fn ids(mut self, ids: Ids) -> Self {
         Arc::make_mut(&mut self.config).ids = ids;
@@ -403,6 +478,8 @@ impl<S, St, K> Replay<S, St, K> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Resumed {
     New,
+    /// A new client, given retained events first by the [`FirstMessage`] policy.
+    Snapshot,
     LastEventId,
     Earliest,
     Live,
@@ -413,6 +490,7 @@ impl Resumed {
     fn label(self) -> &'static str {
         match self {
             Self::New => "new",
+            Self::Snapshot => "snapshot",
             Self::LastEventId => "last-event-id",
             Self::Earliest => "earliest",
             Self::Live => "live",
@@ -454,6 +532,8 @@ impl Plan {
 enum Step {
     AfterId,
     Oldest,
+    /// A new client's first events, as the [`FirstMessage`] policy says.
+    Snapshot(FirstMessage),
 }
 
 impl<S, St, K, ReqBody, ResBody> Service<Request<ReqBody>> for Replay<S, St, K>
@@ -481,7 +561,12 @@ where
             return self.respond(request, None);
         };
         let (step, client_id) = match last_event_id(&request, config.max_id_len) {
-            ClientId::None => return self.respond(request, Some(Plan::new(key, Resumed::New))),
+            ClientId::None => match config.first.for_key(&key) {
+                FirstMessage::LiveOnly => {
+                    return self.respond(request, Some(Plan::new(key, Resumed::New)));
+                }
+                first => (Step::Snapshot(first), Vec::new()),
+            },
             ClientId::Valid(id) => (Step::AfterId, id),
             ClientId::Garbage => {
                 telemetry::unknown_id();
@@ -500,11 +585,12 @@ where
                 }
             }
         };
-        let from = match step {
-            Step::AfterId => ReadFrom::After(&client_id),
-            Step::Oldest => ReadFrom::Oldest,
+        let (from, limit) = match step {
+            Step::AfterId => (ReadFrom::After(&client_id), config.replay_limit()),
+            Step::Oldest => (ReadFrom::Oldest, config.replay_limit()),
+            Step::Snapshot(first) => first.read(config.replay_limit()),
         };
-        let read = self.store.read(&key, from, config.replay_limit());
+        let read = self.store.read(&key, from, limit);
         // The ready service goes into the future; a clone takes its place (tower's rule).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -669,6 +755,19 @@ fn apply_read(
             plan.replay = events;
             None
         }
+        (Step::Snapshot(_), Ok(Lookup::Found(events))) if !events.is_empty() => {
+            plan.resumed = Resumed::Snapshot;
+            plan.replay = events;
+            None
+        }
+        // Nothing retained yet, or the store failed: a new client starts live.
+        (Step::Snapshot(_), result) => {
+            if let Err(error) = result {
+                telemetry::store_failed(&error);
+            }
+            plan.resumed = Resumed::New;
+            return Next::Call;
+        }
         (Step::AfterId, Ok(Lookup::Unknown)) => {
             telemetry::unknown_id();
             Some(config.unknown)
@@ -698,7 +797,7 @@ fn apply_read(
     if config.ids == Ids::AssignAlways {
         // The client's ids are the store's, which the inner service never saw.
         headers.remove(LAST_EVENT_ID);
-    } else if plan.resumed == Resumed::LastEventId {
+    } else if matches!(plan.resumed, Resumed::LastEventId | Resumed::Snapshot) {
         // Resume the inner service right after what was replayed. From the oldest (an unknown
         // id), the client's own id stays: an upstream that knows it can fill the gap, and what
         // was replayed already is dropped from its answer.

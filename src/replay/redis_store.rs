@@ -426,10 +426,17 @@ fn entries(value: Value) -> Result<Vec<StoredEvent>, StoreError> {
     Ok(events)
 }
 
+/// Where a Redis read starts, with the id already turned into its key.
+enum From {
+    Oldest,
+    Newest,
+    After(String),
+}
+
 async fn read(
     shared: Arc<Shared>,
     stream: String,
-    id_key: Option<String>,
+    from: From,
     limit: usize,
 ) -> Result<Lookup, StoreError> {
     let Some(mut connection) = shared.connection() else {
@@ -437,8 +444,8 @@ async fn read(
         return Err(StoreError::new("not connected to Redis"));
     };
     let count = limit.min(shared.config.max_len + 100).max(1);
-    let answer = match &id_key {
-        None => {
+    let answer = match &from {
+        From::Oldest => {
             let mut command = redis::cmd("XRANGE");
             command
                 .arg(&stream)
@@ -452,7 +459,29 @@ async fn read(
             )
             .await
         }
-        Some(id_key) => {
+        From::Newest => {
+            let mut command = redis::cmd("XREVRANGE");
+            command
+                .arg(&stream)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(count);
+            timed(
+                shared.config.timeout,
+                command.query_async::<Value>(&mut connection),
+            )
+            .await
+            .map(|value| match value {
+                // Newest first from Redis; oldest first for the client.
+                Value::Array(mut entries) => {
+                    entries.reverse();
+                    Value::Array(entries)
+                }
+                other => other,
+            })
+        }
+        From::After(id_key) => {
             let script = redis::Script::new(READ_AFTER);
             let mut invocation = script.key(&stream);
             invocation.key(id_key).arg(count);
@@ -481,11 +510,12 @@ impl ReplayStore for RedisStore {
     fn read(&self, key: &Bytes, from: ReadFrom<'_>, limit: usize) -> Self::Read {
         let shared = &self.shared;
         let stream = shared.stream_key(key);
-        let id_key = match from {
-            ReadFrom::Oldest => None,
-            ReadFrom::After(id) => Some(shared.id_key(key, id)),
+        let from = match from {
+            ReadFrom::Oldest => From::Oldest,
+            ReadFrom::Newest => From::Newest,
+            ReadFrom::After(id) => From::After(shared.id_key(key, id)),
         };
-        Box::pin(read(shared.clone(), stream, id_key, limit))
+        Box::pin(read(shared.clone(), stream, from, limit))
     }
 
     fn append(&self, key: &Bytes, event: StoredEvent) {

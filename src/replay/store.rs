@@ -23,6 +23,8 @@ pub struct StoredEvent {
 pub enum ReadFrom<'a> {
     /// From the oldest event retained.
     Oldest,
+    /// The newest `limit` events retained (oldest first).
+    Newest,
     /// After the event with this id.
     After(&'a [u8]),
 }
@@ -345,7 +347,7 @@ impl ReplayStore for MemoryStore {
         let mut streams = self.lock();
         let Some(stream) = streams.get_mut(key) else {
             return ready(Ok(match from {
-                ReadFrom::Oldest => Lookup::Found(Vec::new()),
+                ReadFrom::Oldest | ReadFrom::Newest => Lookup::Found(Vec::new()),
                 ReadFrom::After(_) => Lookup::Unknown,
             }));
         };
@@ -353,6 +355,10 @@ impl ReplayStore for MemoryStore {
         stream.trim(&self.shared.limits, now);
         let lookup = match from {
             ReadFrom::Oldest => Lookup::Found(stream.collect(0, limit)),
+            ReadFrom::Newest => {
+                let from = stream.events.len().saturating_sub(limit);
+                Lookup::Found(stream.collect(from, limit))
+            }
             ReadFrom::After(id) => match stream.index.get(id) {
                 Some(&seq) => {
                     let position = (seq - stream.first_seq) as usize;

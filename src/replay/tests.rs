@@ -596,3 +596,69 @@ mod property {
         }
     }
 }
+
+#[tokio::test]
+async fn a_new_client_gets_the_first_message_policy_then_the_live_stream() {
+    // The store holds 1..=5; the upstream (7 events) resumes after the id it is sent.
+    let cases = [
+        (
+            FirstMessage::LiveOnly,
+            "new",
+            vec!["1", "2", "3", "4", "5", "6", "7"],
+            None,
+        ),
+        (
+            FirstMessage::Newest,
+            "snapshot",
+            vec!["5", "6", "7"],
+            Some("5"),
+        ),
+        (
+            FirstMessage::Last(3),
+            "snapshot",
+            vec!["3", "4", "5", "6", "7"],
+            Some("5"),
+        ),
+        (
+            FirstMessage::AllRetained,
+            "snapshot",
+            vec!["1", "2", "3", "4", "5", "6", "7"],
+            Some("5"),
+        ),
+    ];
+    for (first, header, expected, upstream_id) in cases {
+        let store = MemoryStore::new();
+        let recorder = ReplayLayer::with_store(store.clone());
+        fetch(recorder.layer(LogUpstream::new(5).service()), request(None)).await;
+        let upstream = LogUpstream::new(7);
+        let layer = ReplayLayer::with_store(store).first_message(first);
+        let (resumed, blocks) = fetch(layer.layer(upstream.service()), request(None)).await;
+        assert_eq!(resumed, header, "{first:?}");
+        assert_eq!(ids(&blocks), expected, "{first:?}");
+        assert_eq!(
+            upstream.seen(),
+            [upstream_id.map(str::to_owned)],
+            "{first:?}"
+        );
+    }
+    // An empty store: a new client simply starts live.
+    let layer = ReplayLayer::new().first_message(FirstMessage::Last(10));
+    let (resumed, blocks) = fetch(layer.layer(LogUpstream::new(2).service()), request(None)).await;
+    assert_eq!(resumed, "new");
+    assert_eq!(ids(&blocks), ["1", "2"]);
+    // Chosen per key.
+    let store = MemoryStore::new();
+    let layer = ReplayLayer::with_store(store).first_message_by(|key| {
+        if key.starts_with(b"/feed") {
+            FirstMessage::Newest
+        } else {
+            FirstMessage::LiveOnly
+        }
+    });
+    fetch(layer.layer(LogUpstream::new(5).service()), request(None)).await;
+    let (resumed, _) = fetch(layer.layer(LogUpstream::new(5).service()), request(None)).await;
+    assert_eq!(resumed, "snapshot");
+    let elsewhere = Request::get("/other").body(()).unwrap();
+    let (resumed, _) = fetch(layer.layer(LogUpstream::new(5).service()), elsewhere).await;
+    assert_eq!(resumed, "new");
+}
