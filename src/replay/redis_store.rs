@@ -444,15 +444,20 @@ async fn read(
         return Err(StoreError::new("not connected to Redis"));
     };
     let count = limit.min(shared.config.max_len + 100).max(1);
+    // The whole stream from one end, `count` entries at most.
+    let range = |command: &str, start: &str, end: &str| {
+        let mut range = redis::cmd(command);
+        range
+            .arg(&stream)
+            .arg(start)
+            .arg(end)
+            .arg("COUNT")
+            .arg(count);
+        range
+    };
     let answer = match &from {
         From::Oldest => {
-            let mut command = redis::cmd("XRANGE");
-            command
-                .arg(&stream)
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(count);
+            let command = range("XRANGE", "-", "+");
             timed(
                 shared.config.timeout,
                 command.query_async::<Value>(&mut connection),
@@ -460,13 +465,7 @@ async fn read(
             .await
         }
         From::Newest => {
-            let mut command = redis::cmd("XREVRANGE");
-            command
-                .arg(&stream)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(count);
+            let command = range("XREVRANGE", "+", "-");
             timed(
                 shared.config.timeout,
                 command.query_async::<Value>(&mut connection),
