@@ -69,15 +69,24 @@ where
     Box::pin(body.map_err(Into::into))
 }
 
-async fn tower_sse_stream() -> BoxedBody {
-    let upstream = service_fn(|_req: Request<()>| async {
+/// An upstream whose event stream never sends anything.
+fn silent_upstream() -> impl tower::Service<
+    Request<()>,
+    Response = Response<Silent>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response<Silent>, Infallible>>,
+> + Clone {
+    service_fn(|_req: Request<()>| async {
         let response = Response::builder()
             .header(header::CONTENT_TYPE, "text/event-stream")
             .body(Silent)
             .unwrap();
         Ok::<_, Infallible>(response)
-    });
-    let service = HeartbeatLayer::new(INTERVAL).layer(upstream);
+    })
+}
+
+async fn tower_sse_stream() -> BoxedBody {
+    let service = HeartbeatLayer::new(INTERVAL).layer(silent_upstream());
     boxed(service.oneshot(Request::new(())).await.unwrap().into_body())
 }
 
@@ -85,13 +94,6 @@ async fn tower_sse_stream() -> BoxedBody {
 /// and `retry:` carry no state once sent): headers, passthrough, heartbeat, lifetime, replay,
 /// idle and response timeouts.
 async fn full_stack_stream() -> BoxedBody {
-    let upstream = service_fn(|_req: Request<()>| async {
-        let response = Response::builder()
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .body(Silent)
-            .unwrap();
-        Ok::<_, Infallible>(response)
-    });
     let hour = Duration::from_secs(3600);
     let service = tower::ServiceBuilder::new()
         .layer(tower_sse::SseHeadersLayer::new())
@@ -101,15 +103,8 @@ async fn full_stack_stream() -> BoxedBody {
         .layer(tower_sse::ReplayLayer::new())
         .layer(tower_sse::timeout::IdleTimeoutLayer::new(hour))
         .layer(tower_sse::timeout::ResponseTimeoutLayer::new(hour))
-        .service(upstream);
-    let body = service.oneshot(Request::new(())).await.unwrap().into_body();
-    if std::env::var_os("SIZES").is_some() {
-        eprintln!(
-            "full stack body: {} bytes inline",
-            std::mem::size_of_val(&body)
-        );
-    }
-    boxed(body)
+        .service(silent_upstream());
+    boxed(service.oneshot(Request::new(())).await.unwrap().into_body())
 }
 
 async fn axum_stream() -> BoxedBody {

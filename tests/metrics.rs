@@ -182,41 +182,16 @@ async fn rejections_replays_and_unknown_ids_are_counted() {
 
     let events = "id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\ndata: c\n\n";
     let service = ReplayLayer::new().layer_service(upstream(Script::new().chunk(events)));
-    service
-        .clone()
-        .oneshot(get())
-        .await
-        .unwrap()
-        .into_body()
-        .collect()
-        .await
-        .unwrap();
-    let resume = Request::get("/events")
-        .header("last-event-id", "1")
-        .body(())
-        .unwrap();
-    service
-        .clone()
-        .oneshot(resume)
-        .await
-        .unwrap()
-        .into_body()
-        .collect()
-        .await
-        .unwrap();
-    let unknown = Request::get("/events")
-        .header("last-event-id", "9")
-        .body(())
-        .unwrap();
-    service
-        .clone()
-        .oneshot(unknown)
-        .await
-        .unwrap()
-        .into_body()
-        .collect()
-        .await
-        .unwrap();
+    let resume = |id: &'static str| {
+        Request::get("/events")
+            .header("last-event-id", id)
+            .body(())
+            .unwrap()
+    };
+    for request in [get(), resume("1"), resume("9")] {
+        let body = service.clone().oneshot(request).await.unwrap().into_body();
+        body.collect().await.unwrap();
+    }
     assert_eq!(
         recorded.counter("sse_replay_requests_total", &[("resumed", "new")]),
         1.0
