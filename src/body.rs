@@ -244,6 +244,7 @@ pin_project! {
 pub(crate) struct StreamTally {
     bytes: u64,
     closed: bool,
+    counters: telemetry::FrameCounters,
 }
 
 impl StreamTally {
@@ -252,6 +253,7 @@ impl StreamTally {
         Self {
             bytes: 0,
             closed: false,
+            counters: telemetry::FrameCounters::new(),
         }
     }
 
@@ -260,7 +262,7 @@ impl StreamTally {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
-                    telemetry::frame_sent(data.len());
+                    self.counters.sent(data.len());
                 }
             }
             Poll::Ready(Some(Err(_))) => self.close(Close::Error),

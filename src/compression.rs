@@ -301,7 +301,7 @@ where
                 inner,
                 state: StreamState {
                     compressor: Some(compressor),
-                    encoding: encoding.token(),
+                    counters: telemetry::CompressionCounters::new(encoding.token()),
                     scanner: Scanner::new(),
                     first: Some(first),
                     stashed: None,
@@ -410,8 +410,7 @@ pin_project! {
 struct StreamState {
     /// `None` once the compressed stream is finished.
     compressor: Option<Compressor>,
-    /// The encoding's token, for telemetry.
-    encoding: &'static str,
+    counters: telemetry::CompressionCounters,
     /// Where events end, so each one is flushed as soon as it is complete.
     scanner: Scanner,
     first: Option<Bytes>,
@@ -476,7 +475,7 @@ impl StreamState {
                 None => compressor.write(&data),
             }
             let out = compressor.take();
-            telemetry::compressed(self.encoding, data.len(), out.len());
+            self.counters.compressed(data.len(), out.len());
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }

@@ -72,13 +72,32 @@ pub(crate) fn stream_closed(close: Close, bytes: u64) {
     }
 }
 
-pub(crate) fn frame_sent(bytes: usize) {
-    tracing::trace!(target: "tower_sse", bytes, "frame sent");
-    metric! {
-        metrics::counter!("sse_frames_sent_total").increment(1);
-        metrics::counter!("sse_bytes_sent_total").increment(bytes as u64);
+/// A stream's frame and byte counters, looked up once per stream rather than once per frame.
+#[derive(Debug)]
+pub(crate) struct FrameCounters {
+    #[cfg(feature = "metrics")]
+    frames: metrics::Counter,
+    #[cfg(feature = "metrics")]
+    bytes: metrics::Counter,
+}
+
+impl FrameCounters {
+    pub(crate) fn new() -> Self {
+        Self {
+            #[cfg(feature = "metrics")]
+            frames: metrics::counter!("sse_frames_sent_total"),
+            #[cfg(feature = "metrics")]
+            bytes: metrics::counter!("sse_bytes_sent_total"),
+        }
     }
-    let _ = bytes;
+
+    pub(crate) fn sent(&self, bytes: usize) {
+        tracing::trace!(target: "tower_sse", bytes, "frame sent");
+        metric! {
+            self.frames.increment(1);
+            self.bytes.increment(bytes as u64);
+        }
+    }
 }
 
 pub(crate) fn headers_applied(content_type_set: bool) {
@@ -172,14 +191,35 @@ pub(crate) fn fanned_out(events: usize) {
     let _ = events;
 }
 
+/// A compressed stream's byte counters, looked up once per stream.
 #[cfg(feature = "compression")]
-pub(crate) fn compressed(encoding: &'static str, raw: usize, encoded: usize) {
-    tracing::trace!(target: "tower_sse", encoding, raw, encoded, "frame compressed");
-    metric! {
-        metrics::counter!("sse_compression_in_bytes_total", "encoding" => encoding)
-            .increment(raw as u64);
-        metrics::counter!("sse_compression_out_bytes_total", "encoding" => encoding)
-            .increment(encoded as u64);
+#[derive(Debug)]
+pub(crate) struct CompressionCounters {
+    encoding: &'static str,
+    #[cfg(feature = "metrics")]
+    raw: metrics::Counter,
+    #[cfg(feature = "metrics")]
+    encoded: metrics::Counter,
+}
+
+#[cfg(feature = "compression")]
+impl CompressionCounters {
+    pub(crate) fn new(encoding: &'static str) -> Self {
+        Self {
+            encoding,
+            #[cfg(feature = "metrics")]
+            raw: metrics::counter!("sse_compression_in_bytes_total", "encoding" => encoding),
+            #[cfg(feature = "metrics")]
+            encoded: metrics::counter!("sse_compression_out_bytes_total", "encoding" => encoding),
+        }
     }
-    let _ = (encoding, raw, encoded);
+
+    pub(crate) fn compressed(&self, raw: usize, encoded: usize) {
+        let encoding = self.encoding;
+        tracing::trace!(target: "tower_sse", encoding, raw, encoded, "frame compressed");
+        metric! {
+            self.raw.increment(raw as u64);
+            self.encoded.increment(encoded as u64);
+        }
+    }
 }
