@@ -208,6 +208,9 @@ pub mod metadata;
 pub mod passthrough;
 pub mod replay;
 pub mod retry;
+#[cfg(feature = "subscriptions")]
+#[cfg_attr(docsrs, doc(cfg(feature = "subscriptions")))]
+pub mod subscriptions;
 mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]

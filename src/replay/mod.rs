@@ -118,6 +118,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 pub use body::ReplayBody;
+#[cfg(all(feature = "redis", feature = "subscriptions"))]
+pub(crate) use redis_store::timed;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_store::{RedisConfig, RedisStats, RedisStore};
@@ -632,6 +634,12 @@ where
             plan,
         }
     }
+}
+
+/// Whether `request` carries the client's own last event id (the header, or the query
+/// parameter), valid or not.
+pub(crate) fn carries_last_event_id<B>(request: &Request<B>) -> bool {
+    !matches!(last_event_id(request, usize::MAX - 1), ClientId::None)
 }
 
 enum ClientId {

@@ -35,10 +35,10 @@ return redis.call('XRANGE', KEYS[1], '(' .. entry, '+', 'COUNT', ARGV[1])
 /// Settings of a [`RedisStore`].
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    prefix: String,
+    pub(crate) prefix: String,
     max_len: usize,
     ttl: Duration,
-    timeout: Duration,
+    pub(crate) timeout: Duration,
     queue: usize,
     batch: usize,
 }
@@ -206,6 +206,26 @@ impl RedisStore {
         tokio::time::timeout(timeout, connection.wait_for(Option::is_some))
             .await
             .is_ok_and(|changed| changed.is_ok())
+    }
+
+    /// Provisioned subscriptions and their cursors in the same Redis, under the same prefix
+    /// (feature `subscriptions`), so any instance can serve any subscription.
+    #[cfg(feature = "subscriptions")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "subscriptions")))]
+    pub fn subscriptions(&self) -> crate::subscriptions::RedisSubscriptions {
+        crate::subscriptions::RedisSubscriptions::new(self.clone())
+    }
+
+    /// The connection, once made.
+    #[cfg(feature = "subscriptions")]
+    pub(crate) fn connection(&self) -> Option<ConnectionManager> {
+        self.shared.connection()
+    }
+
+    /// The store's settings.
+    #[cfg(feature = "subscriptions")]
+    pub(crate) fn config(&self) -> &RedisConfig {
+        &self.shared.config
     }
 
     /// What the store has done so far.
@@ -380,7 +400,7 @@ async fn send_batch(shared: &Shared, batch: &[Command]) -> Result<(), StoreError
 }
 
 /// `future` within `timeout`, a timeout being an I/O error like any other.
-async fn timed<T>(
+pub(crate) async fn timed<T>(
     timeout: Duration,
     future: impl Future<Output = Result<T, RedisError>>,
 ) -> Result<T, RedisError> {

@@ -1,0 +1,330 @@
+//! [`SubscribeLayer`]: the API, the subscribe paths and disposable subscriptions in front of
+//! the topics' service.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderName, ALLOW};
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::api::{self, error, not_found, unavailable};
+use super::body::{Channel, SubscriptionBody};
+use super::{Created, Route, Status, Subscription, SubscriptionStore, Subscriptions};
+use crate::replay::carries_last_event_id;
+use crate::BoxError;
+
+const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+const SUBSCRIPTION: HeaderName = HeaderName::from_static("sse-subscription");
+
+/// Serves the subscriptions API, the subscribe paths and disposable subscriptions in front of
+/// the service that serves the topics' streams; made by [`Subscriptions::layer`]. See the
+/// [module docs](super).
+#[derive(Clone)]
+pub struct SubscribeLayer<St> {
+    subscriptions: Subscriptions<St>,
+}
+
+impl<St: fmt::Debug> fmt::Debug for SubscribeLayer<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscribeLayer")
+            .field("subscriptions", &self.subscriptions)
+            .finish()
+    }
+}
+
+impl<St> SubscribeLayer<St> {
+    /// The layer of `subscriptions` (the same as [`Subscriptions::layer`]).
+    pub fn new(subscriptions: Subscriptions<St>) -> Self {
+        Self { subscriptions }
+    }
+}
+
+impl<S, St: Clone> Layer<S> for SubscribeLayer<St> {
+    type Service = Subscribe<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Subscribe {
+            inner,
+            subscriptions: self.subscriptions.clone(),
+        }
+    }
+}
+
+/// The service made by [`SubscribeLayer`]; see the [module docs](super).
+#[derive(Clone)]
+pub struct Subscribe<S, St> {
+    inner: S,
+    subscriptions: Subscriptions<St>,
+}
+
+impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Subscribe<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscribe")
+            .field("inner", &self.inner)
+            .field("subscriptions", &self.subscriptions)
+            .finish()
+    }
+}
+
+impl<S, St> Subscribe<S, St> {
+    inner_service_accessors!();
+}
+
+type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A channel about to open: the request for the topic's stream, and the channel to hold while
+/// it is open (none when a disposable subscription could not be stored).
+type Opened<ReqBody> = Result<(Request<ReqBody>, Option<Channel>), Response<Bytes>>;
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Subscribe<S, St>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    St: SubscriptionStore,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<SubscriptionBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let subscriptions = self.subscriptions.clone();
+        let config = &subscriptions.config;
+        let path = request.uri().path();
+        let reading = matches!(*request.method(), Method::GET | Method::HEAD);
+        let state = match Route::under(&config.api_prefix, path) {
+            Some(Route::Subscribe(id)) if reading => self.opening(open(subscriptions, id, request)),
+            Some(Route::Subscribe(_)) => {
+                let mut refused = error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method-not-allowed",
+                    "allowed: GET, HEAD",
+                );
+                refused
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+                State::Answer {
+                    answer: Some(refused),
+                }
+            }
+            Some(route) => State::Api {
+                future: Box::pin(api::answer(subscriptions, route, request)),
+            },
+            None => match config.topic_path.topic(path) {
+                Some(topic) if reading && config.disposable => {
+                    let topic = topic.to_owned();
+                    self.opening(open_disposable(subscriptions, topic, request))
+                }
+                _ => State::Calling {
+                    future: self.inner.call(request),
+                    channel: None,
+                },
+            },
+        };
+        ResponseFuture { state }
+    }
+}
+
+impl<S, St> Subscribe<S, St> {
+    fn opening<ReqBody>(
+        &mut self,
+        future: impl Future<Output = Opened<ReqBody>> + Send + 'static,
+    ) -> State<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>> + Clone,
+    {
+        // The ready service goes into the future; a clone takes its place (tower's rule).
+        let clone = self.inner.clone();
+        State::Opening {
+            future: Box::pin(future),
+            inner: Some(std::mem::replace(&mut self.inner, clone)),
+        }
+    }
+}
+
+/// Opens a channel of the provisioned subscription `id`: its topic's stream, from its cursor.
+async fn open<St: SubscriptionStore, ReqBody>(
+    subscriptions: Subscriptions<St>,
+    id: String,
+    mut request: Request<ReqBody>,
+) -> Opened<ReqBody> {
+    // Registered before the status is read, so a suspension in between is not missed.
+    let registration = subscriptions.channels.open(&id);
+    subscriptions
+        .channels
+        .watch(subscriptions.store(), subscriptions.config.poll_interval);
+    let subscription = match subscriptions.store().get(&id).await {
+        Ok(Some(subscription)) => subscription,
+        Ok(None) => return Err(not_found(&id)),
+        Err(failed) => return Err(unavailable(&failed)),
+    };
+    if subscription.status == Status::Suspended {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "suspended",
+            &format!("subscription {id} is suspended; reactivate it to read it"),
+        ));
+    }
+    let path = subscriptions.config.topic_path.path(&subscription.topic);
+    rewrite_path(&mut request, &path);
+    // The client's own id wins: an EventSource that reconnects by itself knows what it has.
+    if !subscription.cursor.is_empty() && !carries_last_event_id(&request) {
+        if let Ok(cursor) = HeaderValue::from_bytes(&subscription.cursor) {
+            request.headers_mut().insert(LAST_EVENT_ID, cursor);
+        }
+    }
+    tracing::debug!(target: "tower_sse", subscription = %id, topic = %subscription.topic, "subscription channel opened");
+    Ok((
+        request,
+        Some(Channel::new(subscriptions, registration, false)),
+    ))
+}
+
+/// Opens a plain topic request with a disposable subscription; without one if the store
+/// refuses or fails (the stream is served either way).
+async fn open_disposable<St: SubscriptionStore, ReqBody>(
+    subscriptions: Subscriptions<St>,
+    topic: String,
+    request: Request<ReqBody>,
+) -> Opened<ReqBody> {
+    let subscription = Subscription::new(topic).disposable(true);
+    let registration = subscriptions.channels.open(&subscription.id);
+    subscriptions
+        .channels
+        .watch(subscriptions.store(), subscriptions.config.poll_interval);
+    let max = subscriptions.config.max_per_topic;
+    match subscriptions.store().create(subscription, max).await {
+        Ok(Created::Stored) => Ok((
+            request,
+            Some(Channel::new(subscriptions, registration, true)),
+        )),
+        Ok(Created::Full) => Ok((request, None)),
+        Err(failed) => {
+            tracing::warn!(target: "tower_sse", error = %failed, "subscriptions: disposable subscription not stored");
+            Ok((request, None))
+        }
+    }
+}
+
+/// Points `request` at `path`, keeping its query (a `lastEventId` parameter, say).
+fn rewrite_path<B>(request: &mut Request<B>, path: &str) {
+    let uri = request.uri();
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let Ok(path_and_query) = PathAndQuery::try_from(target) else {
+        return;
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+}
+
+pin_project! {
+    /// The response future of [`Subscribe`].
+    pub struct ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        #[pin]
+        state: State<S, ReqBody>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        Answer { answer: Option<Response<Bytes>> },
+        Api { future: Boxed<Response<Bytes>> },
+        Opening { future: Boxed<Opened<ReqBody>>, inner: Option<S> },
+        Calling { #[pin] future: S::Future, channel: Option<Channel> },
+    }
+}
+
+impl<S, ReqBody> fmt::Debug for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Answer { .. } => "Answer",
+            State::Api { .. } => "Api",
+            State::Opening { .. } => "Opening",
+            State::Calling { .. } => "Calling",
+        };
+        f.debug_tuple("ResponseFuture").field(&state).finish()
+    }
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Output = Result<Response<SubscriptionBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProj::Answer { answer } => {
+                    let answer = answer.take().expect("polled after completion");
+                    return Poll::Ready(Ok(answer.map(SubscriptionBody::answer)));
+                }
+                StateProj::Api { future } => {
+                    let answer = ready!(future.as_mut().poll(cx));
+                    return Poll::Ready(Ok(answer.map(SubscriptionBody::answer)));
+                }
+                StateProj::Opening { future, inner } => {
+                    let (request, channel) = match ready!(future.as_mut().poll(cx)) {
+                        Ok(opened) => opened,
+                        Err(answer) => {
+                            state.set(State::Answer {
+                                answer: Some(answer),
+                            });
+                            continue;
+                        }
+                    };
+                    let mut inner = inner.take().expect("polled after completion");
+                    let future = inner.call(request);
+                    state.set(State::Calling { future, channel });
+                }
+                StateProj::Calling { future, channel } => {
+                    let response = ready!(future.poll(cx))?;
+                    let Some(channel) = channel.take() else {
+                        return Poll::Ready(Ok(response.map(SubscriptionBody::untouched)));
+                    };
+                    let mut response = channel.wrap(response);
+                    if let Ok(id) = HeaderValue::from_str(channel_id(&response)) {
+                        response.headers_mut().insert(SUBSCRIPTION, id);
+                    }
+                    return Poll::Ready(Ok(response));
+                }
+            }
+        }
+    }
+}
+
+fn channel_id<B>(response: &Response<SubscriptionBody<B>>) -> &str {
+    response.body().subscription_id().unwrap_or_default()
+}
