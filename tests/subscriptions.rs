@@ -1,0 +1,339 @@
+//! Provisioned subscriptions over real sockets: the whole lifecycle through a hyper server with
+//! the subscriptions layer over replay and a live upstream, in memory and, with two instances,
+//! against a real redis-server.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tower::ServiceBuilder;
+use tower_sse::replay::{
+    Lookup, MemoryStore, ReadFrom, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
+};
+use tower_sse::subscriptions::{SubscriptionStore, Subscriptions};
+use tower_sse::wire::EventReader;
+
+use support::redis::RedisServer;
+use support::{proxy, read_ids, serve, until, Upstream, GUARD};
+
+/// One request on its own connection: the status, the headers and the body (for JSON calls).
+async fn send(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> http::Response<Incoming> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    timeout(GUARD, sender.send_request(request))
+        .await
+        .expect("an answer in time")
+        .unwrap()
+}
+
+async fn call(addr: SocketAddr, method: Method, path: &str, body: &str) -> (StatusCode, Value) {
+    let response = send(addr, method, path, body).await;
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (status, json)
+}
+
+/// Opens an event stream; its `sse-subscription` header and a reader.
+async fn open(addr: SocketAddr, path: &str) -> (String, EventReader<Incoming>) {
+    let response = send(addr, Method::GET, path, "").await;
+    assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+    let id = response.headers()["sse-subscription"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (id, EventReader::new(response.into_body()))
+}
+
+/// True once the reader's stream ends (events still in flight are read first).
+async fn ends(reader: &mut EventReader<Incoming>) {
+    timeout(GUARD, async {
+        while let Some(event) = reader.next_event().await {
+            if event.is_err() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the stream ends in time");
+}
+
+/// A gateway instance: the subscriptions layer over replay over a proxy to the upstream.
+async fn instance<St, Sub>(upstream: SocketAddr, store: St, subscriptions: Subscriptions<Sub>) -> SocketAddr
+where
+    St: ReplayStore,
+    Sub: SubscriptionStore,
+{
+    let stack = ServiceBuilder::new()
+        .layer(subscriptions.layer())
+        .layer(ReplayLayer::with_store(store))
+        .service(proxy(upstream));
+    serve(stack).await
+}
+
+/// The lifecycle, with `a` and `b` two instances (or the same one twice); `history` is the
+/// replay store `b` reads.
+async fn lifecycle<St: ReplayStore>(upstream: &Upstream, a: SocketAddr, b: SocketAddr, history: St) {
+    let streams = |n: usize| {
+        let upstream = upstream.clone();
+        async move {
+            until("upstream streams", || upstream.feeds.lock().unwrap().iter().filter(|f| !f.is_closed()).count() == n).await;
+        }
+    };
+
+    // Create on A.
+    let (status, created) = call(a, Method::POST, "/topics/news/subscriptions", "").await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let subscribe = created["subscribe"].as_str().unwrap().to_owned();
+    let one = format!("/subscriptions/{id}");
+
+    // A plain reader of the topic keeps the upstream stream (and the recording) going.
+    let (disposable, mut plain) = open(a, "/topics/news").await;
+    assert_ne!(disposable, id);
+
+    // Read 1-3 on A and leave.
+    let (channel, mut reader) = open(a, &subscribe).await;
+    assert_eq!(channel, id);
+    streams(2).await;
+    for n in 1..=3 {
+        upstream.send(n, "news").await;
+    }
+    assert_eq!(read_ids(&mut reader, 3).await, [1, 2, 3]);
+    drop(reader);
+    assert_eq!(read_ids(&mut plain, 3).await, [1, 2, 3]);
+    // The cursor is at 3, seen from B.
+    let cursor_at = |n: &'static str| async move {
+        timeout(GUARD, async {
+            loop {
+                let (_, got) = call(b, Method::GET, &one_path(&id), "").await;
+                if got["lastEventId"] == n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("cursor at {n}"));
+    };
+    cursor_at("3").await;
+
+    // Events 4 and 5 while the reader is away; it comes back to B without Last-Event-ID and
+    // resumes from its cursor: 4 and 5 from the replay history, then live 6.
+    streams(1).await;
+    upstream.send(4, "news").await;
+    upstream.send(5, "news").await;
+    assert_eq!(read_ids(&mut plain, 2).await, [4, 5]);
+    let key = Bytes::from_static(b"/topics/news");
+    timeout(GUARD, async {
+        loop {
+            let read = history.read(&key, ReadFrom::After(b"3"), 10).await;
+            if matches!(read, Ok(Lookup::Found(events)) if events.len() == 2) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("4 and 5 recorded");
+    let (_, mut reader) = open(b, &subscribe).await;
+    assert_eq!(read_ids(&mut reader, 2).await, [4, 5]);
+    streams(2).await;
+    upstream.send(6, "news").await;
+    assert_eq!(read_ids(&mut reader, 1).await, [6]);
+    assert_eq!(read_ids(&mut plain, 1).await, [6]);
+
+    // The subscription and the disposable one are listed; two pages of one.
+    let (_, page) = call(a, Method::GET, "/topics/news/subscriptions?limit=1", "").await;
+    assert_eq!(page["total"], 2);
+    let first = page["items"][0]["id"].clone();
+    let (_, page) = call(a, Method::GET, "/topics/news/subscriptions?limit=1&offset=1", "").await;
+    assert_ne!(page["items"][0]["id"], first);
+
+    // Suspending through A closes the channel open on B, at an event boundary.
+    let (status, patched) = call(a, Method::PATCH, &one, r#"{"status":"suspended"}"#).await;
+    assert_eq!((status, patched["status"].as_str()), (StatusCode::OK, Some("suspended")));
+    ends(&mut reader).await;
+    let (status, refused) = call(b, Method::GET, &subscribe, "").await;
+    assert_eq!((status, refused["error"].as_str()), (StatusCode::CONFLICT, Some("suspended")));
+
+    // Reactivated, it resumes after 6.
+    let (status, _) = call(b, Method::PATCH, &one, r#"{"status":"active"}"#).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, mut reader) = open(a, &subscribe).await;
+    streams(2).await;
+    upstream.send(7, "news").await;
+    assert_eq!(read_ids(&mut reader, 1).await, [7]);
+
+    // Deleted through B: the channel on A closes, and every route of it is 404.
+    let (status, _) = call(b, Method::DELETE, &one, "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    ends(&mut reader).await;
+    for (method, path) in [(Method::GET, &one), (Method::DELETE, &one), (Method::GET, &subscribe)] {
+        let (status, _) = call(a, method.clone(), path, "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
+    }
+
+    // The plain reader leaving removes its disposable subscription.
+    drop(plain);
+    timeout(GUARD, async {
+        loop {
+            let (_, page) = call(b, Method::GET, "/topics/news/subscriptions", "").await;
+            if page["total"] == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the disposable subscription is removed");
+
+    // Pagination over more subscriptions, following the Link header.
+    for _ in 0..5 {
+        call(a, Method::POST, "/topics/sport/subscriptions", "").await;
+    }
+    let mut next = Some("/topics/sport/subscriptions?limit=2".to_owned());
+    let mut seen = Vec::new();
+    while let Some(path) = next.take() {
+        let response = send(b, Method::GET, &path, "").await;
+        next = response.headers().get("link").map(|link| {
+            let link = link.to_str().unwrap();
+            link[1..link.find('>').unwrap()].to_owned()
+        });
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let page: Value = serde_json::from_slice(&bytes).unwrap();
+        for item in page["items"].as_array().unwrap() {
+            seen.push(item["id"].as_str().unwrap().to_owned());
+        }
+    }
+    let mut distinct = seen.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!((seen.len(), distinct.len()), (5, 5));
+    let _ = upstream.requests.load(Ordering::SeqCst);
+}
+
+fn one_path(id: &str) -> String {
+    format!("/subscriptions/{id}")
+}
+
+#[tokio::test]
+async fn lifecycle_in_memory() {
+    let (upstream_addr, upstream) = Upstream::serve().await;
+    let subscriptions = Subscriptions::in_memory();
+    let store = MemoryStore::new();
+    let addr = instance(upstream_addr, store.clone(), subscriptions.clone()).await;
+    lifecycle(&upstream, addr, addr, store).await;
+    until("channels closed", || subscriptions.open_channels() == 0).await;
+}
+
+#[tokio::test]
+async fn lifecycle_across_two_instances_sharing_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (upstream_addr, upstream) = Upstream::serve().await;
+    let mut addrs = Vec::new();
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let store = RedisStore::open(&server.url(), RedisConfig::default().prefix("subs:")).unwrap();
+        assert!(store.connected(GUARD).await);
+        let subscriptions =
+            Subscriptions::new(store.subscriptions()).poll_interval(Duration::from_millis(100));
+        stores.push(store.clone());
+        addrs.push(instance(upstream_addr, store, subscriptions).await);
+    }
+    lifecycle(&upstream, addrs[0], addrs[1], stores.pop().unwrap()).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_subscriptions_and_cursors() {
+    use tower_sse::subscriptions::{Created, Status, Subscription};
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let replay = RedisStore::open(&server.url(), RedisConfig::default().prefix("ops:")).unwrap();
+    assert!(replay.connected(GUARD).await);
+    let store = replay.subscriptions();
+    let first = Subscription::new("news").cursor("7");
+    let second = Subscription::new("news").disposable(true);
+    assert_eq!(store.create(first.clone(), 2).await.unwrap(), Created::Stored);
+    assert_eq!(store.create(second.clone(), 2).await.unwrap(), Created::Stored);
+    let full = store.create(Subscription::new("news"), 2).await.unwrap();
+    assert_eq!(full, Created::Full);
+
+    let got = store.get(&first.id).await.unwrap().unwrap();
+    assert_eq!(got, first, "every field round-trips");
+    let mut listed = store.list("news").await.unwrap();
+    listed.sort_by_key(|s| s.created_ms);
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().any(|s| s.id == second.id && s.disposable));
+    assert_eq!(store.list("other").await.unwrap(), vec![]);
+
+    let suspended = store.set_status(&first.id, Status::Suspended).await.unwrap();
+    assert_eq!(suspended.unwrap().status, Status::Suspended);
+    assert_eq!(store.set_status("0000", Status::Active).await.unwrap(), None);
+    assert_eq!(
+        store.statuses(vec![first.id.clone(), second.id.clone(), "0000".into()]).await.unwrap(),
+        vec![Some(Status::Suspended), Some(Status::Active), None]
+    );
+
+    // Cursors are written in the background; a cursor for a deleted subscription brings
+    // nothing back, and a removed disposable subscription leaves its topic's index.
+    store.save_cursor(&first.id, Bytes::from_static(b"id \xff 8"));
+    until_async(|| async {
+        store.get(&first.id).await.unwrap().unwrap().cursor == b"id \xff 8"[..]
+    })
+    .await;
+    assert!(store.delete(&first.id).await.unwrap());
+    assert!(!store.delete(&first.id).await.unwrap());
+    store.save_cursor(&first.id, Bytes::from_static(b"9"));
+    store.remove(&second.id);
+    until_async(|| async { store.list("news").await.unwrap().is_empty() }).await;
+    assert_eq!(store.get(&first.id).await.unwrap(), None);
+    // The topic has room again.
+    let again = store.create(Subscription::new("news"), 2).await.unwrap();
+    assert_eq!(again, Created::Stored);
+}
+
+async fn until_async<F, Fut>(condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    timeout(GUARD, async {
+        while !condition().await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the condition in time");
+}
