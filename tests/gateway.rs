@@ -815,3 +815,79 @@ async fn stalled_clients_on_a_fast_stream_cost_bounded_memory() {
         drop(stalled);
     }
 }
+
+/// A request with a JSON body; the status and the parsed answer (Null when empty).
+async fn json_call(method: http::Method, url: &str, body: &str) -> (StatusCode, serde_json::Value) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Full<Bytes>>();
+    let request = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(http_body_util::Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let response = timeout(GUARD, client.request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+#[tokio::test]
+async fn subscriptions_resume_from_their_cursor_and_can_be_suspended() {
+    use http::Method;
+    let gateway = Gateway::start(&[
+        "--subscriptions",
+        "--replay",
+        "100",
+        "--demo-interval",
+        "20",
+    ])
+    .await;
+    let (status, created) =
+        json_call(Method::POST, &gateway.url("/topics/news/subscriptions"), "").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = created["id"].as_str().unwrap().to_owned();
+    let stream = gateway.url(created["subscribe"].as_str().unwrap());
+    let one = gateway.url(&format!("/subscriptions/{id}"));
+
+    let response = get(&stream, &[]).await;
+    assert_eq!(response.headers()["sse-subscription"], id.as_str());
+    let mut reader = EventReader::new(response.into_body());
+    assert_eq!(read_ids(&mut reader, 3).await, ["1", "2", "3"]);
+    drop(reader);
+    // The cursor is where the reader left; a new reader without an id starts after it.
+    let cursor = timeout(GUARD, async {
+        loop {
+            let (_, got) = json_call(Method::GET, &one, "").await;
+            if let Some(cursor) = got["lastEventId"].as_str() {
+                if cursor.parse::<u32>().unwrap() >= 3 {
+                    return cursor.parse::<u32>().unwrap();
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let mut reader = EventReader::new(get(&stream, &[]).await.into_body());
+    assert_eq!(read_ids(&mut reader, 1).await, [(cursor + 1).to_string()]);
+
+    let (status, _) = json_call(Method::PATCH, &one, r#"{"status":"suspended"}"#).await;
+    assert_eq!(status, StatusCode::OK);
+    while timeout(GUARD, reader.next_event()).await.unwrap().is_some() {}
+    assert_eq!(get(&stream, &[]).await.status(), StatusCode::CONFLICT);
+    let (status, _) = json_call(Method::DELETE, &one, "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(get(&stream, &[]).await.status(), StatusCode::NOT_FOUND);
+
+    // A plain topic request is a disposable subscription, listed while it is open.
+    let plain = get(&gateway.url("/topics/news"), &[]).await;
+    let disposable = plain.headers()["sse-subscription"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (_, page) = json_call(Method::GET, &gateway.url("/topics/news/subscriptions"), "").await;
+    assert_eq!(page["items"][0]["id"], disposable.as_str());
+    assert_eq!(page["items"][0]["disposable"], true);
+}

@@ -87,7 +87,11 @@ async fn ends(reader: &mut EventReader<Incoming>) {
 }
 
 /// A gateway instance: the subscriptions layer over replay over a proxy to the upstream.
-async fn instance<St, Sub>(upstream: SocketAddr, store: St, subscriptions: Subscriptions<Sub>) -> SocketAddr
+async fn instance<St, Sub>(
+    upstream: SocketAddr,
+    store: St,
+    subscriptions: Subscriptions<Sub>,
+) -> SocketAddr
 where
     St: ReplayStore,
     Sub: SubscriptionStore,
@@ -101,11 +105,26 @@ where
 
 /// The lifecycle, with `a` and `b` two instances (or the same one twice); `history` is the
 /// replay store `b` reads.
-async fn lifecycle<St: ReplayStore>(upstream: &Upstream, a: SocketAddr, b: SocketAddr, history: St) {
+async fn lifecycle<St: ReplayStore>(
+    upstream: &Upstream,
+    a: SocketAddr,
+    b: SocketAddr,
+    history: St,
+) {
     let streams = |n: usize| {
         let upstream = upstream.clone();
         async move {
-            until("upstream streams", || upstream.feeds.lock().unwrap().iter().filter(|f| !f.is_closed()).count() == n).await;
+            until("upstream streams", || {
+                upstream
+                    .feeds
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|f| !f.is_closed())
+                    .count()
+                    == n
+            })
+            .await;
         }
     };
 
@@ -175,15 +194,27 @@ async fn lifecycle<St: ReplayStore>(upstream: &Upstream, a: SocketAddr, b: Socke
     let (_, page) = call(a, Method::GET, "/topics/news/subscriptions?limit=1", "").await;
     assert_eq!(page["total"], 2);
     let first = page["items"][0]["id"].clone();
-    let (_, page) = call(a, Method::GET, "/topics/news/subscriptions?limit=1&offset=1", "").await;
+    let (_, page) = call(
+        a,
+        Method::GET,
+        "/topics/news/subscriptions?limit=1&offset=1",
+        "",
+    )
+    .await;
     assert_ne!(page["items"][0]["id"], first);
 
     // Suspending through A closes the channel open on B, at an event boundary.
     let (status, patched) = call(a, Method::PATCH, &one, r#"{"status":"suspended"}"#).await;
-    assert_eq!((status, patched["status"].as_str()), (StatusCode::OK, Some("suspended")));
+    assert_eq!(
+        (status, patched["status"].as_str()),
+        (StatusCode::OK, Some("suspended"))
+    );
     ends(&mut reader).await;
     let (status, refused) = call(b, Method::GET, &subscribe, "").await;
-    assert_eq!((status, refused["error"].as_str()), (StatusCode::CONFLICT, Some("suspended")));
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (StatusCode::CONFLICT, Some("suspended"))
+    );
 
     // Reactivated, it resumes after 6.
     let (status, _) = call(b, Method::PATCH, &one, r#"{"status":"active"}"#).await;
@@ -197,7 +228,11 @@ async fn lifecycle<St: ReplayStore>(upstream: &Upstream, a: SocketAddr, b: Socke
     let (status, _) = call(b, Method::DELETE, &one, "").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     ends(&mut reader).await;
-    for (method, path) in [(Method::GET, &one), (Method::DELETE, &one), (Method::GET, &subscribe)] {
+    for (method, path) in [
+        (Method::GET, &one),
+        (Method::DELETE, &one),
+        (Method::GET, &subscribe),
+    ] {
         let (status, _) = call(a, method.clone(), path, "").await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
     }
@@ -264,7 +299,8 @@ async fn lifecycle_across_two_instances_sharing_redis() {
     let mut addrs = Vec::new();
     let mut stores = Vec::new();
     for _ in 0..2 {
-        let store = RedisStore::open(&server.url(), RedisConfig::default().prefix("subs:")).unwrap();
+        let store =
+            RedisStore::open(&server.url(), RedisConfig::default().prefix("subs:")).unwrap();
         assert!(store.connected(GUARD).await);
         let subscriptions =
             Subscriptions::new(store.subscriptions()).poll_interval(Duration::from_millis(100));
@@ -285,8 +321,14 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
     let store = replay.subscriptions();
     let first = Subscription::new("news").cursor("7");
     let second = Subscription::new("news").disposable(true);
-    assert_eq!(store.create(first.clone(), 2).await.unwrap(), Created::Stored);
-    assert_eq!(store.create(second.clone(), 2).await.unwrap(), Created::Stored);
+    assert_eq!(
+        store.create(first.clone(), 2).await.unwrap(),
+        Created::Stored
+    );
+    assert_eq!(
+        store.create(second.clone(), 2).await.unwrap(),
+        Created::Stored
+    );
     let full = store.create(Subscription::new("news"), 2).await.unwrap();
     assert_eq!(full, Created::Full);
 
@@ -298,11 +340,20 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
     assert!(listed.iter().any(|s| s.id == second.id && s.disposable));
     assert_eq!(store.list("other").await.unwrap(), vec![]);
 
-    let suspended = store.set_status(&first.id, Status::Suspended).await.unwrap();
+    let suspended = store
+        .set_status(&first.id, Status::Suspended)
+        .await
+        .unwrap();
     assert_eq!(suspended.unwrap().status, Status::Suspended);
-    assert_eq!(store.set_status("0000", Status::Active).await.unwrap(), None);
     assert_eq!(
-        store.statuses(vec![first.id.clone(), second.id.clone(), "0000".into()]).await.unwrap(),
+        store.set_status("0000", Status::Active).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .statuses(vec![first.id.clone(), second.id.clone(), "0000".into()])
+            .await
+            .unwrap(),
         vec![Some(Status::Suspended), Some(Status::Active), None]
     );
 

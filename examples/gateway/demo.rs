@@ -1,4 +1,5 @@
-//! The built-in demo: a page at `/` and a ticking event stream at `/events`.
+//! The built-in demo: a page at `/` and a ticking event stream at `/events` and at every
+//! `/topics/{topic}` (for `--subscriptions`).
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
@@ -43,11 +44,13 @@ impl<B> Service<Request<B>> for Demo {
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let response = match (request.method(), request.uri().path()) {
+        let path = request.uri().path();
+        let stream = path == "/events" || is_topic(path);
+        let response = match (request.method(), path) {
             (&Method::GET, "/") => Response::builder()
                 .header(CONTENT_TYPE, "text/html; charset=utf-8")
                 .body(Either::Right(Full::from(PAGE))),
-            (&Method::GET, "/events") => {
+            (&Method::GET, _) if stream => {
                 // Resume after the client's last id, as an upstream that keeps history would.
                 let after = request
                     .headers()
@@ -67,10 +70,22 @@ impl<B> Service<Request<B>> for Demo {
             _ => Response::builder()
                 .status(StatusCode::NOT_FOUND)
                 .header(CONTENT_TYPE, "text/plain; charset=utf-8")
-                .body(Either::Right(Full::from("not found: try / or /events\n"))),
+                .body(Either::Right(Full::from(
+                    "not found: try /, /events or /topics/<name>\n",
+                ))),
         };
         ready(Ok(response.expect("static response parts are valid")))
     }
+}
+
+/// `/topics/{topic}` with a plain topic name: each topic is a demo stream of its own.
+fn is_topic(path: &str) -> bool {
+    path.strip_prefix("/topics/").is_some_and(|topic| {
+        !topic.is_empty()
+            && topic
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    })
 }
 
 /// An endless event stream: one event with an increasing id per tick, the first at once. Each

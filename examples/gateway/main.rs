@@ -36,6 +36,7 @@ use tower_sse::fanout::FanoutLayer;
 use tower_sse::replay::{
     MemoryLimits, MemoryStore, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
 };
+use tower_sse::subscriptions::{SubscriptionStore, Subscriptions};
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
     CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer, Shutdown,
@@ -143,6 +144,23 @@ struct Args {
     )]
     redis_prefix: String,
 
+    /// Serve provisioned subscriptions: the API under `/subscriptions` and
+    /// `/topics/{topic}/subscriptions`, each subscription's stream at
+    /// `/subscriptions/{id}/subscribe` resuming from its server-side cursor, and a disposable
+    /// subscription for every plain request on a topic's stream path. In Redis with `--redis`.
+    #[arg(long)]
+    subscriptions: bool,
+
+    /// Where a topic's event stream is, on the demo or the upstream: a path with `{topic}`.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/topics/{topic}",
+        requires = "subscriptions",
+        value_parser = topic_path
+    )]
+    topic_path: String,
+
     /// Milliseconds between events of the demo stream.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     demo_interval: u64,
@@ -165,9 +183,26 @@ fn seconds(value: &str) -> Result<f64, String> {
     }
 }
 
+/// A path that starts with `/` and holds `{topic}` once.
+fn topic_path(value: &str) -> Result<String, String> {
+    if value.starts_with('/') && value.matches("{topic}").count() == 1 && !value.contains('?') {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "expected a path with one {{topic}}, such as /topics/{{topic}}, got {value:?}"
+        ))
+    }
+}
+
 /// `Some(duration)` for a positive number of seconds, `None` for 0 (off).
 fn positive(secs: f64) -> Option<Duration> {
     (secs > 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// The stores of a gateway: replay history (when on) and subscriptions (when on).
+struct Stores<St, Sub> {
+    replay: Option<St>,
+    subscriptions: Option<Subscriptions<Sub>>,
 }
 
 /// Serves `inner` behind every layer, outermost first as the crate docs recommend: the header
@@ -177,14 +212,15 @@ fn positive(secs: f64) -> Option<Duration> {
 /// boundary; replay resumes clients and records events (never heartbeats); the fan-out hub shares
 /// one upstream subscription per stream and records into the same store; the timeouts sit next
 /// to the upstream, so they measure its silence, not heartbeats.
-async fn serve_stack<S, B, St>(
+async fn serve_stack<S, B, St, Sub>(
     args: &Args,
     listener: TcpListener,
     inner: S,
-    store: Option<St>,
+    stores: Stores<St, Sub>,
     metrics: PrometheusHandle,
 ) where
     St: ReplayStore,
+    Sub: SubscriptionStore,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -209,6 +245,10 @@ async fn serve_stack<S, B, St>(
             .retry_on_end(retry)
             .retry_jitter(Duration::from_millis(args.retry_jitter));
     }
+    let Stores {
+        replay: store,
+        subscriptions,
+    } = stores;
     // The hub records into the replay layer's store, so it keeps recording while it lingers.
     let service = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
@@ -226,6 +266,9 @@ async fn serve_stack<S, B, St>(
         ))
         .layer(Optional(positive(args.heartbeat).map(HeartbeatLayer::new)))
         .layer(lifetime)
+        .layer(Optional(subscriptions.map(|subscriptions| {
+            subscriptions.topic_path(&args.topic_path).layer()
+        })))
         .layer(Optional(store.clone().map(ReplayLayer::with_store)))
         .layer(Optional(args.fanout.then(|| {
             FanoutLayer::new()
@@ -261,24 +304,40 @@ async fn main() -> Result<(), BoxError> {
         if !store.connected(Duration::from_secs(2)).await {
             println!("  Redis is not answering yet: streams flow, recording starts when it does");
         }
-        run(&args, listener, addr, Some(store), metrics).await;
+        let subscriptions = args
+            .subscriptions
+            .then(|| Subscriptions::new(store.subscriptions()));
+        let stores = Stores {
+            replay: Some(store),
+            subscriptions,
+        };
+        run(&args, listener, addr, stores, metrics).await;
     } else {
         let store = (args.replay > 0)
             .then(|| MemoryStore::with_limits(MemoryLimits::default().events_per_key(args.replay)));
-        run(&args, listener, addr, store, metrics).await;
+        let stores = Stores {
+            replay: store,
+            subscriptions: args.subscriptions.then(Subscriptions::in_memory),
+        };
+        run(&args, listener, addr, stores, metrics).await;
     }
     Ok(())
 }
 
-/// Serves the stack in front of the upstream, or the demo, with replay in `store`.
-async fn run<St: ReplayStore>(
+/// Serves the stack in front of the upstream, or the demo, with its stores.
+async fn run<St: ReplayStore, Sub: SubscriptionStore>(
     args: &Args,
     listener: TcpListener,
     addr: SocketAddr,
-    store: Option<St>,
+    stores: Stores<St, Sub>,
     metrics: PrometheusHandle,
 ) {
     println!("  metrics: http://{addr}/metrics   status stream: http://{addr}/status");
+    if args.subscriptions {
+        let example = args.topic_path.replace("{topic}", "news");
+        println!("  subscriptions: curl -X POST http://{addr}/topics/news/subscriptions");
+        println!("                 then curl -N http://{addr}/subscriptions/<id>/subscribe   (topic stream: {example})");
+    }
     match &args.upstream {
         Some(upstream) => {
             println!("  proxying every request to {upstream}");
@@ -287,7 +346,7 @@ async fn run<St: ReplayStore>(
                 args,
                 listener,
                 proxy::Proxy::new(upstream.clone()),
-                store,
+                stores,
                 metrics,
             )
             .await;
@@ -300,7 +359,7 @@ async fn run<St: ReplayStore>(
                 _ => Duration::from_millis(args.demo_interval.max(1)),
             };
             let demo = demo::Demo::new(every, args.demo_size);
-            serve_stack(args, listener, demo, store, metrics).await;
+            serve_stack(args, listener, demo, stores, metrics).await;
         }
     }
 }
