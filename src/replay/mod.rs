@@ -638,6 +638,7 @@ where
 
 /// Whether `request` carries the client's own last event id (the header, or the query
 /// parameter), valid or not.
+#[cfg(feature = "subscriptions")]
 pub(crate) fn carries_last_event_id<B>(request: &Request<B>) -> bool {
     !matches!(last_event_id(request, usize::MAX - 1), ClientId::None)
 }

@@ -168,7 +168,7 @@ struct CreateBody {
     last_event_id: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct PatchBody {
     status: String,
@@ -439,14 +439,6 @@ where
             &format!("the body is not the expected JSON: {failed}"),
         )
     })
-}
-
-impl Default for PatchBody {
-    fn default() -> Self {
-        Self {
-            status: String::new(),
-        }
-    }
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Bytes> {

@@ -19,16 +19,21 @@ type TopicBody = Either<Channel<Bytes>, Full<Bytes>>;
 /// What the topics' service saw: each request's path and `Last-Event-ID`.
 type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
 
+/// The feeds of the streams the topics' service opened, one per request, in order.
+type Feeds = mpsc::UnboundedReceiver<Sender<Bytes>>;
+
+type TopicAnswer = std::future::Ready<Result<Response<TopicBody>, Infallible>>;
+
 /// Serves every `/topics/{topic}` as an event stream fed by the test, and 404 (JSON) for any
 /// other path.
 fn topics() -> (
-    mpsc::UnboundedReceiver<Sender<Bytes>>,
+    Feeds,
     Seen,
     impl tower::Service<
             Request<Full<Bytes>>,
             Response = Response<TopicBody>,
             Error = Infallible,
-            Future = std::future::Ready<Result<Response<TopicBody>, Infallible>>,
+            Future = TopicAnswer,
         > + Clone,
 ) {
     let (senders_tx, senders) = mpsc::unbounded_channel();
