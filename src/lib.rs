@@ -17,6 +17,7 @@
 //! | [`LifetimeLayer`] + [`Shutdown`] | end streams at an event boundary after a (jittered) maximum lifetime or on shutdown, so graceful shutdown completes |
 //! | [`ReplayLayer`] | record events per stream key; a client reconnecting with `Last-Event-ID` gets what it missed, then the live stream, with QoS presets |
 //! | [`FanoutLayer`] | one upstream subscription per stream key shared by all its clients, a bounded queue per client, lingering for reconnects |
+//! | `subscriptions::SubscribeLayer` (feature `subscriptions`) | provisioned subscriptions over a JSON API: server-side cursors, suspend (closing channels at a boundary), reactivate, delete, disposable subscriptions |
 //! | [`timeout::IdleTimeoutLayer`] | end a stream whose upstream went silent |
 //! | [`timeout::ResponseTimeoutLayer`] | `504` when response headers are late |
 //!
@@ -80,6 +81,10 @@
 //!    events inside it count as activity, and outside the timeouts, so that heartbeats never
 //!    count as upstream activity.
 //! 7. [`LifetimeLayer`]: it ends streams at a boundary it can see, with its final `retry:` hint.
+//!    Then `subscriptions::SubscribeLayer` (feature `subscriptions`), if used: outside replay,
+//!    which must see the subscription's stream rewritten to its topic and its cursor as
+//!    `Last-Event-ID`; inside heartbeats, metadata and compression, so its cursor reads plain
+//!    events.
 //! 8. [`ReplayLayer`]: inside the heartbeat layer, so heartbeats are never recorded, and inside
 //!    the lifetime layer, so a replayed burst is ended at a boundary like anything else.
 //! 9. [`FanoutLayer`]: inside replay, so that each client is replayed on its own before it joins
@@ -124,9 +129,10 @@
 //! free when no subscriber listens.
 //! - `debug`: a stream opened or closed (with the reason and the bytes sent), a `406`, a
 //!   timeout or lifetime end, a replay (where it resumed, how many events), an unknown
-//!   `Last-Event-ID`, a fan-out subscription opened or closed (with the reason).
+//!   `Last-Event-ID`, a fan-out subscription opened or closed (with the reason), a
+//!   subscription channel opened or refused, channels closed by a suspension.
 //! - `info`: a fan-out client too slow.
-//! - `warn`: a replay store failure.
+//! - `warn`: a replay or subscription store failure.
 //! - `trace`: every frame, heartbeat and compressed frame.
 //!
 //! With the `metrics` feature, the same decisions go to the [`metrics`](https://docs.rs/metrics)
@@ -151,6 +157,8 @@
 //! | `sse_fanout_events_total` | counter | | fan-out: upstream events shared |
 //! | `sse_fanout_slow_clients_total` | counter | `policy`: `disconnect`, `skip` | fan-out |
 //! | `sse_compression_in_bytes_total`, `sse_compression_out_bytes_total` | counter | `encoding` | compression (ratio = in / out) |
+//! | `sse_subscription_channels_total` | counter | `outcome`: `provisioned`, `disposable` (opened), `suspended`, `unknown` (refused) | subscriptions |
+//! | `sse_subscription_closed_channels_total` | counter | | subscriptions: open channels closed by a suspension or deletion |
 //!
 //! Counts of streams, frames and bytes come from the passthrough layer, which sees every event
 //! stream once; a stack without it reports no stream counts.
@@ -161,6 +169,9 @@
 //! - `redis`: `replay::RedisStore`, replay history in Redis Streams shared by several instances
 //!   (pulls redis).
 //! - `metrics`: metrics through the `metrics` facade (see Operations).
+//! - `subscriptions`: [`subscriptions`], provisioned subscriptions with a JSON management API
+//!   and server-side cursors (pulls serde, serde_json and http-body-util); in Redis with
+//!   `redis` too.
 //! - `test-util`: the [`testing`] kit for your own tests (requests as browsers send them,
 //!   assertions on what a client sees, scripted upstreams).
 //! - `full`: every feature.

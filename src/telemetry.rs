@@ -184,6 +184,25 @@ pub(crate) fn slow_client(policy: &'static str) {
     }
 }
 
+/// A subscribe request's outcome: `provisioned` or `disposable` (a channel opened),
+/// `suspended` or `unknown` (refused).
+#[cfg(feature = "subscriptions")]
+pub(crate) fn subscription_channel(outcome: &'static str, subscription: &str) {
+    tracing::debug!(target: "tower_sse", outcome, subscription, "subscription channel");
+    metric! {
+        metrics::counter!("sse_subscription_channels_total", "outcome" => outcome).increment(1);
+    }
+}
+
+/// Open channels of a subscription closed because it was suspended or deleted.
+#[cfg(feature = "subscriptions")]
+pub(crate) fn subscription_channels_closed(subscription: &str, channels: usize) {
+    tracing::debug!(target: "tower_sse", subscription, channels, "closing a suspended or deleted subscription's channels");
+    metric! {
+        metrics::counter!("sse_subscription_closed_channels_total").increment(channels as u64);
+    }
+}
+
 pub(crate) fn fanned_out(events: usize) {
     metric! {
         metrics::counter!("sse_fanout_events_total").increment(events as u64);

@@ -89,7 +89,7 @@ impl Channels {
     /// Ends every open channel of `id` at its next event boundary.
     pub(crate) fn close(&self, id: &str) {
         if let Some(entry) = self.lock().remove(id) {
-            tracing::debug!(target: "tower_sse", subscription = id, channels = entry.channels, "closing subscription channels");
+            crate::telemetry::subscription_channels_closed(id, entry.channels);
             entry.signal.trigger();
         }
     }

@@ -19,6 +19,7 @@ use super::api::{self, error, not_found, unavailable};
 use super::body::{Channel, SubscriptionBody};
 use super::{Created, Route, Status, Subscription, SubscriptionStore, Subscriptions};
 use crate::replay::carries_last_event_id;
+use crate::telemetry;
 use crate::BoxError;
 
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
@@ -169,10 +170,14 @@ async fn open<St: SubscriptionStore, ReqBody>(
         .watch(subscriptions.store(), subscriptions.config.poll_interval);
     let subscription = match subscriptions.store().get(&id).await {
         Ok(Some(subscription)) => subscription,
-        Ok(None) => return Err(not_found(&id)),
+        Ok(None) => {
+            telemetry::subscription_channel("unknown", &id);
+            return Err(not_found(&id));
+        }
         Err(failed) => return Err(unavailable(&failed)),
     };
     if subscription.status == Status::Suspended {
+        telemetry::subscription_channel("suspended", &id);
         return Err(error(
             StatusCode::CONFLICT,
             "suspended",
@@ -187,7 +192,7 @@ async fn open<St: SubscriptionStore, ReqBody>(
             request.headers_mut().insert(LAST_EVENT_ID, cursor);
         }
     }
-    tracing::debug!(target: "tower_sse", subscription = %id, topic = %subscription.topic, "subscription channel opened");
+    telemetry::subscription_channel("provisioned", &id);
     Ok((
         request,
         Some(Channel::new(subscriptions, registration, false)),
@@ -207,11 +212,15 @@ async fn open_disposable<St: SubscriptionStore, ReqBody>(
         .channels
         .watch(subscriptions.store(), subscriptions.config.poll_interval);
     let max = subscriptions.config.max_per_topic;
+    let id = subscription.id.clone();
     match subscriptions.store().create(subscription, max).await {
-        Ok(Created::Stored) => Ok((
-            request,
-            Some(Channel::new(subscriptions, registration, true)),
-        )),
+        Ok(Created::Stored) => {
+            telemetry::subscription_channel("disposable", &id);
+            Ok((
+                request,
+                Some(Channel::new(subscriptions, registration, true)),
+            ))
+        }
         Ok(Created::Full) => Ok((request, None)),
         Err(failed) => {
             tracing::warn!(target: "tower_sse", error = %failed, "subscriptions: disposable subscription not stored");
