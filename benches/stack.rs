@@ -10,7 +10,9 @@
 //! a server would. First the bench prints the heap allocations per forwarded frame for every
 //! path, counted by a global allocator. The passthrough path must not allocate: its chunks are
 //! the upstream's `Bytes`, zero-copy. Then criterion measures:
-//! - `layer/<name>`: one layer over the busy body;
+//! - `layer/<name>`: one layer over the busy body; `layer/subscribe` is the subscriptions
+//!   layer reading a provisioned subscription (`GET /subscriptions/{id}/subscribe`, created
+//!   beforehand in the in-memory store): every event parsed to move its cursor in the store;
 //! - `stack/full`: headers, passthrough, retry, comment metadata, heartbeat, lifetime, replay,
 //!   idle and response timeouts (the crate docs' order without compression and fan-out), against
 //!   `stack/passthrough` (the bare passthrough layer: the baseline a full stack is held to).
@@ -32,9 +34,11 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput};
 use http::{header, Request, Response};
 use http_body::{Body, Frame};
+use http_body_util::Empty;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_layer::Layer;
 use tower_sse::compression::SseCompressionLayer;
+use tower_sse::subscriptions::{Created, Subscription, SubscriptionStore, Subscriptions};
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
     CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReplayLayer, RetryLayer,
@@ -101,9 +105,9 @@ type Polled = Box<dyn FnMut() -> usize>;
 
 /// A body behind `service`, ready to be polled frame by frame: returns a closure that polls
 /// one frame and says how many bytes it carried.
-fn poller<S, B>(runtime: &tokio::runtime::Runtime, service: S, request: Request<()>) -> Polled
+fn poller<S, R, B>(runtime: &tokio::runtime::Runtime, service: S, request: Request<R>) -> Polled
 where
-    S: tower::Service<Request<()>, Response = Response<B>>,
+    S: tower::Service<Request<R>, Response = Response<B>>,
     S::Error: std::fmt::Debug,
     B: Body<Data = Bytes> + 'static,
     B::Error: std::fmt::Debug,
@@ -134,6 +138,23 @@ fn gzip() -> Request<()> {
         .header(header::ACCEPT_ENCODING, "gzip")
         .body(())
         .unwrap()
+}
+
+/// The subscriptions layer over the busy upstream, polled through a subscription provisioned
+/// beforehand in its in-memory store (`GET /subscriptions/{id}/subscribe`).
+fn subscribe(runtime: &tokio::runtime::Runtime) -> Polled {
+    let subscriptions = Subscriptions::in_memory();
+    let subscription = Subscription::new("news");
+    let request = Request::get(format!("/subscriptions/{}/subscribe", subscription.id))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let created = runtime
+        .block_on(subscriptions.store().create(subscription, 10_000))
+        .unwrap();
+    assert_eq!(created, Created::Stored);
+    // The upstream answers any path; it takes no request body.
+    let upstream = upstream().map_request(|request: Request<Empty<Bytes>>| request.map(|_| ()));
+    poller(runtime, subscriptions.layer().layer(upstream), request)
 }
 
 /// Every path the bench measures, by name.
@@ -179,6 +200,7 @@ fn paths(runtime: &tokio::runtime::Runtime) -> Vec<(&'static str, Polled)> {
             "layer/replay (recording)",
             poller(runtime, ReplayLayer::new().layer(upstream()), get()),
         ),
+        ("layer/subscribe", subscribe(runtime)),
         (
             "layer/idle timeout",
             poller(

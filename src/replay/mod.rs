@@ -133,6 +133,7 @@ use crate::wire::{is_plain_event_stream, Event};
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 const RESUMED_FROM: HeaderName = HeaderName::from_static("sse-resumed-from");
 const QUERY_PARAMETER: &str = "lastEventId";
+const DEFAULT_MAX_ID_LEN: usize = 256;
 
 /// Which requests share a history: the stream key of a request, or `None` to leave it alone.
 pub trait StreamKey<B>: Clone + Send + Sync + 'static {
@@ -313,7 +314,7 @@ impl Config {
             lost_event: None,
             ids: Ids::Keep,
             max_replay: 1_000,
-            max_id_len: 256,
+            max_id_len: DEFAULT_MAX_ID_LEN,
         }
     }
 
@@ -636,11 +637,13 @@ where
     }
 }
 
-/// Whether `request` carries the client's own last event id (the header, or the query
-/// parameter), valid or not.
+/// The client's own valid last event id, from the header or the `lastEventId` query parameter.
 #[cfg(feature = "subscriptions")]
-pub(crate) fn carries_last_event_id<B>(request: &Request<B>) -> bool {
-    !matches!(last_event_id(request, usize::MAX - 1), ClientId::None)
+pub(crate) fn client_last_event_id<B>(request: &Request<B>) -> Option<Vec<u8>> {
+    match last_event_id(request, DEFAULT_MAX_ID_LEN) {
+        ClientId::Valid(id) => Some(id),
+        ClientId::None | ClientId::Garbage => None,
+    }
 }
 
 enum ClientId {

@@ -37,7 +37,8 @@
 //! `GET .../subscriptions/{id}/subscribe` is rewritten to the topic's stream path and goes to
 //! the inner service, with `Last-Event-ID` set to the subscription's cursor unless the request
 //! carries its own (the header, or the `lastEventId` query parameter): a browser's
-//! `EventSource` that reconnects by itself knows best what it has. With no cursor yet, the
+//! `EventSource` that reconnects by itself knows best what it has. The rest of the request's
+//! query goes no further, so a reader cannot steer what the subscription reads. With no cursor yet, the
 //! replay layer's [`first_message`](crate::replay::ReplayLayer::first_message) policy applies.
 //! The response carries `sse-subscription: {id}`.
 //!

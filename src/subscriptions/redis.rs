@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -77,7 +78,8 @@ struct Shared {
     store: RedisStore,
     pending: Mutex<Pending>,
     wake: Arc<Notify>,
-    writer: std::sync::Once,
+    /// Whether the background writer runs.
+    writer: AtomicBool,
 }
 
 #[derive(Default)]
@@ -109,7 +111,7 @@ impl RedisSubscriptions {
                 store,
                 pending: Mutex::default(),
                 wake: Arc::default(),
-                writer: std::sync::Once::new(),
+                writer: AtomicBool::new(false),
             }),
             disposable_ttl: Duration::from_secs(60),
         }
@@ -152,15 +154,20 @@ impl RedisSubscriptions {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues a write for the background writer, starting it the first time.
+    /// Queues a write for the background writer, starting it the first time. Outside a
+    /// runtime (a body dropped while one shuts down) the write waits for a later start.
     fn queue(&self, write: impl FnOnce(&mut Pending)) {
         write(&mut self.pending());
-        self.shared.writer.call_once(|| {
-            tokio::spawn(write_pending(
-                Arc::downgrade(&self.shared),
-                self.shared.wake.clone(),
-            ));
-        });
+        if !self.shared.writer.load(Ordering::Acquire) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                if !self.shared.writer.swap(true, Ordering::AcqRel) {
+                    runtime.spawn(write_pending(
+                        Arc::downgrade(&self.shared),
+                        self.shared.wake.clone(),
+                    ));
+                }
+            }
+        }
         self.shared.wake.notify_one();
     }
 }

@@ -18,7 +18,7 @@ use tower_service::Service;
 use super::api::{self, error, not_found, unavailable};
 use super::body::{Channel, SubscriptionBody};
 use super::{Created, Route, Status, Subscription, SubscriptionStore, Subscriptions};
-use crate::replay::carries_last_event_id;
+use crate::replay::client_last_event_id;
 use crate::telemetry;
 use crate::BoxError;
 
@@ -184,12 +184,20 @@ async fn open<St: SubscriptionStore, ReqBody>(
             &format!("subscription {id} is suspended; reactivate it to read it"),
         ));
     }
+    // Read before the rewrite, which drops the query: the reader cannot steer what the
+    // subscription reads, only say where it is.
+    let own = client_last_event_id(&request);
     let path = subscriptions.config.topic_path.path(&subscription.topic);
-    rewrite_path(&mut request, &path);
+    set_path(&mut request, &path);
     // The client's own id wins: an EventSource that reconnects by itself knows what it has.
-    if !subscription.cursor.is_empty() && !carries_last_event_id(&request) {
-        if let Ok(cursor) = HeaderValue::from_bytes(&subscription.cursor) {
-            request.headers_mut().insert(LAST_EVENT_ID, cursor);
+    let resume =
+        own.or_else(|| (!subscription.cursor.is_empty()).then(|| subscription.cursor.to_vec()));
+    match resume.map(|id| HeaderValue::from_bytes(&id)) {
+        Some(Ok(id)) => {
+            request.headers_mut().insert(LAST_EVENT_ID, id);
+        }
+        _ => {
+            request.headers_mut().remove(LAST_EVENT_ID);
         }
     }
     telemetry::subscription_channel("provisioned", &id);
@@ -229,17 +237,12 @@ async fn open_disposable<St: SubscriptionStore, ReqBody>(
     }
 }
 
-/// Points `request` at `path`, keeping its query (a `lastEventId` parameter, say).
-fn rewrite_path<B>(request: &mut Request<B>, path: &str) {
-    let uri = request.uri();
-    let target = match uri.query() {
-        Some(query) => format!("{path}?{query}"),
-        None => path.to_owned(),
-    };
-    let Ok(path_and_query) = PathAndQuery::try_from(target) else {
+/// Points `request` at `path`, without a query.
+fn set_path<B>(request: &mut Request<B>, path: &str) {
+    let Ok(path_and_query) = PathAndQuery::try_from(path) else {
         return;
     };
-    let mut parts = uri.clone().into_parts();
+    let mut parts = request.uri().clone().into_parts();
     parts.path_and_query = Some(path_and_query);
     if let Ok(uri) = Uri::from_parts(parts) {
         *request.uri_mut() = uri;

@@ -39,9 +39,9 @@ impl Status {
     }
 }
 
-/// A provisioned (or disposable) subscription to a topic.
+/// A provisioned (or disposable) subscription to a topic. A store of your own builds it from
+/// its fields when it reads one back.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct Subscription {
     /// Its id: 128 random bits in hex, the only way to consume it.
     pub id: String,

@@ -448,7 +448,8 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
         .unwrap();
     assert_eq!(last_seen(&seen).1.as_deref(), Some("2"));
     drop(response);
-    // The reader's own id wins, as a header or a query parameter (the query is kept).
+    // The reader's own id wins, as a header or a query parameter; the rest of the query is
+    // dropped, so the reader cannot steer what the subscription reads.
     let mut own = request(Method::GET, &subscribe, "");
     own.headers_mut()
         .insert("last-event-id", "1".parse().unwrap());
@@ -457,7 +458,7 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
         last_seen(&seen),
         ("/topics/news".to_owned(), Some("1".to_owned()))
     );
-    let query = format!("{subscribe}?lastEventId=0");
+    let query = format!("{subscribe}?room=admin&lastEventId=0");
     drop(
         service
             .clone()
@@ -465,7 +466,20 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
             .await
             .unwrap(),
     );
-    assert_eq!(last_seen(&seen).1, None);
+    assert_eq!(
+        last_seen(&seen),
+        ("/topics/news".to_owned(), Some("0".to_owned()))
+    );
+    let mut garbage = request(Method::GET, &subscribe, "");
+    garbage
+        .headers_mut()
+        .insert("last-event-id", "x".repeat(300).parse().unwrap());
+    drop(service.clone().oneshot(garbage).await.unwrap());
+    assert_eq!(
+        last_seen(&seen).1.as_deref(),
+        Some("2"),
+        "a garbage id gives way to the cursor"
+    );
 
     // An id-only block moves the cursor; an empty id resets it.
     let response = service
