@@ -141,7 +141,7 @@ impl Shutdown {
         }
     }
 
-    fn waiter(&self) -> OwnedNotified {
+    pub(crate) fn waiter(&self) -> OwnedNotified {
         // Created before the flag is read, so a trigger in between is never missed.
         self.notify.clone().notified_owned()
     }

@@ -3,18 +3,23 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::Sleep;
+
 use super::channels::Registration;
 use super::{SubscriptionStore, Subscriptions};
-use crate::future::sealed::OnResponse;
-use crate::lifetime::{LifetimeBody, LifetimeLayer};
-use crate::wire::{is_plain_event_stream, ParseError, Parser};
+use crate::lifetime::Shutdown;
+use crate::wire::{is_plain_event_stream, LastEventIds, Piece, Scanner};
 
 /// What a channel writes to the store without waiting: its cursor, and the removal of its
 /// disposable subscription. Type-erased so that the body does not carry the store's type.
@@ -60,17 +65,21 @@ impl Channel {
         self,
         response: Response<B>,
     ) -> Response<SubscriptionBody<B>> {
-        let cursor = is_plain_event_stream(response.headers()).then(|| {
-            Box::new(Cursor {
-                parser: Parser::new(),
-                saved: Bytes::new(),
+        let signal = self.registration.signal().clone();
+        let stream = is_plain_event_stream(response.headers()).then(|| {
+            Box::new(Stream {
+                scanner: Scanner::new(),
+                ids: LastEventIds::default(),
+                phase: Phase::Live,
+                grace: None,
+                signal: signal.clone(),
             })
         });
-        let ending = LifetimeLayer::new().shutdown(self.registration.signal());
-        ending.on_response(response).map(|inner| SubscriptionBody {
+        response.map(|inner| SubscriptionBody {
             kind: Kind::Channel {
                 inner,
-                cursor,
+                closing: signal.waiter(),
+                stream,
                 channel: self,
             },
         })
@@ -95,27 +104,25 @@ impl fmt::Debug for Channel {
     }
 }
 
-/// Reads the events written, for the id a client would send as `Last-Event-ID`.
-struct Cursor {
-    parser: Parser,
-    /// The cursor last written to the store.
-    saved: Bytes,
+/// How long an event in flight may take to end once the subscription is suspended.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// An event stream on a channel: where its events end, and the id its reader would resume from.
+struct Stream {
+    scanner: Scanner,
+    ids: LastEventIds,
+    phase: Phase,
+    /// Started when the stream must end inside an event.
+    grace: Option<Pin<Box<Sleep>>>,
+    signal: Shutdown,
 }
 
-impl Cursor {
-    /// Reads `data`; the new cursor, if it moved.
-    fn advance(&mut self, data: &Bytes) -> Result<Option<Bytes>, ParseError> {
-        self.parser.push(data.clone());
-        while let Some(event) = self.parser.next_event() {
-            event?;
-        }
-        let current = self.parser.last_event_id();
-        if current == &self.saved[..] {
-            return Ok(None);
-        }
-        self.saved = Bytes::copy_from_slice(current);
-        Ok(Some(self.saved.clone()))
-    }
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Live,
+    /// Suspended or deleted: forwarding up to the next event boundary.
+    Ending,
+    Done,
 }
 
 pin_project! {
@@ -134,10 +141,12 @@ pin_project! {
         Answer { bytes: Option<Bytes> },
         Channel {
             #[pin]
-            inner: LifetimeBody<B>,
-            // `None` when the answer is not an event stream, or after a parse failure (the
-            // cursor then stays where it was).
-            cursor: Option<Box<Cursor>>,
+            inner: B,
+            // Fires when the subscription is suspended or deleted.
+            #[pin]
+            closing: OwnedNotified,
+            // `None` when the answer is not an event stream: it passes untouched.
+            stream: Option<Box<Stream>>,
             channel: Channel,
         },
     }
@@ -193,23 +202,13 @@ impl<B: Body<Data = Bytes>> Body for SubscriptionBody<B> {
             KindProj::Answer { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             KindProj::Channel {
                 inner,
-                cursor,
+                closing,
+                stream,
                 channel,
-            } => {
-                let polled = inner.poll_frame(cx);
-                if let (Poll::Ready(Some(Ok(frame))), Some(reader)) = (&polled, cursor.as_mut()) {
-                    if let Some(data) = frame.data_ref() {
-                        match reader.advance(data) {
-                            Ok(Some(moved)) => {
-                                channel.sink.save_cursor(channel.registration.id(), moved);
-                            }
-                            Ok(None) => {}
-                            Err(_) => *cursor = None,
-                        }
-                    }
-                }
-                polled
-            }
+            } => match stream {
+                Some(stream) => stream.poll_frame(inner, closing, channel, cx),
+                None => inner.poll_frame(cx),
+            },
         }
     }
 
@@ -217,7 +216,10 @@ impl<B: Body<Data = Bytes>> Body for SubscriptionBody<B> {
         match &self.kind {
             Kind::Untouched { inner } => inner.is_end_stream(),
             Kind::Answer { bytes } => bytes.is_none(),
-            Kind::Channel { inner, .. } => inner.is_end_stream(),
+            Kind::Channel { inner, stream, .. } => match stream {
+                Some(stream) if stream.phase == Phase::Done => true,
+                _ => inner.is_end_stream(),
+            },
         }
     }
 
@@ -227,7 +229,78 @@ impl<B: Body<Data = Bytes>> Body for SubscriptionBody<B> {
             Kind::Answer { bytes } => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            Kind::Channel { inner, .. } => inner.size_hint(),
+            Kind::Channel { inner, stream, .. } => match stream {
+                // The stream may be cut short.
+                Some(_) => SizeHint::new(),
+                None => inner.size_hint(),
+            },
         }
+    }
+}
+
+impl Stream {
+    /// The next frame: cut at the first event boundary once the subscription is closing, and
+    /// the cursor moved to the id of the last event it completes. One scan serves both.
+    fn poll_frame<B: Body<Data = Bytes>>(
+        &mut self,
+        inner: Pin<&mut B>,
+        mut closing: Pin<&mut OwnedNotified>,
+        channel: &Channel,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.phase {
+            Phase::Done => return Poll::Ready(None),
+            Phase::Live => {
+                if closing.as_mut().poll(cx).is_ready() || self.signal.is_triggered() {
+                    if self.scanner.is_at_boundary() {
+                        self.phase = Phase::Done;
+                        return Poll::Ready(None);
+                    }
+                    self.phase = Phase::Ending;
+                    self.grace = Some(Box::pin(tokio::time::sleep(GRACE)));
+                }
+            }
+            Phase::Ending => {}
+        }
+        if let Some(grace) = &mut self.grace {
+            if grace.as_mut().poll(cx).is_ready() {
+                // The event in flight never ended; the client discards its start.
+                self.phase = Phase::Done;
+                return Poll::Ready(None);
+            }
+        }
+        let frame = match ready!(inner.poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            other => {
+                self.phase = Phase::Done;
+                return Poll::Ready(other);
+            }
+        };
+        let Some(data) = frame.data_ref() else {
+            return Poll::Ready(Some(Ok(frame)));
+        };
+        let ending = self.phase == Phase::Ending;
+        let (mut moved, mut cut) = (false, None);
+        for piece in self.scanner.pieces(data) {
+            // The scanner has no limits: it fails on nothing.
+            let Ok(piece) = piece else { break };
+            moved |= self.ids.piece(data, piece);
+            if let (true, Piece::Dispatch { end }) = (ending, piece) {
+                cut = Some(end);
+                break;
+            }
+        }
+        if moved {
+            // A copy: a slice would keep the whole frame alive in the store.
+            let cursor = Bytes::copy_from_slice(self.ids.last());
+            channel.sink.save_cursor(channel.registration.id(), cursor);
+        }
+        let Some(end) = cut else {
+            return Poll::Ready(Some(Ok(frame)));
+        };
+        self.phase = Phase::Done;
+        let mut data = frame.into_data().unwrap_or_default();
+        data.truncate(end);
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 }

@@ -807,3 +807,45 @@ async fn another_instance_suspending_closes_channels_within_the_poll_interval() 
         start.elapsed()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_event_that_never_ends_is_cut_after_the_grace_period() {
+    let (mut senders, _seen, topics) = topics();
+    let subscriptions = Subscriptions::in_memory();
+    let service = subscriptions.layer().layer(topics);
+    let id = create(&service, "news").await;
+    let response = service
+        .clone()
+        .oneshot(request(
+            Method::GET,
+            &format!("/subscriptions/{id}/subscribe"),
+            "",
+        ))
+        .await
+        .unwrap();
+    let mut feed = senders.recv().await.unwrap();
+    let mut body = Box::pin(response.into_body());
+    feed.send_data("id: 1\ndata: a\n\nid: 2\ndata: half".into())
+        .await
+        .unwrap();
+    body.frame().await.unwrap().unwrap();
+    let patch = request(
+        Method::PATCH,
+        &format!("/subscriptions/{id}"),
+        r#"{"status":"suspended"}"#,
+    );
+    call(&service, patch).await;
+    let start = tokio::time::Instant::now();
+    assert!(body.frame().await.is_none());
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    assert_eq!(
+        subscriptions
+            .store()
+            .get(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .cursor,
+        "1"
+    );
+}

@@ -49,6 +49,7 @@
 
 mod bom;
 mod event;
+mod ids;
 pub(crate) mod media;
 mod parser;
 mod reader;
@@ -66,6 +67,7 @@ pub use reader::{EventReader, ReadError};
 pub use scanner::{Piece, Pieces, Scanner};
 
 pub(crate) use bom::{BomFilter, BomStep, LeadingBom};
+pub(crate) use ids::LastEventIds;
 
 /// Bounds on how much of an unfinished line or event a reader of the stream may hold.
 ///
