@@ -373,6 +373,57 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
     // The topic has room again.
     let again = store.create(Subscription::new("news"), 2).await.unwrap();
     assert_eq!(again, Created::Stored);
+
+    // A disposable subscription expires unless its instance renews it (each status poll does);
+    // once expired (here: its key deleted, as Redis would), it frees its place in a full topic.
+    let left = Subscription::new("news").disposable(true);
+    assert_eq!(
+        store.create(left.clone(), 2).await.unwrap(),
+        Created::Stored
+    );
+    let mut redis = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("ops:sub:{}", left.id);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        (1..=60_000).contains(&ttl),
+        "a disposable subscription expires: {ttl}"
+    );
+    let provisioned: i64 = redis::cmd("PTTL")
+        .arg(format!("ops:sub:{}", again_id(&store).await))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(provisioned, -1, "a provisioned one does not");
+    store.statuses(vec![left.id.clone()]).await.unwrap();
+    let renewed: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(renewed >= ttl, "a poll renews it");
+    let full = store.create(Subscription::new("news"), 2).await.unwrap();
+    assert_eq!(full, Created::Full);
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let freed = store.create(Subscription::new("news"), 2).await.unwrap();
+    assert_eq!(freed, Created::Stored);
+}
+
+/// The id of the one provisioned subscription of "news".
+async fn again_id(store: &tower_sse::subscriptions::RedisSubscriptions) -> String {
+    let listed = store.list("news").await.unwrap();
+    listed.into_iter().find(|s| !s.disposable).unwrap().id
 }
 
 async fn until_async<F, Fut>(condition: F)

@@ -14,9 +14,15 @@ use super::store::{Created, Status, StoreError, StoreFuture, Subscription, Subsc
 use crate::replay::{timed, RedisStore};
 
 /// Stores a subscription unless its topic is full; a disposable one expires unless its
-/// channel's instance keeps renewing it, so a crashed instance leaves nothing for long.
+/// channel's instance keeps renewing it, so a crashed instance leaves nothing for long. A topic
+/// that looks full first forgets the ids whose subscriptions expired.
 const CREATE: &str = r"
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if redis.call('EXISTS', ARGV[9] .. id) == 0 then redis.call('ZREM', KEYS[2], id) end
+  end
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+end
 redis.call('HSET', KEYS[1], 'topic', ARGV[2], 'status', ARGV[3], 'disposable', ARGV[4], 'created', ARGV[5], 'cursor', ARGV[6])
 if tonumber(ARGV[8]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[7])
@@ -214,7 +220,8 @@ impl SubscriptionStore for RedisSubscriptions {
                 .arg(subscription.created_ms)
                 .arg(&subscription.cursor[..])
                 .arg(&subscription.id)
-                .arg(ttl);
+                .arg(ttl)
+                .arg(this.subscription_key(""));
             let stored: i64 = timed(this.timeout(), call.invoke_async(&mut connection))
                 .await
                 .map_err(failed)?;
