@@ -130,7 +130,7 @@ async fn demo_stream_page_and_resume() {
     assert_eq!(page.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
     let html = page.into_body().collect().await.unwrap().to_bytes();
     let html = String::from_utf8_lossy(&html);
-    assert!(html.contains("new EventSource(\"/events\")"));
+    assert!(html.contains("new EventSource(streamPath())") && html.contains("\"/events\""));
 
     let missing = get(&gateway.url("/nope"), &[]).await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
