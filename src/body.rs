@@ -157,6 +157,16 @@ impl<B> InnerOrLocal<B> {
         }
     }
 
+    /// A body of `bytes`, answered by a layer itself.
+    #[cfg(feature = "subscriptions")]
+    pub(crate) fn local(bytes: Bytes) -> Self {
+        Self {
+            kind: Kind::Local {
+                body: (!bytes.is_empty()).then_some(bytes),
+            },
+        }
+    }
+
     /// A response with `status` and `text` as a `text/plain` body.
     pub(crate) fn plain_text(status: StatusCode, text: &'static str) -> Response<Self> {
         let mut response = Response::new(Self {

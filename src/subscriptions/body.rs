@@ -18,6 +18,7 @@ use tokio::time::Sleep;
 
 use super::channels::Registration;
 use super::{SubscriptionStore, Subscriptions};
+use crate::body::InnerOrLocal;
 use crate::lifetime::Shutdown;
 use crate::wire::{is_plain_event_stream, LastEventIds, Piece, Scanner};
 
@@ -137,8 +138,8 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<B> {
-        Untouched { #[pin] inner: B },
-        Answer { bytes: Option<Bytes> },
+        // The inner body untouched, or an answer of the API.
+        Plain { #[pin] inner: InnerOrLocal<B> },
         Channel {
             #[pin]
             inner: B,
@@ -155,14 +156,16 @@ pin_project! {
 impl<B> SubscriptionBody<B> {
     pub(super) fn untouched(inner: B) -> Self {
         Self {
-            kind: Kind::Untouched { inner },
+            kind: Kind::Plain {
+                inner: InnerOrLocal::inner(inner),
+            },
         }
     }
 
     pub(super) fn answer(bytes: Bytes) -> Self {
         Self {
-            kind: Kind::Answer {
-                bytes: (!bytes.is_empty()).then_some(bytes),
+            kind: Kind::Plain {
+                inner: InnerOrLocal::local(bytes),
             },
         }
     }
@@ -179,8 +182,7 @@ impl<B> SubscriptionBody<B> {
 impl<B> fmt::Debug for SubscriptionBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Untouched { .. } => f.debug_tuple("SubscriptionBody::Untouched").finish(),
-            Kind::Answer { .. } => f.debug_tuple("SubscriptionBody::Answer").finish(),
+            Kind::Plain { inner } => f.debug_tuple("SubscriptionBody").field(inner).finish(),
             Kind::Channel { channel, .. } => f
                 .debug_tuple("SubscriptionBody::Channel")
                 .field(channel)
@@ -198,8 +200,7 @@ impl<B: Body<Data = Bytes>> Body for SubscriptionBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
-            KindProj::Untouched { inner } => inner.poll_frame(cx),
-            KindProj::Answer { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            KindProj::Plain { inner } => inner.poll_frame(cx),
             KindProj::Channel {
                 inner,
                 closing,
@@ -214,8 +215,7 @@ impl<B: Body<Data = Bytes>> Body for SubscriptionBody<B> {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Untouched { inner } => inner.is_end_stream(),
-            Kind::Answer { bytes } => bytes.is_none(),
+            Kind::Plain { inner } => inner.is_end_stream(),
             Kind::Channel { inner, stream, .. } => match stream {
                 Some(stream) if stream.phase == Phase::Done => true,
                 _ => inner.is_end_stream(),
@@ -225,10 +225,7 @@ impl<B: Body<Data = Bytes>> Body for SubscriptionBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Untouched { inner } => inner.size_hint(),
-            Kind::Answer { bytes } => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            Kind::Plain { inner } => inner.size_hint(),
             Kind::Channel { inner, stream, .. } => match stream {
                 // The stream may be cut short.
                 Some(_) => SizeHint::new(),

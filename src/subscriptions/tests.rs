@@ -93,6 +93,19 @@ where
     (status, json)
 }
 
+/// A GET of `uri` through `service`.
+async fn get<S>(service: &S, uri: &str) -> S::Response
+where
+    S: tower::Service<Request<Full<Bytes>>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    service
+        .clone()
+        .oneshot(request(Method::GET, uri, ""))
+        .await
+        .unwrap()
+}
+
 async fn create<S, B>(service: &S, topic: &str) -> String
 where
     S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
@@ -202,11 +215,7 @@ async fn lists_page_by_page_in_any_order() {
     create(&service, "sport").await;
 
     let list = "/topics/news/subscriptions";
-    let response = service
-        .clone()
-        .oneshot(request(Method::GET, &format!("{list}?limit=2"), ""))
-        .await
-        .unwrap();
+    let response = get(&service, &format!("{list}?limit=2")).await;
     assert_eq!(
         response.headers()["link"],
         format!("<{list}?limit=2&offset=2&sort=createdAt>; rel=\"next\"")
@@ -411,11 +420,7 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
     let subscribe = format!("/subscriptions/{id}/subscribe");
 
     // The first read: no cursor yet, so no Last-Event-ID for the topic.
-    let response = service
-        .clone()
-        .oneshot(request(Method::GET, &subscribe, ""))
-        .await
-        .unwrap();
+    let response = get(&service, &subscribe).await;
     assert_eq!(response.headers()["sse-subscription"], id.as_str());
     assert_eq!(last_seen(&seen), ("/topics/news".to_owned(), None));
     let mut feed = senders.recv().await.unwrap();
@@ -441,11 +446,7 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
     assert_eq!(subscriptions.open_channels(), 0);
 
     // Back without an id: the topic is asked from 2.
-    let response = service
-        .clone()
-        .oneshot(request(Method::GET, &subscribe, ""))
-        .await
-        .unwrap();
+    let response = get(&service, &subscribe).await;
     assert_eq!(last_seen(&seen).1.as_deref(), Some("2"));
     drop(response);
     // The reader's own id wins, as a header or a query parameter; the rest of the query is
@@ -459,13 +460,7 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
         ("/topics/news".to_owned(), Some("1".to_owned()))
     );
     let query = format!("{subscribe}?room=admin&lastEventId=0");
-    drop(
-        service
-            .clone()
-            .oneshot(request(Method::GET, &query, ""))
-            .await
-            .unwrap(),
-    );
+    drop(get(&service, &query).await);
     assert_eq!(
         last_seen(&seen),
         ("/topics/news".to_owned(), Some("0".to_owned()))
@@ -482,11 +477,7 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
     );
 
     // An id-only block moves the cursor; an empty id resets it.
-    let response = service
-        .clone()
-        .oneshot(request(Method::GET, &subscribe, ""))
-        .await
-        .unwrap();
+    let response = get(&service, &subscribe).await;
     // The newest feed is this channel's; the older ones belonged to dropped answers.
     let mut feed = senders.recv().await.unwrap();
     while let Ok(newer) = senders.try_recv() {
@@ -500,13 +491,7 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
     body.frame().await.unwrap().unwrap();
     assert_eq!(cursor(&subscriptions).await, "");
     drop((body, feed));
-    drop(
-        service
-            .clone()
-            .oneshot(request(Method::GET, &subscribe, ""))
-            .await
-            .unwrap(),
-    );
+    drop(get(&service, &subscribe).await);
     assert_eq!(last_seen(&seen).1, None);
 
     // A subscription created with a starting point reads after it.
@@ -521,13 +506,7 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
     .await;
     assert_eq!(created["lastEventId"], "41");
     let subscribe = created["subscribe"].as_str().unwrap();
-    drop(
-        service
-            .clone()
-            .oneshot(request(Method::GET, subscribe, ""))
-            .await
-            .unwrap(),
-    );
+    drop(get(&service, subscribe).await);
     assert_eq!(last_seen(&seen).1.as_deref(), Some("41"));
 }
 
@@ -540,16 +519,8 @@ async fn suspending_closes_open_channels_at_a_boundary_and_refuses_new_ones() {
     let subscribe = format!("/subscriptions/{id}/subscribe");
     let one = format!("/subscriptions/{id}");
 
-    let first = service
-        .clone()
-        .oneshot(request(Method::GET, &subscribe, ""))
-        .await
-        .unwrap();
-    let second = service
-        .clone()
-        .oneshot(request(Method::GET, &subscribe, ""))
-        .await
-        .unwrap();
+    let first = get(&service, &subscribe).await;
+    let second = get(&service, &subscribe).await;
     let (mut feed_a, mut feed_b) = (senders.recv().await.unwrap(), senders.recv().await.unwrap());
     assert_eq!(subscriptions.open_channels(), 2);
     let mut first = Box::pin(first.into_body());
@@ -605,11 +576,7 @@ async fn suspending_closes_open_channels_at_a_boundary_and_refuses_new_ones() {
         request(Method::PATCH, &one, r#"{"status":"active"}"#),
     )
     .await;
-    let third = service
-        .clone()
-        .oneshot(request(Method::GET, &subscribe, ""))
-        .await
-        .unwrap();
+    let third = get(&service, &subscribe).await;
     assert_eq!(third.status(), StatusCode::OK);
     let _feed = senders.recv().await.unwrap();
     let mut third = Box::pin(third.into_body());
@@ -628,11 +595,7 @@ async fn plain_topic_requests_get_a_disposable_subscription() {
     let (mut senders, _seen, topics) = topics();
     let subscriptions = Subscriptions::in_memory();
     let service = subscriptions.layer().layer(topics.clone());
-    let response = service
-        .clone()
-        .oneshot(request(Method::GET, "/topics/news", ""))
-        .await
-        .unwrap();
+    let response = get(&service, "/topics/news").await;
     let id = response.headers()["sse-subscription"]
         .to_str()
         .unwrap()
@@ -697,13 +660,7 @@ async fn a_prefix_and_a_topic_path_move_the_routes() {
         .unwrap();
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     assert!(location.starts_with("/api/subscriptions/"), "{location}");
-    drop(
-        service
-            .clone()
-            .oneshot(request(Method::GET, &format!("{location}/subscribe"), ""))
-            .await
-            .unwrap(),
-    );
+    drop(get(&service, &format!("{location}/subscribe")).await);
     assert_eq!(last_seen(&seen).0, "/topics/news/live");
     // Without the prefix, the API is not there: the inner service answers.
     let (status, body) = call(
