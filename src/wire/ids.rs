@@ -179,4 +179,29 @@ mod tests {
         }
         assert!(matches!(ids.line, Line::Other));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn agrees_with_the_parser_on_random_streams_and_chunkings(
+            tokens in proptest::collection::vec(proptest::sample::select(vec![
+                &b"\n"[..], b"\r", b"\r\n", b":", b" ", b"id", b"id: ", b"data", b"\0", b"\xEF\xBB\xBF", b"7", b"x",
+            ]), 0..60),
+            cuts in proptest::collection::vec(0usize..400, 0..8),
+        ) {
+            let stream: Vec<u8> = tokens.concat();
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= stream.len()).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut chunks = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([stream.len()]) {
+                chunks.push(&stream[from..cut]);
+                from = cut;
+            }
+            let (tracked, parsed) = both(&chunks);
+            proptest::prop_assert_eq!(tracked, parsed);
+        }
+    }
 }
