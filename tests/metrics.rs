@@ -295,3 +295,77 @@ trait LayerService<S>: tower::Layer<S> + Sized {
 }
 
 impl<L: tower::Layer<S>, S> LayerService<S> for L {}
+
+#[tokio::test]
+async fn subscription_channels_refusals_and_closes_are_counted() {
+    use http::Method;
+    use tower_sse::subscriptions::Subscriptions;
+    let metrics = record();
+    let topics = service_fn(|_request: Request<Full<Bytes>>| async {
+        let (mut tx, body) = http_body_util::channel::Channel::<Bytes>::new(1);
+        tokio::spawn(async move {
+            let _ = tx
+                .send_data(Bytes::from_static(b"id: 1\ndata: a\n\n"))
+                .await;
+            std::future::pending::<()>().await;
+        });
+        let response = Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .body(body)
+            .unwrap();
+        Ok::<_, Infallible>(response)
+    });
+    let service = tower::Layer::layer(&Subscriptions::in_memory().layer(), topics);
+    let call = |method: Method, uri: String, body: &'static str| {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::from(body))
+            .unwrap();
+        service.clone().oneshot(request)
+    };
+    let created = call(Method::POST, "/topics/news/subscriptions".into(), "")
+        .await
+        .unwrap();
+    let json = created.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    let id = json["id"].as_str().unwrap().to_owned();
+
+    let open = call(Method::GET, format!("/subscriptions/{id}/subscribe"), "")
+        .await
+        .unwrap();
+    let mut open = Box::pin(open.into_body());
+    open.frame().await.unwrap().unwrap();
+    let _disposable = call(Method::GET, "/topics/news".into(), "").await.unwrap();
+    let unknown = call(Method::GET, "/subscriptions/0000/subscribe".into(), "")
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let patch = r#"{"status":"suspended"}"#;
+    call(Method::PATCH, format!("/subscriptions/{id}"), patch)
+        .await
+        .unwrap();
+    assert!(open.frame().await.is_none());
+    let refused = call(Method::GET, format!("/subscriptions/{id}/subscribe"), "")
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+
+    let channels = "sse_subscription_channels_total";
+    for (outcome, n) in [
+        ("provisioned", 1.0),
+        ("disposable", 1.0),
+        ("unknown", 1.0),
+        ("suspended", 1.0),
+    ] {
+        assert_eq!(
+            metrics.counter(channels, &[("outcome", outcome)]),
+            n,
+            "{outcome}"
+        );
+    }
+    assert_eq!(
+        metrics.counter("sse_subscription_closed_channels_total", &[]),
+        1.0
+    );
+}
