@@ -26,9 +26,10 @@ use tower_sse::wire::EventReader;
 #[derive(Debug, Parser)]
 #[command(name = "load", about, long_about = None)]
 struct Args {
-    /// The event stream's http:// URL.
-    #[arg(long)]
-    url: Uri,
+    /// The event stream's http:// URL; given several times, connections take them in turn
+    /// (all on the first URL's host and port).
+    #[arg(long, required = true)]
+    url: Vec<Uri>,
     /// Connections to open.
     #[arg(long, default_value_t = 100)]
     conns: usize,
@@ -232,8 +233,7 @@ fn quantile(sorted: &[u32], q: f64) -> f64 {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let authority = args
-        .url
+    let authority = args.url[0]
         .authority()
         .ok_or("the URL needs a host and port")?;
     let addr: SocketAddr = tokio::net::lookup_host(authority.as_str())
@@ -241,8 +241,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .ok_or("the host does not resolve")?;
     let mut readers = Vec::with_capacity(args.conns);
-    for _ in 0..args.conns {
-        readers.push(open(addr, args.url.clone()).await?);
+    for url in args.url.iter().cycle().take(args.conns) {
+        readers.push(open(addr, url.clone()).await?);
     }
     if args.idle {
         return idle(args, readers).await;
