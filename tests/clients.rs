@@ -1,8 +1,9 @@
 //! Conformance with clients nobody here wrote: headless Chromium's `EventSource` and the npm
 //! `eventsource` package read every vector of `sse-spec.md` straight from an upstream and
 //! through the recommended stacks, in several chunkings; what they report must be the same both
-//! ways (and Chromium must agree with our own parser). Then reconnects with replay, heartbeats
-//! and compression, as a browser lives them.
+//! ways (and Chromium must agree with our own parser). Then reconnects with replay, heartbeats,
+//! compression and provisioned subscriptions (resumed from their cursor by a new EventSource,
+//! closed for good when suspended), as a browser lives them.
 //!
 //! Needs `chromium` and, for the Node client, `node` with `eventsource` installed under
 //! `target/npm-clients` (`.ci/run` does both); without them the tests print `SKIPPED` and pass,
@@ -290,6 +291,8 @@ struct Seen {
     opens: usize,
     errors: Vec<u64>,
     open_times: Vec<u64>,
+    /// The client's `readyState` at each error (0 connecting, 2 closed).
+    states: Vec<u64>,
 }
 
 fn parse_report(value: &Value) -> HashMap<String, Seen> {
@@ -331,6 +334,7 @@ fn parse_report(value: &Value) -> HashMap<String, Seen> {
                 opens: entry["opens"].as_array().unwrap().len(),
                 errors: times("errors"),
                 open_times: times("opens"),
+                states: times("states"),
             };
             (entry["url"].as_str().unwrap().to_owned(), seen)
         })
@@ -775,15 +779,23 @@ async fn scenario_suite() -> (Suite, Encodings, tokio::task::JoinHandle<()>) {
         Duration::from_millis(1500),
         "id: 2\ndata: second\n\n",
     );
+    // Provisioned subscriptions on the same ticking topic: one read by two EventSources in turn
+    // (as two page loads: the second sends no Last-Event-ID), with the heartbeat streams, over a
+    // second, between them; another suspended while it is read.
+    let (subscribed, reread, suspended) = subscription_streams(upstream_addr).await;
     let mut routes: Vec<(&'static str, Handler)> = vec![
         ("/rc/", handler(reconnecting)),
         ("/hb/comment", handler(comments)),
         ("/hb/named", handler(named)),
+        ("/sub/", subscribed),
     ];
     let mut streams = vec![
         json!({ "url": "/rc/live", "types": TYPES, "until": 100, "timeoutMs": 30000 }),
+        json!({ "url": reread.0, "types": TYPES, "until": 10, "timeoutMs": 10000 }),
         stream("/hb/comment".to_owned()),
         stream("/hb/named".to_owned()),
+        json!({ "url": reread.1, "types": TYPES, "until": 10, "timeoutMs": 10000 }),
+        json!({ "url": suspended, "types": TYPES, "until": 100000, "maxErrors": 1, "timeoutMs": 10000 }),
     ];
     for (encoding, name) in ENCODINGS {
         let mut layer = SseCompressionLayer::new();
@@ -805,7 +817,119 @@ async fn scenario_suite() -> (Suite, Encodings, tokio::task::JoinHandle<()>) {
     (Suite { streams, routes }, encodings, ticker)
 }
 
+/// The subscriptions scenario: the stack under `/sub/`, the two URLs of one subscription read
+/// in turn, and the URL of one that is suspended once it has delivered a few events.
+async fn subscription_streams(upstream: SocketAddr) -> (Handler, (String, String), String) {
+    use tower_sse::subscriptions::{Subscription, SubscriptionStore, Subscriptions};
+    let subscriptions = Subscriptions::in_memory()
+        .api_prefix("/sub")
+        .topic_path("/sub/topics/{topic}");
+    let store = MemoryStore::new();
+    let stack = ServiceBuilder::new()
+        .layer(SseHeadersLayer::new())
+        .layer(RetryLayer::new(Duration::from_millis(200)))
+        .layer(subscriptions.layer())
+        .layer(ReplayLayer::with_store(store.clone()))
+        .layer(
+            FanoutLayer::new()
+                .record_into(store)
+                .linger(Duration::from_secs(30)),
+        )
+        .service(support::proxy(upstream));
+    let (read, suspend) = (Subscription::new("ticks"), Subscription::new("ticks"));
+    for subscription in [&read, &suspend] {
+        subscriptions
+            .store()
+            .create(subscription.clone(), 10)
+            .await
+            .unwrap();
+    }
+    let path = |id: &str| format!("/sub/subscriptions/{id}/subscribe");
+    // Once the second one has delivered a few events, suspend it through the API.
+    let api = subscriptions.api();
+    let store = subscriptions.store().clone();
+    let id = suspend.id.clone();
+    tokio::spawn(async move {
+        while store.get(&id).await.unwrap().unwrap().cursor.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let patch = Request::patch(format!("/sub/subscriptions/{id}"))
+            .body(Full::new(Bytes::from_static(br#"{"status":"suspended"}"#)))
+            .unwrap();
+        let answer = api.oneshot(patch).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+    });
+    // The subscribe route drops the query, which only tells the two reads apart in the report.
+    let reread = (path(&read.id), format!("{}?read=2", path(&read.id)));
+    (handler(stack), reread, path(&suspend.id))
+}
+
+/// A subscription read by a second EventSource resumes after the first one's last event, though
+/// the second sends no Last-Event-ID; a suspended one ends, and the client's reconnect is
+/// refused (`409`), which closes an EventSource for good.
+fn check_subscriptions(client: &str, report: &HashMap<String, Seen>) {
+    // The first read's URL is the second's without the query; the suspended one has no pair.
+    let paired = |url: &str| report.contains_key(&format!("{url}?read=2"));
+    let mut subscribed = report.iter().filter(|(url, _)| url.starts_with("/sub/"));
+    let (mut first, mut second, mut suspended) = (None, None, None);
+    for (url, seen) in subscribed.by_ref() {
+        if url.ends_with("?read=2") {
+            second = Some(seen);
+        } else if paired(url) {
+            first = Some(seen);
+        } else {
+            suspended = Some(seen);
+        }
+    }
+    let (first, second, suspended) = (first.unwrap(), second.unwrap(), suspended.unwrap());
+    let ids = |seen: &Seen| -> Vec<u64> {
+        seen.events
+            .iter()
+            .map(|(_, _, id)| id.parse().unwrap())
+            .collect()
+    };
+    let (one, two) = (ids(first), ids(second));
+    // At least the 10 asked for: Node's client still dispatches the rest of a chunk after
+    // `close()`.
+    assert!(one.len() >= 10 && two.len() >= 10, "{one:?} {two:?}");
+    for run in [&one, &two] {
+        assert!(
+            run.windows(2).all(|w| w[1] == w[0] + 1),
+            "in order: {run:?}"
+        );
+    }
+    // The upstream ticked on for over a second in between: a live-only reader would have
+    // skipped dozens. An event the server wrote just before the first reader closed counts as
+    // delivered, hence a little room.
+    let (last, next) = (one[one.len() - 1], two[0]);
+    eprintln!("{client}: first reader ended at {last}, the second began at {next}");
+    assert!(
+        next > last && next <= last + 3,
+        "resumed from the cursor: {last} then {next}"
+    );
+
+    assert!(!suspended.events.is_empty());
+    assert_eq!(
+        suspended.opens, 1,
+        "the reconnect after the suspension does not open: {suspended:?}"
+    );
+    assert_eq!(
+        suspended.errors.len(),
+        2,
+        "the end, then the refusal: {suspended:?}"
+    );
+    if client == "chromium" {
+        assert_eq!(
+            suspended.states,
+            [0, 2],
+            "reconnecting, then closed for good"
+        );
+    }
+}
+
 fn check_scenarios(client: &str, report: &HashMap<String, Seen>, encodings: Option<&Encodings>) {
+    check_subscriptions(client, report);
     // Every event exactly once, in order, across several reconnects, each after about `retry`.
     let live = &report["/rc/live"];
     let ids: Vec<u64> = live

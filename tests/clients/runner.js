@@ -8,7 +8,7 @@
 function readStream(base, stream) {
   return new Promise((resolve) => {
     const started = Date.now();
-    const seen = { url: stream.url, events: [], opens: [], errors: [] };
+    const seen = { url: stream.url, events: [], opens: [], errors: [], states: [] };
     const source = new EventSource(base + stream.url);
     let done = false;
     const finish = () => {
@@ -31,6 +31,7 @@ function readStream(base, stream) {
     source.onopen = () => seen.opens.push(Date.now() - started);
     source.onerror = () => {
       seen.errors.push(Date.now() - started);
+      seen.states.push(source.readyState);
       if (!stream.until || seen.errors.length > (stream.maxErrors || 50)) finish();
     };
     setTimeout(finish, stream.timeoutMs || 10000);
