@@ -1,25 +1,22 @@
 //! [`SubscriptionBody`]: a subscription's channel, moving its cursor as events are written.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-
-use std::future::Future;
-use std::time::Duration;
-
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::Sleep;
 
 use super::channels::Registration;
-use super::{SubscriptionStore, Subscriptions};
+use super::SubscriptionStore;
 use crate::body::InnerOrLocal;
-use crate::lifetime::Shutdown;
 use crate::wire::{is_plain_event_stream, LastEventIds, Piece, Scanner};
 
 /// What a channel writes to the store without waiting: its cursor, and the removal of its
@@ -48,16 +45,18 @@ pub(super) struct Channel {
 }
 
 impl Channel {
-    pub(super) fn new<St: SubscriptionStore>(
-        subscriptions: Subscriptions<St>,
-        registration: Registration,
-        disposable: bool,
-    ) -> Self {
+    /// A channel writing through `sink`, the subscriptions' store.
+    pub(super) fn new(sink: Arc<dyn Sink>, registration: Registration, disposable: bool) -> Self {
         Self {
             registration,
-            sink: Arc::new(subscriptions.store),
+            sink,
             disposable,
         }
+    }
+
+    /// The id of the subscription whose channel this is.
+    pub(super) fn id(&self) -> &str {
+        self.registration.id()
     }
 
     /// The response with the channel in its body: an event stream ends at an event boundary
@@ -66,20 +65,19 @@ impl Channel {
         self,
         response: Response<B>,
     ) -> Response<SubscriptionBody<B>> {
-        let signal = self.registration.signal().clone();
         let stream = is_plain_event_stream(response.headers()).then(|| {
             Box::new(Stream {
                 scanner: Scanner::new(),
                 ids: LastEventIds::default(),
                 phase: Phase::Live,
                 grace: None,
-                signal: signal.clone(),
             })
         });
+        let closing = self.registration.signal().waiter();
         response.map(|inner| SubscriptionBody {
             kind: Kind::Channel {
                 inner,
-                closing: signal.waiter(),
+                closing,
                 stream,
                 channel: self,
             },
@@ -115,7 +113,6 @@ struct Stream {
     phase: Phase,
     /// Started when the stream must end inside an event.
     grace: Option<Pin<Box<Sleep>>>,
-    signal: Shutdown,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,14 +164,6 @@ impl<B> SubscriptionBody<B> {
             kind: Kind::Plain {
                 inner: InnerOrLocal::local(bytes),
             },
-        }
-    }
-
-    /// The id of the subscription whose channel this is.
-    pub fn subscription_id(&self) -> Option<&str> {
-        match &self.kind {
-            Kind::Channel { channel, .. } => Some(channel.registration.id()),
-            _ => None,
         }
     }
 }
@@ -248,7 +237,8 @@ impl Stream {
         match self.phase {
             Phase::Done => return Poll::Ready(None),
             Phase::Live => {
-                if closing.as_mut().poll(cx).is_ready() || self.signal.is_triggered() {
+                let signal = channel.registration.signal();
+                if closing.as_mut().poll(cx).is_ready() || signal.is_triggered() {
                     if self.scanner.is_at_boundary() {
                         self.phase = Phase::Done;
                         return Poll::Ready(None);

@@ -203,6 +203,8 @@ use channels::Channels;
 #[derive(Clone)]
 pub struct Subscriptions<St = MemorySubscriptions> {
     store: St,
+    /// The store again, type-erased once for every channel's body.
+    sink: Arc<dyn body::Sink>,
     config: Arc<Config>,
     channels: Arc<Channels>,
 }
@@ -242,6 +244,7 @@ impl<St: SubscriptionStore> Subscriptions<St> {
     /// polled every second.
     pub fn new(store: St) -> Self {
         Self {
+            sink: Arc::new(store.clone()),
             store,
             config: Arc::new(Config {
                 topic_path: TopicPath::parse(Self::DEFAULT_TOPIC_PATH)

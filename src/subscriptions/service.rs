@@ -203,7 +203,11 @@ async fn open<St: SubscriptionStore, ReqBody>(
     telemetry::subscription_channel("provisioned", &id);
     Ok((
         request,
-        Some(Channel::new(subscriptions, registration, false)),
+        Some(Channel::new(
+            subscriptions.sink.clone(),
+            registration,
+            false,
+        )),
     ))
 }
 
@@ -226,7 +230,7 @@ async fn open_disposable<St: SubscriptionStore, ReqBody>(
             telemetry::subscription_channel("disposable", &id);
             Ok((
                 request,
-                Some(Channel::new(subscriptions, registration, true)),
+                Some(Channel::new(subscriptions.sink.clone(), registration, true)),
             ))
         }
         Ok(Created::Full) => Ok((request, None)),
@@ -326,8 +330,9 @@ where
                     let Some(channel) = channel.take() else {
                         return Poll::Ready(Ok(response.map(SubscriptionBody::untouched)));
                     };
+                    let id = HeaderValue::from_str(channel.id());
                     let mut response = channel.wrap(response);
-                    if let Ok(id) = HeaderValue::from_str(channel_id(&response)) {
+                    if let Ok(id) = id {
                         response.headers_mut().insert(SUBSCRIPTION, id);
                     }
                     return Poll::Ready(Ok(response));
@@ -335,8 +340,4 @@ where
             }
         }
     }
-}
-
-fn channel_id<B>(response: &Response<SubscriptionBody<B>>) -> &str {
-    response.body().subscription_id().unwrap_or_default()
 }
