@@ -46,7 +46,9 @@ impl LastEventIds {
             Piece::Partial { start } => {
                 let tail = &chunk[start..];
                 self.line = match std::mem::take(&mut self.line) {
-                    Line::Fresh => maybe_id(tail.to_vec()),
+                    // Copied only while it may still be an id line: most chunks end in `data`.
+                    Line::Fresh if could_be_id(tail) => Line::MaybeId(tail.to_vec()),
+                    Line::Fresh => Line::Other,
                     Line::MaybeId(mut line) => {
                         line.extend_from_slice(tail);
                         maybe_id(line)
@@ -96,15 +98,19 @@ impl LastEventIds {
 
 /// `Line::MaybeId` while `line` can still become an `id` line of a followed length.
 fn maybe_id(line: Vec<u8>) -> Line {
-    let fits = if line.len() <= 2 {
-        b"id".starts_with(&line)
-    } else {
-        line.starts_with(b"id:") && line.len() <= MAX_ID_LEN + 4
-    };
-    if fits {
+    if could_be_id(&line) {
         Line::MaybeId(line)
     } else {
         Line::Other
+    }
+}
+
+/// Whether a line that starts with `start` can be an `id` line of a followed length.
+fn could_be_id(start: &[u8]) -> bool {
+    if start.len() <= 2 {
+        b"id".starts_with(start)
+    } else {
+        start.starts_with(b"id:") && start.len() <= MAX_ID_LEN + 4
     }
 }
 
