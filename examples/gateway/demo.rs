@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_TYPE, LOCATION};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{Either, Full};
@@ -18,7 +18,8 @@ use tower_sse::wire::Event;
 
 const PAGE: &str = include_str!("page.html");
 
-/// Serves the page and the demo stream; anything else is 404.
+/// Serves the page and the demo stream to GET and HEAD (other methods: 405); anything else is
+/// 404.
 #[derive(Clone, Debug)]
 pub(crate) struct Demo {
     every: Duration,
@@ -46,11 +47,19 @@ impl<B> Service<Request<B>> for Demo {
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let path = request.uri().path();
         let stream = path == "/events" || is_topic(path);
+        let known = stream || path == "/" || path == "/index.html";
+        // HEAD answers what GET would, without a body (the stream is not even started).
+        let head = request.method() == Method::HEAD;
         let response = match (request.method(), path) {
-            (&Method::GET, "/") => Response::builder()
+            (&Method::GET | &Method::HEAD, "/") => Response::builder()
                 .header(CONTENT_TYPE, "text/html; charset=utf-8")
-                .body(Either::Right(Full::from(PAGE))),
-            (&Method::GET, _) if stream => {
+                .header(CONTENT_LENGTH, PAGE.len())
+                .body(Either::Right(if head {
+                    Full::default()
+                } else {
+                    Full::from(PAGE)
+                })),
+            (&Method::GET | &Method::HEAD, _) if stream => {
                 // Resume after the client's last id, as an upstream that keeps history would.
                 let after = request
                     .headers()
@@ -58,21 +67,37 @@ impl<B> Service<Request<B>> for Demo {
                     .and_then(|id| std::str::from_utf8(id.as_bytes()).ok())
                     .and_then(|id| id.trim().parse::<u64>().ok())
                     .unwrap_or(0);
+                let ticks = if head {
+                    Ticks::ended()
+                } else {
+                    Ticks::new(self.every, after + 1, self.size)
+                };
                 Response::builder()
                     .header(CONTENT_TYPE, "text/event-stream")
                     .header("x-demo-stream", "ticks")
-                    .body(Either::Left(Ticks::new(self.every, after + 1, self.size)))
+                    .body(Either::Left(ticks))
             }
-            (&Method::GET, "/index.html") => Response::builder()
+            (&Method::GET | &Method::HEAD, "/index.html") => Response::builder()
                 .status(StatusCode::MOVED_PERMANENTLY)
                 .header(LOCATION, "/")
                 .body(Either::Right(Full::default())),
+            _ if known => Response::builder()
+                .status(StatusCode::METHOD_NOT_ALLOWED)
+                .header(ALLOW, "GET, HEAD")
+                .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+                .body(Either::Right(if head {
+                    Full::default()
+                } else {
+                    Full::from("method not allowed: use GET or HEAD\n")
+                })),
             _ => Response::builder()
                 .status(StatusCode::NOT_FOUND)
                 .header(CONTENT_TYPE, "text/plain; charset=utf-8")
-                .body(Either::Right(Full::from(
-                    "not found: try /, /events or /topics/<name>\n",
-                ))),
+                .body(Either::Right(if head {
+                    Full::default()
+                } else {
+                    Full::from("not found: try /, /events or /topics/<name>\n")
+                })),
         };
         ready(Ok(response.expect("static response parts are valid")))
     }
@@ -92,7 +117,8 @@ fn is_topic(path: &str) -> bool {
 /// event's data carries its send time (`ts`, microseconds since the Unix epoch) for load tools.
 #[derive(Debug)]
 pub(crate) struct Ticks {
-    interval: Interval,
+    /// `None` for the empty body of a HEAD response.
+    interval: Option<Interval>,
     next_id: u64,
     size: usize,
 }
@@ -112,9 +138,18 @@ impl Ticks {
             MissedTickBehavior::Delay
         });
         Self {
-            interval,
+            interval: Some(interval),
             next_id: first_id,
             size,
+        }
+    }
+
+    /// No events at all: the body of a HEAD response.
+    fn ended() -> Self {
+        Self {
+            interval: None,
+            next_id: 0,
+            size: 0,
         }
     }
 
@@ -152,7 +187,10 @@ impl Body for Ticks {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.interval.poll_tick(cx).is_pending() {
+        let Some(interval) = self.interval.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if interval.poll_tick(cx).is_pending() {
             return Poll::Pending;
         }
         let now = SystemTime::now()
@@ -161,11 +199,19 @@ impl Body for Ticks {
         let mut frame = BytesMut::new();
         self.event(now).encode_into(&mut frame);
         for _ in 1..MAX_BATCH {
-            if self.interval.poll_tick(cx).is_pending() {
+            if self
+                .interval
+                .as_mut()
+                .is_some_and(|interval| interval.poll_tick(cx).is_pending())
+            {
                 break;
             }
             self.event(now).encode_into(&mut frame);
         }
         Poll::Ready(Some(Ok(Frame::data(frame.freeze()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.interval.is_none()
     }
 }

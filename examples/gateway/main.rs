@@ -12,6 +12,7 @@
 //! streamed both ways, and event-stream responses get the tower-sse stack on the way back.
 
 mod demo;
+mod limits;
 mod ops;
 mod optional;
 mod proxy;
@@ -25,7 +26,7 @@ use clap::Parser;
 use http::{Request, Response, Uri};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -47,6 +48,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use optional::Optional;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What every service of the gateway reads requests from: hyper's body, cut after
+/// `--body-timeout` without a byte.
+type RequestBody = limits::BodyTimeout<Incoming>;
 
 /// Serves the tower-sse layer stack in front of a demo event stream or an upstream server.
 #[derive(Debug, Parser)]
@@ -161,6 +166,24 @@ struct Args {
     )]
     topic_path: String,
 
+    /// Seconds a client may take to send a request's headers, counted from the connection's
+    /// start and, between requests, from the end of the previous one (0: off). Also bounds how
+    /// long an HTTP/2 connection may go without its first request. Like nginx's
+    /// `client_header_timeout`.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = seconds)]
+    header_timeout: f64,
+
+    /// Seconds a request body may send no byte while it is being read before the request ends
+    /// (the proxy answers 408; 0: off). Like nginx's `client_body_timeout`.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = seconds)]
+    body_timeout: f64,
+
+    /// Seconds a client's socket may accept no byte while the gateway has something to send
+    /// before the connection is closed, so a client that stopped reading does not hold it
+    /// forever (0: off). Like nginx's `send_timeout`.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = seconds)]
+    send_timeout: f64,
+
     /// Milliseconds between events of the demo stream.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     demo_interval: u64,
@@ -221,7 +244,7 @@ async fn serve_stack<S, B, St, Sub>(
 ) where
     St: ReplayStore,
     Sub: SubscriptionStore,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -282,18 +305,33 @@ async fn serve_stack<S, B, St, Sub>(
             positive(args.response_timeout).map(ResponseTimeoutLayer::new),
         ))
         .service(inner);
-    serve(listener, ops::Ops::new(service, metrics), shutdown).await;
+    let limits = Limits {
+        header: positive(args.header_timeout),
+        body: positive(args.body_timeout),
+        send: positive(args.send_timeout),
+    };
+    serve(listener, ops::Ops::new(service, metrics), shutdown, limits).await;
 }
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
+    #[cfg(unix)]
+    let open_files = limits::raise_open_files_limit();
     let metrics = ops::install_recorder()?;
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("tower-sse gateway listening on http://{addr}");
+    #[cfg(unix)]
+    match open_files {
+        Ok((before, after)) if before != after => {
+            println!("  open files limit raised from {before} to {after}")
+        }
+        Ok((_, limit)) => println!("  open files limit: {limit}"),
+        Err(error) => println!("  open files limit not raised: {error}"),
+    }
     if let Some(url) = &args.redis {
         let events = if args.replay > 0 { args.replay } else { 1_000 };
         let config = RedisConfig::default()
@@ -368,11 +406,19 @@ async fn run<St: ReplayStore, Sub: SubscriptionStore>(
 #[derive(Clone, Copy, Debug)]
 struct PeerAddr(SocketAddr);
 
+/// The per-connection limits of `--header-timeout`, `--body-timeout` and `--send-timeout`.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    header: Option<Duration>,
+    body: Option<Duration>,
+    send: Option<Duration>,
+}
+
 /// Accepts HTTP/1 and HTTP/2 connections until Ctrl-C (or SIGTERM), then shuts down gracefully:
 /// `shutdown` ends every open event stream at its next boundary, so connections finish.
-async fn serve<S, B>(listener: TcpListener, service: S, shutdown: Shutdown)
+async fn serve<S, B>(listener: TcpListener, service: S, shutdown: Shutdown, limits: Limits)
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -383,18 +429,36 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // What hyper queues for a client that stopped reading, beyond the socket's own buffer
     // (hyper's default is about 400 KiB per connection); headers still fit many times over.
-    builder.http1().max_buf_size(64 * 1024);
+    builder
+        .http1()
+        .max_buf_size(64 * 1024)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header);
+    // An HTTP/2 client that stops answering pings is gone; its first request is timed below.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header)
+        .keep_alive_timeout(limits.header.unwrap_or(Duration::from_secs(20)));
     let graceful = GracefulShutdown::new();
     let mut signal = std::pin::pin!(shutdown_signal());
+    let mut backoff = limits::AcceptBackoff::default();
     println!("Ctrl-C to stop.");
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    backoff.accepted();
+                    accepted
+                }
                 Err(error) => {
-                    eprintln!("accept failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // Out of file descriptors, the connection stays in the backlog and the next
+                    // accept fails at once: wait, longer while it goes on, never spin.
+                    let wait = backoff.failed(&error);
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => continue,
+                        () = &mut signal => break,
+                    }
                 }
             },
             () = &mut signal => break,
@@ -402,16 +466,40 @@ where
         // Events are small writes that must leave at once.
         let _ = stream.set_nodelay(true);
         let service = service.clone();
+        // Told of every request, so a connection that never sends a first one can be closed.
+        let started = std::sync::Arc::new(tokio::sync::Notify::new());
+        let requests = started.clone();
         let service = tower::service_fn(move |mut request: Request<Incoming>| {
+            requests.notify_one();
             request.extensions_mut().insert(PeerAddr(peer));
-            service.clone().oneshot(request)
+            service
+                .clone()
+                .oneshot(request.map(|body| limits::BodyTimeout::new(body, limits.body)))
         });
+        let io = TokioIo::new(limits::SendTimeout::new(stream, limits.send));
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .serve_connection_with_upgrades(io, TowerToHyperService::new(service))
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            // Whatever the protocol (before hyper even knows which one it is), a connection that
+            // sends no complete request head within the header timeout is closed.
+            let ended = match limits.header {
+                Some(limit) => tokio::select! {
+                    ended = &mut connection => Some(ended),
+                    first = tokio::time::timeout(limit, started.notified()) => match first {
+                        Ok(()) => None,
+                        Err(_) => return,
+                    },
+                },
+                None => None,
+            };
+            let ended = match ended {
+                Some(ended) => ended,
+                None => connection.await,
+            };
+            if let Err(error) = ended {
                 if !client_left(&*error) {
                     eprintln!("connection from {peer} ended with an error: {error}");
                 }
@@ -431,19 +519,23 @@ where
 }
 
 /// A client leaving an endless stream is how streams normally end: the connection closes while
-/// a body is being read or written.
+/// a body is being read or written. A client closed for its own slowness (header or send
+/// timeout) is not worth a line either: under a slowloris attack there would be thousands.
 fn client_left(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(error) = cause {
         if error
             .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_incomplete_message)
+            .is_some_and(|error| error.is_incomplete_message() || error.is_timeout())
         {
             return true;
         }
         if let Some(io) = error.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
-            if matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, TimedOut};
+            if matches!(
+                io.kind(),
+                BrokenPipe | ConnectionReset | ConnectionAborted | TimedOut
+            ) {
                 return true;
             }
         }

@@ -16,14 +16,15 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
-use crate::PeerAddr;
+use crate::limits::is_body_timeout;
+use crate::{PeerAddr, RequestBody};
 
 pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 /// Forwards requests to one upstream, streaming bodies both ways.
 #[derive(Clone, Debug)]
 pub(crate) struct Proxy {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, RequestBody>,
     upstream: Uri,
 }
 
@@ -55,7 +56,7 @@ impl Proxy {
     }
 }
 
-impl Service<Request<Incoming>> for Proxy {
+impl Service<Request<RequestBody>> for Proxy {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -64,7 +65,7 @@ impl Service<Request<Incoming>> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<RequestBody>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
         let target = self.target(&parts.uri);
         let client_host = parts.headers.get(header::HOST).cloned();
@@ -83,6 +84,14 @@ impl Service<Request<Incoming>> for Proxy {
             HeaderName::from_static("x-forwarded-proto"),
             HeaderValue::from_static("http"),
         );
+        if accepts_event_stream(&parts.headers) {
+            // The layers work on the event stream's bytes: a compressed answer would make every
+            // one of them step aside. The gateway compresses toward the client itself.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         parts.uri = target;
         // The client speaks HTTP/1.1 to the upstream, whatever the downstream spoke.
         parts.version = http::Version::HTTP_11;
@@ -94,6 +103,7 @@ impl Service<Request<Incoming>> for Proxy {
                     remove_hop_by_hop(&mut parts.headers);
                     Response::from_parts(parts, Either::Left(body))
                 }
+                Err(error) if is_body_timeout(&error) => request_timeout(),
                 Err(error) => bad_gateway(&error),
             })
         })
@@ -114,6 +124,32 @@ fn bad_gateway(error: &dyn std::error::Error) -> Response<ProxyBody> {
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Either::Right(Full::from(message)))
         .expect("static response parts are valid")
+}
+
+/// 408: the client stopped sending its request body (`--body-timeout`).
+fn request_timeout() -> Response<ProxyBody> {
+    Response::builder()
+        .status(StatusCode::REQUEST_TIMEOUT)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CONNECTION, "close")
+        .body(Either::Right(Full::from(
+            "408 Request Timeout: the request body stopped arriving\n",
+        )))
+        .expect("static response parts are valid")
+}
+
+/// Whether the request asks for an event stream: its `Accept` names `text/event-stream` (as
+/// every `EventSource` sends). Those requests ask the upstream for `identity`, so that the
+/// layers see the stream's bytes; other requests keep their `Accept-Encoding`, and their
+/// compressed answers pass through untouched.
+fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|range| range.split(';').next())
+        .any(|media| media.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
 /// Removes the headers that describe one connection, not the message (RFC 9110, 7.6.1).

@@ -1,0 +1,293 @@
+//! What keeps anonymous clients from exhausting the gateway: a send timeout on every connection,
+//! a timeout on request bodies, the open-files limit and a backed-off accept loop.
+
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{sleep_until, Instant, Sleep};
+
+use crate::BoxError;
+
+pin_project! {
+    /// A connection's socket that fails with `TimedOut` once it has accepted no byte for the
+    /// send timeout while the server has something to send: a client that stopped reading
+    /// loses its connection, not only its queue. The clock starts when a write or flush would
+    /// block and restarts after every write that makes progress. Its timer is allocated once,
+    /// for a connection whose writes block (hyper needs the IO to be `Unpin`).
+    #[derive(Debug)]
+    pub(crate) struct SendTimeout<T> {
+        #[pin]
+        inner: T,
+        sleep: Option<Pin<Box<Sleep>>>,
+        limit: Option<Duration>,
+        armed: bool,
+    }
+}
+
+/// The error a connection ends with when its client accepted no byte for the send timeout.
+#[derive(Debug)]
+pub(crate) struct SendTimedOut(Duration);
+
+impl fmt::Display for SendTimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "client accepted no byte for {:?} (--send-timeout)", self.0)
+    }
+}
+
+impl Error for SendTimedOut {}
+
+impl<T> SendTimeout<T> {
+    /// `limit: None` never times out.
+    pub(crate) fn new(inner: T, limit: Option<Duration>) -> Self {
+        Self {
+            inner,
+            sleep: None,
+            limit,
+            armed: false,
+        }
+    }
+
+    /// Passes a ready write through (and stops the clock); on a blocked one, starts the clock
+    /// if it is not running and fails once it ran out.
+    fn check<R>(self: Pin<&mut Self>, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        let this = self.project();
+        if poll.is_ready() {
+            *this.armed = false;
+            return poll;
+        }
+        let Some(limit) = *this.limit else {
+            return Poll::Pending;
+        };
+        let deadline = Instant::now() + limit;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+        if !*this.armed {
+            sleep.as_mut().reset(deadline);
+            *this.armed = true;
+        }
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            SendTimedOut(limit),
+        )))
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for SendTimeout<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = self.as_mut().project().inner.poll_write(cx, buf);
+        self.check(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = self.as_mut().project().inner.poll_write_vectored(cx, bufs);
+        self.check(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = self.as_mut().project().inner.poll_flush(cx);
+        self.check(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = self.as_mut().project().inner.poll_shutdown(cx);
+        self.check(cx, poll)
+    }
+}
+
+pin_project! {
+    /// A request body that fails once its client sent no byte for the body timeout while the
+    /// service waits for it (the proxy answers 408). The clock starts when a read would wait and
+    /// restarts after every frame; its timer is allocated only for a body that waits.
+    #[derive(Debug)]
+    pub(crate) struct BodyTimeout<B> {
+        #[pin]
+        inner: B,
+        sleep: Option<Pin<Box<Sleep>>>,
+        limit: Option<Duration>,
+        armed: bool,
+    }
+}
+
+/// The error of a request body whose client sent no byte for the body timeout.
+#[derive(Debug)]
+pub(crate) struct BodyTimedOut(Duration);
+
+impl fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the client sent no byte of the request body for {:?} (--body-timeout)",
+            self.0
+        )
+    }
+}
+
+impl Error for BodyTimedOut {}
+
+impl<B> BodyTimeout<B> {
+    /// `limit: None` never times out.
+    pub(crate) fn new(inner: B, limit: Option<Duration>) -> Self {
+        Self {
+            inner,
+            sleep: None,
+            limit,
+            armed: false,
+        }
+    }
+}
+
+impl<B> Body for BodyTimeout<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            *this.armed = false;
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        let Some(limit) = *this.limit else {
+            return Poll::Pending;
+        };
+        let deadline = Instant::now() + limit;
+        let sleep = this.sleep.get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+        if !*this.armed {
+            sleep.as_mut().reset(deadline);
+            *this.armed = true;
+        }
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(Some(Err(Box::new(BodyTimedOut(limit)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether `error` or one of its causes is a request body timeout.
+pub(crate) fn is_body_timeout(error: &(dyn Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<BodyTimedOut>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+/// Raises the soft limit of open files to the hard one, as nginx's `worker_rlimit_nofile`: each
+/// connection is a file, and the usual soft limit (1,024) is far below what a gateway holds.
+/// Returns the limits before and after.
+#[cfg(unix)]
+pub(crate) fn raise_open_files_limit() -> io::Result<(u64, u64)> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let before = limit.current.unwrap_or(u64::MAX);
+    if limit.current.is_some() && limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        setrlimit(Resource::Nofile, limit.clone())?;
+    }
+    Ok((before, limit.current.unwrap_or(u64::MAX)))
+}
+
+/// How long the accept loop pauses after a failed accept: 10 ms, doubling up to 1 s while the
+/// failures go on (out of file descriptors, say: the pending connection stays in the backlog and
+/// every retry would fail at once), back to the start after a success. It logs one line when a
+/// burst of failures starts and one when it ends.
+#[derive(Debug, Default)]
+pub(crate) struct AcceptBackoff {
+    failures: u64,
+    since: Option<std::time::Instant>,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// Records a failed accept; returns how long to wait before the next one.
+    pub(crate) fn failed(&mut self, error: &io::Error) -> Duration {
+        if self.failures == 0 {
+            self.since = Some(std::time::Instant::now());
+            eprintln!(
+                "accept failed: {error}; backing off (10 ms doubling to 1 s) until it succeeds"
+            );
+        }
+        self.failures += 1;
+        let shift = (self.failures - 1).min(16) as u32;
+        Self::FIRST.saturating_mul(1 << shift).min(Self::MAX)
+    }
+
+    /// Records a successful accept.
+    pub(crate) fn accepted(&mut self) {
+        if self.failures > 0 {
+            let took = self.since.map(|since| since.elapsed()).unwrap_or_default();
+            eprintln!(
+                "accepting again after {} failed accepts over {took:.1?}",
+                self.failures
+            );
+            self.failures = 0;
+            self.since = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second_and_starts_over_after_a_success() {
+        let mut backoff = AcceptBackoff::default();
+        let error = io::Error::from_raw_os_error(24);
+        let waits: Vec<_> = (0..10).map(|_| backoff.failed(&error)).collect();
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        backoff.accepted();
+        assert_eq!(backoff.failed(&error), Duration::from_millis(10));
+    }
+}
