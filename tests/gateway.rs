@@ -891,3 +891,329 @@ async fn subscriptions_resume_from_their_cursor_and_can_be_suspended() {
     assert_eq!(page["items"][0]["id"], disposable.as_str());
     assert_eq!(page["items"][0]["disposable"], true);
 }
+
+/// A gateway started by `sh -c` with `limits` (shell `ulimit` commands) before it, whose stdout
+/// and stderr lines the test reads from the returned channel.
+async fn gateway_with_limits(
+    limits: &str,
+    args: &[&str],
+) -> (Gateway, mpsc::UnboundedReceiver<String>) {
+    let binary = gateway_binary();
+    assert!(binary.exists(), "{} not built", binary.display());
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{limits}; exec \"$0\" \"$@\""))
+        .arg(binary)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = timeout(GUARD, stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = first
+        .rsplit("http://")
+        .next()
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {first:?}"));
+    let (lines_tx, lines) = mpsc::unbounded_channel();
+    let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    forward_lines(stdout, lines_tx.clone());
+    forward_lines(stderr, lines_tx);
+    (Gateway { child, addr }, lines)
+}
+
+fn forward_lines<R>(mut lines: tokio::io::Lines<R>, to: mpsc::UnboundedSender<String>)
+where
+    R: tokio::io::AsyncBufRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = to.send(line);
+        }
+    });
+}
+
+/// Reads and discards until the peer closes (or resets) the connection; how long it took.
+async fn wait_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = vec![0; 64 * 1024];
+    let closed = timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    closed.ok().map(|()| started.elapsed())
+}
+
+/// The client preface of HTTP/2 and an empty SETTINGS frame: a connection that never asks for
+/// anything.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+#[tokio::test]
+async fn silent_and_dribbling_clients_are_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let gateway = Gateway::start(&["--header-timeout", "1", "--demo-interval", "100"]).await;
+    let slack = Duration::from_secs(4);
+
+    // Never sends a byte.
+    let mut silent = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    // Sends a request head one header line at a time, never finishing it.
+    let mut dribbling = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let (mut dribble_read, mut dribble_write) = dribbling.split();
+    // Speaks HTTP/2 (the preface and its settings) and never sends a request.
+    let mut h2 = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    h2.write_all(H2_PREFACE).await.unwrap();
+    // A request, then nothing on the kept-alive connection.
+    let mut kept_alive = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    kept_alive
+        .write_all(b"GET /nope HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    // A stream that has been going for longer than the header timeout is left alone.
+    let response = get(&gateway.url("/events"), &[]).await;
+    let mut reader = EventReader::new(response.into_body());
+
+    let dribble = async {
+        let _ = dribble_write.write_all(b"GET /events HTTP/1.1\r\n").await;
+        for i in 0.. {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if dribble_write
+                .write_all(format!("x-dribble-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let dribbled = async {
+        use tokio::io::AsyncReadExt;
+        let started = std::time::Instant::now();
+        let mut buf = [0; 1024];
+        let closed = timeout(slack, async {
+            while !matches!(dribble_read.read(&mut buf).await, Ok(0) | Err(_)) {}
+        })
+        .await;
+        closed.ok().map(|()| started.elapsed())
+    };
+    let (silent, dribbled, h2, kept_alive) = tokio::join!(
+        wait_closed(&mut silent, slack),
+        async {
+            tokio::select! {
+                closed = dribbled => closed,
+                () = dribble => None,
+            }
+        },
+        wait_closed(&mut h2, slack),
+        wait_closed(&mut kept_alive, slack),
+    );
+    for (what, closed) in [
+        ("silent", silent),
+        ("dribbling", dribbled),
+        ("HTTP/2 without a request", h2),
+        ("idle keep-alive", kept_alive),
+    ] {
+        let closed = closed.unwrap_or_else(|| panic!("{what}: still open after {slack:?}"));
+        assert!(
+            closed >= Duration::from_millis(900),
+            "{what}: closed after {closed:?}, before the header timeout"
+        );
+    }
+    // The stream, older than the header timeout by now, goes on.
+    let mut ids = 0;
+    while ids < 3 {
+        if next(&mut reader).await.id().is_some() {
+            ids += 1;
+        }
+    }
+}
+
+/// An upstream that reads every request body to its end, then answers 200 with its length.
+async fn body_reading_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                let body = request.into_body().collect().await?.to_bytes();
+                Ok::<_, hyper::Error>(Response::new(Full::<Bytes>::from(format!(
+                    "{} bytes",
+                    body.len()
+                ))))
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Reads a raw HTTP/1.1 response head; its status line.
+async fn status_line(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0; 1024];
+    timeout(limit, async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    let head = String::from_utf8_lossy(&head);
+    head.lines().next().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_with_408_and_a_slow_one_is_not() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = body_reading_upstream().await;
+    let gateway = Gateway::start(&[
+        "--upstream",
+        &format!("http://{upstream}"),
+        "--body-timeout",
+        "1",
+    ])
+    .await;
+    // Promises 100 bytes, sends 10, then nothing.
+    let mut stalled = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stalled
+        .write_all(b"POST /upload HTTP/1.1\r\nhost: gateway\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    // Sends its 5 bytes one every 400 ms: slow, never silent for the timeout.
+    let mut slow = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    slow.write_all(b"POST /upload HTTP/1.1\r\nhost: gateway\r\ncontent-length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (stalled_status, slow_status) = tokio::join!(
+        status_line(&mut stalled, Duration::from_secs(5)),
+        async {
+            for byte in b"abcde" {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                slow.write_all(&[*byte]).await.unwrap();
+            }
+            status_line(&mut slow, Duration::from_secs(5)).await
+        }
+    );
+    assert_eq!(
+        stalled_status.as_deref(),
+        Some("HTTP/1.1 408 Request Timeout"),
+        "the stalled body is cut"
+    );
+    assert_eq!(slow_status.as_deref(), Some("HTTP/1.1 200 OK"));
+    assert!(started.elapsed() >= Duration::from_secs(1));
+}
+
+/// The soft and hard open-files limits of a process.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut values = line["Max open files".len()..].split_whitespace();
+    (
+        values.next().unwrap().to_owned(),
+        values.next().unwrap().to_owned(),
+    )
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
+    let (gateway, mut lines) = gateway_with_limits("ulimit -Sn 64", &[]).await;
+    let (soft, hard) = open_files_limits(gateway.child.id().unwrap());
+    assert_eq!(soft, hard);
+    assert_ne!(soft, "64");
+    let line = timeout(GUARD, async {
+        loop {
+            let line = lines.recv().await.unwrap();
+            if line.contains("open files limit") {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(line.trim(), format!("open files limit raised from 64 to {hard}"));
+}
+
+/// User plus system CPU time of a process, in clock ticks (1/100 s on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start with the state, field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
+    // 64 files in all (soft and hard), idle connections never timed out: they use them up.
+    let (gateway, mut lines) =
+        gateway_with_limits("ulimit -n 64", &["--header-timeout", "0", "--demo-interval", "50"])
+            .await;
+    let pid = gateway.child.id().unwrap();
+    assert_eq!(open_files_limits(pid).0, "64");
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        // The kernel completes connections in the listen backlog even when none is accepted.
+        idle.push(tokio::net::TcpStream::connect(gateway.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let spent = cpu_ticks(pid) - before;
+    let mut output = Vec::new();
+    while let Ok(line) = lines.try_recv() {
+        output.push(line);
+    }
+    let failures: Vec<&String> = output
+        .iter()
+        .filter(|l| l.starts_with("accept failed"))
+        .collect();
+    assert_eq!(failures.len(), 1, "one line per burst: {output:?}");
+    assert!(
+        failures[0].contains("Too many open files"),
+        "{failures:?}"
+    );
+    assert!(spent <= 30, "{spent} ticks of CPU in 3 s out of file descriptors");
+
+    // The clients leave; the gateway serves again within its longest back-off.
+    drop(idle);
+    let response = get(&gateway.url("/events"), &[]).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut reader = EventReader::new(response.into_body());
+    next(&mut reader).await;
+    let recovered = timeout(GUARD, async {
+        loop {
+            let line = lines.recv().await.unwrap();
+            if line.starts_with("accepting again after") {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!("{}; {spent} CPU ticks in 3 s of failing accepts", recovered);
+}
