@@ -1217,3 +1217,247 @@ async fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
     .unwrap();
     eprintln!("{}; {spent} CPU ticks in 3 s of failing accepts", recovered);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for fanout in [false, true] {
+        let mut args = vec![
+            "--demo-rate",
+            "2000",
+            "--demo-size",
+            "1000",
+            "--send-timeout",
+            "1",
+        ];
+        if fanout {
+            args.push("--fanout");
+        }
+        let gateway = Gateway::start(&args).await;
+        let request = b"GET /events HTTP/1.1\r\nhost: gateway\r\n\r\n";
+        // Reads the response head, then nothing.
+        let mut stalled = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        stalled.write_all(request).await.unwrap();
+        let head = status_line(&mut stalled, GUARD).await;
+        assert_eq!(head.as_deref(), Some("HTTP/1.1 200 OK"));
+        // Reads 16 KiB every 100 ms: far behind the stream, but its socket keeps taking bytes.
+        let mut slow = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        slow.write_all(request).await.unwrap();
+        let slow_reader = async {
+            let mut buf = vec![0; 16 * 1024];
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                match timeout(GUARD, slow.read(&mut buf)).await.unwrap() {
+                    Ok(0) | Err(_) => return false,
+                    Ok(_) => {}
+                }
+            }
+            true
+        };
+        // The stalled client's socket buffers fill up within a few seconds at 2 MB/s, then the
+        // gateway waits a second more.
+        let stalled_closed = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            wait_closed(&mut stalled, Duration::from_secs(5)).await
+        };
+        let (slow_open, stalled_closed) = tokio::join!(slow_reader, stalled_closed);
+        assert!(
+            stalled_closed.is_some(),
+            "fan-out {fanout}: the stalled client is still connected"
+        );
+        if !fanout {
+            // (The hub disconnects a client this far behind by its own rule.)
+            assert!(slow_open, "the slow reader was disconnected");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_demo_answers_other_methods_with_405_and_unknown_paths_with_404() {
+    let gateway = Gateway::start(&[]).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    for (method, path, status) in [
+        ("POST", "/events", StatusCode::METHOD_NOT_ALLOWED),
+        ("PUT", "/", StatusCode::METHOD_NOT_ALLOWED),
+        ("DELETE", "/topics/news", StatusCode::METHOD_NOT_ALLOWED),
+        ("POST", "/nope", StatusCode::NOT_FOUND),
+        ("HEAD", "/nope", StatusCode::NOT_FOUND),
+        ("HEAD", "/", StatusCode::OK),
+    ] {
+        let request = Request::builder()
+            .method(method)
+            .uri(gateway.url(path))
+            .body(Empty::new())
+            .unwrap();
+        let response = timeout(GUARD, client.request(request))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            assert_eq!(response.headers()["allow"], "GET, HEAD", "{method} {path}");
+        }
+        if method == "HEAD" && status == StatusCode::OK {
+            // What GET would send, without it.
+            let length: usize = response.headers()[CONTENT_LENGTH].to_str().unwrap().parse().unwrap();
+            assert!(length > 1000);
+        }
+        let body = timeout(GUARD, response.into_body().collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        if method == "HEAD" {
+            assert!(body.is_empty(), "{method} {path}");
+        }
+    }
+}
+
+/// HEAD on an event stream: its headers, no body, over HTTP/1.1 and HTTP/2 (the HTTP/2 half
+/// needs the layers to send nothing on a HEAD response).
+#[tokio::test]
+async fn head_on_an_event_stream_answers_its_headers_without_a_body() {
+    let gateway = Gateway::start(&["--heartbeat", "0.05"]).await;
+    for http2 in [false, true] {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(http2)
+            .build_http::<Empty<Bytes>>();
+        let request = Request::head(gateway.url("/events"))
+            .body(Empty::new())
+            .unwrap();
+        let response = timeout(GUARD, client.request(request))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "http2: {http2}");
+        assert_eq!(
+            response.headers()[CONTENT_TYPE],
+            "text/event-stream; charset=utf-8"
+        );
+        let body = timeout(GUARD, response.into_body().collect())
+            .await
+            .unwrap()
+            .unwrap_or_else(|error| panic!("http2: {http2}: {error:?}"))
+            .to_bytes();
+        assert!(body.is_empty(), "http2: {http2}: {body:?}");
+    }
+}
+
+/// An upstream event stream that compresses with gzip whenever the request allows it (as many
+/// do): three events, then silence. Records each request's `Accept-Encoding`.
+async fn gzipping_upstream() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::Write;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let accept_encoding = request
+                    .headers()
+                    .get("accept-encoding")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                seen.lock().unwrap().push(accept_encoding.clone());
+                let gzip = accept_encoding.contains("gzip");
+                let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+                tokio::spawn(async move {
+                    let mut encoder =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    for id in 1..=3 {
+                        let event = format!("id: {id}\ndata: event {id}\n\n");
+                        let bytes = if gzip {
+                            encoder.write_all(event.as_bytes()).unwrap();
+                            encoder.flush().unwrap();
+                            Bytes::from(std::mem::take(encoder.get_mut()))
+                        } else {
+                            Bytes::from(event)
+                        };
+                        if tx.send(Ok(Frame::data(bytes))).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    tx.closed().await;
+                });
+                let mut response = Response::builder().header(CONTENT_TYPE, "text/event-stream");
+                if gzip {
+                    response = response.header("content-encoding", "gzip");
+                }
+                let body = StreamBody::new(ReceiverStream::new(rx));
+                async move { Ok::<_, Infallible>(response.body(body).unwrap()) }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, recorded)
+}
+
+#[tokio::test]
+async fn event_streams_ask_the_upstream_for_identity_and_the_gateway_compresses_itself() {
+    use std::io::Write;
+    let (upstream, seen) = gzipping_upstream().await;
+    let upstream = format!("http://{upstream}");
+    let headers = [
+        ("accept", "text/event-stream"),
+        ("accept-encoding", "gzip"),
+    ];
+
+    // Without --compression: the client gets the stream as the layers make it, uncompressed.
+    let gateway = Gateway::start(&["--upstream", &upstream, "--heartbeat", "0.1"]).await;
+    let response = get(&gateway.url("/stream"), &headers).await;
+    assert!(response.headers().get("content-encoding").is_none());
+    let mut reader = EventReader::new(response.into_body());
+    assert_eq!(next(&mut reader).await.comments(), ["ok"]);
+    assert_eq!(read_ids(&mut reader, 3).await, ["1", "2", "3"]);
+    let heartbeat = next(&mut reader).await;
+    assert_eq!(heartbeat.comments(), [""], "a heartbeat after the events");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["identity"]);
+    drop(gateway);
+
+    // With --compression: the gateway compresses what the layers make.
+    let gateway = Gateway::start(&[
+        "--upstream",
+        &upstream,
+        "--heartbeat",
+        "0.1",
+        "--compression",
+    ])
+    .await;
+    let response = get(&gateway.url("/stream"), &headers).await;
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    let mut body = response.into_body();
+    let mut decoder = flate2::write::GzDecoder::new(Vec::new());
+    let decoded = timeout(GUARD, async {
+        loop {
+            let frame = body.frame().await.unwrap().unwrap();
+            if let Ok(data) = frame.into_data() {
+                decoder.write_all(&data).unwrap();
+                decoder.flush().unwrap();
+            }
+            let text = String::from_utf8_lossy(decoder.get_ref()).into_owned();
+            if text
+                .split_once("id: 3\n")
+                .is_some_and(|(_, after)| after.contains("\n\n:\n\n"))
+            {
+                return text;
+            }
+        }
+    })
+    .await
+    .expect("the decoded stream holds the events and a heartbeat");
+    // (The initial comment is not sent on a compressed stream, demo or upstream alike.)
+    assert!(decoded.contains("id: 1\ndata: event 1\n\n"), "{decoded:?}");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["identity", "identity"]);
+
+    // A request that does not ask for an event stream keeps its Accept-Encoding.
+    let other = get(&gateway.url("/json"), &[("accept-encoding", "gzip")]).await;
+    drop(other);
+    assert_eq!(seen.lock().unwrap()[2], "gzip");
+}
