@@ -1096,7 +1096,9 @@ async fn a_stalled_request_body_is_cut_with_408_and_a_slow_one_is_not() {
     // Promises 100 bytes, sends 10, then nothing.
     let mut stalled = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     stalled
-        .write_all(b"POST /upload HTTP/1.1\r\nhost: gateway\r\ncontent-length: 100\r\n\r\n0123456789")
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: gateway\r\ncontent-length: 100\r\n\r\n0123456789",
+        )
         .await
         .unwrap();
     // Sends its 5 bytes one every 400 ms: slow, never silent for the timeout.
@@ -1105,16 +1107,14 @@ async fn a_stalled_request_body_is_cut_with_408_and_a_slow_one_is_not() {
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let (stalled_status, slow_status) = tokio::join!(
-        status_line(&mut stalled, Duration::from_secs(5)),
-        async {
+    let (stalled_status, slow_status) =
+        tokio::join!(status_line(&mut stalled, Duration::from_secs(5)), async {
             for byte in b"abcde" {
                 tokio::time::sleep(Duration::from_millis(400)).await;
                 slow.write_all(&[*byte]).await.unwrap();
             }
             status_line(&mut slow, Duration::from_secs(5)).await
-        }
-    );
+        });
     assert_eq!(
         stalled_status.as_deref(),
         Some("HTTP/1.1 408 Request Timeout"),
@@ -1155,14 +1155,22 @@ async fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
     })
     .await
     .unwrap();
-    assert_eq!(line.trim(), format!("open files limit raised from 64 to {hard}"));
+    assert_eq!(
+        line.trim(),
+        format!("open files limit raised from 64 to {hard}")
+    );
 }
 
 /// User plus system CPU time of a process, in clock ticks (1/100 s on Linux).
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the command name (which may hold spaces) start with the state, field 3.
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
@@ -1170,9 +1178,11 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[tokio::test]
 async fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
     // 64 files in all (soft and hard), idle connections never timed out: they use them up.
-    let (gateway, mut lines) =
-        gateway_with_limits("ulimit -n 64", &["--header-timeout", "0", "--demo-interval", "50"])
-            .await;
+    let (gateway, mut lines) = gateway_with_limits(
+        "ulimit -n 64",
+        &["--header-timeout", "0", "--demo-interval", "50"],
+    )
+    .await;
     let pid = gateway.child.id().unwrap();
     assert_eq!(open_files_limits(pid).0, "64");
     let mut idle = Vec::new();
@@ -1193,11 +1203,11 @@ async fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
         .filter(|l| l.starts_with("accept failed"))
         .collect();
     assert_eq!(failures.len(), 1, "one line per burst: {output:?}");
+    assert!(failures[0].contains("Too many open files"), "{failures:?}");
     assert!(
-        failures[0].contains("Too many open files"),
-        "{failures:?}"
+        spent <= 30,
+        "{spent} ticks of CPU in 3 s out of file descriptors"
     );
-    assert!(spent <= 30, "{spent} ticks of CPU in 3 s out of file descriptors");
 
     // The clients leave; the gateway serves again within its longest back-off.
     drop(idle);
@@ -1265,8 +1275,9 @@ async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
             stalled_closed.is_some(),
             "fan-out {fanout}: the stalled client is still connected"
         );
+        // With the hub, its own slow-client rule ends both streams first (and the connection
+        // with them): this half checks that the two do not get in each other's way.
         if !fanout {
-            // (The hub disconnects a client this far behind by its own rule.)
             assert!(slow_open, "the slow reader was disconnected");
         }
     }
@@ -1299,7 +1310,11 @@ async fn the_demo_answers_other_methods_with_405_and_unknown_paths_with_404() {
         }
         if method == "HEAD" && status == StatusCode::OK {
             // What GET would send, without it.
-            let length: usize = response.headers()[CONTENT_LENGTH].to_str().unwrap().parse().unwrap();
+            let length: usize = response.headers()[CONTENT_LENGTH]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
             assert!(length > 1000);
         }
         let body = timeout(GUARD, response.into_body().collect())
@@ -1404,10 +1419,7 @@ async fn event_streams_ask_the_upstream_for_identity_and_the_gateway_compresses_
     use std::io::Write;
     let (upstream, seen) = gzipping_upstream().await;
     let upstream = format!("http://{upstream}");
-    let headers = [
-        ("accept", "text/event-stream"),
-        ("accept-encoding", "gzip"),
-    ];
+    let headers = [("accept", "text/event-stream"), ("accept-encoding", "gzip")];
 
     // Without --compression: the client gets the stream as the layers make it, uncompressed.
     let gateway = Gateway::start(&["--upstream", &upstream, "--heartbeat", "0.1"]).await;

@@ -39,7 +39,11 @@ pub(crate) struct SendTimedOut(Duration);
 
 impl fmt::Display for SendTimedOut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "client accepted no byte for {:?} (--send-timeout)", self.0)
+        write!(
+            f,
+            "client accepted no byte for {:?} (--send-timeout)",
+            self.0
+        )
     }
 }
 
@@ -58,7 +62,11 @@ impl<T> SendTimeout<T> {
 
     /// Passes a ready write through (and stops the clock); on a blocked one, starts the clock
     /// if it is not running and fails once it ran out.
-    fn check<R>(self: Pin<&mut Self>, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+    fn check<R>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
         let this = self.project();
         if poll.is_ready() {
             *this.armed = false;
@@ -190,7 +198,9 @@ where
             return Poll::Pending;
         };
         let deadline = Instant::now() + limit;
-        let sleep = this.sleep.get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
         if !*this.armed {
             sleep.as_mut().reset(deadline);
             *this.armed = true;
@@ -230,7 +240,7 @@ pub(crate) fn raise_open_files_limit() -> io::Result<(u64, u64)> {
     let before = limit.current.unwrap_or(u64::MAX);
     if limit.current.is_some() && limit.current != limit.maximum {
         limit.current = limit.maximum;
-        setrlimit(Resource::Nofile, limit.clone())?;
+        setrlimit(Resource::Nofile, limit)?;
     }
     Ok((before, limit.current.unwrap_or(u64::MAX)))
 }
@@ -279,6 +289,67 @@ impl AcceptBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_that_takes_no_byte_fails_after_the_send_timeout() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut server = SendTimeout::new(server, Some(Duration::from_secs(1)));
+        let started = Instant::now();
+        let error = server.write_all(&[b'x'; 1024]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(error.get_ref().unwrap().is::<SendTimedOut>());
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_keeps_the_clock_from_running_out() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut server = SendTimeout::new(server, Some(Duration::from_secs(1)));
+        let reader = tokio::spawn(async move {
+            let mut buf = [0; 16];
+            let mut read = 0;
+            while read < 1024 {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                read += client.read(&mut buf).await.unwrap();
+            }
+        });
+        // 1 KiB at 16 bytes every 0.9 s: almost a minute, never a second without progress.
+        server.write_all(&[b'x'; 1024]).await.unwrap();
+        reader.await.unwrap();
+        // Off: never times out.
+        let (_client, server) = tokio::io::duplex(64);
+        let mut server = SendTimeout::new(server, None);
+        let write = server.write_all(&[b'x'; 1024]);
+        assert!(tokio::time::timeout(Duration::from_secs(3600), write)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_silent_for_the_timeout_fails_and_a_slow_one_does_not() {
+        let (mut sender, body) =
+            http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(1);
+        let mut body = BodyTimeout::new(body, Some(Duration::from_secs(1)));
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                sender.send_data(Bytes::from_static(b"x")).await.unwrap();
+            }
+            // Then silence, the sender kept.
+            std::future::pending::<()>().await;
+        });
+        for _ in 0..5 {
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "x");
+        }
+        let started = Instant::now();
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(is_body_timeout(&*error));
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
 
     #[test]
     fn accept_backoff_doubles_to_a_second_and_starts_over_after_a_success() {
