@@ -1294,6 +1294,10 @@ async fn the_demo_answers_other_methods_with_405_and_unknown_paths_with_404() {
         ("POST", "/nope", StatusCode::NOT_FOUND),
         ("HEAD", "/nope", StatusCode::NOT_FOUND),
         ("HEAD", "/", StatusCode::OK),
+        ("POST", "/metrics", StatusCode::METHOD_NOT_ALLOWED),
+        ("DELETE", "/status", StatusCode::METHOD_NOT_ALLOWED),
+        ("HEAD", "/metrics", StatusCode::OK),
+        ("HEAD", "/status", StatusCode::OK),
     ] {
         let request = Request::builder()
             .method(method)
@@ -1308,14 +1312,22 @@ async fn the_demo_answers_other_methods_with_405_and_unknown_paths_with_404() {
         if status == StatusCode::METHOD_NOT_ALLOWED {
             assert_eq!(response.headers()["allow"], "GET, HEAD", "{method} {path}");
         }
-        if method == "HEAD" && status == StatusCode::OK {
+        if method == "HEAD" && path == "/status" {
+            assert_eq!(
+                response.headers()[CONTENT_TYPE],
+                "text/event-stream; charset=utf-8"
+            );
+        } else if method == "HEAD" && status == StatusCode::OK {
             // What GET would send, without it.
             let length: usize = response.headers()[CONTENT_LENGTH]
                 .to_str()
                 .unwrap()
                 .parse()
                 .unwrap();
-            assert!(length > 1000);
+            assert!(
+                path == "/metrics" || length > 1000,
+                "{method} {path}: {length}"
+            );
         }
         let body = timeout(GUARD, response.into_body().collect())
             .await

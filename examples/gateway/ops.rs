@@ -1,15 +1,16 @@
 //! Operations endpoints of the gateway: `/metrics` (Prometheus text) and `/status` (a live
-//! summary as an event stream, which the demo page shows). Everything else goes to the stack.
+//! summary as an event stream, which the demo page shows), to GET and HEAD (other methods: 405).
+//! Everything else goes to the stack.
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{ready, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
-use http::{Method, Request, Response};
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -62,30 +63,61 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        match (request.method(), request.uri().path()) {
-            (&Method::GET, "/metrics") => {
-                let text = self.metrics.render();
-                Box::pin(async move {
-                    Ok(Response::builder()
-                        .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
-                        .body(
-                            Full::new(Bytes::from(text))
-                                .map_err(Into::into)
-                                .boxed_unsync(),
-                        )
-                        .expect("static response parts are valid"))
-                })
-            }
-            (&Method::GET, "/status") => Box::pin(status(self.metrics.clone(), request)),
-            _ => {
-                let future = self.stack.call(request);
-                Box::pin(async move {
-                    let response = future.await?;
-                    Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
-                })
-            }
+        let path = request.uri().path();
+        if path != "/metrics" && path != "/status" {
+            let future = self.stack.call(request);
+            return Box::pin(async move {
+                let response = future.await?;
+                Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
+            });
         }
+        let head = request.method() == Method::HEAD;
+        if !head && request.method() != Method::GET {
+            return Box::pin(ready(not_allowed()));
+        }
+        if path == "/metrics" {
+            let text = self.metrics.render();
+            let length = text.len();
+            // HEAD: what GET would answer, without the body.
+            let body = if head {
+                Bytes::new()
+            } else {
+                Bytes::from(text)
+            };
+            return Box::pin(ready(Ok(Response::builder()
+                .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+                .header(CONTENT_LENGTH, length)
+                .body(Full::new(body).map_err(Into::into).boxed_unsync())
+                .expect("static response parts are valid"))));
+        }
+        if head {
+            return Box::pin(ready(Ok(Response::builder()
+                .header(CONTENT_TYPE, "text/event-stream; charset=utf-8")
+                .header(CACHE_CONTROL, "no-cache")
+                .header("x-accel-buffering", "no")
+                .body(empty())
+                .expect("static response parts are valid"))));
+        }
+        Box::pin(status(self.metrics.clone(), request))
     }
+}
+
+fn empty() -> OpsBody {
+    Full::new(Bytes::new()).map_err(Into::into).boxed_unsync()
+}
+
+/// 405 for methods other than GET and HEAD on `/metrics` and `/status`.
+fn not_allowed() -> Result<Response<OpsBody>, Infallible> {
+    Ok(Response::builder()
+        .status(StatusCode::METHOD_NOT_ALLOWED)
+        .header(ALLOW, "GET, HEAD")
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(
+            Full::new(Bytes::from_static(b"method not allowed: use GET or HEAD\n"))
+                .map_err(Into::into)
+                .boxed_unsync(),
+        )
+        .expect("static response parts are valid"))
 }
 
 /// The values of the status view, read from the rendered Prometheus text.
