@@ -126,12 +126,12 @@ fn bad_gateway(error: &dyn std::error::Error) -> Response<ProxyBody> {
         .expect("static response parts are valid")
 }
 
-/// 408: the client stopped sending its request body (`--body-timeout`).
+/// 408: the client stopped sending its request body (`--body-timeout`). Over HTTP/1 hyper then
+/// closes the connection, since the body was not read to its end.
 fn request_timeout() -> Response<ProxyBody> {
     Response::builder()
         .status(StatusCode::REQUEST_TIMEOUT)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header(header::CONNECTION, "close")
         .body(Either::Right(Full::from(
             "408 Request Timeout: the request body stopped arriving\n",
         )))
