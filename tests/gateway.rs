@@ -1245,8 +1245,10 @@ async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
         }
         let gateway = Gateway::start(&args).await;
         let request = b"GET /events HTTP/1.1\r\nhost: gateway\r\n\r\n";
-        // Reads the response head, then nothing.
-        let mut stalled = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        // Reads the response head, then nothing (a small receive buffer, so that it fills fast).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        let mut stalled = socket.connect(gateway.addr).await.unwrap();
         stalled.write_all(request).await.unwrap();
         let head = status_line(&mut stalled, GUARD).await;
         assert_eq!(head.as_deref(), Some("HTTP/1.1 200 OK"));
@@ -1264,11 +1266,12 @@ async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
             }
             true
         };
-        // The stalled client's socket buffers fill up within a few seconds at 2 MB/s, then the
-        // gateway waits a second more.
+        // The socket buffers fill up within a few seconds at 2 MB/s, then the gateway waits a
+        // second more. Reading after 5 s drains what is buffered, then finds the end (a
+        // connection still open would go on streaming for all of the 10 s).
         let stalled_closed = async {
             tokio::time::sleep(Duration::from_secs(5)).await;
-            wait_closed(&mut stalled, Duration::from_secs(5)).await
+            wait_closed(&mut stalled, Duration::from_secs(10)).await
         };
         let (slow_open, stalled_closed) = tokio::join!(slow_reader, stalled_closed);
         assert!(
