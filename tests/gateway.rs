@@ -1488,3 +1488,50 @@ async fn event_streams_ask_the_upstream_for_identity_and_the_gateway_compresses_
     drop(other);
     assert_eq!(seen.lock().unwrap()[2], "gzip");
 }
+
+/// An HTTP/2 client that stops granting flow-control window stalls its stream without blocking
+/// the socket: the send timeout closes it all the same, and a reading stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_without_window_is_closed_after_the_send_timeout() {
+    let gateway = Gateway::start(&[
+        "--demo-rate",
+        "2000",
+        "--demo-size",
+        "1000",
+        "--send-timeout",
+        "1",
+    ])
+    .await;
+    let open = |window: u32| {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .http2_initial_stream_window_size(window)
+            .http2_initial_connection_window_size(window)
+            .build_http::<Empty<Bytes>>();
+        let url = gateway.url("/events");
+        async move {
+            timeout(GUARD, client.get(url.parse().unwrap()))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    // Its 64 KiB window fills at once and is never given back: the response is not read.
+    let stalled = open(65_535).await;
+    assert_eq!(stalled.status(), StatusCode::OK);
+    // Another connection reads all along.
+    let mut reading = EventReader::new(open(1 << 20).await.into_body());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < deadline {
+        next(&mut reading).await;
+    }
+    // Reading now drains what the client holds, then finds the connection gone (one still open
+    // would go on streaming for all of the 10 s).
+    let mut body = stalled.into_body();
+    let ended = timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stalled HTTP/2 stream is still open");
+    next(&mut reading).await;
+}

@@ -218,6 +218,140 @@ where
     }
 }
 
+/// The HTTP/2 streams of one connection, watched for a client that stops granting flow-control
+/// window: hyper then holds a stream's next frame without writing to the socket, so the socket
+/// never blocks and [`SendTimeout`] cannot see it. Like nginx, the gateway applies the send
+/// timeout to such a stream too, closing its connection (hyper gives no handle to reset one
+/// stream from outside). HTTP/1 responses are not registered: their stalls block the socket.
+#[derive(Debug)]
+pub(crate) struct StallWatch {
+    streams: std::sync::Mutex<Vec<std::sync::Weak<Held>>>,
+    registered: tokio::sync::Notify,
+    epoch: Instant,
+}
+
+/// When a stream's body last handed hyper a data frame that hyper has not come back from, in
+/// milliseconds since the watch's epoch plus one; 0 while the body is polled or waits for data.
+#[derive(Debug)]
+pub(crate) struct Held {
+    since: std::sync::atomic::AtomicU64,
+    epoch: Instant,
+}
+
+impl Held {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl StallWatch {
+    pub(crate) fn new() -> Self {
+        Self {
+            streams: std::sync::Mutex::new(Vec::new()),
+            registered: tokio::sync::Notify::new(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Watches one more stream: its body reports through the returned handle.
+    pub(crate) fn register(&self) -> std::sync::Arc<Held> {
+        let held = std::sync::Arc::new(Held {
+            since: std::sync::atomic::AtomicU64::new(0),
+            epoch: self.epoch,
+        });
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.retain(|stream| stream.strong_count() > 0);
+        streams.push(std::sync::Arc::downgrade(&held));
+        drop(streams);
+        self.registered.notify_one();
+        held
+    }
+
+    /// Resolves once a stream's frame has waited for the client longer than `limit`. Checks
+    /// four times per `limit`, and only once a stream was registered.
+    pub(crate) async fn stalled(&self, limit: Duration) {
+        loop {
+            let registered = self.registered.notified();
+            if !self
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
+                break;
+            }
+            registered.await;
+        }
+        let every = (limit / 4).max(Duration::from_millis(10));
+        let mut ticks = tokio::time::interval(every);
+        let limit_ms = limit.as_millis() as u64;
+        loop {
+            ticks.tick().await;
+            let now = self.epoch.elapsed().as_millis() as u64 + 1;
+            let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            let stalled = streams
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .any(|held| {
+                    let since = held.since.load(std::sync::atomic::Ordering::Relaxed);
+                    since != 0 && now.saturating_sub(since) > limit_ms
+                });
+            if stalled {
+                return;
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A response body that tells its [`StallWatch`] when hyper holds one of its data frames
+    /// (from handing it over until the next poll). Without a watch, it only passes frames on.
+    #[derive(Debug)]
+    pub(crate) struct Watched<B> {
+        #[pin]
+        inner: B,
+        held: Option<std::sync::Arc<Held>>,
+    }
+}
+
+impl<B> Watched<B> {
+    pub(crate) fn new(inner: B, held: Option<std::sync::Arc<Held>>) -> Self {
+        Self { inner, held }
+    }
+}
+
+impl<B: Body> Body for Watched<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let this = self.project();
+        let Some(held) = this.held else {
+            return this.inner.poll_frame(cx);
+        };
+        held.since.store(0, Relaxed);
+        let poll = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &poll {
+            if frame.is_data() {
+                held.since.store(held.now(), Relaxed);
+            }
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Whether `error` or one of its causes is a request body timeout.
 pub(crate) fn is_body_timeout(error: &(dyn Error + 'static)) -> bool {
     let mut cause = Some(error);
@@ -326,6 +460,42 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_secs(3600), write)
             .await
             .is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_whose_frame_waits_for_the_client_is_reported_after_the_limit() {
+        let watch = StallWatch::new();
+        let (mut sender, body) =
+            http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
+        let mut body = Watched::new(body, Some(watch.register()));
+        let limit = Duration::from_secs(1);
+        // A body waiting for its own data is not a stall.
+        let idle = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                () = watch.stalled(limit) => {}
+                _ = body.frame() => unreachable!("no frame was sent"),
+            }
+        });
+        assert!(idle.await.is_err());
+        // A frame handed over and not followed by a poll is.
+        sender.send_data(Bytes::from_static(b"x")).await.unwrap();
+        body.frame().await.unwrap().unwrap();
+        let started = Instant::now();
+        watch.stalled(limit).await;
+        let took = started.elapsed();
+        assert!(
+            took > limit && took <= limit + limit / 4 + Duration::from_millis(10),
+            "{took:?}"
+        );
+        // Polled again: no longer held.
+        drop(sender);
+        assert!(body.frame().await.is_none());
+        drop(body);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), watch.stalled(limit))
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -180,7 +180,8 @@ struct Args {
 
     /// Seconds a client's socket may accept no byte while the gateway has something to send
     /// before the connection is closed, so a client that stopped reading does not hold it
-    /// forever (0: off). Like nginx's `send_timeout`.
+    /// forever; an HTTP/2 stream the client grants no flow-control window for that long closes
+    /// its connection too (0: off). Like nginx's `send_timeout`.
     #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = seconds)]
     send_timeout: f64,
 
@@ -469,12 +470,25 @@ where
         // Told of every request, so a connection that never sends a first one can be closed.
         let started = std::sync::Arc::new(tokio::sync::Notify::new());
         let requests = started.clone();
+        // HTTP/2 streams the client stops granting window to, which the socket cannot show.
+        let stalls = limits
+            .send
+            .map(|_| std::sync::Arc::new(limits::StallWatch::new()));
+        let watch = stalls.clone();
         let service = tower::service_fn(move |mut request: Request<Incoming>| {
             requests.notify_one();
             request.extensions_mut().insert(PeerAddr(peer));
-            service
+            let held = watch
+                .as_ref()
+                .filter(|_| request.version() == http::Version::HTTP_2)
+                .map(|watch| watch.register());
+            let response = service
                 .clone()
-                .oneshot(request.map(|body| limits::BodyTimeout::new(body, limits.body)))
+                .oneshot(request.map(|body| limits::BodyTimeout::new(body, limits.body)));
+            async move {
+                let response = response.await?;
+                Ok::<_, Infallible>(response.map(|body| limits::Watched::new(body, held)))
+            }
         });
         let io = TokioIo::new(limits::SendTimeout::new(stream, limits.send));
         let connection = builder
@@ -482,22 +496,30 @@ where
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
             // Whatever the protocol (before hyper even knows which one it is), a connection that
             // sends no complete request head within the header timeout is closed.
-            let ended = match limits.header {
-                Some(limit) => tokio::select! {
-                    ended = &mut connection => Some(ended),
-                    first = tokio::time::timeout(limit, started.notified()) => match first {
-                        Ok(()) => None,
-                        Err(_) => return,
-                    },
-                },
-                None => None,
+            let no_first_request = async {
+                if let Some(limit) = limits.header {
+                    if tokio::time::timeout(limit, started.notified())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                std::future::pending().await
             };
-            let ended = match ended {
-                Some(ended) => ended,
-                None => connection.await,
+            let stalled = async {
+                match (&stalls, limits.send) {
+                    (Some(stalls), Some(limit)) => stalls.stalled(limit).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            // Closed by dropping it: the client is too slow for anything more graceful.
+            let ended = tokio::select! {
+                ended = connection => ended,
+                () = no_first_request => return,
+                () = stalled => return,
             };
             if let Err(error) = ended {
                 if !client_left(&*error) {
