@@ -191,7 +191,7 @@ pub use body::SubscriptionBody;
 pub use redis::RedisSubscriptions;
 pub use service::{ResponseFuture, Subscribe, SubscribeLayer};
 pub use store::{
-    Created, MemorySubscriptions, Status, StoreError, StoreFuture, Subscription, SubscriptionStore,
+    Caps, Created, MemorySubscriptions, Status, StoreError, StoreFuture, Subscription, SubscriptionStore,
 };
 
 use channels::Channels;
@@ -214,7 +214,7 @@ struct Config {
     topic_path: TopicPath,
     api_prefix: String,
     disposable: bool,
-    max_per_topic: usize,
+    caps: Caps,
     poll_interval: Duration,
 }
 
@@ -240,8 +240,8 @@ impl<St: SubscriptionStore> Subscriptions<St> {
     pub const DEFAULT_TOPIC_PATH: &'static str = "/topics/{topic}";
 
     /// Subscriptions kept in `store`, with topics at `/topics/{topic}`, the API at the root,
-    /// disposable subscriptions on, at most 10,000 subscriptions per topic, and a shared store
-    /// polled every second.
+    /// disposable subscriptions on, at most 10,000 subscriptions per topic and 100,000 in all,
+    /// and a shared store polled every second.
     pub fn new(store: St) -> Self {
         Self {
             sink: Arc::new(store.clone()),
@@ -251,7 +251,10 @@ impl<St: SubscriptionStore> Subscriptions<St> {
                     .expect("the default template is valid"),
                 api_prefix: String::new(),
                 disposable: true,
-                max_per_topic: 10_000,
+                caps: Caps {
+                    per_topic: 10_000,
+                    total: 100_000,
+                },
                 poll_interval: Duration::from_secs(1),
             }),
             channels: Arc::default(),
@@ -288,9 +291,20 @@ impl<St: SubscriptionStore> Subscriptions<St> {
         self
     }
 
-    /// Refuses to create more than `max` subscriptions per topic (default 10,000) with `429`.
+    /// Refuses to create more than `max` subscriptions per topic (default 10,000): the API
+    /// answers `429`, a plain reader gets its stream without a disposable subscription.
+    /// Disposable subscriptions count while their channel is open.
     pub fn max_per_topic(mut self, max: usize) -> Self {
-        self.config_mut().max_per_topic = max;
+        self.config_mut().caps.per_topic = max;
+        self
+    }
+
+    /// Refuses to create more than `max` subscriptions in the whole store, every topic (and,
+    /// in a shared store, every instance) together (default 100,000), as
+    /// [`max_per_topic`](Self::max_per_topic) does. It bounds the memory of the in-memory
+    /// store and the keys of a shared one.
+    pub fn max_subscriptions(mut self, max: usize) -> Self {
+        self.config_mut().caps.total = max;
         self
     }
 
@@ -302,15 +316,28 @@ impl<St: SubscriptionStore> Subscriptions<St> {
         self
     }
 
-    /// The layer that serves the API, the subscribe paths and the disposable subscriptions in
-    /// front of the topics' service.
+    /// The layer for readers: the subscribe paths and the disposable subscriptions, in front
+    /// of the topics' service. It does not serve the management API (see
+    /// [`SubscribeLayer::with_api`]).
     pub fn layer(&self) -> SubscribeLayer<St> {
         SubscribeLayer::new(self.clone())
     }
 
-    /// The management API alone, as a service to mount in a router.
+    /// The management API (create, list, get, suspend and reactivate, delete), as a service to
+    /// mount behind your own authentication.
     pub fn api(&self) -> SubscriptionApi<St> {
         SubscriptionApi::new(self.clone())
+    }
+
+    /// Whether `path` is a route of the management API under the
+    /// [`api_prefix`](Self::api_prefix) (`.../topics/{topic}/subscriptions`,
+    /// `.../subscriptions/{id}`; not a subscribe path): for a router of your own that sends
+    /// these to [`api`](Self::api) behind its authentication and the rest to the readers.
+    pub fn is_api_path(&self, path: &str) -> bool {
+        matches!(
+            Route::under(&self.config.api_prefix, path),
+            Some(Route::Subscription(_) | Route::TopicSubscriptions(_))
+        )
     }
 
     /// The store.

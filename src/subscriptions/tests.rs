@@ -707,8 +707,8 @@ async fn the_standalone_api_answers_wherever_it_is_mounted() {
 struct Shared(MemorySubscriptions);
 
 impl SubscriptionStore for Shared {
-    fn create(&self, s: Subscription, max: usize) -> StoreFuture<Created> {
-        self.0.create(s, max)
+    fn create(&self, s: Subscription, caps: super::Caps) -> StoreFuture<Created> {
+        self.0.create(s, caps)
     }
     fn get(&self, id: &str) -> StoreFuture<Option<Subscription>> {
         self.0.get(id)
