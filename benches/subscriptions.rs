@@ -46,8 +46,8 @@ use tower::{service_fn, Service, ServiceExt};
 use tower_layer::Layer;
 use tower_sse::replay::{RedisConfig, RedisStore};
 use tower_sse::subscriptions::{
-    Caps, Created, MemorySubscriptions, RedisSubscriptions, Status, Subscription, SubscriptionStore,
-    Subscriptions,
+    Caps, Created, MemorySubscriptions, RedisSubscriptions, Status, Subscription,
+    SubscriptionStore, Subscriptions,
 };
 
 /// Caps no bench reaches.

@@ -418,16 +418,17 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
     let full = store.create(Subscription::new("news"), caps).await.unwrap();
     assert_eq!(full, Created::Full);
     let freed = Subscription::new("news");
-    until_async(|| async {
-        store.create(freed.clone(), caps).await.unwrap() == Created::Stored
-    })
-    .await;
+    until_async(|| async { store.create(freed.clone(), caps).await.unwrap() == Created::Stored })
+        .await;
     let exists: i64 = redis::cmd("EXISTS")
         .arg(&key)
         .query_async(&mut redis)
         .await
         .unwrap();
-    assert_eq!(exists, 0, "the place was freed when the subscription expired");
+    assert_eq!(
+        exists, 0,
+        "the place was freed when the subscription expired"
+    );
 }
 
 fn caps(per_topic: usize) -> Caps {
@@ -447,7 +448,12 @@ async fn command_calls(redis: &mut redis::aio::MultiplexedConnection) -> HashMap
     info.lines()
         .filter_map(|line| {
             let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = stats.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+            let calls = stats
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
             Some((name.to_owned(), calls))
         })
         .collect()
@@ -487,7 +493,10 @@ async fn the_redis_caps_hold_and_a_refusal_is_cheap() {
         assert_eq!(b.create(subscription, caps).await.unwrap(), Created::Stored);
     }
     for store in [&a, &b] {
-        let beyond = store.create(Subscription::new("other"), caps).await.unwrap();
+        let beyond = store
+            .create(Subscription::new("other"), caps)
+            .await
+            .unwrap();
         assert_eq!(beyond, Created::Full, "the store-wide cap holds");
     }
     assert!(b.get("0000").await.unwrap().is_none());
@@ -531,7 +540,10 @@ async fn the_redis_caps_hold_and_a_refusal_is_cheap() {
         ran("exists"),
         ran("zrange")
     );
-    assert!(ran("zcard") >= REFUSED, "the commands of scripts are counted");
+    assert!(
+        ran("zcard") >= REFUSED,
+        "the commands of scripts are counted"
+    );
     assert_eq!(ran("exists") + ran("zrange"), 0, "no scan of the topic");
     assert!(
         inner <= 4 * REFUSED,

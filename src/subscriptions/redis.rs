@@ -10,7 +10,9 @@ use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 
-use super::store::{Caps, Created, Status, StoreError, StoreFuture, Subscription, SubscriptionStore};
+use super::store::{
+    Caps, Created, Status, StoreError, StoreFuture, Subscription, SubscriptionStore,
+};
 use crate::replay::{timed, RedisStore};
 
 /// Redis's clock in milliseconds, in a script.

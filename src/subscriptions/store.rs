@@ -261,7 +261,9 @@ impl SubscriptionStore for MemorySubscriptions {
     fn create(&self, subscription: Subscription, caps: Caps) -> StoreFuture<Created> {
         let mut memory = self.lock();
         let in_topic = memory.by_topic.get(&subscription.topic).map_or(0, Vec::len);
-        let max_total = memory.max_total.map_or(caps.total, |own| own.min(caps.total));
+        let max_total = memory
+            .max_total
+            .map_or(caps.total, |own| own.min(caps.total));
         if in_topic >= caps.per_topic || memory.by_id.len() >= max_total {
             return done(Created::Full);
         }
@@ -323,7 +325,10 @@ mod tests {
         let b = Subscription::new("news");
         let c = Subscription::new("sport");
         for s in [&a, &b, &c] {
-            assert_eq!(store.create(s.clone(), caps(10)).await.unwrap(), Created::Stored);
+            assert_eq!(
+                store.create(s.clone(), caps(10)).await.unwrap(),
+                Created::Stored
+            );
         }
         assert_eq!(store.list("news").await.unwrap().len(), 2);
         assert_eq!(store.list("none").await.unwrap().len(), 0);
@@ -394,7 +399,10 @@ mod tests {
             .collect();
         for bit in 0..128 {
             let ones = ids.iter().filter(|id| *id >> bit & 1 == 1).count();
-            assert!((1_648..=2_448).contains(&ones), "bit {bit}: {ones} of 4,096");
+            assert!(
+                (1_648..=2_448).contains(&ones),
+                "bit {bit}: {ones} of 4,096"
+            );
         }
     }
 
