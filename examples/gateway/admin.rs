@@ -107,30 +107,31 @@ impl<Sub: SubscriptionStore> Admin<Sub> {
         Self::new(subscriptions, Access::Hidden)
     }
 
-    /// The answer to a request on one of the API's routes, or `None` when `request` is not
-    /// one.
-    fn answer<B>(&mut self, request: Request<B>) -> Result<AdminFuture, Request<B>>
+    /// Whether `request` is on one of the API's routes.
+    fn handles<B>(&self, request: &Request<B>) -> bool {
+        self.subscriptions.is_api_path(request.uri().path())
+    }
+
+    /// The answer to a request on one of the API's routes.
+    fn answer<B>(&mut self, request: Request<B>) -> AdminFuture
     where
         B: Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        if !self.subscriptions.is_api_path(request.uri().path()) {
-            return Err(request);
-        }
         let refused = match &self.access {
             Access::Hidden => Some(not_found()),
             Access::Open => None,
             Access::Token(token) => (!authorized(&request, token)).then(unauthorized),
         };
-        Ok(match refused {
+        match refused {
             Some(refused) => AdminFuture::Ready {
                 answer: Some(refused),
             },
             None => AdminFuture::Api {
                 future: self.api.call(request),
             },
-        })
+        }
     }
 }
 
@@ -224,9 +225,13 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> AdminFuture {
-        self.answer(request).unwrap_or_else(|_| AdminFuture::Ready {
-            answer: Some(not_found()),
-        })
+        if self.handles(&request) {
+            self.answer(request)
+        } else {
+            AdminFuture::Ready {
+                answer: Some(not_found()),
+            }
+        }
     }
 }
 
@@ -262,15 +267,13 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let request = match self.admin.as_mut() {
-            Some(admin) => match admin.answer(request) {
-                Ok(admin) => return GateFuture::Admin { admin },
-                Err(request) => request,
+        match self.admin.as_mut() {
+            Some(admin) if admin.handles(&request) => GateFuture::Admin {
+                admin: admin.answer(request),
             },
-            None => request,
-        };
-        GateFuture::Stack {
-            stack: self.stack.call(request),
+            _ => GateFuture::Stack {
+                stack: self.stack.call(request),
+            },
         }
     }
 }
