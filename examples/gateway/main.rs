@@ -176,7 +176,7 @@ struct Args {
     admin_token: Option<String>,
 
     /// At most this many subscriptions in all (every topic and, with --redis, every instance
-    /// sharing the Redis; disposable ones included); creates beyond answer 429. Default 100000.
+    /// sharing the Redis; disposable ones included); creates beyond answer 429.
     #[arg(
         long,
         value_name = "N",
@@ -186,7 +186,7 @@ struct Args {
     max_subscriptions: usize,
 
     /// At most this many subscriptions per topic (disposable ones included); creates beyond
-    /// answer 429, plain readers beyond get their stream without one. Default 10000.
+    /// answer 429, plain readers beyond get their stream without one.
     #[arg(
         long,
         value_name = "N",
