@@ -38,7 +38,7 @@ use http_body_util::Empty;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_layer::Layer;
 use tower_sse::compression::SseCompressionLayer;
-use tower_sse::subscriptions::{Created, Subscription, SubscriptionStore, Subscriptions};
+use tower_sse::subscriptions::{Caps, Created, Subscription, SubscriptionStore, Subscriptions};
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
     CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReplayLayer, RetryLayer,
@@ -149,7 +149,13 @@ fn subscribe(runtime: &tokio::runtime::Runtime) -> Polled {
         .body(Empty::<Bytes>::new())
         .unwrap();
     let created = runtime
-        .block_on(subscriptions.store().create(subscription, 10_000))
+        .block_on(subscriptions.store().create(
+            subscription,
+            Caps {
+                per_topic: 10_000,
+                total: 100_000,
+            },
+        ))
         .unwrap();
     assert_eq!(created, Created::Stored);
     // The upstream answers any path; it takes no request body.

@@ -46,12 +46,15 @@ use tower::{service_fn, Service, ServiceExt};
 use tower_layer::Layer;
 use tower_sse::replay::{RedisConfig, RedisStore};
 use tower_sse::subscriptions::{
-    Created, MemorySubscriptions, RedisSubscriptions, Status, Subscription, SubscriptionStore,
-    Subscriptions,
+    Caps, Created, MemorySubscriptions, RedisSubscriptions, Status, Subscription,
+    SubscriptionStore, Subscriptions,
 };
 
-/// A topic maximum no bench reaches.
-const UNBOUNDED: usize = 1_000_000_000;
+/// Caps no bench reaches.
+const UNBOUNDED: Caps = Caps {
+    per_topic: 1_000_000_000,
+    total: 1_000_000_000,
+};
 /// Subscriptions built (untimed) before each run of timed creates.
 const CHUNK: u64 = 10_000;
 
@@ -214,7 +217,9 @@ fn open_with<St: SubscriptionStore>(
     store: St,
 ) {
     // Far above the disposable subscriptions a background writer may still have to remove.
-    let subscriptions = Subscriptions::new(store).max_per_topic(UNBOUNDED);
+    let subscriptions = Subscriptions::new(store)
+        .max_per_topic(UNBOUNDED.per_topic)
+        .max_subscriptions(UNBOUNDED.total);
     let service = subscriptions.layer().layer(service_fn(topics));
     let provisioned = Subscription::new("news");
     let path = format!("/subscriptions/{}/subscribe", provisioned.id);

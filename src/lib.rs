@@ -17,7 +17,7 @@
 //! | [`LifetimeLayer`] + [`Shutdown`] | end streams at an event boundary after a (jittered) maximum lifetime or on shutdown, so graceful shutdown completes |
 //! | [`ReplayLayer`] | record events per stream key; a client reconnecting with `Last-Event-ID` gets what it missed, then the live stream, with QoS presets |
 //! | [`FanoutLayer`] | one upstream subscription per stream key shared by all its clients, a bounded queue per client, lingering for reconnects |
-//! | `subscriptions::SubscribeLayer` (feature `subscriptions`) | provisioned subscriptions over a JSON API: server-side cursors, suspend (closing channels at a boundary), reactivate, delete, disposable subscriptions |
+//! | `subscriptions::SubscribeLayer` (feature `subscriptions`) | provisioned subscriptions: readers through the layer (by id, from a server-side cursor; disposable subscriptions for plain readers), and a JSON management API to mount behind your authentication (`Subscriptions::api`): create, list, suspend (closing channels at a boundary), reactivate, delete |
 //! | [`timeout::IdleTimeoutLayer`] | end a stream whose upstream went silent |
 //! | [`timeout::ResponseTimeoutLayer`] | `504` when response headers are late |
 //!

@@ -820,7 +820,7 @@ async fn scenario_suite() -> (Suite, Encodings, tokio::task::JoinHandle<()>) {
 /// The subscriptions scenario: the stack under `/sub/`, the two URLs of one subscription read
 /// in turn, and the URL of one that is suspended once it has delivered a few events.
 async fn subscription_streams(upstream: SocketAddr) -> (Handler, (String, String), String) {
-    use tower_sse::subscriptions::{Subscription, SubscriptionStore, Subscriptions};
+    use tower_sse::subscriptions::{Caps, Subscription, SubscriptionStore, Subscriptions};
     let subscriptions = Subscriptions::in_memory()
         .api_prefix("/sub")
         .topic_path("/sub/topics/{topic}");
@@ -840,7 +840,13 @@ async fn subscription_streams(upstream: SocketAddr) -> (Handler, (String, String
     for subscription in [&read, &suspend] {
         subscriptions
             .store()
-            .create(subscription.clone(), 10)
+            .create(
+                subscription.clone(),
+                Caps {
+                    per_topic: 10,
+                    total: 10,
+                },
+            )
             .await
             .unwrap();
     }

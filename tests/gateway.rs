@@ -818,10 +818,22 @@ async fn stalled_clients_on_a_fast_stream_cost_bounded_memory() {
 
 /// A request with a JSON body; the status and the parsed answer (Null when empty).
 async fn json_call(method: http::Method, url: &str, body: &str) -> (StatusCode, serde_json::Value) {
+    json_call_as(None, method, url, body).await
+}
+
+/// [`json_call`] with `Authorization: Bearer <token>` when there is a token.
+async fn json_call_as(
+    token: Option<&str>,
+    method: http::Method,
+    url: &str,
+    body: &str,
+) -> (StatusCode, serde_json::Value) {
     let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Full<Bytes>>();
-    let request = Request::builder()
-        .method(method)
-        .uri(url)
+    let mut request = Request::builder().method(method).uri(url);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request
         .body(http_body_util::Full::new(Bytes::from(body.to_owned())))
         .unwrap();
     let response = timeout(GUARD, client.request(request))
@@ -834,19 +846,27 @@ async fn json_call(method: http::Method, url: &str, body: &str) -> (StatusCode, 
     (status, json)
 }
 
+/// An admin token for the tests (`--admin-token`).
+const TOKEN: &str = "test-admin-token-0123456789";
+
 #[tokio::test]
 async fn subscriptions_resume_from_their_cursor_and_can_be_suspended() {
     use http::Method;
     let gateway = Gateway::start(&[
         "--subscriptions",
+        "--admin-token",
+        TOKEN,
         "--replay",
         "100",
         "--demo-interval",
         "20",
     ])
     .await;
+    let json_call = |method, url: String, body| async move {
+        json_call_as(Some(TOKEN), method, &url, body).await
+    };
     let (status, created) =
-        json_call(Method::POST, &gateway.url("/topics/news/subscriptions"), "").await;
+        json_call(Method::POST, gateway.url("/topics/news/subscriptions"), "").await;
     assert_eq!(status, StatusCode::CREATED);
     let id = created["id"].as_str().unwrap().to_owned();
     let stream = gateway.url(created["subscribe"].as_str().unwrap());
@@ -860,7 +880,7 @@ async fn subscriptions_resume_from_their_cursor_and_can_be_suspended() {
     // The cursor is where the reader left; a new reader without an id starts after it.
     let cursor = timeout(GUARD, async {
         loop {
-            let (_, got) = json_call(Method::GET, &one, "").await;
+            let (_, got) = json_call(Method::GET, one.clone(), "").await;
             if let Some(cursor) = got["lastEventId"].as_str() {
                 if cursor.parse::<u32>().unwrap() >= 3 {
                     return cursor.parse::<u32>().unwrap();
@@ -873,11 +893,11 @@ async fn subscriptions_resume_from_their_cursor_and_can_be_suspended() {
     let mut reader = EventReader::new(get(&stream, &[]).await.into_body());
     assert_eq!(read_ids(&mut reader, 1).await, [(cursor + 1).to_string()]);
 
-    let (status, _) = json_call(Method::PATCH, &one, r#"{"status":"suspended"}"#).await;
+    let (status, _) = json_call(Method::PATCH, one.clone(), r#"{"status":"suspended"}"#).await;
     assert_eq!(status, StatusCode::OK);
     while timeout(GUARD, reader.next_event()).await.unwrap().is_some() {}
     assert_eq!(get(&stream, &[]).await.status(), StatusCode::CONFLICT);
-    let (status, _) = json_call(Method::DELETE, &one, "").await;
+    let (status, _) = json_call(Method::DELETE, one.clone(), "").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(get(&stream, &[]).await.status(), StatusCode::NOT_FOUND);
 
@@ -887,7 +907,7 @@ async fn subscriptions_resume_from_their_cursor_and_can_be_suspended() {
         .to_str()
         .unwrap()
         .to_owned();
-    let (_, page) = json_call(Method::GET, &gateway.url("/topics/news/subscriptions"), "").await;
+    let (_, page) = json_call(Method::GET, gateway.url("/topics/news/subscriptions"), "").await;
     assert_eq!(page["items"][0]["id"], disposable.as_str());
     assert_eq!(page["items"][0]["disposable"], true);
 }
@@ -1534,4 +1554,164 @@ async fn an_http2_stream_without_window_is_closed_after_the_send_timeout() {
     .await;
     assert!(ended.is_ok(), "the stalled HTTP/2 stream is still open");
     next(&mut reading).await;
+}
+
+/// A free loopback address for a second listener.
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Two users over real sockets: an operator who manages subscriptions and an anonymous client
+/// on the public port, who can neither list, create, get, suspend nor delete (`404` where the
+/// API is not served, `401` where it wants the token), yet reads a subscription whose id it
+/// was given.
+#[tokio::test]
+async fn anonymous_clients_cannot_manage_subscriptions_only_read_them_by_id() {
+    use http::Method;
+    let admin = free_addr();
+    let admin_flag = admin.to_string();
+    let on_its_own = Gateway::start(&[
+        "--subscriptions",
+        "--admin-listen",
+        &admin_flag,
+        "--demo-interval",
+        "20",
+    ])
+    .await;
+    let behind_token = Gateway::start(&[
+        "--subscriptions",
+        "--admin-token",
+        TOKEN,
+        "--demo-interval",
+        "20",
+    ])
+    .await;
+    let off = Gateway::start(&["--subscriptions", "--demo-interval", "20"]).await;
+
+    // The operator: on the admin listener, or with the token.
+    let admin_url = |path: &str| format!("http://{admin}{path}");
+    let (status, created) =
+        json_call(Method::POST, &admin_url("/topics/news/subscriptions"), "").await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let on_its_own_id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(on_its_own_id.len(), 32);
+    let (status, created) = json_call_as(
+        Some(TOKEN),
+        Method::POST,
+        &behind_token.url("/topics/news/subscriptions"),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let behind_token_id = created["id"].as_str().unwrap().to_owned();
+
+    // The anonymous client, on each public port; with a wrong token where there is one.
+    let cases = [
+        (&on_its_own, &on_its_own_id, None, StatusCode::NOT_FOUND),
+        (
+            &behind_token,
+            &behind_token_id,
+            None,
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            &behind_token,
+            &behind_token_id,
+            Some("test-admin-token-0123456788"),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (&off, &on_its_own_id, None, StatusCode::NOT_FOUND),
+    ];
+    for (gateway, id, token, refused) in cases {
+        let one = gateway.url(&format!("/subscriptions/{id}"));
+        let list = gateway.url("/topics/news/subscriptions");
+        let attempts = [
+            (Method::GET, list.clone(), ""),
+            (Method::POST, list.clone(), ""),
+            (Method::GET, one.clone(), ""),
+            (Method::PATCH, one.clone(), r#"{"status":"suspended"}"#),
+            (Method::DELETE, one.clone(), ""),
+        ];
+        for (method, url, body) in attempts {
+            let (status, answer) = json_call_as(token, method.clone(), &url, body).await;
+            assert_eq!(status, refused, "{method} {url} with {token:?}: {answer}");
+            assert!(
+                !answer.to_string().contains(id.as_str()),
+                "no id in a refusal: {answer}"
+            );
+        }
+    }
+
+    // Nothing changed: still one subscription each, active; the admin listener lists it.
+    let (status, page) = json_call(Method::GET, &admin_url("/topics/news/subscriptions"), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["total"], 1, "{page}");
+    assert_eq!(page["items"][0]["id"], on_its_own_id.as_str());
+    assert_eq!(page["items"][0]["status"], "active");
+    let (_, page) = json_call_as(
+        Some(TOKEN),
+        Method::GET,
+        &behind_token.url("/topics/news/subscriptions"),
+        "",
+    )
+    .await;
+    assert_eq!(page["total"], 1, "{page}");
+    assert_eq!(page["items"][0]["status"], "active");
+    // The admin listener serves the API only, not the streams.
+    assert_eq!(
+        get(&admin_url("/topics/news"), &[]).await.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // With the id, reading works, anonymously; a made-up id reads nothing.
+    for (gateway, id) in [
+        (&on_its_own, &on_its_own_id),
+        (&behind_token, &behind_token_id),
+    ] {
+        let response = get(&gateway.url(&format!("/subscriptions/{id}/subscribe")), &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["sse-subscription"], id.as_str());
+        let mut reader = EventReader::new(response.into_body());
+        assert_eq!(read_ids(&mut reader, 2).await, ["1", "2"]);
+        let guessed = format!("/subscriptions/{}/subscribe", "0".repeat(32));
+        assert_eq!(
+            get(&gateway.url(&guessed), &[]).await.status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+}
+
+/// `--max-per-topic` and `--max-subscriptions` hold: creates beyond them answer `429`.
+#[tokio::test]
+async fn subscription_caps_are_flags() {
+    use http::Method;
+    let gateway = Gateway::start(&[
+        "--subscriptions",
+        "--admin-token",
+        TOKEN,
+        "--max-per-topic",
+        "1",
+        "--max-subscriptions",
+        "2",
+    ])
+    .await;
+    let create = |topic: &str| {
+        let url = gateway.url(&format!("/topics/{topic}/subscriptions"));
+        async move { json_call_as(Some(TOKEN), Method::POST, &url, "").await.0 }
+    };
+    assert_eq!(create("news").await, StatusCode::CREATED);
+    assert_eq!(
+        create("news").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "per topic"
+    );
+    assert_eq!(create("sport").await, StatusCode::CREATED);
+    assert_eq!(
+        create("weather").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "in all"
+    );
 }

@@ -315,7 +315,8 @@ async fn subscription_channels_refusals_and_closes_are_counted() {
             .unwrap();
         Ok::<_, Infallible>(response)
     });
-    let service = tower::Layer::layer(&Subscriptions::in_memory().layer(), topics);
+    // This test plays the operator too: the layer serves the API here.
+    let service = tower::Layer::layer(&Subscriptions::in_memory().layer().with_api(), topics);
     let call = |method: Method, uri: String, body: &'static str| {
         let request = Request::builder()
             .method(method)

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tower::ServiceBuilder;
 use tower_sse::replay::{
     Lookup, MemoryStore, ReadFrom, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
 };
-use tower_sse::subscriptions::{SubscriptionStore, Subscriptions};
+use tower_sse::subscriptions::{Caps, SubscriptionStore, Subscriptions};
 use tower_sse::wire::EventReader;
 
 use support::redis::RedisServer;
@@ -86,7 +87,8 @@ async fn ends(reader: &mut EventReader<Incoming>) {
     .expect("the stream ends in time");
 }
 
-/// A gateway instance: the subscriptions layer over replay over a proxy to the upstream.
+/// A gateway instance: the subscriptions layer, with the API (this test plays the operator),
+/// over replay over a proxy to the upstream.
 async fn instance<St, Sub>(
     upstream: SocketAddr,
     store: St,
@@ -97,7 +99,7 @@ where
     Sub: SubscriptionStore,
 {
     let stack = ServiceBuilder::new()
-        .layer(subscriptions.layer())
+        .layer(subscriptions.layer().with_api())
         .layer(ReplayLayer::with_store(store))
         .service(proxy(upstream));
     serve(stack).await
@@ -313,6 +315,7 @@ async fn lifecycle_across_two_instances_sharing_redis() {
 #[tokio::test]
 async fn the_redis_store_keeps_subscriptions_and_cursors() {
     use tower_sse::subscriptions::{Created, Status, Subscription};
+    let caps = caps(2);
     let Some(server) = RedisServer::start() else {
         return;
     };
@@ -322,14 +325,14 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
     let first = Subscription::new("news").cursor("7");
     let second = Subscription::new("news").disposable(true);
     assert_eq!(
-        store.create(first.clone(), 2).await.unwrap(),
+        store.create(first.clone(), caps).await.unwrap(),
         Created::Stored
     );
     assert_eq!(
-        store.create(second.clone(), 2).await.unwrap(),
+        store.create(second.clone(), caps).await.unwrap(),
         Created::Stored
     );
-    let full = store.create(Subscription::new("news"), 2).await.unwrap();
+    let full = store.create(Subscription::new("news"), caps).await.unwrap();
     assert_eq!(full, Created::Full);
 
     let got = store.get(&first.id).await.unwrap().unwrap();
@@ -371,14 +374,17 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
     until_async(|| async { store.list("news").await.unwrap().is_empty() }).await;
     assert_eq!(store.get(&first.id).await.unwrap(), None);
     // The topic has room again.
-    let again = store.create(Subscription::new("news"), 2).await.unwrap();
+    let again = store.create(Subscription::new("news"), caps).await.unwrap();
     assert_eq!(again, Created::Stored);
 
     // A disposable subscription expires unless its instance renews it (each status poll does);
-    // once expired (here: its key deleted, as Redis would), it frees its place in a full topic.
+    // once expired, it frees its place in a full topic.
+    let short = replay
+        .subscriptions()
+        .disposable_ttl(Duration::from_secs(1));
     let left = Subscription::new("news").disposable(true);
     assert_eq!(
-        store.create(left.clone(), 2).await.unwrap(),
+        short.create(left.clone(), caps).await.unwrap(),
         Created::Stored
     );
     let mut redis = redis::Client::open(server.url())
@@ -393,7 +399,7 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
         .await
         .unwrap();
     assert!(
-        (1..=60_000).contains(&ttl),
+        (1..=1_000).contains(&ttl),
         "a disposable subscription expires: {ttl}"
     );
     let provisioned: i64 = redis::cmd("PTTL")
@@ -402,22 +408,147 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
         .await
         .unwrap();
     assert_eq!(provisioned, -1, "a provisioned one does not");
-    store.statuses(vec![left.id.clone()]).await.unwrap();
+    short.statuses(vec![left.id.clone()]).await.unwrap();
     let renewed: i64 = redis::cmd("PTTL")
         .arg(&key)
         .query_async(&mut redis)
         .await
         .unwrap();
     assert!(renewed >= ttl, "a poll renews it");
-    let full = store.create(Subscription::new("news"), 2).await.unwrap();
+    let full = store.create(Subscription::new("news"), caps).await.unwrap();
     assert_eq!(full, Created::Full);
-    let _: () = redis::cmd("DEL")
+    let freed = Subscription::new("news");
+    until_async(|| async { store.create(freed.clone(), caps).await.unwrap() == Created::Stored })
+        .await;
+    let exists: i64 = redis::cmd("EXISTS")
         .arg(&key)
         .query_async(&mut redis)
         .await
         .unwrap();
-    let freed = store.create(Subscription::new("news"), 2).await.unwrap();
-    assert_eq!(freed, Created::Stored);
+    assert_eq!(
+        exists, 0,
+        "the place was freed when the subscription expired"
+    );
+}
+
+fn caps(per_topic: usize) -> Caps {
+    Caps {
+        per_topic,
+        total: 100_000,
+    }
+}
+
+/// The calls of every command Redis ran (scripts' commands included), from INFO commandstats.
+async fn command_calls(redis: &mut redis::aio::MultiplexedConnection) -> HashMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(redis)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// The store-wide cap holds in Redis, across instances and topics, disposable subscriptions
+/// included; a refused create costs Redis a few commands, however many subscriptions the topic
+/// holds (it used to check every id of a full topic, each time).
+#[tokio::test]
+async fn the_redis_caps_hold_and_a_refusal_is_cheap() {
+    use tower_sse::subscriptions::{Created, Subscription};
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let open = || {
+        let replay =
+            RedisStore::open(&server.url(), RedisConfig::default().prefix("caps:")).unwrap();
+        let store = replay.subscriptions();
+        async move {
+            assert!(replay.connected(GUARD).await);
+            store
+        }
+    };
+    let (a, b) = (open().await, open().await);
+    let caps = Caps {
+        per_topic: 300,
+        total: 310,
+    };
+    // 300 in "full" through A, half of them disposable.
+    for n in 0..300 {
+        let subscription = Subscription::new("full").disposable(n % 2 == 0);
+        assert_eq!(a.create(subscription, caps).await.unwrap(), Created::Stored);
+    }
+    // 10 more in other topics through B fill the store.
+    for n in 0..10 {
+        let subscription = Subscription::new(format!("t{n}"));
+        assert_eq!(b.create(subscription, caps).await.unwrap(), Created::Stored);
+    }
+    for store in [&a, &b] {
+        let beyond = store
+            .create(Subscription::new("other"), caps)
+            .await
+            .unwrap();
+        assert_eq!(beyond, Created::Full, "the store-wide cap holds");
+    }
+    assert!(b.get("0000").await.unwrap().is_none());
+    // A delete makes room, for any topic.
+    let listed = b.list("t3").await.unwrap();
+    assert!(b.delete(&listed[0].id).await.unwrap());
+    let room = b.create(Subscription::new("other"), caps).await.unwrap();
+    assert_eq!(room, Created::Stored);
+
+    let mut redis = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("caps:sub:*")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 310);
+
+    let before = command_calls(&mut redis).await;
+    const REFUSED: u64 = 100;
+    for _ in 0..REFUSED {
+        let refused = a.create(Subscription::new("full"), caps).await.unwrap();
+        assert_eq!(refused, Created::Full);
+    }
+    let after = command_calls(&mut redis).await;
+    let ran = |name: &str| after.get(name).unwrap_or(&0) - before.get(name).unwrap_or(&0);
+    // Commands the scripts ran: neither the connection's own nor INFO itself.
+    let inner: u64 = after
+        .keys()
+        .filter(|name| !matches!(name.as_str(), "eval" | "evalsha" | "script|load" | "info"))
+        .map(|name| ran(name))
+        .sum();
+    eprintln!(
+        "{REFUSED} refused creates of a topic of 300: {inner} commands inside the scripts \
+         (zcard {}, zremrangebyscore {}, exists {}, zrange {})",
+        ran("zcard"),
+        ran("zremrangebyscore"),
+        ran("exists"),
+        ran("zrange")
+    );
+    assert!(
+        ran("zcard") >= REFUSED,
+        "the commands of scripts are counted"
+    );
+    assert_eq!(ran("exists") + ran("zrange"), 0, "no scan of the topic");
+    assert!(
+        inner <= 4 * REFUSED,
+        "at most 4 commands per refusal, whatever the topic holds: {inner}"
+    );
 }
 
 /// The id of the one provisioned subscription of "news".

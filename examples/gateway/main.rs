@@ -11,6 +11,7 @@
 //! browser's `EventSource`. With `--upstream` every request is forwarded to that server, bodies
 //! streamed both ways, and event-stream responses get the tower-sse stack on the way back.
 
+mod admin;
 mod demo;
 mod limits;
 mod ops;
@@ -149,10 +150,11 @@ struct Args {
     )]
     redis_prefix: String,
 
-    /// Serve provisioned subscriptions: the API under `/subscriptions` and
-    /// `/topics/{topic}/subscriptions`, each subscription's stream at
+    /// Serve provisioned subscriptions: each subscription's stream at
     /// `/subscriptions/{id}/subscribe` resuming from its server-side cursor, and a disposable
     /// subscription for every plain request on a topic's stream path. In Redis with `--redis`.
+    /// The management API (`/topics/{topic}/subscriptions`, `/subscriptions/{id}`) is served
+    /// only with --admin-listen or --admin-token.
     #[arg(long)]
     subscriptions: bool,
 
@@ -184,6 +186,37 @@ struct Args {
     /// its connection too (0: off). Like nginx's `send_timeout`.
     #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = seconds)]
     send_timeout: f64,
+    /// Serve the subscriptions management API (create, list, get, suspend, reactivate, delete)
+    /// on a listener of its own at this address, for operators; the public port then never
+    /// serves it. Default: off (with neither this nor --admin-token, the API is not served).
+    #[arg(long, value_name = "ADDR", requires = "subscriptions")]
+    admin_listen: Option<SocketAddr>,
+
+    /// Require `Authorization: Bearer TOKEN` (compared in constant time; at least 16 visible
+    /// characters) on the management API; without --admin-listen, the API is then served on
+    /// the public port behind it (`401` without it). Default: none.
+    #[arg(long, value_name = "TOKEN", requires = "subscriptions", value_parser = admin::token)]
+    admin_token: Option<String>,
+
+    /// At most this many subscriptions in all (every topic and, with --redis, every instance
+    /// sharing the Redis; disposable ones included); creates beyond answer 429.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 100_000,
+        requires = "subscriptions"
+    )]
+    max_subscriptions: usize,
+
+    /// At most this many subscriptions per topic (disposable ones included); creates beyond
+    /// answer 429, plain readers beyond get their stream without one.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10_000,
+        requires = "subscriptions"
+    )]
+    max_per_topic: usize,
 
     /// Milliseconds between events of the demo stream.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
@@ -273,6 +306,29 @@ async fn serve_stack<S, B, St, Sub>(
         replay: store,
         subscriptions,
     } = stores;
+    let subscriptions = subscriptions.map(|subscriptions| {
+        subscriptions
+            .topic_path(&args.topic_path)
+            .max_per_topic(args.max_per_topic)
+            .max_subscriptions(args.max_subscriptions)
+    });
+    let limits = Limits {
+        header: positive(args.header_timeout),
+        body: positive(args.body_timeout),
+        send: positive(args.send_timeout),
+    };
+    let admin = match &subscriptions {
+        Some(subscriptions) => Some(
+            admin::Admin::start(
+                subscriptions,
+                args.admin_listen,
+                args.admin_token.as_deref(),
+                limits,
+            )
+            .await,
+        ),
+        None => None,
+    };
     // The hub records into the replay layer's store, so it keeps recording while it lingers.
     let service = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
@@ -290,9 +346,9 @@ async fn serve_stack<S, B, St, Sub>(
         ))
         .layer(Optional(positive(args.heartbeat).map(HeartbeatLayer::new)))
         .layer(lifetime)
-        .layer(Optional(subscriptions.map(|subscriptions| {
-            subscriptions.topic_path(&args.topic_path).layer()
-        })))
+        .layer(Optional(
+            subscriptions.map(|subscriptions| subscriptions.layer()),
+        ))
         .layer(Optional(store.clone().map(ReplayLayer::with_store)))
         .layer(Optional(args.fanout.then(|| {
             FanoutLayer::new()
@@ -306,11 +362,7 @@ async fn serve_stack<S, B, St, Sub>(
             positive(args.response_timeout).map(ResponseTimeoutLayer::new),
         ))
         .service(inner);
-    let limits = Limits {
-        header: positive(args.header_timeout),
-        body: positive(args.body_timeout),
-        send: positive(args.send_timeout),
-    };
+    let service = admin::Gate::new(service, admin);
     serve(listener, ops::Ops::new(service, metrics), shutdown, limits).await;
 }
 
@@ -374,8 +426,18 @@ async fn run<St: ReplayStore, Sub: SubscriptionStore>(
     println!("  metrics: http://{addr}/metrics   status stream: http://{addr}/status");
     if args.subscriptions {
         let example = args.topic_path.replace("{topic}", "news");
-        println!("  subscriptions: curl -X POST http://{addr}/topics/news/subscriptions");
-        println!("                 then curl -N http://{addr}/subscriptions/<id>/subscribe   (topic stream: {example})");
+        match (&args.admin_listen, &args.admin_token) {
+            (None, None) => println!(
+                "  subscriptions API: off; --admin-listen ADDR serves it on a listener of its own, \
+                 --admin-token TOKEN on this port behind the token"
+            ),
+            (None, Some(_)) => println!(
+                "  subscriptions API: curl -H 'Authorization: Bearer <admin token>' -X POST http://{addr}/topics/news/subscriptions"
+            ),
+            // The admin listener prints its address once it is bound.
+            (Some(_), _) => {}
+        }
+        println!("  read a subscription: curl -N http://{addr}/subscriptions/<id>/subscribe   (topic stream: {example})");
     }
     match &args.upstream {
         Some(upstream) => {

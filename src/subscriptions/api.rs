@@ -215,7 +215,7 @@ where
     }
     let store = subscriptions.store();
     match store
-        .create(subscription.clone(), subscriptions.config.max_per_topic)
+        .create(subscription.clone(), subscriptions.config.caps)
         .await
     {
         Ok(Created::Stored) => {}
@@ -223,7 +223,7 @@ where
             return Err(error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too-many-subscriptions",
-                "this topic has the maximum number of subscriptions",
+                "this topic, or the whole store, has the maximum number of subscriptions",
             ))
         }
         Err(failed) => return Err(unavailable(&failed)),

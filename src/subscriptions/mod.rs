@@ -6,31 +6,40 @@
 //! An operator can suspend it, which closes its open channels at an event boundary and refuses
 //! new ones until it is reactivated, and delete it.
 //!
-//! [`Subscriptions`] is the handle that holds the [`SubscriptionStore`] and the settings. It makes:
+//! [`Subscriptions`] is the handle that holds the [`SubscriptionStore`] and the settings. It
+//! makes two services, one for readers and one for whoever manages subscriptions:
 //!
-//! - [`SubscribeLayer`], which wraps the service that serves the topics' event streams and
-//!   answers, under its [`api_prefix`](Subscriptions::api_prefix):
+//! - [`SubscribeLayer`] ([`Subscriptions::layer`]) wraps the service that serves the topics'
+//!   event streams and serves readers, under its [`api_prefix`](Subscriptions::api_prefix):
 //!
 //!   | request | answer |
 //!   |---|---|
-//!   | `POST /topics/{topic}/subscriptions` (JSON body optional: `{"lastEventId": "42"}`) | `201`, `Location`, the subscription |
+//!   | `GET /subscriptions/{id}/subscribe` | the topic's event stream, resumed from the cursor; `404`; `409` when suspended |
+//!   | `GET` on a topic's own stream path ([`topic_path`](Subscriptions::topic_path), `/topics/{topic}` by default) | the stream, with a disposable subscription |
+//!
+//!   Every other request, the management routes below included, goes to the inner service
+//!   untouched (unless [`SubscribeLayer::with_api`] opts in to serving them here too).
+//!
+//! - [`SubscriptionApi`] ([`Subscriptions::api`]), the management API, a service to mount
+//!   behind your own authentication (see [below](#access)); it matches the last segments of the
+//!   path, so where it is mounted does not matter:
+//!
+//!   | request | answer |
+//!   |---|---|
+//!   | `POST /topics/{topic}/subscriptions` (JSON body optional: `{"lastEventId": "42"}`) | `201`, `Location`, the subscription; `429` when the topic or the store is full |
 //!   | `GET /topics/{topic}/subscriptions?limit=20&offset=0&sort=createdAt` | `200`, a page: `{"items": [...], "total", "offset", "limit", "sort"}`, `Link: <...>; rel="next"` |
 //!   | `GET /subscriptions/{id}` | `200`, the subscription; `404` |
 //!   | `PATCH /subscriptions/{id}` with `{"status": "suspended"}` or `{"status": "active"}` | `200`, the subscription; `404` |
 //!   | `DELETE /subscriptions/{id}` | `204`; `404` |
-//!   | `GET /subscriptions/{id}/subscribe` | the topic's event stream, resumed from the cursor; `404`; `409` when suspended |
-//!   | `GET` on a topic's own stream path ([`topic_path`](Subscriptions::topic_path), `/topics/{topic}` by default) | the stream, with a disposable subscription |
 //!
 //!   `sort` is `createdAt`, `id` or `status`, `-` first for descending; `limit` is 1 to 100.
 //!   A subscription in JSON: `{"id", "topic", "mode": "sse", "status": "active" | "suspended",
 //!   "disposable", "createdAt" (RFC 3339), "lastEventId" (the cursor, or null), "subscribe"
-//!   (its stream's path)}`. Errors are `{"error": "<code>", "message": "..."}`.
+//!   (its stream's path, under the `api_prefix`)}`. Errors are
+//!   `{"error": "<code>", "message": "..."}`.
 //!
-//!   Every other request goes to the inner service untouched.
-//!
-//! - [`SubscriptionApi`], the same management API as a service of its own, to mount in an axum
-//!   `Router` (or any router) wherever it should live; it matches the last segments of the path,
-//!   so a prefix does not matter.
+//! Make both from the same handle (or clones of it): a suspension or deletion through the API
+//! then closes the layer's open channels at once.
 //!
 //! # Consuming a subscription
 //!
@@ -64,10 +73,23 @@
 //!
 //! # Access
 //!
-//! The module authenticates nobody. Put an authentication layer in front of it (below), and
-//! note that a subscription can only be consumed through its own id: 128 random bits that only
-//! its creator learns. Keep the management routes away from readers if only operators may list,
-//! suspend or delete.
+//! The module authenticates nobody. Reading a subscription needs its id: 128 bits from the
+//! operating system's CSPRNG that only whoever created it learns (the API's answer to the
+//! create) — an id is the capability to read it. The management API hands ids out (a list
+//! shows every id of a topic, the disposable ones of plain readers included) and can suspend
+//! or delete any subscription: mount it only behind authentication, for operators, as in the
+//! [example below](#the-management-api-behind-authentication), or on a listener of its own
+//! that readers cannot reach. [`Subscriptions::is_api_path`] tells its routes apart for a
+//! router of your own.
+//!
+//! # Caps
+//!
+//! At most [`max_per_topic`](Subscriptions::max_per_topic) subscriptions per topic (10,000)
+//! and [`max_subscriptions`](Subscriptions::max_subscriptions) in the whole store (100,000,
+//! all instances of a shared store together); disposable ones count while their channel is
+//! open. Beyond them a create answers `429` and a plain reader gets its stream without a
+//! disposable subscription. A refusal costs the store a constant amount of work (in Redis, a
+//! few commands, however full the topic), so a flood of creates cannot slow the store down.
 //!
 //! # Stores
 //!
@@ -101,11 +123,14 @@
 //!     Ok::<_, std::convert::Infallible>(response)
 //! });
 //! let subscriptions = Subscriptions::in_memory();
+//! // For readers, in front of the topics.
 //! let service = subscriptions.layer().layer(topics);
+//! // For operators only (mount it behind authentication).
+//! let api = subscriptions.api();
 //!
 //! // Provision a subscription to "news".
-//! let create = Request::post("/topics/news/subscriptions").body(Full::default()).unwrap();
-//! let created = service.clone().oneshot(create).await.unwrap();
+//! let create = Request::post("/topics/news/subscriptions").body(Full::<bytes::Bytes>::default()).unwrap();
+//! let created = api.clone().oneshot(create).await.unwrap();
 //! assert_eq!(created.status(), StatusCode::CREATED);
 //! let json = created.into_body().collect().await.unwrap().to_bytes();
 //! let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
@@ -126,18 +151,24 @@
 //! let suspend = Request::builder()
 //!     .method(Method::PATCH)
 //!     .uri(format!("/subscriptions/{id}"))
-//!     .body(Full::from(r#"{"status":"suspended"}"#))
+//!     .body(Full::<bytes::Bytes>::from(r#"{"status":"suspended"}"#))
 //!     .unwrap();
-//! assert_eq!(service.clone().oneshot(suspend).await.unwrap().status(), StatusCode::OK);
+//! assert_eq!(api.oneshot(suspend).await.unwrap().status(), StatusCode::OK);
 //! let refused = Request::get(&subscribe).body(Full::default()).unwrap();
-//! assert_eq!(service.oneshot(refused).await.unwrap().status(), StatusCode::CONFLICT);
+//! assert_eq!(service.clone().oneshot(refused).await.unwrap().status(), StatusCode::CONFLICT);
+//!
+//! // The readers' service does not manage subscriptions: a list goes to the topics' service
+//! // (which here answers any path with events), not to the API.
+//! let anonymous = Request::get("/topics/news/subscriptions").body(Full::default()).unwrap();
+//! let answer = service.oneshot(anonymous).await.unwrap();
+//! assert_eq!(answer.headers()[header::CONTENT_TYPE], "text/event-stream");
 //! # }
 //! ```
 //!
-//! # Authentication in front
+//! # The management API behind authentication
 //!
-//! Any tower layer that answers `401` before the request reaches the module will do; here with
-//! axum's `from_fn` middleware and a bearer token:
+//! Any tower layer that answers `401` before the request reaches the API will do; here an axum
+//! router serves readers in the open and the API under `/admin`, behind a bearer token:
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -145,30 +176,44 @@
 //! use axum::extract::Request;
 //! use axum::middleware::{self, Next};
 //! use axum::response::{IntoResponse, Response};
+//! use axum::Router;
 //! use http::StatusCode;
 //! use tower::ServiceExt;
 //! use tower_layer::Layer;
 //! use tower_sse::subscriptions::Subscriptions;
 //!
-//! async fn bearer(request: Request, next: Next) -> Response {
+//! async fn operators_only(request: Request, next: Next) -> Response {
+//!     // Compare in constant time in real code (the token is a secret).
 //!     match request.headers().get("authorization") {
 //!         Some(value) if value == "Bearer s3cret" => next.run(request).await,
 //!         _ => StatusCode::UNAUTHORIZED.into_response(),
 //!     }
 //! }
 //!
-//! let topics = axum::Router::new().route("/topics/{topic}", axum::routing::get(|| async { "..." }));
-//! let app = axum::Router::new()
-//!     .fallback_service(Subscriptions::in_memory().layer().layer(topics))
-//!     .layer(middleware::from_fn(bearer));
+//! let subscriptions = Subscriptions::in_memory().api_prefix("/admin");
+//! let topics = Router::new().route("/topics/{topic}", axum::routing::get(|| async { "..." }));
+//! let admin = Router::new()
+//!     .route_service("/admin/topics/{topic}/subscriptions", subscriptions.api())
+//!     .route_service("/admin/subscriptions/{id}", subscriptions.api())
+//!     .layer(middleware::from_fn(operators_only));
+//! let app = admin.fallback_service(subscriptions.layer().layer(topics));
 //!
-//! let anonymous = http::Request::post("/topics/news/subscriptions").body(axum::body::Body::empty()).unwrap();
-//! assert_eq!(app.clone().oneshot(anonymous).await.unwrap().status(), StatusCode::UNAUTHORIZED);
-//! let operator = http::Request::post("/topics/news/subscriptions")
-//!     .header("authorization", "Bearer s3cret")
-//!     .body(axum::body::Body::empty())
-//!     .unwrap();
-//! assert_eq!(app.oneshot(operator).await.unwrap().status(), StatusCode::CREATED);
+//! let create = |token: Option<&str>| {
+//!     let mut request = http::Request::post("/admin/topics/news/subscriptions");
+//!     if let Some(token) = token {
+//!         request = request.header("authorization", format!("Bearer {token}"));
+//!     }
+//!     request.body(axum::body::Body::empty()).unwrap()
+//! };
+//! assert_eq!(app.clone().oneshot(create(None)).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(app.clone().oneshot(create(Some("guess"))).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+//! let created = app.clone().oneshot(create(Some("s3cret"))).await.unwrap();
+//! assert_eq!(created.status(), StatusCode::CREATED);
+//!
+//! // Readers need no token, only the subscription's id.
+//! let location = created.headers()["location"].to_str().unwrap();
+//! let read = http::Request::get(format!("{location}/subscribe")).body(axum::body::Body::empty()).unwrap();
+//! assert_eq!(app.oneshot(read).await.unwrap().status(), StatusCode::OK);
 //! # }
 //! ```
 
@@ -191,7 +236,8 @@ pub use body::SubscriptionBody;
 pub use redis::RedisSubscriptions;
 pub use service::{ResponseFuture, Subscribe, SubscribeLayer};
 pub use store::{
-    Created, MemorySubscriptions, Status, StoreError, StoreFuture, Subscription, SubscriptionStore,
+    Caps, Created, MemorySubscriptions, Status, StoreError, StoreFuture, Subscription,
+    SubscriptionStore,
 };
 
 use channels::Channels;
@@ -214,7 +260,7 @@ struct Config {
     topic_path: TopicPath,
     api_prefix: String,
     disposable: bool,
-    max_per_topic: usize,
+    caps: Caps,
     poll_interval: Duration,
 }
 
@@ -240,8 +286,8 @@ impl<St: SubscriptionStore> Subscriptions<St> {
     pub const DEFAULT_TOPIC_PATH: &'static str = "/topics/{topic}";
 
     /// Subscriptions kept in `store`, with topics at `/topics/{topic}`, the API at the root,
-    /// disposable subscriptions on, at most 10,000 subscriptions per topic, and a shared store
-    /// polled every second.
+    /// disposable subscriptions on, at most 10,000 subscriptions per topic and 100,000 in all,
+    /// and a shared store polled every second.
     pub fn new(store: St) -> Self {
         Self {
             sink: Arc::new(store.clone()),
@@ -251,7 +297,10 @@ impl<St: SubscriptionStore> Subscriptions<St> {
                     .expect("the default template is valid"),
                 api_prefix: String::new(),
                 disposable: true,
-                max_per_topic: 10_000,
+                caps: Caps {
+                    per_topic: 10_000,
+                    total: 100_000,
+                },
                 poll_interval: Duration::from_secs(1),
             }),
             channels: Arc::default(),
@@ -288,9 +337,20 @@ impl<St: SubscriptionStore> Subscriptions<St> {
         self
     }
 
-    /// Refuses to create more than `max` subscriptions per topic (default 10,000) with `429`.
+    /// Refuses to create more than `max` subscriptions per topic (default 10,000): the API
+    /// answers `429`, a plain reader gets its stream without a disposable subscription.
+    /// Disposable subscriptions count while their channel is open.
     pub fn max_per_topic(mut self, max: usize) -> Self {
-        self.config_mut().max_per_topic = max;
+        self.config_mut().caps.per_topic = max;
+        self
+    }
+
+    /// Refuses to create more than `max` subscriptions in the whole store, every topic (and,
+    /// in a shared store, every instance) together (default 100,000), as
+    /// [`max_per_topic`](Self::max_per_topic) does. It bounds the memory of the in-memory
+    /// store and the keys of a shared one.
+    pub fn max_subscriptions(mut self, max: usize) -> Self {
+        self.config_mut().caps.total = max;
         self
     }
 
@@ -302,15 +362,28 @@ impl<St: SubscriptionStore> Subscriptions<St> {
         self
     }
 
-    /// The layer that serves the API, the subscribe paths and the disposable subscriptions in
-    /// front of the topics' service.
+    /// The layer for readers: the subscribe paths and the disposable subscriptions, in front
+    /// of the topics' service. It does not serve the management API (see
+    /// [`SubscribeLayer::with_api`]).
     pub fn layer(&self) -> SubscribeLayer<St> {
         SubscribeLayer::new(self.clone())
     }
 
-    /// The management API alone, as a service to mount in a router.
+    /// The management API (create, list, get, suspend and reactivate, delete), as a service to
+    /// mount behind your own authentication.
     pub fn api(&self) -> SubscriptionApi<St> {
         SubscriptionApi::new(self.clone())
+    }
+
+    /// Whether `path` is a route of the management API under the
+    /// [`api_prefix`](Self::api_prefix) (`.../topics/{topic}/subscriptions`,
+    /// `.../subscriptions/{id}`; not a subscribe path): for a router of your own that sends
+    /// these to [`api`](Self::api) behind its authentication and the rest to the readers.
+    pub fn is_api_path(&self, path: &str) -> bool {
+        matches!(
+            Route::under(&self.config.api_prefix, path),
+            Some(Route::Subscription(_) | Route::TopicSubscriptions(_))
+        )
     }
 
     /// The store.

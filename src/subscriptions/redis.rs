@@ -10,22 +10,35 @@ use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 
-use super::store::{Created, Status, StoreError, StoreFuture, Subscription, SubscriptionStore};
+use super::store::{
+    Caps, Created, Status, StoreError, StoreFuture, Subscription, SubscriptionStore,
+};
 use crate::replay::{timed, RedisStore};
 
-/// Stores a subscription unless its topic is full; a disposable one expires unless its
-/// channel's instance keeps renewing it, so a crashed instance leaves nothing for long. A topic
-/// that looks full first forgets the ids whose subscriptions expired.
+/// Redis's clock in milliseconds, in a script.
+const NOW: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+";
+
+/// Stores a subscription unless its topic or the store is full. Both indexes score an id by
+/// when it expires (`+inf` for a provisioned one): a disposable one expires unless its
+/// channel's instance keeps renewing it, so a crashed instance leaves nothing for long. Before
+/// counting, the ids whose time passed leave the indexes: each id once, so a refusal costs a
+/// constant number of commands (no scan of the topic).
 const CREATE: &str = r"
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then
-  for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    if redis.call('EXISTS', ARGV[9] .. id) == 0 then redis.call('ZREM', KEYS[2], id) end
-  end
-  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
-end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[9]) then return 0 end
 redis.call('HSET', KEYS[1], 'topic', ARGV[2], 'status', ARGV[3], 'disposable', ARGV[4], 'created', ARGV[5], 'cursor', ARGV[6])
-if tonumber(ARGV[8]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[7])
+local expires = '+inf'
+if tonumber(ARGV[8]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  expires = now + tonumber(ARGV[8])
+end
+redis.call('ZADD', KEYS[2], expires, ARGV[7])
+redis.call('ZADD', KEYS[3], expires, ARGV[7])
 return 1
 ";
 
@@ -36,12 +49,13 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1])
 return redis.call('HGETALL', KEYS[1])
 ";
 
-/// Deletes a subscription and its place in its topic's index; 1 if it existed.
+/// Deletes a subscription and its place in the indexes; 1 if it existed.
 const DELETE: &str = r"
 local topic = redis.call('HGET', KEYS[1], 'topic')
 if not topic then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('ZREM', ARGV[1] .. topic .. ':subs', ARGV[2])
+redis.call('ZREM', ARGV[1] .. topic .. ':live', ARGV[2])
+redis.call('ZREM', ARGV[3], ARGV[2])
 return 1
 ";
 
@@ -51,11 +65,15 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'cursor',
 return 0
 ";
 
-/// The status of a subscription, renewing a disposable one's expiry.
+/// The status of a subscription, renewing a disposable one's expiry (its key's and its
+/// place in the indexes).
 const STATUS: &str = r"
 local status = redis.call('HGET', KEYS[1], 'status')
 if status and redis.call('HGET', KEYS[1], 'disposable') == '1' then
+  local expires = now + tonumber(ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  redis.call('ZADD', ARGV[2] .. redis.call('HGET', KEYS[1], 'topic') .. ':live', expires, ARGV[4])
+  redis.call('ZADD', ARGV[3], expires, ARGV[4])
 end
 return status
 ";
@@ -65,8 +83,10 @@ return status
 /// replay history, so any instance can serve, suspend or delete any subscription.
 ///
 /// Per subscription, a hash `<prefix>sub:<id>` (topic, status, disposable, created, cursor);
-/// per topic, a sorted set `<prefix>topic:<topic>:subs` of its ids by creation time. Topics and
-/// ids are validated before they reach a key name. Cursor moves and the removal of closed
+/// per topic, a sorted set `<prefix>topic:<topic>:live` of its ids, and for the whole store
+/// `<prefix>subs:live` of all ids, each scored by when the subscription expires (`+inf` for a
+/// provisioned one), so the caps are counted in O(1) and a refused create costs a constant
+/// number of commands. Topics and ids are validated before they reach a key name. Cursor moves and the removal of closed
 /// disposable subscriptions are coalesced in memory (one pending cursor per subscription) and
 /// written in pipelined batches by a background task, so a channel never waits for Redis.
 /// Disposable subscriptions expire after [`disposable_ttl`](Self::disposable_ttl) unless the
@@ -135,7 +155,12 @@ impl RedisSubscriptions {
     }
 
     fn topic_key(&self, topic: &str) -> String {
-        format!("{}{}:subs", self.topic_prefix(), topic)
+        format!("{}{}:live", self.topic_prefix(), topic)
+    }
+
+    /// The index of every subscription of the store.
+    fn all_key(&self) -> String {
+        format!("{}subs:live", self.shared.store.config().prefix)
     }
 
     fn topic_prefix(&self) -> String {
@@ -201,7 +226,7 @@ fn failed(error: redis::RedisError) -> StoreError {
 }
 
 impl SubscriptionStore for RedisSubscriptions {
-    fn create(&self, subscription: Subscription, max_per_topic: usize) -> StoreFuture<Created> {
+    fn create(&self, subscription: Subscription, caps: Caps) -> StoreFuture<Created> {
         let this = self.clone();
         Box::pin(async move {
             let mut connection = this.connection()?;
@@ -210,10 +235,11 @@ impl SubscriptionStore for RedisSubscriptions {
             } else {
                 0
             };
-            let script = redis::Script::new(CREATE);
+            let script = redis::Script::new(&[NOW, CREATE].concat());
             let mut call = script.key(this.subscription_key(&subscription.id));
             call.key(this.topic_key(&subscription.topic))
-                .arg(max_per_topic)
+                .key(this.all_key())
+                .arg(caps.per_topic)
                 .arg(&subscription.topic)
                 .arg(subscription.status.as_str())
                 .arg(if subscription.disposable { "1" } else { "0" })
@@ -221,7 +247,7 @@ impl SubscriptionStore for RedisSubscriptions {
                 .arg(&subscription.cursor[..])
                 .arg(&subscription.id)
                 .arg(ttl)
-                .arg(this.subscription_key(""));
+                .arg(caps.total);
             let stored: i64 = timed(this.timeout(), call.invoke_async(&mut connection))
                 .await
                 .map_err(failed)?;
@@ -278,6 +304,7 @@ impl SubscriptionStore for RedisSubscriptions {
                     // A disposable subscription whose instance went away expired.
                     None => {
                         expired.cmd("ZREM").arg(&index).arg(id).ignore();
+                        expired.cmd("ZREM").arg(this.all_key()).arg(id).ignore();
                     }
                 }
             }
@@ -312,7 +339,7 @@ impl SubscriptionStore for RedisSubscriptions {
             let mut connection = this.connection()?;
             let script = redis::Script::new(DELETE);
             let mut call = script.key(this.subscription_key(&id));
-            call.arg(this.topic_prefix()).arg(&id);
+            call.arg(this.topic_prefix()).arg(&id).arg(this.all_key());
             let deleted: i64 = timed(this.timeout(), call.invoke_async(&mut connection))
                 .await
                 .map_err(failed)?;
@@ -335,13 +362,18 @@ impl SubscriptionStore for RedisSubscriptions {
         Box::pin(async move {
             let mut connection = this.connection()?;
             let ttl = this.disposable_ttl.as_millis() as u64;
+            let (topic_prefix, all) = (this.topic_prefix(), this.all_key());
+            let script = [NOW, STATUS].concat();
             let mut pipe = redis::pipe();
             for id in &ids {
                 pipe.cmd("EVAL")
-                    .arg(STATUS)
+                    .arg(&script)
                     .arg(1)
                     .arg(this.subscription_key(id))
-                    .arg(ttl);
+                    .arg(ttl)
+                    .arg(&topic_prefix)
+                    .arg(&all)
+                    .arg(id);
             }
             let statuses: Vec<Option<String>> =
                 timed(this.timeout(), pipe.query_async(&mut connection))
@@ -388,7 +420,7 @@ async fn write_pending(shared: Weak<Shared>, wake: Arc<Notify>) {
                 .arg(&cursor[..])
                 .ignore();
         }
-        let topic_prefix = store.topic_prefix();
+        let (topic_prefix, all) = (store.topic_prefix(), store.all_key());
         for id in &removals {
             pipe.cmd("EVAL")
                 .arg(DELETE)
@@ -396,6 +428,7 @@ async fn write_pending(shared: Weak<Shared>, wake: Arc<Notify>) {
                 .arg(store.subscription_key(id))
                 .arg(&topic_prefix)
                 .arg(id)
+                .arg(&all)
                 .ignore();
         }
         if let Err(error) = timed(store.timeout(), pipe.query_async::<()>(&mut connection)).await {

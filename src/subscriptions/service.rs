@@ -1,5 +1,5 @@
-//! [`SubscribeLayer`]: the API, the subscribe paths and disposable subscriptions in front of
-//! the topics' service.
+//! [`SubscribeLayer`]: the subscribe paths and disposable subscriptions (and, when asked, the
+//! API) in front of the topics' service.
 
 use std::fmt;
 use std::future::Future;
@@ -25,26 +25,42 @@ use crate::BoxError;
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 const SUBSCRIPTION: HeaderName = HeaderName::from_static("sse-subscription");
 
-/// Serves the subscriptions API, the subscribe paths and disposable subscriptions in front of
-/// the service that serves the topics' streams; made by [`Subscriptions::layer`]. See the
+/// Serves the subscribe paths and disposable subscriptions in front of the service that serves
+/// the topics' streams; made by [`Subscriptions::layer`]. The management API goes to the inner
+/// service untouched unless [`with_api`](Self::with_api) says otherwise. See the
 /// [module docs](super).
 #[derive(Clone)]
 pub struct SubscribeLayer<St> {
     subscriptions: Subscriptions<St>,
+    api: bool,
 }
 
 impl<St: fmt::Debug> fmt::Debug for SubscribeLayer<St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SubscribeLayer")
             .field("subscriptions", &self.subscriptions)
+            .field("api", &self.api)
             .finish()
     }
 }
 
 impl<St> SubscribeLayer<St> {
-    /// The layer of `subscriptions` (the same as [`Subscriptions::layer`]).
+    /// The layer of `subscriptions` (the same as [`Subscriptions::layer`]): readers only.
     pub fn new(subscriptions: Subscriptions<St>) -> Self {
-        Self { subscriptions }
+        Self {
+            subscriptions,
+            api: false,
+        }
+    }
+
+    /// Serves the management API here too (create, list, get, suspend and reactivate,
+    /// delete), under the [`api_prefix`](Subscriptions::api_prefix). Only for a service that
+    /// only operators reach (everything in front of it authenticates them): whoever reaches
+    /// the API can list every id, read any subscription and suspend or delete it. Otherwise
+    /// mount [`Subscriptions::api`] behind your authentication.
+    pub fn with_api(mut self) -> Self {
+        self.api = true;
+        self
     }
 }
 
@@ -55,6 +71,7 @@ impl<S, St: Clone> Layer<S> for SubscribeLayer<St> {
         Subscribe {
             inner,
             subscriptions: self.subscriptions.clone(),
+            api: self.api,
         }
     }
 }
@@ -64,6 +81,7 @@ impl<S, St: Clone> Layer<S> for SubscribeLayer<St> {
 pub struct Subscribe<S, St> {
     inner: S,
     subscriptions: Subscriptions<St>,
+    api: bool,
 }
 
 impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Subscribe<S, St> {
@@ -71,6 +89,7 @@ impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Subscribe<S, St> {
         f.debug_struct("Subscribe")
             .field("inner", &self.inner)
             .field("subscriptions", &self.subscriptions)
+            .field("api", &self.api)
             .finish()
     }
 }
@@ -122,8 +141,12 @@ where
                     answer: Some(refused),
                 }
             }
-            Some(route) => State::Api {
+            Some(route) if self.api => State::Api {
                 future: Box::pin(api::answer(subscriptions, route, request)),
+            },
+            Some(_) => State::Calling {
+                future: self.inner.call(request),
+                channel: None,
             },
             None => match config.topic_path.topic(path) {
                 Some(topic) if reading && config.disposable => {
@@ -223,9 +246,9 @@ async fn open_disposable<St: SubscriptionStore, ReqBody>(
     subscriptions
         .channels
         .watch(subscriptions.store(), subscriptions.config.poll_interval);
-    let max = subscriptions.config.max_per_topic;
+    let caps = subscriptions.config.caps;
     let id = subscription.id.clone();
-    match subscriptions.store().create(subscription, max).await {
+    match subscriptions.store().create(subscription, caps).await {
         Ok(Created::Stored) => {
             telemetry::subscription_channel("disposable", &id);
             Ok((

@@ -91,20 +91,22 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |since| since.as_millis() as u64)
 }
 
-/// 128 bits in hex, from two SipHash keys that std draws from the operating system's randomness.
-/// Unguessable for a client that sees its own ids: the keys never leave the process.
+/// 128 bits from the operating system's CSPRNG, in hex: a subscription's id is the bearer
+/// capability to read it, so it must not be guessable from other ids or from the time.
+///
+/// # Panics
+///
+/// When the operating system has no randomness to give (`getrandom` fails), rather than hand
+/// out a guessable id.
 fn new_id() -> String {
-    use std::collections::hash_map::RandomState;
-    use std::hash::BuildHasher;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-    let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_nanos());
-    let high = RandomState::new().hash_one((n, nanos, 0u8));
-    let low = RandomState::new().hash_one((n, nanos, 1u8));
-    format!("{high:016x}{low:016x}")
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the operating system's random number generator failed");
+    let mut id = String::with_capacity(32);
+    for byte in bytes {
+        use std::fmt::Write;
+        let _ = write!(id, "{byte:02x}");
+    }
+    id
 }
 
 /// What [`SubscriptionStore::create`] did.
@@ -116,6 +118,17 @@ pub enum Created {
     Full,
 }
 
+/// The bounds a store holds to when it creates a subscription, from
+/// [`Subscriptions::max_per_topic`](super::Subscriptions::max_per_topic) and
+/// [`Subscriptions::max_subscriptions`](super::Subscriptions::max_subscriptions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// At most this many subscriptions of one topic.
+    pub per_topic: usize,
+    /// At most this many subscriptions in the whole store, every topic and instance together.
+    pub total: usize,
+}
+
 /// The future of a store operation.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
 
@@ -125,8 +138,11 @@ pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + S
 /// and the removal of a closed disposable subscription are not: a channel never waits for the
 /// store, so a networked store queues them and writes in the background.
 pub trait SubscriptionStore: Clone + Send + Sync + 'static {
-    /// Stores `subscription`, unless its topic already has `max_per_topic` subscriptions.
-    fn create(&self, subscription: Subscription, max_per_topic: usize) -> StoreFuture<Created>;
+    /// Stores `subscription`, unless its topic already holds `caps.per_topic` subscriptions or
+    /// the store `caps.total` ([`Created::Full`]). Disposable subscriptions count while they
+    /// exist. A refusal should cost the store a constant amount of work, however many
+    /// subscriptions it holds: it is what a flood of creates costs.
+    fn create(&self, subscription: Subscription, caps: Caps) -> StoreFuture<Created>;
 
     /// The subscription `id`, if it exists.
     fn get(&self, id: &str) -> StoreFuture<Option<Subscription>>;
@@ -166,11 +182,10 @@ pub trait SubscriptionStore: Clone + Send + Sync + 'static {
     }
 }
 
-/// Bounds of a [`MemorySubscriptions`].
-const DEFAULT_MAX_TOTAL: usize = 100_000;
-
-/// Subscriptions in this process's memory: the default store. Bounded in number
-/// ([`max_total`](MemorySubscriptions::max_total), 100,000 by default); lost on restart.
+/// Subscriptions in this process's memory: the default store. Bounded in number by the
+/// [`Caps`] of each create (100,000 in all by default, see
+/// [`Subscriptions::max_subscriptions`](super::Subscriptions::max_subscriptions)) and by its own
+/// [`max_total`](MemorySubscriptions::max_total) if set; lost on restart.
 #[derive(Clone, Default)]
 pub struct MemorySubscriptions {
     shared: Arc<Mutex<Memory>>,
@@ -198,8 +213,8 @@ impl MemorySubscriptions {
         Self::default()
     }
 
-    /// Refuses new subscriptions beyond `max` in all (default 100,000), as if their topic were
-    /// full.
+    /// Refuses new subscriptions beyond `max` in all, whatever the caps of a create say
+    /// (default: no bound of its own).
     pub fn max_total(self, max: usize) -> Self {
         self.lock().max_total = Some(max);
         self
@@ -243,11 +258,13 @@ fn done<T: Send + 'static>(value: T) -> StoreFuture<T> {
 }
 
 impl SubscriptionStore for MemorySubscriptions {
-    fn create(&self, subscription: Subscription, max_per_topic: usize) -> StoreFuture<Created> {
+    fn create(&self, subscription: Subscription, caps: Caps) -> StoreFuture<Created> {
         let mut memory = self.lock();
         let in_topic = memory.by_topic.get(&subscription.topic).map_or(0, Vec::len);
-        let max_total = memory.max_total.unwrap_or(DEFAULT_MAX_TOTAL);
-        if in_topic >= max_per_topic || memory.by_id.len() >= max_total {
+        let max_total = memory
+            .max_total
+            .map_or(caps.total, |own| own.min(caps.total));
+        if in_topic >= caps.per_topic || memory.by_id.len() >= max_total {
             return done(Created::Full);
         }
         memory
@@ -308,7 +325,10 @@ mod tests {
         let b = Subscription::new("news");
         let c = Subscription::new("sport");
         for s in [&a, &b, &c] {
-            assert_eq!(store.create(s.clone(), 10).await.unwrap(), Created::Stored);
+            assert_eq!(
+                store.create(s.clone(), caps(10)).await.unwrap(),
+                Created::Stored
+            );
         }
         assert_eq!(store.list("news").await.unwrap().len(), 2);
         assert_eq!(store.list("none").await.unwrap().len(), 0);
@@ -333,19 +353,57 @@ mod tests {
         assert_eq!(store.len(), 1);
     }
 
+    fn caps(per_topic: usize) -> Caps {
+        Caps {
+            per_topic,
+            total: usize::MAX,
+        }
+    }
+
     #[tokio::test]
     async fn topics_and_the_store_are_bounded() {
         let store = MemorySubscriptions::new().max_total(3);
         for _ in 0..2 {
-            let created = store.create(Subscription::new("a"), 2).await.unwrap();
+            let created = store.create(Subscription::new("a"), caps(2)).await.unwrap();
             assert_eq!(created, Created::Stored);
         }
-        let third = store.create(Subscription::new("a"), 2).await.unwrap();
+        let third = store.create(Subscription::new("a"), caps(2)).await.unwrap();
         assert_eq!(third, Created::Full);
-        let other = store.create(Subscription::new("b"), 2).await.unwrap();
+        let other = store.create(Subscription::new("b"), caps(2)).await.unwrap();
         assert_eq!(other, Created::Stored);
-        let beyond = store.create(Subscription::new("c"), 2).await.unwrap();
+        let beyond = store.create(Subscription::new("c"), caps(2)).await.unwrap();
         assert_eq!(beyond, Created::Full);
+    }
+
+    #[tokio::test]
+    async fn the_total_cap_of_a_create_holds() {
+        let store = MemorySubscriptions::new();
+        let caps = Caps {
+            per_topic: 10,
+            total: 3,
+        };
+        for topic in ["a", "b", "c"] {
+            let created = store.create(Subscription::new(topic), caps).await.unwrap();
+            assert_eq!(created, Created::Stored);
+        }
+        let beyond = store.create(Subscription::new("d"), caps).await.unwrap();
+        assert_eq!(beyond, Created::Full);
+        assert_eq!(store.len(), 3);
+    }
+
+    /// 128 bits from the CSPRNG: every bit position varies, about half the time.
+    #[test]
+    fn ids_are_128_random_bits() {
+        let ids: Vec<u128> = (0..4_096)
+            .map(|_| u128::from_str_radix(&new_id(), 16).unwrap())
+            .collect();
+        for bit in 0..128 {
+            let ones = ids.iter().filter(|id| *id >> bit & 1 == 1).count();
+            assert!(
+                (1_648..=2_448).contains(&ones),
+                "bit {bit}: {ones} of 4,096"
+            );
+        }
     }
 
     #[test]

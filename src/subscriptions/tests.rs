@@ -127,7 +127,7 @@ fn last_seen(seen: &Seen) -> (String, Option<String>) {
 async fn create_get_list_patch_delete() {
     let (_senders, _seen, topics) = topics();
     let subscriptions = Subscriptions::in_memory().max_per_topic(6);
-    let service = subscriptions.layer().layer(topics);
+    let service = subscriptions.layer().with_api().layer(topics);
 
     let response = service
         .clone()
@@ -202,10 +202,99 @@ async fn create_get_list_patch_delete() {
     assert!(subscriptions.store().is_empty());
 }
 
+/// The layer serves readers: the management routes go to the inner service untouched (here a
+/// `404`), so an anonymous client can neither create, list, get, suspend nor delete; only the
+/// API (mounted behind authentication) or an explicit `with_api` serves them.
+#[tokio::test]
+async fn the_layer_serves_readers_only_unless_told_otherwise() {
+    let (mut senders, seen, topics) = topics();
+    let subscriptions = Subscriptions::in_memory();
+    let service = subscriptions.layer().layer(topics.clone());
+    let api = subscriptions.api();
+    let id = create(&api, "news").await;
+    let one = format!("/subscriptions/{id}");
+    let no_topic = json!({"error": "no topic"});
+
+    let anonymous = [
+        request(Method::POST, "/topics/news/subscriptions", ""),
+        request(Method::GET, "/topics/news/subscriptions", ""),
+        request(Method::GET, &one, ""),
+        request(Method::PATCH, &one, r#"{"status":"suspended"}"#),
+        request(Method::DELETE, &one, ""),
+    ];
+    for refused in anonymous {
+        let (method, path) = (refused.method().clone(), refused.uri().path().to_owned());
+        let (status, body) = call(&service, refused).await;
+        assert_eq!(
+            (status, &body),
+            (StatusCode::NOT_FOUND, &no_topic),
+            "{method} {path}"
+        );
+        assert_eq!(
+            last_seen(&seen).0,
+            path,
+            "{method} {path} went to the inner service"
+        );
+    }
+    assert_eq!(subscriptions.store().len(), 1, "nothing created or deleted");
+    let stored = subscriptions.store().get(&id).await.unwrap().unwrap();
+    assert_eq!(stored.status, Status::Active, "not suspended");
+
+    // Reading needs the id, and works.
+    let read = get(&service, &format!("/subscriptions/{id}/subscribe")).await;
+    assert_eq!(read.status(), StatusCode::OK);
+    assert_eq!(read.headers()["sse-subscription"], id.as_str());
+    let _feed = senders.recv().await.unwrap();
+
+    assert!(subscriptions.is_api_path("/topics/news/subscriptions"));
+    assert!(subscriptions.is_api_path(&one));
+    assert!(!subscriptions.is_api_path(&format!("{one}/subscribe")));
+    assert!(!subscriptions.is_api_path("/topics/news"));
+
+    // Told otherwise, the layer serves the API too.
+    let operator = subscriptions.layer().with_api().layer(topics);
+    let (status, listed) = call(
+        &operator,
+        request(Method::GET, "/topics/news/subscriptions", ""),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["items"][0]["id"], id.as_str());
+}
+
+/// The store-wide cap: creates in any topic are refused with `429` once the store is full, and
+/// readers beyond it still get their stream, without a disposable subscription.
+#[tokio::test]
+async fn the_store_wide_cap_holds_for_every_topic() {
+    let (mut senders, _seen, topics) = topics();
+    let subscriptions = Subscriptions::in_memory().max_subscriptions(2);
+    let service = subscriptions.layer().layer(topics);
+    let api = subscriptions.api();
+    create(&api, "a").await;
+    let reader = get(&service, "/topics/b").await;
+    assert!(reader.headers().contains_key("sse-subscription"));
+    let (status, body) = call(&api, request(Method::POST, "/topics/c/subscriptions", "")).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            &json!("too-many-subscriptions")
+        )
+    );
+    let beyond = get(&service, "/topics/d").await;
+    assert_eq!(beyond.status(), StatusCode::OK);
+    assert!(!beyond.headers().contains_key("sse-subscription"));
+    assert_eq!(subscriptions.store().len(), 2);
+    // The reader leaving makes room.
+    let _feeds = (senders.recv().await, senders.recv().await);
+    drop(reader);
+    create(&api, "c").await;
+}
+
 #[tokio::test]
 async fn lists_page_by_page_in_any_order() {
     let (_senders, _seen, topics) = topics();
-    let service = Subscriptions::in_memory().layer().layer(topics);
+    let service = Subscriptions::in_memory().layer().with_api().layer(topics);
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(create(&service, "news").await);
@@ -294,6 +383,7 @@ async fn bad_requests_get_clear_answers() {
     let service = Subscriptions::in_memory()
         .max_per_topic(1)
         .layer()
+        .with_api()
         .layer(topics);
     let id = create(&service, "news").await;
     let one = format!("/subscriptions/{id}");
@@ -416,7 +506,7 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
     let (mut senders, seen, topics) = topics();
     let subscriptions = Subscriptions::in_memory();
     let service = subscriptions.layer().layer(topics);
-    let id = create(&service, "news").await;
+    let id = create(&subscriptions.api(), "news").await;
     let subscribe = format!("/subscriptions/{id}/subscribe");
 
     // The first read: no cursor yet, so no Last-Event-ID for the topic.
@@ -496,7 +586,7 @@ async fn a_reader_resumes_from_the_cursor_unless_it_sends_its_own_id() {
 
     // A subscription created with a starting point reads after it.
     let (_, created) = call(
-        &service,
+        &subscriptions.api(),
         request(
             Method::POST,
             "/topics/news/subscriptions",
@@ -515,7 +605,8 @@ async fn suspending_closes_open_channels_at_a_boundary_and_refuses_new_ones() {
     let (mut senders, _seen, topics) = topics();
     let subscriptions = Subscriptions::in_memory();
     let service = subscriptions.layer().layer(topics);
-    let id = create(&service, "news").await;
+    let api = subscriptions.api();
+    let id = create(&api, "news").await;
     let subscribe = format!("/subscriptions/{id}/subscribe");
     let one = format!("/subscriptions/{id}");
 
@@ -535,7 +626,7 @@ async fn suspending_closes_open_channels_at_a_boundary_and_refuses_new_ones() {
     second.frame().await.unwrap().unwrap();
 
     let (status, _) = call(
-        &service,
+        &api,
         request(Method::PATCH, &one, r#"{"status":"suspended"}"#),
     )
     .await;
@@ -571,11 +662,7 @@ async fn suspending_closes_open_channels_at_a_boundary_and_refuses_new_ones() {
     assert!(senders.try_recv().is_err());
 
     // Reactivated: readable again, and a later suspension closes the new channel too.
-    call(
-        &service,
-        request(Method::PATCH, &one, r#"{"status":"active"}"#),
-    )
-    .await;
+    call(&api, request(Method::PATCH, &one, r#"{"status":"active"}"#)).await;
     let third = get(&service, &subscribe).await;
     assert_eq!(third.status(), StatusCode::OK);
     let _feed = senders.recv().await.unwrap();
@@ -584,7 +671,7 @@ async fn suspending_closes_open_channels_at_a_boundary_and_refuses_new_ones() {
         next_data_within(third.as_mut(), Duration::from_secs(1)).await,
         None
     );
-    call(&service, request(Method::DELETE, &one, "")).await;
+    call(&api, request(Method::DELETE, &one, "")).await;
     assert!(third.frame().await.is_none(), "deleting closes the channel");
     drop((first, second, third));
     assert_eq!(subscriptions.open_channels(), 0);
@@ -595,17 +682,14 @@ async fn plain_topic_requests_get_a_disposable_subscription() {
     let (mut senders, _seen, topics) = topics();
     let subscriptions = Subscriptions::in_memory();
     let service = subscriptions.layer().layer(topics.clone());
+    let api = subscriptions.api();
     let response = get(&service, "/topics/news").await;
     let id = response.headers()["sse-subscription"]
         .to_str()
         .unwrap()
         .to_owned();
     let _feed = senders.recv().await.unwrap();
-    let (_, listed) = call(
-        &service,
-        request(Method::GET, "/topics/news/subscriptions", ""),
-    )
-    .await;
+    let (_, listed) = call(&api, request(Method::GET, "/topics/news/subscriptions", "")).await;
     assert_eq!(listed["items"][0]["id"], id.as_str());
     assert_eq!(listed["items"][0]["disposable"], true);
 
@@ -616,14 +700,10 @@ async fn plain_topic_requests_get_a_disposable_subscription() {
         &format!("/subscriptions/{id}"),
         r#"{"status":"suspended"}"#,
     );
-    assert_eq!(call(&service, patch).await.0, StatusCode::OK);
+    assert_eq!(call(&api, patch).await.0, StatusCode::OK);
     assert!(body.frame().await.is_none());
     drop(body);
-    let (_, listed) = call(
-        &service,
-        request(Method::GET, "/topics/news/subscriptions", ""),
-    )
-    .await;
+    let (_, listed) = call(&api, request(Method::GET, "/topics/news/subscriptions", "")).await;
     assert_eq!(listed["total"], 0);
     assert!(subscriptions.store().is_empty());
 
@@ -652,7 +732,7 @@ async fn a_prefix_and_a_topic_path_move_the_routes() {
     let subscriptions = Subscriptions::in_memory()
         .api_prefix("/api/")
         .topic_path("/topics/{topic}/live");
-    let service = subscriptions.layer().layer(topics);
+    let service = subscriptions.layer().with_api().layer(topics);
     let response = service
         .clone()
         .oneshot(request(Method::POST, "/api/topics/news/subscriptions", ""))
@@ -707,8 +787,8 @@ async fn the_standalone_api_answers_wherever_it_is_mounted() {
 struct Shared(MemorySubscriptions);
 
 impl SubscriptionStore for Shared {
-    fn create(&self, s: Subscription, max: usize) -> StoreFuture<Created> {
-        self.0.create(s, max)
+    fn create(&self, s: Subscription, caps: super::Caps) -> StoreFuture<Created> {
+        self.0.create(s, caps)
     }
     fn get(&self, id: &str) -> StoreFuture<Option<Subscription>> {
         self.0.get(id)
@@ -739,7 +819,7 @@ async fn another_instance_suspending_closes_channels_within_the_poll_interval() 
     let store = Shared::default();
     let subscriptions = Subscriptions::new(store.clone()).poll_interval(Duration::from_millis(500));
     let service = subscriptions.layer().layer(topics);
-    let id = create(&service, "news").await;
+    let id = create(&subscriptions.api(), "news").await;
     let response = service
         .clone()
         .oneshot(request(
@@ -770,7 +850,7 @@ async fn an_event_that_never_ends_is_cut_after_the_grace_period() {
     let (mut senders, _seen, topics) = topics();
     let subscriptions = Subscriptions::in_memory();
     let service = subscriptions.layer().layer(topics);
-    let id = create(&service, "news").await;
+    let id = create(&subscriptions.api(), "news").await;
     let response = service
         .clone()
         .oneshot(request(
@@ -791,7 +871,7 @@ async fn an_event_that_never_ends_is_cut_after_the_grace_period() {
         &format!("/subscriptions/{id}"),
         r#"{"status":"suspended"}"#,
     );
-    call(&service, patch).await;
+    call(&subscriptions.api(), patch).await;
     let start = tokio::time::Instant::now();
     assert!(body.frame().await.is_none());
     assert_eq!(start.elapsed(), Duration::from_secs(5));
