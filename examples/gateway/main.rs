@@ -296,9 +296,11 @@ async fn serve_stack<S, B, St, Sub>(
         .layer(Optional(subscriptions.map(|subscriptions| {
             subscriptions.topic_path(&args.topic_path).layer()
         })))
-        .layer(Optional(store.clone().map(|store| {
-            ReplayLayer::with_store(store).key(key.clone())
-        })))
+        .layer(Optional(
+            store
+                .clone()
+                .map(|store| ReplayLayer::with_store(store).key(key.clone())),
+        ))
         .layer(Optional(args.fanout.then(|| {
             FanoutLayer::new()
                 .key(key.clone())
