@@ -40,6 +40,9 @@ struct Seen {
     last_event_id: Option<String>,
 }
 
+/// An open live stream: the credentials that opened it, and its feed.
+type LiveFeed = (String, mpsc::Sender<Bytes>);
+
 /// An upstream that names, in every event's data, the credentials of the request it answers.
 ///
 /// On `/live...` a stream stays open and sends an event whenever the test says
@@ -48,7 +51,7 @@ struct Seen {
 #[derive(Clone, Default)]
 struct EchoUpstream {
     seen: Arc<Mutex<Vec<Seen>>>,
-    live: Arc<Mutex<Vec<(String, mpsc::Sender<Bytes>)>>>,
+    live: Arc<Mutex<Vec<LiveFeed>>>,
 }
 
 fn event(id: usize, data: &str) -> Bytes {
@@ -644,4 +647,58 @@ async fn gateway_key_query_leaves_other_parameters_out_of_the_key() {
     assert_eq!(upstream.live(), 2);
     let uris: Vec<_> = upstream.seen().into_iter().map(|seen| seen.uri).collect();
     assert_eq!(uris, ["/live?topic=a&junk=1", "/live?topic=b&junk=3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_sharing_redis_agree_on_keys_and_store_no_credentials() {
+    let Some(redis) = support::redis::RedisServer::start() else {
+        return;
+    };
+    let (upstream_addr, _upstream) = EchoUpstream::serve().await;
+    let url = redis.url();
+    let args = ["--redis", url.as_str(), "--replay", "100"];
+    let first = Gateway::start(upstream_addr, &args).await;
+    let second = Gateway::start(upstream_addr, &args).await;
+
+    let alice = get(first.addr, "/private", &[("authorization", ALICE)]).await;
+    assert_eq!(all_events(alice).await, events(1..=5, ALICE));
+    // Recording is asynchronous: wait until the other gateway replays alice's history.
+    let headers = [("authorization", ALICE), ("last-event-id", "2")];
+    timeout(GUARD, async {
+        loop {
+            let alice = get(second.addr, "/private", &headers).await;
+            if alice.headers()["sse-resumed-from"] == "last-event-id" {
+                assert_eq!(all_events(alice).await, events(3..=5, ALICE));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the second gateway finds alice's history");
+    let bob = get(
+        second.addr,
+        "/private",
+        &[("authorization", BOB), ("last-event-id", "1")],
+    )
+    .await;
+    assert_eq!(all_events(bob).await, events(2..=5, BOB));
+
+    let port = url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches(|c: char| !c.is_ascii_digit());
+    let keys = timeout(
+        GUARD,
+        Command::new("redis-cli")
+            .args(["-p", port, "--scan"])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let keys = String::from_utf8(keys.stdout).unwrap();
+    assert!(keys.contains("/private%23credentials%3D"), "{keys}");
+    assert!(!keys.contains("alice") && !keys.contains("bob"), "{keys}");
 }
