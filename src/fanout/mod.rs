@@ -66,7 +66,8 @@
 //! # With replay
 //!
 //! Put the [`ReplayLayer`](crate::replay::ReplayLayer) outside the hub and give the hub the same
-//! store with [`record_into`](FanoutLayer::record_into). The hub then records each event once
+//! store with [`record_into`](FanoutLayer::record_into) (and the same key, when not the
+//! default). The hub then records each event once
 //! (not once per client), keeps recording while it lingers, and assigns ids once for everyone
 //! ([`ids`](FanoutLayer::ids)). A client that reconnects with `Last-Event-ID` gets the stored
 //! events after its id, then whatever was recorded while that replay was being read, then the

@@ -118,6 +118,7 @@ mod body;
 mod redis_store;
 mod store;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -175,7 +176,8 @@ pub trait StreamKey<B>: Clone + Send + Sync + 'static {
 ///    and the names added with [`credential_headers`](Self::credential_headers)):
 ///    `#credentials=` and the SHA-256 of those headers' names and values, in hex. The
 ///    credentials themselves are never stored; the digest is the same on every instance, so
-///    gateways that share a Redis store agree on keys.
+///    gateways that share a Redis store agree on keys. (It is unsalted: whoever can read the
+///    store's keys can test guesses of a weak credential, a short password say, against it.)
 ///
 /// So a request with credentials never reads, and is never recorded into, the history of a
 /// request with other credentials or none, and the fan-out hub never hands it a subscription
@@ -275,7 +277,7 @@ impl PathAndQuery {
     {
         let names: Vec<Box<str>> = names
             .into_iter()
-            .map(|name| normalize(&name.into()).into_boxed_str())
+            .map(|name| normalize(&name.into()).into_owned().into_boxed_str())
             .collect();
         self.query_params = Some(names.into());
         self
@@ -307,10 +309,10 @@ impl<B> StreamKey<B> for PathAndQuery {
             .unwrap_or_default()
             .split('&')
             .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some(QUERY_PARAMETER));
-        let kept: Vec<String> = match &self.query_params {
-            None => pairs.map(str::to_owned).collect(),
+        let kept: Vec<Cow<'_, str>> = match &self.query_params {
+            None => pairs.map(Cow::Borrowed).collect(),
             Some(names) => {
-                let mut kept: Vec<(usize, String)> = pairs
+                let mut kept: Vec<(usize, Cow<'_, str>)> = pairs
                     .filter_map(|pair| {
                         let pair = normalize(pair);
                         let name = pair.split('=').next().unwrap_or_default();
@@ -330,9 +332,12 @@ impl<B> StreamKey<B> for PathAndQuery {
         }
         if !self.share_across_credentials {
             if let Some(digest) = self.credentials_digest(request.headers()) {
-                key.push_str("#credentials=");
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                key.reserve(CREDENTIALS_MARK.len() + 2 * digest.len());
+                key.push_str(CREDENTIALS_MARK);
                 for byte in digest {
-                    key.push_str(&format!("{byte:02x}"));
+                    key.push(char::from(HEX[usize::from(byte >> 4)]));
+                    key.push(char::from(HEX[usize::from(byte & 0xf)]));
                 }
             }
         }
@@ -340,9 +345,15 @@ impl<B> StreamKey<B> for PathAndQuery {
     }
 }
 
+/// What separates a key's path and query from its credentials digest.
+const CREDENTIALS_MARK: &str = "#credentials=";
+
 /// `text` with escapes of unreserved characters decoded and the other escapes' hex digits in
 /// upper case (RFC 3986, 6.2.2): one spelling for every equivalent one.
-fn normalize(text: &str) -> String {
+fn normalize(text: &str) -> Cow<'_, str> {
+    if !text.contains('%') {
+        return Cow::Borrowed(text);
+    }
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
@@ -368,7 +379,7 @@ fn normalize(text: &str) -> String {
             }
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 impl<B, F> StreamKey<B> for F
