@@ -3,7 +3,8 @@
 //!
 //! Without a hub, N readers of one topic cost N upstream streams, and whatever the upstream sends
 //! while a lone client reconnects is lost unless the upstream can resume. [`FanoutLayer`] calls
-//! the inner service once per stream key (by default the request's path and query): a background
+//! the inner service once per stream key (by default the request's path, query and credentials;
+//! see [below](#what-is-shared-what-is-not)): a background
 //! task reads that response's event stream and hands every event to each client of the key. Later
 //! requests for the key attach to the running subscription; the upstream is not called again.
 //!
