@@ -702,3 +702,36 @@ async fn gateways_sharing_redis_agree_on_keys_and_store_no_credentials() {
     assert!(keys.contains("/private%23credentials%3D"), "{keys}");
     assert!(!keys.contains("alice") && !keys.contains("bob"), "{keys}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_records_replays_and_shares_only_get() {
+    let (upstream_addr, upstream) = EchoUpstream::serve().await;
+    let args = ["--fanout", "--linger", "1", "--replay", "100"];
+    let gateway = Gateway::start(upstream_addr, &args).await;
+    // A GET records 1..=5; POSTs with an id the store knows reach the upstream, one each.
+    all_events(get(gateway.addr, "/private", &[]).await).await;
+    for _ in 0..2 {
+        let post = request(
+            gateway.addr,
+            Method::POST,
+            "/private",
+            &[("last-event-id", "3")],
+        )
+        .await;
+        assert!(post.headers().get("sse-resumed-from").is_none());
+        assert_eq!(all_events(post).await, events(4..=5, "anonymous"));
+    }
+    let seen: Vec<_> = upstream
+        .seen()
+        .into_iter()
+        .map(|seen| (seen.method, seen.last_event_id))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Method::GET, None),
+            (Method::POST, Some("3".into())),
+            (Method::POST, Some("3".into()))
+        ]
+    );
+}

@@ -247,7 +247,9 @@ impl FanoutLayer {
 
 impl<K, St> FanoutLayer<K, St> {
     /// Keys requests with `key` (a [`StreamKey`], or a closure `Fn(&Request<B>) -> Option<Bytes>`);
-    /// `None` sends a request straight to the inner service.
+    /// `None` sends a request straight to the inner service. A key other than [`PathAndQuery`]
+    /// must keep users apart itself: every request with one key reads the subscription the
+    /// first of them opened, with its credentials.
     pub fn key<K2>(self, key: K2) -> FanoutLayer<K2, St> {
         FanoutLayer {
             hub: self.hub,

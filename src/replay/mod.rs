@@ -589,6 +589,8 @@ impl<St> ReplayLayer<St> {
 
 impl<St, K> ReplayLayer<St, K> {
     /// Keys requests with `key` (a [`StreamKey`], or a closure `Fn(&Request<B>) -> Option<Bytes>`).
+    /// A key other than [`PathAndQuery`] must keep users apart itself: every request with one
+    /// key is replayed what any of them recorded.
     pub fn key<K2>(self, key: K2) -> ReplayLayer<St, K2> {
         ReplayLayer {
             store: self.store,
