@@ -36,7 +36,7 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse::compression::SseCompressionLayer;
 use tower_sse::fanout::FanoutLayer;
 use tower_sse::replay::{
-    MemoryLimits, MemoryStore, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
+    MemoryLimits, MemoryStore, PathAndQuery, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
 };
 use tower_sse::subscriptions::{SubscriptionStore, Subscriptions};
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
@@ -120,11 +120,11 @@ struct Args {
     metadata_as_comment: bool,
 
     /// Events kept per stream for `Last-Event-ID` replay: a reconnecting client gets what it
-    /// missed, then the live stream (0: off). Streams are keyed by path and query.
+    /// missed, then the live stream (0: off). Streams are keyed by path, query and credentials.
     #[arg(long, value_name = "N", default_value_t = 0)]
     replay: usize,
 
-    /// Share one upstream subscription per stream (path and query) among all its clients, with
+    /// Share one upstream subscription per stream (path, query, credentials) among its clients, with
     /// a bounded queue per client; a client that falls behind is disconnected and, with
     /// `--replay`, resumes from the replay buffer when it reconnects.
     #[arg(long)]
@@ -134,6 +134,25 @@ struct Args {
     /// its last client leaves, so a client that reconnects within it misses nothing.
     #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = seconds, requires = "fanout")]
     linger: f64,
+
+    /// Let clients with different credentials share replay history and fan-out subscriptions
+    /// (one per path and query, opened with the first client's credentials). Off by default:
+    /// the stream key of a request with credentials (Authorization, Cookie, --credential-headers)
+    /// holds a SHA-256 digest of them, so nobody reads a stream recorded or opened with another
+    /// client's credentials. Only for streams that are the same for everybody.
+    #[arg(long)]
+    share_across_credentials: bool,
+
+    /// More request headers that carry credentials, comma-separated, kept apart like
+    /// Authorization and Cookie (default: none besides those two).
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+    credential_headers: Vec<http::header::HeaderName>,
+
+    /// Query parameters that tell streams apart for replay and fan-out, comma-separated: the
+    /// others are left out of the stream key (the request still carries them), so clients
+    /// cannot make up new streams with them. Default: the whole query, minus lastEventId.
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+    key_query: Option<Vec<String>>,
 
     /// Keep replay history in Redis Streams at this URL (`redis://host:port/db`), shared by every
     /// gateway pointed at it, so a client may reconnect to any of them; turns replay on
@@ -329,6 +348,14 @@ async fn serve_stack<S, B, St, Sub>(
         ),
         None => None,
     };
+    // Replay and the hub key streams alike: path, query and credentials unless told otherwise.
+    let mut key = PathAndQuery::new().credential_headers(args.credential_headers.clone());
+    if args.share_across_credentials {
+        key = key.share_across_credentials();
+    }
+    if let Some(names) = &args.key_query {
+        key = key.query_params(names.clone());
+    }
     // The hub records into the replay layer's store, so it keeps recording while it lingers.
     let service = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
@@ -349,9 +376,14 @@ async fn serve_stack<S, B, St, Sub>(
         .layer(Optional(
             subscriptions.map(|subscriptions| subscriptions.layer()),
         ))
-        .layer(Optional(store.clone().map(ReplayLayer::with_store)))
+        .layer(Optional(
+            store
+                .clone()
+                .map(|store| ReplayLayer::with_store(store).key(key.clone())),
+        ))
         .layer(Optional(args.fanout.then(|| {
             FanoutLayer::new()
+                .key(key.clone())
                 .linger(Duration::from_secs_f64(args.linger))
                 .recording(store)
         })))

@@ -3,17 +3,27 @@
 //!
 //! Without a hub, N readers of one topic cost N upstream streams, and whatever the upstream sends
 //! while a lone client reconnects is lost unless the upstream can resume. [`FanoutLayer`] calls
-//! the inner service once per stream key (by default the request's path and query): a background
+//! the inner service once per stream key (by default the request's path, query and credentials;
+//! see [below](#what-is-shared-what-is-not)): a background
 //! task reads that response's event stream and hands every event to each client of the key. Later
 //! requests for the key attach to the running subscription; the upstream is not called again.
 //!
 //! # What is shared, what is not
 //!
-//! Only `GET` requests with a stream key are shared. The first one is the request the inner
-//! service sees: its headers (credentials included) open the subscription that everybody else
-//! reads, so share only streams whose content does not depend on who asks, or put what matters
-//! (a tenant, a user) into the [key](FanoutLayer::key). A key function that returns `None` sends
-//! the request straight to the inner service, as are other methods.
+//! Only `GET` requests with a stream key are shared; any other method (`POST`, `HEAD`, ...) and a
+//! request whose key function returns `None` go straight to the inner service. The first request
+//! of a key is the one the inner service sees: its headers open the subscription that everybody
+//! with the same key reads. The default key, [`PathAndQuery`], is the path, the query (without
+//! `lastEventId`) and, when the request carries credentials (`Authorization`, `Cookie`, or
+//! headers named with [`PathAndQuery::credential_headers`]), a SHA-256 digest of them: alice,
+//! bob and an anonymous client on one path get three subscriptions, each opened with its own
+//! credentials, and nobody reads a stream opened with someone else's.
+//! [`PathAndQuery::share_across_credentials`] opts out (one subscription per path and query,
+//! opened with whoever came first's credentials): only for streams that are the same for
+//! everybody who may read them. [`PathAndQuery::query_params`] keeps only the named query
+//! parameters in the key, so clients cannot open subscriptions at will with made-up ones. A
+//! custom [key](FanoutLayer::key) (a closure too) replaces all of this and is responsible for
+//! keeping users apart itself.
 //!
 //! A subscription is opened only by a `200` event stream that no layer has encoded. Anything else
 //! (an error, a JSON answer, a 404, a compressed stream) goes to the request that opened it,
@@ -57,7 +67,8 @@
 //! # With replay
 //!
 //! Put the [`ReplayLayer`](crate::replay::ReplayLayer) outside the hub and give the hub the same
-//! store with [`record_into`](FanoutLayer::record_into). The hub then records each event once
+//! store with [`record_into`](FanoutLayer::record_into) (and the same key, when not the
+//! default). The hub then records each event once
 //! (not once per client), keeps recording while it lingers, and assigns ids once for everyone
 //! ([`ids`](FanoutLayer::ids)). A client that reconnects with `Last-Event-ID` gets the stored
 //! events after its id, then whatever was recorded while that replay was being read, then the
@@ -215,12 +226,12 @@ impl Default for FanoutLayer {
 }
 
 impl FanoutLayer {
-    /// A hub keyed by path and query, recording nothing, with the defaults in the
+    /// A hub keyed by [`PathAndQuery::new`] (path, query and credentials), recording nothing, with the defaults in the
     /// [module docs](self).
     pub fn new() -> Self {
         Self {
             hub: Arc::default(),
-            key: PathAndQuery,
+            key: PathAndQuery::new(),
             store: None,
             config: Arc::new(Config {
                 queue: 256,
@@ -236,7 +247,9 @@ impl FanoutLayer {
 
 impl<K, St> FanoutLayer<K, St> {
     /// Keys requests with `key` (a [`StreamKey`], or a closure `Fn(&Request<B>) -> Option<Bytes>`);
-    /// `None` sends a request straight to the inner service.
+    /// `None` sends a request straight to the inner service. A key other than [`PathAndQuery`]
+    /// must keep users apart itself: every request with one key reads the subscription the
+    /// first of them opened, with its credentials.
     pub fn key<K2>(self, key: K2) -> FanoutLayer<K2, St> {
         FanoutLayer {
             hub: self.hub,

@@ -1,7 +1,7 @@
 //! `Last-Event-ID` replay: a reconnecting client gets what it missed, then the live stream.
 //!
-//! [`ReplayLayer`] records every event-stream response that passes through, event by event,
-//! into a [`ReplayStore`] under a stream key (by default the request's path and query). When a
+//! [`ReplayLayer`] records every event-stream response to a `GET` that passes through, event by
+//! event, into a [`ReplayStore`] under a stream key (see [below](#who-shares-a-history)). When a
 //! client reconnects with `Last-Event-ID` (the header, or a `lastEventId` query parameter as
 //! EventSource polyfills and Mercure send it), the layer:
 //!
@@ -26,6 +26,21 @@
 //! from the oldest retained event), `live` (unknown id; nothing old was sent) or `upstream` (the
 //! id went to the inner service untouched). With
 //! [`history_lost_event`](ReplayLayer::history_lost_event) a named event tells the page itself.
+//!
+//! # Who shares a history
+//!
+//! Every request with the same key reads and records one history. The default key,
+//! [`PathAndQuery`], is the request's path, its query without `lastEventId`, and, when the
+//! request carries credentials (`Authorization`, `Cookie`, or headers named with
+//! [`PathAndQuery::credential_headers`]), a SHA-256 digest of them (never the credentials in
+//! clear). So one user is never replayed another's events, nor an anonymous client a user's.
+//! [`PathAndQuery::share_across_credentials`] opts out, for streams that are the same for
+//! everybody; [`PathAndQuery::query_params`] keeps only the named query parameters in the key,
+//! so clients cannot make up keys (and fill the store) at will. A custom [`StreamKey`] (a
+//! closure too) replaces all of this and is responsible for keeping users apart itself.
+//!
+//! Only `GET` requests are recorded and replayed: any other method (`POST`, `HEAD`, ...) goes
+//! to the inner service untouched, `Last-Event-ID` included, and its response is not recorded.
 //!
 //! # QoS
 //!
@@ -103,6 +118,7 @@ mod body;
 mod redis_store;
 mod store;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -110,10 +126,11 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::header::HeaderName;
-use http::{HeaderValue, Request, Response};
+use http::header::{self, HeaderName};
+use http::{HeaderValue, Method, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
+use sha2::{Digest, Sha256};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -136,31 +153,233 @@ const QUERY_PARAMETER: &str = "lastEventId";
 const DEFAULT_MAX_ID_LEN: usize = 256;
 
 /// Which requests share a history: the stream key of a request, or `None` to leave it alone.
+///
+/// A key decides who sees whose events: the replay layer replays, and the fan-out hub shares,
+/// everything recorded under a key to every request with that key. A custom key (a closure
+/// included) is responsible for keeping users apart itself: unless a stream is the same for
+/// everybody, put the caller's identity into the key, as [`PathAndQuery`] does by default.
 pub trait StreamKey<B>: Clone + Send + Sync + 'static {
     /// The key of `request`.
     fn key(&self, request: &Request<B>) -> Option<Bytes>;
 }
 
-/// The default [`StreamKey`]: the request's path and query, without a `lastEventId` parameter.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PathAndQuery;
+/// The default [`StreamKey`]: the request's path and query, and a digest of its credentials.
+///
+/// The key of a request is, in this order:
+///
+/// 1. the path, as sent;
+/// 2. the query, as sent, without `lastEventId` parameters (the id a client resumes from is
+///    not part of the stream); with [`query_params`](Self::query_params), only the named
+///    parameters, sorted by the order of the names, repeats dropped, escapes of unreserved
+///    characters decoded (so `?b=1&a=2`, `?a=2&b=1&a=2` and `?%61=2&b=1` are one key);
+/// 3. when the request carries credentials (any of the `Authorization` and `Cookie` headers,
+///    and the names added with [`credential_headers`](Self::credential_headers)):
+///    `#credentials=` and the SHA-256 of those headers' names and values, in hex. The
+///    credentials themselves are never stored; the digest is the same on every instance, so
+///    gateways that share a Redis store agree on keys. (It is unsalted: whoever can read the
+///    store's keys can test guesses of a weak credential, a short password say, against it.)
+///
+/// So a request with credentials never reads, and is never recorded into, the history of a
+/// request with other credentials or none, and the fan-out hub never hands it a subscription
+/// opened with someone else's credentials (as an HTTP shared cache does not reuse a response
+/// to a request with `Authorization`). Requests without credentials share by path and query.
+/// (A `#` never reaches a request's path, so no path can pose as a digest.) Every different
+/// `Cookie` header is its own key: name only the cookies that matter in a custom key when
+/// clients carry others that change.
+///
+/// [`share_across_credentials`](Self::share_across_credentials) leaves the credentials out:
+/// only for streams whose content is the same for everybody who may read them.
+///
+/// ```
+/// use http::Request;
+/// use tower_sse::replay::{PathAndQuery, StreamKey};
+///
+/// let request = |uri: &str, auth: Option<&str>| {
+///     let mut request = Request::get(uri);
+///     if let Some(auth) = auth {
+///         request = request.header("authorization", auth);
+///     }
+///     request.body(()).unwrap()
+/// };
+/// let key = PathAndQuery::new();
+/// let anonymous = key.key(&request("/events?lastEventId=7", None)).unwrap();
+/// assert_eq!(anonymous, "/events");
+/// let alice = key.key(&request("/events", Some("Bearer alice"))).unwrap();
+/// let bob = key.key(&request("/events", Some("Bearer bob"))).unwrap();
+/// assert!(alice.starts_with(b"/events#credentials="));
+/// assert_ne!(alice, bob);
+/// assert!(!alice.windows(5).any(|w| w == b"alice"));
+///
+/// // Opt-in: one stream for everybody, keyed by one query parameter only.
+/// let shared = PathAndQuery::new().share_across_credentials().query_params(["topic"]);
+/// let bob = shared.key(&request("/events?x=1&topic=a", Some("Bearer bob"))).unwrap();
+/// assert_eq!(bob, "/events?topic=a");
+/// ```
+#[derive(Clone, Debug)]
+pub struct PathAndQuery {
+    credentials: Arc<[HeaderName]>,
+    share_across_credentials: bool,
+    /// `None`: the whole query.
+    query_params: Option<Arc<[Box<str>]>>,
+}
+
+impl Default for PathAndQuery {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PathAndQuery {
+    /// Path, whole query (minus `lastEventId`) and a digest of `Authorization` and `Cookie`.
+    pub fn new() -> Self {
+        Self {
+            credentials: Arc::new([header::AUTHORIZATION, header::COOKIE]),
+            share_across_credentials: false,
+            query_params: None,
+        }
+    }
+
+    /// Counts these request headers as credentials too (an API key header, say), besides
+    /// `Authorization` and `Cookie`.
+    pub fn credential_headers<I>(mut self, names: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<HeaderName>,
+    {
+        let mut all = self.credentials.to_vec();
+        for name in names {
+            let name = name.into();
+            if !all.contains(&name) {
+                all.push(name);
+            }
+        }
+        self.credentials = all.into();
+        self
+    }
+
+    /// Leaves credentials out of the key: requests share by path and query whoever sends them,
+    /// and a fan-out subscription opened with one client's credentials feeds every client.
+    /// Only for streams that are the same for everybody who may read them.
+    pub fn share_across_credentials(mut self) -> Self {
+        self.share_across_credentials = true;
+        self
+    }
+
+    /// Keeps only the query parameters named here in the key, so a client cannot make up new
+    /// keys with parameters the stream does not depend on. The request itself is unchanged:
+    /// the inner service still gets every parameter. (Under the fan-out hub, the first request
+    /// of a key opens the subscription everybody shares: name every parameter the stream
+    /// depends on.)
+    pub fn query_params<I>(mut self, names: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let names: Vec<Box<str>> = names
+            .into_iter()
+            .map(|name| normalize(&name.into()).into_owned().into_boxed_str())
+            .collect();
+        self.query_params = Some(names.into());
+        self
+    }
+
+    /// The SHA-256 of the request's credentials, `None` when it carries none.
+    fn credentials_digest(&self, headers: &http::HeaderMap) -> Option<[u8; 32]> {
+        let mut hasher: Option<Sha256> = None;
+        for name in self.credentials.iter() {
+            for value in headers.get_all(name) {
+                let hasher = hasher
+                    .get_or_insert_with(|| Sha256::new_with_prefix(b"tower-sse credentials v1\0"));
+                hasher.update(name.as_str().as_bytes());
+                hasher.update([0]);
+                hasher.update((value.len() as u64).to_be_bytes());
+                hasher.update(value.as_bytes());
+            }
+        }
+        hasher.map(|hasher| hasher.finalize().into())
+    }
+}
 
 impl<B> StreamKey<B> for PathAndQuery {
     fn key(&self, request: &Request<B>) -> Option<Bytes> {
         let uri = request.uri();
         let mut key = uri.path().to_owned();
-        let kept: Vec<&str> = uri
+        let pairs = uri
             .query()
             .unwrap_or_default()
             .split('&')
-            .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some(QUERY_PARAMETER))
-            .collect();
+            .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some(QUERY_PARAMETER));
+        let kept: Vec<Cow<'_, str>> = match &self.query_params {
+            None => pairs.map(Cow::Borrowed).collect(),
+            Some(names) => {
+                let mut kept: Vec<(usize, Cow<'_, str>)> = pairs
+                    .filter_map(|pair| {
+                        let pair = normalize(pair);
+                        let name = pair.split('=').next().unwrap_or_default();
+                        let rank = names.iter().position(|known| **known == *name)?;
+                        Some((rank, pair))
+                    })
+                    .collect();
+                // Stable: a parameter's repeated values keep their order.
+                kept.sort_by_key(|(rank, _)| *rank);
+                kept.dedup();
+                kept.into_iter().map(|(_, pair)| pair).collect()
+            }
+        };
         if !kept.is_empty() {
             key.push('?');
             key.push_str(&kept.join("&"));
         }
+        if !self.share_across_credentials {
+            if let Some(digest) = self.credentials_digest(request.headers()) {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                key.reserve(CREDENTIALS_MARK.len() + 2 * digest.len());
+                key.push_str(CREDENTIALS_MARK);
+                for byte in digest {
+                    key.push(char::from(HEX[usize::from(byte >> 4)]));
+                    key.push(char::from(HEX[usize::from(byte & 0xf)]));
+                }
+            }
+        }
         Some(Bytes::from(key))
     }
+}
+
+/// What separates a key's path and query from its credentials digest.
+const CREDENTIALS_MARK: &str = "#credentials=";
+
+/// `text` with escapes of unreserved characters decoded and the other escapes' hex digits in
+/// upper case (RFC 3986, 6.2.2): one spelling for every equivalent one.
+fn normalize(text: &str) -> Cow<'_, str> {
+    if !text.contains('%') {
+        return Cow::Borrowed(text);
+    }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match escape {
+            Some(byte) if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) => {
+                out.push(char::from(byte));
+                i += 3;
+            }
+            Some(byte) => {
+                out.push_str(&format!("%{byte:02X}"));
+                i += 3;
+            }
+            None => {
+                // Not an escape: kept as it is (whole UTF-8 sequences, the query is a `&str`).
+                let len = text[i..].chars().next().map_or(1, char::len_utf8);
+                out.push_str(&text[i..i + len]);
+                i += len;
+            }
+        }
+    }
+    Cow::Owned(out)
 }
 
 impl<B, F> StreamKey<B> for F
@@ -351,18 +570,18 @@ impl Default for ReplayLayer {
 }
 
 impl ReplayLayer {
-    /// Balanced QoS over a new [`MemoryStore`] with default limits, keyed by path and query.
+    /// Balanced QoS over a new [`MemoryStore`] with default limits, keyed by [`PathAndQuery::new`].
     pub fn new() -> Self {
         Self::with_store(MemoryStore::new())
     }
 }
 
 impl<St> ReplayLayer<St> {
-    /// Balanced QoS over `store`, keyed by path and query.
+    /// Balanced QoS over `store`, keyed by [`PathAndQuery::new`].
     pub fn with_store(store: St) -> Self {
         Self {
             store,
-            key: PathAndQuery,
+            key: PathAndQuery::new(),
             config: Arc::new(Config::for_qos(Qos::default())),
         }
     }
@@ -370,6 +589,8 @@ impl<St> ReplayLayer<St> {
 
 impl<St, K> ReplayLayer<St, K> {
     /// Keys requests with `key` (a [`StreamKey`], or a closure `Fn(&Request<B>) -> Option<Bytes>`).
+    /// A key other than [`PathAndQuery`] must keep users apart itself: every request with one
+    /// key is replayed what any of them recorded.
     pub fn key<K2>(self, key: K2) -> ReplayLayer<St, K2> {
         ReplayLayer {
             store: self.store,
@@ -556,8 +777,10 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let config = &self.config;
+        // Only GET streams are recorded and replayed: other methods are not reads of a stream.
         let key = match config.qos {
             Qos::None => None,
+            _ if request.method() != Method::GET => None,
             _ => self.key.key(&request),
         };
         let Some(key) = key else {

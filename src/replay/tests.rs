@@ -364,7 +364,7 @@ async fn non_streams_and_unkeyed_requests_pass_untouched() {
 #[test]
 fn the_default_key_drops_only_last_event_id_from_the_query() {
     let key = |uri: &str| {
-        PathAndQuery
+        PathAndQuery::new()
             .key(&Request::get(uri).body(()).unwrap())
             .unwrap()
     };
