@@ -735,3 +735,44 @@ async fn gateway_records_replays_and_shares_only_get() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_never_hand_one_users_events_to_another() {
+    const TOKEN: &str = "an-admin-token-for-the-test";
+    let (upstream_addr, _upstream) = EchoUpstream::serve().await;
+    let args = ["--subscriptions", "--replay", "100", "--admin-token", TOKEN];
+    let gateway = Gateway::start(upstream_addr, &args).await;
+
+    // Alice reads the topic (a disposable subscription): her events are recorded for her.
+    let alice = get(gateway.addr, "/topics/news", &[("authorization", ALICE)]).await;
+    assert!(alice.headers().contains_key("sse-subscription"));
+    assert_eq!(all_events(alice).await, events(1..=5, ALICE));
+
+    // Bob resumes the same topic after id 2: none of alice's history, his own stream.
+    let bob_resumes = [("authorization", BOB), ("last-event-id", "2")];
+    let bob = get(gateway.addr, "/topics/news", &bob_resumes).await;
+    assert_ne!(bob.headers()["sse-resumed-from"], "last-event-id");
+    assert_eq!(all_events(bob).await, events(3..=5, BOB));
+
+    // A provisioned subscription, created by the operator, read by each user with an id of
+    // their own: each gets only what was recorded for them.
+    let bearer = format!("Bearer {TOKEN}");
+    let created = request(
+        gateway.addr,
+        Method::POST,
+        "/topics/news/subscriptions",
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(created.status(), http::StatusCode::CREATED);
+    let location = created.headers()["location"].to_str().unwrap().to_owned();
+    let stream = format!("{location}/subscribe");
+
+    let alice_resumes = [("authorization", ALICE), ("last-event-id", "2")];
+    let alice = get(gateway.addr, &stream, &alice_resumes).await;
+    assert_eq!(alice.headers()["sse-resumed-from"], "last-event-id");
+    assert_eq!(all_events(alice).await, events(3..=5, ALICE));
+    let bob = get(gateway.addr, &stream, &bob_resumes).await;
+    assert_ne!(bob.headers()["sse-resumed-from"], "last-event-id");
+    assert_eq!(all_events(bob).await, events(3..=5, BOB));
+}
