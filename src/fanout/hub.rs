@@ -616,7 +616,10 @@ impl<St: ReplayStore> Pump<St> {
         let frame = self.out.split().freeze();
         if let Some(store) = &self.store {
             for (span, id) in self.recorded.drain(..) {
-                let bytes = frame.slice(span);
+                // Copies that own their buffers: a store that counts its bytes (and keeps an
+                // event longer than the frame lives) never holds the frame or the upstream chunk.
+                let bytes = Bytes::copy_from_slice(&frame[span]);
+                let id = Bytes::copy_from_slice(&id);
                 store.append(&self.key, StoredEvent { id, bytes });
             }
         }
