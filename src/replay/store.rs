@@ -378,7 +378,7 @@ impl Streams {
             let idle = self
                 .map
                 .get(key)
-                .map_or(true, |stream| limits.is_idle(stream, now));
+                .is_none_or(|stream| limits.is_idle(stream, now));
             if !idle {
                 break;
             }
