@@ -135,13 +135,14 @@ impl MemoryLimits {
     /// The default bound on the number of keys: 10,000.
     pub const DEFAULT_MAX_KEYS: usize = 10_000;
 
-    /// Bytes counted per retained event besides its bytes and id (an estimate of its ring slot,
-    /// id index entry and timestamp).
-    pub const EVENT_OVERHEAD: usize = 192;
+    /// Bytes counted per retained event besides its bytes and id: its ring slot, id index entry
+    /// and timestamp (`benches/replay.rs` measures about 119 with 100 events per key).
+    pub const EVENT_OVERHEAD: usize = 144;
 
-    /// Bytes counted per key besides the key's own bytes (an estimate of its map entry, recency
-    /// entry and empty collections).
-    pub const KEY_OVERHEAD: usize = 512;
+    /// Bytes counted per key besides the key's own bytes: its map entry, recency entry and the
+    /// first allocations of its ring and index (`benches/replay.rs` measures a key holding one
+    /// small event at about 830 bytes in all, which this counts at about 870).
+    pub const KEY_OVERHEAD: usize = 640;
 
     /// Keeps at most `events` events per key (default 1,000).
     pub fn events_per_key(mut self, events: usize) -> Self {
