@@ -84,9 +84,10 @@ struct Counts {
     accepted: AtomicUsize,
 }
 
-/// An upstream SSE server that counts its open connections. Every stream sends two events at
-/// once, then a comment every 100 ms (so a write notices a closed connection too).
-async fn counting_upstream() -> (SocketAddr, Arc<Counts>) {
+/// An upstream SSE server that counts its open connections. Every stream answers after `delay`,
+/// sends two events at once, then a comment every 100 ms (so a write notices a closed
+/// connection too).
+async fn counting_upstream(delay: Duration) -> (SocketAddr, Arc<Counts>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let counts = Arc::new(Counts::default());
@@ -100,7 +101,8 @@ async fn counting_upstream() -> (SocketAddr, Arc<Counts>) {
             let open = shared.open.fetch_add(1, Ordering::SeqCst) + 1;
             shared.most.fetch_max(open, Ordering::SeqCst);
             let counts = shared.clone();
-            let service = hyper::service::service_fn(|_request: Request<Incoming>| async {
+            let service = hyper::service::service_fn(move |_request: Request<Incoming>| async move {
+                sleep(delay).await;
                 let first = Bytes::from_static(b"id: 1\ndata: hello\n\nid: 2\ndata: again\n\n");
                 let comments = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
                     Duration::from_millis(100),
@@ -176,7 +178,7 @@ async fn distinct_keys_stay_within_the_subscription_cap_and_the_store_budget() {
     const CAP: usize = 8;
     const BUDGET: usize = 8 * 1024;
     const AT_ONCE: usize = 4;
-    let (upstream, counts) = counting_upstream().await;
+    let (upstream, counts) = counting_upstream(Duration::ZERO).await;
     let gateway = Gateway::start(&[
         "--upstream",
         &format!("http://{upstream}"),
@@ -258,4 +260,46 @@ async fn distinct_keys_stay_within_the_subscription_cap_and_the_store_budget() {
         sleep(Duration::from_millis(100)).await;
     }
     assert!(counts.most.load(Ordering::SeqCst) <= CAP + AT_ONCE);
+}
+
+#[tokio::test]
+async fn requests_that_leave_before_the_upstream_answers_leave_nothing_behind() {
+    let (upstream, counts) = counting_upstream(Duration::from_millis(300)).await;
+    let gateway = Gateway::start(&[
+        "--upstream",
+        &format!("http://{upstream}"),
+        "--fanout",
+        "--linger",
+        "30",
+        "--heartbeat",
+        "0",
+    ])
+    .await;
+    // 50 requests on distinct keys that give up after 10 ms, long before the upstream answers.
+    let mut clients = tokio::task::JoinSet::new();
+    for n in 0..50 {
+        let addr = gateway.addr;
+        clients.spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let request = format!("GET /s?n={n} HTTP/1.1\r\nhost: gateway\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            sleep(Duration::from_millis(10)).await;
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.unwrap();
+    }
+    let accepted = counts.accepted.load(Ordering::SeqCst);
+    assert!(accepted > 0, "the upstream was called");
+    // Nobody got a response, so nobody can come back for it: no subscription lingers for 30 s.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counts.open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {accepted} upstream connections still open",
+            counts.open.load(Ordering::SeqCst)
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("{accepted} upstream calls, all closed");
 }
