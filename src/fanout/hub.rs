@@ -201,7 +201,8 @@ struct TopicState {
     resume_id: Option<Bytes>,
     /// Since when nobody is attached (`None` while somebody is).
     idle_since: Option<Instant>,
-    /// Whether a client got the response head: only then does the subscription linger.
+    /// Whether a client was attached when the response head came, or took it later: only then
+    /// does the subscription linger.
     served: bool,
     /// Taken off the hub (idle, to make room, or abandoned): the task ends at once.
     closed: bool,
@@ -266,6 +267,8 @@ impl Topic {
         let mut state = lock(&self.state);
         state.phase = Phase::Open;
         state.head = Some(Arc::new(head));
+        // Whoever is attached now gets this response (and may come back for the rest).
+        state.served |= !state.clients.is_empty();
         for queue in &state.clients {
             queue.wake();
         }
