@@ -101,22 +101,23 @@ async fn counting_upstream(delay: Duration) -> (SocketAddr, Arc<Counts>) {
             let open = shared.open.fetch_add(1, Ordering::SeqCst) + 1;
             shared.most.fetch_max(open, Ordering::SeqCst);
             let counts = shared.clone();
-            let service = hyper::service::service_fn(move |_request: Request<Incoming>| async move {
-                sleep(delay).await;
-                let first = Bytes::from_static(b"id: 1\ndata: hello\n\nid: 2\ndata: again\n\n");
-                let comments = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
-                    Duration::from_millis(100),
-                ))
-                .map(|_| Bytes::from_static(b": hb\n\n"));
-                let frames = tokio_stream::once(first)
-                    .chain(comments)
-                    .map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
-                let response = Response::builder()
-                    .header(CONTENT_TYPE, "text/event-stream")
-                    .body(StreamBody::new(frames))
-                    .unwrap();
-                Ok::<_, Infallible>(response)
-            });
+            let service =
+                hyper::service::service_fn(move |_request: Request<Incoming>| async move {
+                    sleep(delay).await;
+                    let first = Bytes::from_static(b"id: 1\ndata: hello\n\nid: 2\ndata: again\n\n");
+                    let comments = tokio_stream::wrappers::IntervalStream::new(
+                        tokio::time::interval(Duration::from_millis(100)),
+                    )
+                    .map(|_| Bytes::from_static(b": hb\n\n"));
+                    let frames = tokio_stream::once(first)
+                        .chain(comments)
+                        .map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
+                    let response = Response::builder()
+                        .header(CONTENT_TYPE, "text/event-stream")
+                        .body(StreamBody::new(frames))
+                        .unwrap();
+                    Ok::<_, Infallible>(response)
+                });
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
