@@ -91,7 +91,9 @@ impl Hub {
             // An ended subscription hands its upstream position to the next one.
             resume_id = state.resume_id.clone();
         } else if topics.len() >= max {
-            let excess = topics.len() + 1 - max;
+            // A batch (1/64 of the cap) per scan of the topics, so that a stream of new keys on
+            // a full hub costs O(64) topic checks per request, not O(max).
+            let excess = (topics.len() + 1 - max).max(max / 64);
             evict_idle(&mut topics, excess);
             if topics.len() >= max {
                 return None;
@@ -173,8 +175,11 @@ fn evict_idle(topics: &mut HashMap<Bytes, Arc<Topic>>, count: usize) {
             Some((since, key.clone()))
         })
         .collect();
-    idle.sort_unstable_by_key(|(since, _)| *since);
-    for (_, key) in idle.into_iter().take(count) {
+    if idle.len() > count {
+        idle.select_nth_unstable_by_key(count, |(since, _)| *since);
+        idle.truncate(count);
+    }
+    for (_, key) in idle {
         if let Some(topic) = topics.remove(&key) {
             lock(&topic.state).close();
         }

@@ -59,7 +59,8 @@
 //! Stream keys come from requests, so clients choose how many there are. The hub holds at most
 //! [`max_subscriptions`](FanoutLayer::max_subscriptions) subscriptions at once (default 10,000),
 //! and at most as many upstream responses: a request for a new key when the hub is full first
-//! closes the subscriptions that have no client, the one idle for longest first; the new
+//! closes the subscriptions that have no client, the ones idle for longest first (a batch of
+//! 1/64 of the cap at a time, so that the search is not repeated for every request); the new
 //! subscription calls the upstream once a closed one has let go of its response. When every
 //! subscription has clients, the request is sent to the inner service on its own, unshared, as
 //! without a hub: it costs one upstream stream for as long as its client stays, and nothing

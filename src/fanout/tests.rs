@@ -678,3 +678,53 @@ async fn a_subscription_nobody_got_does_not_linger() {
     assert_eq!(layer.subscriptions(), 1);
     assert_eq!(upstreams.live.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_full_hub_closes_a_batch_of_the_longest_idle() {
+    let (upstreams, upstream) = counted_upstream(Duration::ZERO);
+    let layer = FanoutLayer::new()
+        .linger(60 * SECOND)
+        .max_subscriptions(128);
+    let service = layer.layer(upstream);
+    for n in 0..128 {
+        drop(
+            service
+                .clone()
+                .oneshot(get(&format!("/t?n={n}")))
+                .await
+                .unwrap(),
+        );
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    settle().await;
+    assert_eq!(layer.subscriptions(), 128);
+    // Key 0 comes back: it is reattached, and so no longer the longest idle.
+    let zero = service.clone().oneshot(get("/t?n=0")).await.unwrap();
+    assert!(zero.body().is_shared());
+    // A new key closes a batch of 128 / 64 = 2: keys 1 and 2, idle longest.
+    let _new = service.clone().oneshot(get("/t?n=new")).await.unwrap();
+    settle().await;
+    assert_eq!(layer.subscriptions(), 127);
+    assert_eq!(upstreams.live.load(Ordering::SeqCst), 127);
+    let calls = upstreams.calls.load(Ordering::SeqCst);
+    for kept in [0, 3, 127] {
+        drop(
+            service
+                .clone()
+                .oneshot(get(&format!("/t?n={kept}")))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        upstreams.calls.load(Ordering::SeqCst),
+        calls,
+        "still subscribed"
+    );
+    drop(service.clone().oneshot(get("/t?n=1")).await.unwrap());
+    assert_eq!(
+        upstreams.calls.load(Ordering::SeqCst),
+        calls + 1,
+        "key 1 was closed"
+    );
+}
