@@ -48,7 +48,11 @@ fn event(id: u64) -> StoredEvent {
 }
 
 fn memory_per_retained_event() {
-    let limits = MemoryLimits::default().events_per_key(100).max_keys(10_000);
+    // No byte budget here: this measures what a million retained events cost.
+    let limits = MemoryLimits::default()
+        .events_per_key(100)
+        .max_keys(10_000)
+        .max_bytes(usize::MAX);
     let events: Vec<Vec<StoredEvent>> = (0..10_000u64)
         .map(|k| (0..100).map(|i| event(k * 100 + i)).collect())
         .collect();
@@ -75,6 +79,40 @@ fn memory_per_retained_event() {
         total / retained,
         payload as f64 / retained,
         (total - payload as f64) / retained
+    );
+    // The events were allocated before `before`: what the store holds is both.
+    println!(
+        "MemoryStore counts {:.0} bytes per retained event against {:.0} held",
+        store.bytes() as f64 / retained,
+        (total + payload as f64) / retained
+    );
+    drop(store);
+}
+
+/// What a key with a single small event costs, against what the store counts for it.
+fn memory_per_key() {
+    let events: Vec<StoredEvent> = (0..100_000u64).map(event).collect();
+    let keys: Vec<Bytes> = (0..100_000)
+        .map(|k| Bytes::from(format!("/stream?nonce={k}")))
+        .collect();
+    let payload: usize = events
+        .iter()
+        .map(|e| e.bytes.len() + e.id.len())
+        .sum::<usize>()
+        + keys.iter().map(|k| k.len()).sum::<usize>();
+    let before = alloc::LIVE.load(Ordering::Relaxed);
+    let limits = MemoryLimits::default()
+        .max_keys(100_000)
+        .max_bytes(usize::MAX);
+    let store = MemoryStore::with_limits(limits);
+    for (key, event) in keys.iter().zip(events) {
+        store.append(key, event);
+    }
+    let total = (alloc::LIVE.load(Ordering::Relaxed) - before) as f64 + payload as f64;
+    println!(
+        "MemoryStore, 100,000 keys x 1 event: {:.0} bytes held per key, {:.0} counted",
+        total / 100_000.0,
+        store.bytes() as f64 / 100_000.0
     );
     drop(store);
 }
@@ -280,6 +318,7 @@ fn layer(c: &mut Criterion) {
 
 fn main() {
     memory_per_retained_event();
+    memory_per_key();
     let mut criterion = Criterion::default().configure_from_args();
     store(&mut criterion);
     redis(&mut criterion);

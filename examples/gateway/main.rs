@@ -153,6 +153,22 @@ struct Args {
     /// cannot make up new streams with them. Default: the whole query, minus lastEventId.
     #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
     key_query: Option<Vec<String>>,
+    /// Bytes the in-memory replay store may hold for all streams together (events, ids and
+    /// bookkeeping); beyond it the streams least recently used are forgotten whole (the
+    /// default is 64 MiB). Not for `--redis`.
+    #[arg(long, value_name = "BYTES", default_value_t = MemoryLimits::DEFAULT_MAX_BYTES, conflicts_with = "redis")]
+    replay_max_bytes: usize,
+
+    /// Streams (distinct paths and queries) the in-memory replay store keeps at most; a new one
+    /// beyond it evicts the one unused for longest. Not for `--redis`.
+    #[arg(long, value_name = "N", default_value_t = MemoryLimits::DEFAULT_MAX_KEYS, conflicts_with = "redis")]
+    replay_max_keys: usize,
+
+    /// Shared upstream subscriptions open at once with `--fanout`, lingering ones included: a new
+    /// stream first closes the ones nobody reads (idle longest first); when all have clients it
+    /// is proxied unshared.
+    #[arg(long, value_name = "N", default_value_t = FanoutLayer::DEFAULT_MAX_SUBSCRIPTIONS, requires = "fanout")]
+    fanout_max_subscriptions: usize,
 
     /// Keep replay history in Redis Streams at this URL (`redis://host:port/db`), shared by every
     /// gateway pointed at it, so a client may reconnect to any of them; turns replay on
@@ -385,6 +401,7 @@ async fn serve_stack<S, B, St, Sub>(
             FanoutLayer::new()
                 .key(key.clone())
                 .linger(Duration::from_secs_f64(args.linger))
+                .max_subscriptions(args.fanout_max_subscriptions)
                 .recording(store)
         })))
         .layer(Optional(
@@ -436,8 +453,11 @@ async fn main() -> Result<(), BoxError> {
         };
         run(&args, listener, addr, stores, metrics).await;
     } else {
-        let store = (args.replay > 0)
-            .then(|| MemoryStore::with_limits(MemoryLimits::default().events_per_key(args.replay)));
+        let limits = MemoryLimits::default()
+            .events_per_key(args.replay)
+            .max_bytes(args.replay_max_bytes)
+            .max_keys(args.replay_max_keys);
+        let store = (args.replay > 0).then(|| MemoryStore::with_limits(limits));
         let stores = Stores {
             replay: store,
             subscriptions: args.subscriptions.then(Subscriptions::in_memory),

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, CONTENT_LENGTH};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::{sleep, Instant};
 use tower_service::Service;
 
@@ -38,6 +38,23 @@ pub(super) struct Hub {
     /// Clients being fed: counted while their queue is on a topic's list.
     clients: Arc<AtomicUsize>,
     tasks: AtomicUsize,
+    /// Subscriptions that hold an upstream response (or are calling for one): at most
+    /// `max_subscriptions`, however many topics are being evicted.
+    upstreams: Mutex<usize>,
+    /// Notified when an upstream slot is freed.
+    freed: Notify,
+}
+
+/// A subscription's right to hold an upstream response; dropped with the upstream body.
+struct Slot {
+    hub: Arc<Hub>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *lock(&self.hub.upstreams) -= 1;
+        self.hub.freed.notify_waiters();
+    }
 }
 
 impl Hub {
@@ -50,29 +67,52 @@ impl Hub {
     }
 
     /// Attaches a new client to the subscription of `key`, opening one if none runs. Returns the
-    /// client and, when it opened the subscription, the topic to start.
-    pub(super) fn attach(self: &Arc<Self>, key: Bytes) -> (Client, Option<Arc<Topic>>) {
+    /// client and, when it opened the subscription, the topic to start; `None` when the hub
+    /// holds `max` subscriptions and none of them can be closed (every one has clients).
+    pub(super) fn attach(
+        self: &Arc<Self>,
+        key: Bytes,
+        max: usize,
+    ) -> Option<(Client, Option<Arc<Topic>>)> {
         let mut topics = lock(&self.topics);
         let queue = Arc::new(Queue::default());
         let mut resume_id = None;
         if let Some(topic) = topics.get(&key) {
             // Checked and joined under one lock: a subscription that is ending takes nobody.
             let mut state = lock(&topic.state);
-            if matches!(state.phase, Phase::Opening | Phase::Open) {
+            if matches!(state.phase, Phase::Opening | Phase::Open) && !state.closed {
                 state.clients.push(queue.clone());
+                state.idle_since = None;
                 drop(state);
                 let topic = topic.clone();
                 drop(topics);
-                return (self.client(topic, queue), None);
+                return Some((self.client(topic, queue), None));
             }
             // An ended subscription hands its upstream position to the next one.
             resume_id = state.resume_id.clone();
+        } else if topics.len() >= max {
+            // A batch (1/64 of the cap) per scan of the topics, so that a stream of new keys on
+            // a full hub costs O(64) topic checks per request, not O(max).
+            let excess = (topics.len() + 1 - max).max(max / 64);
+            evict_idle(&mut topics, excess);
+            if topics.len() >= max {
+                return None;
+            }
         }
         let topic = Arc::new(Topic::new(key.clone(), resume_id, self.clients.clone()));
         lock(&topic.state).clients.push(queue.clone());
         topics.insert(key, topic.clone());
         drop(topics);
-        (self.client(topic.clone(), queue), Some(topic))
+        Some((self.client(topic.clone(), queue), Some(topic)))
+    }
+
+    /// An upstream slot when fewer than `max` are taken.
+    fn take_slot(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        let mut upstreams = lock(&self.upstreams);
+        (*upstreams < max).then(|| {
+            *upstreams += 1;
+            Slot { hub: self.clone() }
+        })
     }
 
     fn client(self: &Arc<Self>, topic: Arc<Topic>, queue: Arc<Queue>) -> Client {
@@ -125,6 +165,27 @@ enum Phase {
     Ended,
 }
 
+/// Closes up to `count` subscriptions that have no client, the one idle for longest first.
+fn evict_idle(topics: &mut HashMap<Bytes, Arc<Topic>>, count: usize) {
+    let mut idle: Vec<(Instant, Bytes)> = topics
+        .iter()
+        .filter_map(|(key, topic)| {
+            let state = lock(&topic.state);
+            let since = state.idle_since.filter(|_| state.clients.is_empty())?;
+            Some((since, key.clone()))
+        })
+        .collect();
+    if idle.len() > count {
+        idle.select_nth_unstable_by_key(count, |(since, _)| *since);
+        idle.truncate(count);
+    }
+    for (_, key) in idle {
+        if let Some(topic) = topics.remove(&key) {
+            lock(&topic.state).close();
+        }
+    }
+}
+
 /// One stream key's subscription.
 #[derive(Debug)]
 pub(super) struct Topic {
@@ -143,6 +204,50 @@ struct TopicState {
     task: Option<Waker>,
     /// The upstream's last event id, for the next subscription of this key.
     resume_id: Option<Bytes>,
+    /// Since when nobody is attached (`None` while somebody is).
+    idle_since: Option<Instant>,
+    /// Whether a client was attached when the response head came, or took it later: only then
+    /// does the subscription linger.
+    served: bool,
+    /// Taken off the hub (idle, to make room, or abandoned): the task ends at once.
+    closed: bool,
+}
+
+impl TopicState {
+    /// Takes the subscription off duty: the task hears of it and ends.
+    fn close(&mut self) {
+        self.closed = true;
+        if let Some(task) = &self.task {
+            task.wake_by_ref();
+        }
+    }
+
+    fn register(&mut self, task: &Waker) {
+        match &self.task {
+            Some(waker) if waker.will_wake(task) => {}
+            _ => self.task = Some(task.clone()),
+        }
+    }
+
+    /// Notes that the last client left.
+    fn emptied(&mut self) {
+        if self.clients.is_empty() && self.idle_since.is_none() {
+            self.idle_since = Some(Instant::now());
+        }
+    }
+}
+
+/// What the task of a subscription learns about its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Audience {
+    /// Somebody is attached.
+    Attached,
+    /// Nobody is attached, and somebody got the response head: linger.
+    Idle,
+    /// Nobody is attached and nobody ever got a response: nobody comes back for it.
+    Abandoned,
+    /// The hub closed the subscription.
+    Closed,
 }
 
 impl Topic {
@@ -156,6 +261,9 @@ impl Topic {
                 clients: Vec::new(),
                 task: None,
                 resume_id,
+                idle_since: None,
+                served: false,
+                closed: false,
             }),
         }
     }
@@ -164,6 +272,8 @@ impl Topic {
         let mut state = lock(&self.state);
         state.phase = Phase::Open;
         state.head = Some(Arc::new(head));
+        // Whoever is attached now gets this response (and may come back for the rest).
+        state.served |= !state.clients.is_empty();
         for queue in &state.clients {
             queue.wake();
         }
@@ -184,6 +294,7 @@ impl Topic {
         for queue in state.clients.drain(..) {
             queue.end(End::Clean);
         }
+        state.emptied();
     }
 
     /// Queues `frame` for every client, applying the slow-client policy.
@@ -198,17 +309,23 @@ impl Topic {
         if cut > 0 {
             self.fed.fetch_sub(cut, Ordering::Relaxed);
             telemetry::subscribers_changed(-(cut as isize));
+            state.emptied();
         }
     }
 
-    /// Whether nobody is attached; registers the task to hear when that changes.
-    fn is_idle(&self, task: &Waker) -> bool {
+    /// Who is attached; registers the task to hear when that changes.
+    fn audience(&self, task: &Waker) -> Audience {
         let mut state = lock(&self.state);
-        match &state.task {
-            Some(waker) if waker.will_wake(task) => {}
-            _ => state.task = Some(task.clone()),
+        state.register(task);
+        if state.closed {
+            Audience::Closed
+        } else if !state.clients.is_empty() {
+            Audience::Attached
+        } else if state.served {
+            Audience::Idle
+        } else {
+            Audience::Abandoned
         }
-        state.clients.is_empty()
     }
 
     fn detach(&self, queue: &Arc<Queue>) {
@@ -218,6 +335,7 @@ impl Topic {
             self.fed.fetch_sub(1, Ordering::Relaxed);
             telemetry::subscribers_changed(-1);
             if state.clients.is_empty() {
+                state.emptied();
                 if let Some(task) = &state.task {
                     task.wake_by_ref();
                 }
@@ -350,9 +468,11 @@ pub(super) struct Client {
 
 impl Client {
     pub(super) fn poll_head(&self, cx: &Context<'_>) -> Poll<HeadState> {
-        let state = lock(&self.topic.state);
+        let mut state = lock(&self.topic.state);
         if let Some(head) = &state.head {
-            return Poll::Ready(HeadState::Open(head.clone()));
+            let head = head.clone();
+            state.served = true;
+            return Poll::Ready(HeadState::Open(head));
         }
         if matches!(state.phase, Phase::Failed | Phase::Ended) {
             return Poll::Ready(HeadState::Failed);
@@ -451,9 +571,58 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
         }
         None => {}
     }
-    let response = match poll_fn(|cx| inner.poll_ready(cx)).await {
-        Ok(()) => inner.call(request).await,
-        Err(error) => Err(error),
+    // An upstream slot first: the hub never holds more than `max_subscriptions` upstream
+    // responses, counting those of subscriptions it closed that have not let go yet.
+    let slot = loop {
+        let freed = guard.hub.freed.notified();
+        let mut freed = pin!(freed);
+        freed.as_mut().enable();
+        if let Some(slot) = guard.hub.take_slot(config.max_subscriptions) {
+            break slot;
+        }
+        let wait = poll_fn(|cx| {
+            if freed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            match topic.audience(cx.waker()) {
+                Audience::Attached => Poll::Pending,
+                audience => Poll::Ready(Some(audience)),
+            }
+        })
+        .await;
+        if wait.is_some() && close_if_idle(&guard.hub, &topic) {
+            guard.reason = "abandoned";
+            return;
+        }
+    };
+    // Calling the upstream; when every client leaves before it answers, the call is dropped.
+    let call = async {
+        match poll_fn(|cx| inner.poll_ready(cx)).await {
+            Ok(()) => inner.call(request).await,
+            Err(error) => Err(error),
+        }
+    };
+    let mut call = pin!(call);
+    let response = loop {
+        let step = poll_fn(|cx| {
+            if let Poll::Ready(response) = call.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            match topic.audience(cx.waker()) {
+                Audience::Attached => Poll::Pending,
+                _ => Poll::Ready(None),
+            }
+        })
+        .await;
+        match step {
+            Some(response) => break response,
+            None if close_if_idle(&guard.hub, &topic) => {
+                guard.reason = "abandoned";
+                return;
+            }
+            // A client attached in between: keep waiting (the task hears of the next change).
+            None => tokio::task::yield_now().await,
+        }
     };
     let response = match response {
         Ok(response) if is_shareable(&response) => response,
@@ -496,7 +665,15 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
     let mut lingering = false;
     loop {
         let step = poll_fn(|cx| {
-            if topic.is_idle(cx.waker()) {
+            let audience = topic.audience(cx.waker());
+            if audience == Audience::Closed {
+                return Poll::Ready(Step::Closed);
+            }
+            if audience == Audience::Abandoned {
+                // Nobody ever got this response: nobody comes back to it, no linger.
+                return Poll::Ready(Step::LingerExpired);
+            }
+            if audience == Audience::Idle {
                 if !lingering {
                     linger.as_mut().reset(Instant::now() + config.linger);
                     lingering = true;
@@ -533,6 +710,10 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
                 }
                 lingering = false;
             }
+            Step::Closed => {
+                guard.reason = "evicted";
+                return;
+            }
             Step::UpstreamEnded => {
                 guard.reason = "upstream_ended";
                 break;
@@ -545,13 +726,25 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
     topic.end(resume_id.clone());
     guard.resume_id = resume_id;
     drop(body);
-    sleep(config.linger).await;
+    drop(slot);
+    // Until the linger expires or the hub needs the room.
+    let linger = sleep(config.linger);
+    let mut linger = pin!(linger);
+    poll_fn(|cx| {
+        if topic.audience(cx.waker()) == Audience::Closed {
+            return Poll::Ready(());
+        }
+        linger.as_mut().poll(cx)
+    })
+    .await;
 }
 
 enum Step {
     Frame(Option<Bytes>),
     LingerExpired,
     UpstreamEnded,
+    /// The hub closed the subscription to make room for another.
+    Closed,
 }
 
 /// Removes the topic when still nobody is attached; both locks at once, so that no client can
@@ -559,10 +752,14 @@ enum Step {
 fn close_if_idle(hub: &Hub, topic: &Arc<Topic>) -> bool {
     let mut topics = lock(&hub.topics);
     let mut state = lock(&topic.state);
+    if state.closed {
+        return true;
+    }
     if !state.clients.is_empty() {
         return false;
     }
     state.phase = Phase::Ended;
+    state.closed = true;
     if topics
         .get(&topic.key)
         .is_some_and(|current| Arc::ptr_eq(current, topic))
@@ -616,7 +813,10 @@ impl<St: ReplayStore> Pump<St> {
         let frame = self.out.split().freeze();
         if let Some(store) = &self.store {
             for (span, id) in self.recorded.drain(..) {
-                let bytes = frame.slice(span);
+                // Copies that own their buffers: a store that counts its bytes (and keeps an
+                // event longer than the frame lives) never holds the frame or the upstream chunk.
+                let bytes = Bytes::copy_from_slice(&frame[span]);
+                let id = Bytes::copy_from_slice(&id);
                 store.append(&self.key, StoredEvent { id, bytes });
             }
         }

@@ -64,6 +64,22 @@
 //! `EventSource` reconnects); the next request opens a new subscription whose request carries
 //! `Last-Event-ID` set to the last id the upstream sent, so an upstream that can resume continues.
 //!
+//! # How many subscriptions
+//!
+//! Stream keys come from requests, so clients choose how many there are. The hub holds at most
+//! [`max_subscriptions`](FanoutLayer::max_subscriptions) subscriptions at once (default 10,000),
+//! and at most as many upstream responses: a request for a new key when the hub is full first
+//! closes the subscriptions that have no client, the ones idle for longest first (a batch of
+//! 1/64 of the cap at a time, so that the search is not repeated for every request); the new
+//! subscription calls the upstream once a closed one has let go of its response. When every
+//! subscription has clients, the request is sent to the inner service on its own, unshared, as
+//! without a hub: it costs one upstream stream for as long as its client stays, and nothing
+//! after. (The alternative, `503` with `Retry-After`, would end browser readers for good:
+//! `EventSource` does not reconnect after a non-`200` answer.) A subscription whose clients all
+//! left before any of them got the response (a request that gave up within milliseconds) does
+//! not linger: nobody can come back to resume it, so it closes at once, and an upstream call
+//! still in flight is dropped.
+//!
 //! # With replay
 //!
 //! Put the [`ReplayLayer`](crate::replay::ReplayLayer) outside the hub and give the hub the same
@@ -193,6 +209,7 @@ struct Config {
     linger: Duration,
     ids: Ids,
     limits: Limits,
+    max_subscriptions: usize,
 }
 
 /// Shares one upstream subscription per stream key among all its clients; see the
@@ -226,6 +243,9 @@ impl Default for FanoutLayer {
 }
 
 impl FanoutLayer {
+    /// The default bound on concurrent subscriptions: 10,000.
+    pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 10_000;
+
     /// A hub keyed by [`PathAndQuery::new`] (path, query and credentials), recording nothing, with the defaults in the
     /// [module docs](self).
     pub fn new() -> Self {
@@ -240,6 +260,7 @@ impl FanoutLayer {
                 linger: Duration::from_secs(10),
                 ids: Ids::Keep,
                 limits: Limits::default(),
+                max_subscriptions: Self::DEFAULT_MAX_SUBSCRIPTIONS,
             }),
         }
     }
@@ -317,6 +338,14 @@ impl<K, St> FanoutLayer<K, St> {
         self
     }
 
+    /// Holds at most `subscriptions` subscriptions at once, lingering ones included (default
+    /// [`DEFAULT_MAX_SUBSCRIPTIONS`](FanoutLayer::DEFAULT_MAX_SUBSCRIPTIONS), at least 1); see
+    /// [the module docs](self#how-many-subscriptions).
+    pub fn max_subscriptions(mut self, subscriptions: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_subscriptions = subscriptions.max(1);
+        self
+    }
+
     /// Upstream subscriptions currently running (lingering ones included).
     pub fn subscriptions(&self) -> usize {
         self.hub.subscriptions()
@@ -388,7 +417,12 @@ where
         // The ready service goes to whoever calls it; a clone takes its place (tower's rule).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let (client, opened) = self.layer.hub.attach(key);
+        let max = self.layer.config.max_subscriptions;
+        let Some((client, opened)) = self.layer.hub.attach(key, max) else {
+            // Full of subscriptions that all have clients: this one is not shared.
+            let mut inner = inner;
+            return ResponseFuture::direct(inner.call(request));
+        };
         match opened {
             Some(topic) => {
                 let (owner, declined) = oneshot::channel();

@@ -515,3 +515,216 @@ async fn an_event_beyond_the_limits_ends_the_subscription_cleanly() {
     let _again = service.clone().oneshot(get("/t")).await.unwrap();
     assert!(senders.recv().await.is_some());
 }
+
+/// Upstream responses alive right now, the most at once, and calls made.
+#[derive(Debug, Default)]
+struct Upstreams {
+    live: AtomicUsize,
+    most: AtomicUsize,
+    calls: AtomicUsize,
+}
+
+/// Alive while its response (or the call that makes it) is.
+struct Alive(Arc<Upstreams>);
+
+impl Alive {
+    fn new(upstreams: &Arc<Upstreams>) -> Self {
+        upstreams.calls.fetch_add(1, Ordering::SeqCst);
+        let live = upstreams.live.fetch_add(1, Ordering::SeqCst) + 1;
+        upstreams.most.fetch_max(live, Ordering::SeqCst);
+        Self(upstreams.clone())
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An endless event stream that counts itself among the live upstreams.
+struct Endless {
+    _alive: Alive,
+    sent: bool,
+}
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if std::mem::replace(&mut self.sent, true) {
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(
+            "id: 1\ndata: hello\n\n",
+        )))))
+    }
+}
+
+/// An upstream that answers every request with an [`Endless`] stream after `delay`.
+fn counted_upstream(
+    delay: Duration,
+) -> (
+    Arc<Upstreams>,
+    impl Service<
+            Request<()>,
+            Response = Response<Endless>,
+            Error = Infallible,
+            Future = impl Send + 'static,
+        > + Clone
+        + Send
+        + 'static,
+) {
+    let upstreams = Arc::new(Upstreams::default());
+    let counter = upstreams.clone();
+    let service = service_fn(move |_request: Request<()>| {
+        let alive = Alive::new(&counter);
+        async move {
+            tokio::time::sleep(delay).await;
+            let response = Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .body(Endless {
+                    _alive: alive,
+                    sent: false,
+                })
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        }
+    });
+    (upstreams, service)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hub_holds_at_most_max_subscriptions_and_closes_idle_ones_first() {
+    let (upstreams, upstream) = counted_upstream(Duration::from_millis(1));
+    let layer = FanoutLayer::new().linger(60 * SECOND).max_subscriptions(3);
+    let service = layer.layer(upstream);
+    // 3 + 7 distinct keys, each read for an event and left: each lingers until room is needed.
+    for n in 0..10 {
+        let response = service
+            .clone()
+            .oneshot(get(&format!("/t?n={n}")))
+            .await
+            .unwrap();
+        assert!(response.body().is_shared());
+        let mut client = TestStream::new(response);
+        assert_eq!(data(&client.next_event().await), "hello");
+        drop(client);
+        settle().await;
+        assert!(layer.subscriptions() <= 3, "{}", layer.subscriptions());
+    }
+    assert_eq!(upstreams.calls.load(Ordering::SeqCst), 10);
+    assert_eq!(
+        upstreams.most.load(Ordering::SeqCst),
+        3,
+        "never more than 3 at once"
+    );
+    assert_eq!(upstreams.live.load(Ordering::SeqCst), 3);
+    // The newest keys are the ones still lingering: a client of key 9 rejoins it.
+    let _again = service.clone().oneshot(get("/t?n=9")).await.unwrap();
+    assert_eq!(upstreams.calls.load(Ordering::SeqCst), 10);
+    // And the lingering ones close after their linger.
+    tokio::time::sleep(61 * SECOND).await;
+    settle().await;
+    assert_eq!(upstreams.live.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.subscriptions(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_hub_of_attended_subscriptions_serves_new_keys_unshared() {
+    let (upstreams, upstream) = counted_upstream(Duration::ZERO);
+    let layer = FanoutLayer::new().max_subscriptions(2);
+    let service = layer.layer(upstream);
+    let first = service.clone().oneshot(get("/a")).await.unwrap();
+    let second = service.clone().oneshot(get("/b")).await.unwrap();
+    assert!(first.body().is_shared() && second.body().is_shared());
+    // Both have a client: a third key is not shared, and costs nothing once its client leaves.
+    let third = service.clone().oneshot(get("/c")).await.unwrap();
+    assert!(!third.body().is_shared());
+    assert_eq!(layer.subscriptions(), 2);
+    assert_eq!(upstreams.live.load(Ordering::SeqCst), 3);
+    drop(third);
+    assert_eq!(upstreams.live.load(Ordering::SeqCst), 2);
+    // Clients of a subscribed key still share it.
+    let again = service.clone().oneshot(get("/a")).await.unwrap();
+    assert!(again.body().is_shared());
+    assert_eq!(upstreams.calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subscription_nobody_got_does_not_linger() {
+    let (upstreams, upstream) = counted_upstream(10 * Duration::from_millis(1));
+    let layer = FanoutLayer::new().linger(60 * SECOND);
+    let service = layer.layer(upstream);
+    // Requests that give up before the upstream answers: each call is dropped at once.
+    for n in 0..50 {
+        let pending = service.clone().oneshot(get(&format!("/t?n={n}")));
+        let _ = tokio::time::timeout(Duration::from_millis(1), pending).await;
+        settle().await;
+        assert_eq!(layer.subscriptions(), 0);
+        assert_eq!(upstreams.live.load(Ordering::SeqCst), 0);
+    }
+    assert_eq!(upstreams.calls.load(Ordering::SeqCst), 50);
+    assert_eq!(upstreams.most.load(Ordering::SeqCst), 1);
+    // A request that got the response lingers as before.
+    let response = service.clone().oneshot(get("/kept")).await.unwrap();
+    drop(response);
+    tokio::time::sleep(30 * SECOND).await;
+    settle().await;
+    assert_eq!(layer.subscriptions(), 1);
+    assert_eq!(upstreams.live.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_hub_closes_a_batch_of_the_longest_idle() {
+    let (upstreams, upstream) = counted_upstream(Duration::ZERO);
+    let layer = FanoutLayer::new()
+        .linger(60 * SECOND)
+        .max_subscriptions(128);
+    let service = layer.layer(upstream);
+    for n in 0..128 {
+        drop(
+            service
+                .clone()
+                .oneshot(get(&format!("/t?n={n}")))
+                .await
+                .unwrap(),
+        );
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    settle().await;
+    assert_eq!(layer.subscriptions(), 128);
+    // Key 0 comes back: it is reattached, and so no longer the longest idle.
+    let zero = service.clone().oneshot(get("/t?n=0")).await.unwrap();
+    assert!(zero.body().is_shared());
+    // A new key closes a batch of 128 / 64 = 2: keys 1 and 2, idle longest.
+    let _new = service.clone().oneshot(get("/t?n=new")).await.unwrap();
+    settle().await;
+    assert_eq!(layer.subscriptions(), 127);
+    assert_eq!(upstreams.live.load(Ordering::SeqCst), 127);
+    let calls = upstreams.calls.load(Ordering::SeqCst);
+    for kept in [0, 3, 127] {
+        drop(
+            service
+                .clone()
+                .oneshot(get(&format!("/t?n={kept}")))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        upstreams.calls.load(Ordering::SeqCst),
+        calls,
+        "still subscribed"
+    );
+    drop(service.clone().oneshot(get("/t?n=1")).await.unwrap());
+    assert_eq!(
+        upstreams.calls.load(Ordering::SeqCst),
+        calls + 1,
+        "key 1 was closed"
+    );
+}

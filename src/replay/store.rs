@@ -1,8 +1,9 @@
 //! Where replayed events live: the [`ReplayStore`] trait and the in-memory [`MemoryStore`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::future::{ready, Future, Ready};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -86,16 +87,31 @@ pub trait ReplayStore: Clone + Send + Sync + 'static {
 
 /// Bounds of a [`MemoryStore`].
 ///
-/// Worst-case memory is about `max_keys * (max_bytes_per_key + max_events_per_key * 170)`
-/// bytes: the events' own bytes plus roughly 170 bytes of bookkeeping per retained event (its
-/// id is counted in its bytes). The defaults (1,000 events and 1 MiB per key, 10,000 keys) bound
-/// a full store to about 11.7 GiB only if every key is full; size them to your traffic.
+/// The whole store holds at most [`max_bytes`](Self::max_bytes) (default 64 MiB) and
+/// [`max_keys`](Self::max_keys) keys (default 10,000), whatever the number of distinct keys
+/// clients ask for; within that, each key keeps at most
+/// [`events_per_key`](Self::events_per_key) events and [`bytes_per_key`](Self::bytes_per_key)
+/// bytes. The bytes counted are what the store keeps:
+///
+/// - per retained event: its encoded bytes, its id and [`EVENT_OVERHEAD`](Self::EVENT_OVERHEAD)
+///   bytes of bookkeeping (its slot in the ring, its entry in the id index, its time);
+/// - per key: the key's bytes and [`KEY_OVERHEAD`](Self::KEY_OVERHEAD) bytes (its map entry,
+///   its place in the recency order, the empty ring and index).
+///
+/// An event's bytes are counted by their length: give the store events that own their buffer (as
+/// the replay layer and the fan-out hub do), since a slice keeps its whole buffer alive. When a new event or key would go past the budget, whole
+/// keys are evicted, the one least recently appended or read first (keys idle for
+/// [`key_idle`](Self::key_idle) are forgotten before that); the key being written to loses its
+/// oldest events only when it is the last one left, and an event bigger than the whole budget is
+/// not recorded. Memory comes back as keys expire or are evicted
+/// ([`MemoryStore::bytes`] reports the count).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryLimits {
     events_per_key: usize,
     bytes_per_key: usize,
     max_age: Option<Duration>,
     max_keys: usize,
+    max_bytes: usize,
     key_idle: Duration,
 }
 
@@ -105,13 +121,29 @@ impl Default for MemoryLimits {
             events_per_key: 1_000,
             bytes_per_key: 1024 * 1024,
             max_age: None,
-            max_keys: 10_000,
+            max_keys: Self::DEFAULT_MAX_KEYS,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
             key_idle: Duration::from_secs(3600),
         }
     }
 }
 
 impl MemoryLimits {
+    /// The default bound of the whole store: 64 MiB.
+    pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+    /// The default bound on the number of keys: 10,000.
+    pub const DEFAULT_MAX_KEYS: usize = 10_000;
+
+    /// Bytes counted per retained event besides its bytes and id: its ring slot, id index entry
+    /// and timestamp (`benches/replay.rs` measures about 119 with 100 events per key).
+    pub const EVENT_OVERHEAD: usize = 144;
+
+    /// Bytes counted per key besides the key's own bytes: its map entry, recency entry and the
+    /// first allocations of its ring and index (`benches/replay.rs` measures a key holding one
+    /// small event at about 830 bytes in all, which this counts at about 870).
+    pub const KEY_OVERHEAD: usize = 640;
+
     /// Keeps at most `events` events per key (default 1,000).
     pub fn events_per_key(mut self, events: usize) -> Self {
         self.events_per_key = events.max(1);
@@ -119,7 +151,7 @@ impl MemoryLimits {
     }
 
     /// Keeps at most `bytes` of encoded events per key (default 1 MiB); the newest event is
-    /// always kept.
+    /// always kept (within [`max_bytes`](Self::max_bytes)).
     pub fn bytes_per_key(mut self, bytes: usize) -> Self {
         self.bytes_per_key = bytes;
         self
@@ -131,10 +163,18 @@ impl MemoryLimits {
         self
     }
 
-    /// Keeps at most `keys` stream keys (default 10,000); a new key beyond it evicts the one
-    /// unused for longest.
+    /// Keeps at most `keys` stream keys (default 10,000, at least 1); a new key beyond it evicts
+    /// the one unused for longest.
     pub fn max_keys(mut self, keys: usize) -> Self {
         self.max_keys = keys.max(1);
+        self
+    }
+
+    /// Keeps at most `bytes` for the whole store, all keys together, counted as the
+    /// [type docs](Self) say (default 64 MiB); beyond it, the keys least recently appended or
+    /// read are evicted whole.
+    pub fn max_bytes(mut self, bytes: usize) -> Self {
+        self.max_bytes = bytes;
         self
     }
 
@@ -143,22 +183,37 @@ impl MemoryLimits {
         self.key_idle = idle;
         self
     }
+
+    fn is_idle(&self, stream: &Stream, now: Instant) -> bool {
+        now.saturating_duration_since(stream.last_used) >= self.key_idle
+    }
+}
+
+/// The bytes counted for a retained event.
+fn event_cost(event: &StoredEvent) -> usize {
+    event.bytes.len() + event.id.len() + MemoryLimits::EVENT_OVERHEAD
+}
+
+/// The bytes counted for a key with nothing retained.
+fn key_cost(key: &[u8]) -> usize {
+    key.len() + MemoryLimits::KEY_OVERHEAD
 }
 
 /// The default [`ReplayStore`]: bounded history per key in this process's memory.
 ///
 /// Per key a ring of events and an id index: append is O(1), finding an id O(1). Keys live in a
-/// map bounded by [`MemoryLimits::max_keys`] with idle expiry. One short `std` lock guards the
+/// map bounded in count and in bytes ([`MemoryLimits`]), ordered by last use so that eviction and
+/// idle expiry take the least recently used key in O(log n). One short `std` lock guards the
 /// map; it is never held across an `.await`. Ids it assigns carry a random per-store prefix, so an
 /// id from before a restart is unknown rather than mistaken for a new event's.
 ///
 /// ```
 /// use bytes::Bytes;
-/// use tower_sse::replay::{Lookup, MemoryStore, ReadFrom, ReplayStore, StoredEvent};
+/// use tower_sse::replay::{Lookup, MemoryLimits, MemoryStore, ReadFrom, ReplayStore, StoredEvent};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// let store = MemoryStore::new();
+/// let store = MemoryStore::with_limits(MemoryLimits::default().max_bytes(64 * 1024));
 /// let key = Bytes::from_static(b"/prices");
 /// for id in ["1", "2", "3"] {
 ///     let bytes = Bytes::from(format!("id: {id}\ndata: x\n\n"));
@@ -169,6 +224,13 @@ impl MemoryLimits {
 /// };
 /// assert_eq!(after.len(), 2);
 /// assert_eq!(store.read(&key, ReadFrom::After(b"9"), 10).await.unwrap(), Lookup::Unknown);
+///
+/// // However many keys clients make up, the store stays within its budget.
+/// for n in 0..1_000 {
+///     let key = Bytes::from(format!("/prices?nonce={n}"));
+///     store.append(&key, StoredEvent { id: Bytes::from("1"), bytes: Bytes::from("data: x\n\n") });
+/// }
+/// assert!(store.bytes() <= 64 * 1024);
 /// # }
 /// ```
 #[derive(Clone)]
@@ -179,10 +241,23 @@ pub struct MemoryStore {
 struct Shared {
     limits: MemoryLimits,
     prefix: String,
-    streams: Mutex<HashMap<Bytes, Stream>>,
+    streams: Mutex<Streams>,
+    /// The last id number assigned.
+    assigned: AtomicU64,
     /// When the store's size is next reported to telemetry (at most once a second).
     #[cfg(feature = "metrics")]
     next_report: Mutex<Instant>,
+}
+
+/// Every key's stream, their order of last use and the bytes they are counted for.
+#[derive(Default)]
+struct Streams {
+    map: HashMap<Bytes, Stream>,
+    /// Keys by last use, least recent first: a stream's `tick` leads to its key.
+    recency: BTreeMap<u64, Bytes>,
+    clock: u64,
+    /// The sum of every stream's `cost`.
+    bytes: usize,
 }
 
 struct Stream {
@@ -191,9 +266,13 @@ struct Stream {
     index: HashMap<Bytes, u64>,
     /// Sequence number of `events[0]`.
     first_seq: u64,
+    /// Encoded bytes of the retained events (the per-key bound).
     bytes: usize,
-    assigned: u64,
+    /// Bytes counted for this key: its own cost and its events'.
+    cost: usize,
     last_used: Instant,
+    /// Its place in [`Streams::recency`].
+    tick: u64,
 }
 
 struct Retained {
@@ -203,9 +282,11 @@ struct Retained {
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let streams = self.lock();
         f.debug_struct("MemoryStore")
             .field("limits", &self.shared.limits)
-            .field("keys", &self.lock().len())
+            .field("keys", &streams.map.len())
+            .field("bytes", &streams.bytes)
             .finish()
     }
 }
@@ -232,21 +313,33 @@ impl MemoryStore {
             shared: Arc::new(Shared {
                 limits,
                 prefix,
-                streams: Mutex::new(HashMap::new()),
+                streams: Mutex::new(Streams::default()),
+                assigned: AtomicU64::new(0),
                 #[cfg(feature = "metrics")]
                 next_report: Mutex::new(Instant::now()),
             }),
         }
     }
 
-    /// The number of keys held.
+    /// The number of keys held (keys idle past [`MemoryLimits::key_idle`] are forgotten first).
     pub fn keys(&self) -> usize {
-        self.lock().len()
+        let mut streams = self.lock();
+        streams.expire(&self.shared.limits, Instant::now());
+        streams.map.len()
+    }
+
+    /// The bytes the store is counted for, all keys together, as [`MemoryLimits`] counts them
+    /// (keys idle past [`MemoryLimits::key_idle`] are forgotten first); never more than
+    /// [`MemoryLimits::max_bytes`].
+    pub fn bytes(&self) -> usize {
+        let mut streams = self.lock();
+        streams.expire(&self.shared.limits, Instant::now());
+        streams.bytes
     }
 
     /// The number of events retained for `key`.
     pub fn len(&self, key: &[u8]) -> usize {
-        self.lock().get(key).map_or(0, |s| s.events.len())
+        self.lock().map.get(key).map_or(0, |s| s.events.len())
     }
 
     /// True when nothing is retained for `key`.
@@ -254,7 +347,7 @@ impl MemoryStore {
         self.len(key) == 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Bytes, Stream>> {
+    fn lock(&self) -> MutexGuard<'_, Streams> {
         // A panic while holding the lock leaves the maps consistent (every update is done before
         // anything can panic), so a poisoned lock is still usable.
         self.shared
@@ -265,7 +358,7 @@ impl MemoryStore {
 
     /// Sets the size gauges, at most once a second (a sum over the keys).
     #[cfg(feature = "metrics")]
-    fn report_size(&self, streams: &HashMap<Bytes, Stream>, now: Instant) {
+    fn report_size(&self, streams: &Streams, now: Instant) {
         let mut next = self
             .shared
             .next_report
@@ -273,41 +366,121 @@ impl MemoryStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if now >= *next {
             *next = now + Duration::from_secs(1);
-            let events = streams.values().map(|s| s.events.len()).sum();
-            crate::telemetry::store_size(streams.len(), events);
+            let events = streams.map.values().map(|s| s.events.len()).sum();
+            crate::telemetry::store_size(streams.map.len(), events);
+        }
+    }
+}
+
+impl Streams {
+    /// Forgets the keys unused for the idle time (the least recently used come first).
+    fn expire(&mut self, limits: &MemoryLimits, now: Instant) {
+        while let Some((_, key)) = self.recency.first_key_value() {
+            let idle = self
+                .map
+                .get(key)
+                .is_none_or(|stream| limits.is_idle(stream, now));
+            if !idle {
+                break;
+            }
+            let key = key.clone();
+            self.remove(&key);
         }
     }
 
-    /// The stream of `key`, created if needed, with the key bound enforced.
-    fn stream<'a>(
-        &self,
-        streams: &'a mut HashMap<Bytes, Stream>,
-        key: &Bytes,
-        now: Instant,
-    ) -> &'a mut Stream {
-        let limits = &self.shared.limits;
-        if !streams.contains_key(key) && streams.len() >= limits.max_keys {
-            streams.retain(|_, s| now.duration_since(s.last_used) < limits.key_idle);
-            if streams.len() >= limits.max_keys {
-                let oldest = streams
-                    .iter()
-                    .min_by_key(|(_, s)| s.last_used)
-                    .map(|(k, _)| k.clone());
-                if let Some(oldest) = oldest {
-                    streams.remove(&oldest);
-                }
+    /// Forgets `key` and everything retained for it.
+    fn remove(&mut self, key: &[u8]) {
+        if let Some(stream) = self.map.remove(key) {
+            self.recency.remove(&stream.tick);
+            self.bytes -= stream.cost;
+        }
+    }
+
+    /// Forgets the least recently used key other than `keep`; false when there is none.
+    fn evict_one(&mut self, keep: &[u8]) -> bool {
+        let victim = self
+            .recency
+            .values()
+            .find(|key| key.as_ref() != keep)
+            .cloned();
+        match victim {
+            Some(victim) => {
+                self.remove(&victim);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Marks `key` (held) as the most recently used.
+    fn touch(&mut self, key: &[u8], now: Instant) {
+        let Some(stream) = self.map.get_mut(key) else {
+            return;
+        };
+        stream.last_used = now;
+        if let Some(key) = self.recency.remove(&stream.tick) {
+            self.clock += 1;
+            stream.tick = self.clock;
+            self.recency.insert(self.clock, key);
+        }
+    }
+
+    /// Makes `key` held and the most recently used, within the key bound (and, as far as other
+    /// keys can give way, the byte bound); false when the key alone does not fit the budget.
+    fn hold(&mut self, key: &Bytes, limits: &MemoryLimits, now: Instant) -> bool {
+        self.expire(limits, now);
+        if self.map.contains_key(key) {
+            self.touch(key, now);
+            return true;
+        }
+        let cost = key_cost(key);
+        if cost > limits.max_bytes {
+            return false;
+        }
+        while self.map.len() >= limits.max_keys || self.bytes + cost > limits.max_bytes {
+            if !self.evict_one(key) {
+                break;
             }
         }
-        let stream = streams.entry(key.clone()).or_insert_with(|| Stream {
-            events: VecDeque::new(),
-            index: HashMap::new(),
-            first_seq: 0,
-            bytes: 0,
-            assigned: 0,
-            last_used: now,
-        });
-        stream.last_used = now;
-        stream
+        self.clock += 1;
+        self.recency.insert(self.clock, key.clone());
+        self.map.insert(
+            key.clone(),
+            Stream {
+                events: VecDeque::new(),
+                index: HashMap::new(),
+                first_seq: 0,
+                bytes: 0,
+                cost,
+                last_used: now,
+                tick: self.clock,
+            },
+        );
+        self.bytes += cost;
+        true
+    }
+
+    /// Applies `f` to the stream of `key` and keeps the byte count in step with its cost.
+    fn update<T>(&mut self, key: &[u8], f: impl FnOnce(&mut Stream) -> T) -> Option<T> {
+        let stream = self.map.get_mut(key)?;
+        let before = stream.cost;
+        let out = f(stream);
+        self.bytes = self.bytes - before + stream.cost;
+        Some(out)
+    }
+
+    /// Brings the store back within its byte budget after `key` grew: other keys go first, the
+    /// least recently used first; then `key`'s own oldest events.
+    fn fit(&mut self, key: &[u8], limits: &MemoryLimits) {
+        while self.bytes > limits.max_bytes {
+            if self.evict_one(key) {
+                continue;
+            }
+            let shrunk = self.update(key, Stream::pop_oldest).unwrap_or(false);
+            if !shrunk {
+                break;
+            }
+        }
     }
 }
 
@@ -322,11 +495,28 @@ impl Stream {
             if !(too_many || too_big || too_old) {
                 break;
             }
-            let gone = self.events.pop_front().expect("front exists");
-            self.bytes -= gone.event.bytes.len();
-            self.index.remove(&gone.event.id);
-            self.first_seq += 1;
+            self.pop_oldest();
         }
+    }
+
+    /// Drops the oldest event; false when there is none.
+    fn pop_oldest(&mut self) -> bool {
+        let Some(gone) = self.events.pop_front() else {
+            return false;
+        };
+        self.bytes -= gone.event.bytes.len();
+        self.cost -= event_cost(&gone.event);
+        self.index.remove(&gone.event.id);
+        self.first_seq += 1;
+        true
+    }
+
+    fn push(&mut self, event: StoredEvent, now: Instant) {
+        let seq = self.first_seq + self.events.len() as u64;
+        self.index.insert(event.id.clone(), seq);
+        self.bytes += event.bytes.len();
+        self.cost += event_cost(&event);
+        self.events.push_back(Retained { event, at: now });
     }
 
     fn collect(&self, from: usize, limit: usize) -> Vec<StoredEvent> {
@@ -344,72 +534,78 @@ impl ReplayStore for MemoryStore {
 
     fn read(&self, key: &Bytes, from: ReadFrom<'_>, limit: usize) -> Self::Read {
         let now = Instant::now();
+        let limits = &self.shared.limits;
         let mut streams = self.lock();
-        let Some(stream) = streams.get_mut(key) else {
-            return ready(Ok(match from {
-                ReadFrom::Oldest | ReadFrom::Newest => Lookup::Found(Vec::new()),
-                ReadFrom::After(_) => Lookup::Unknown,
-            }));
-        };
-        stream.last_used = now;
-        stream.trim(&self.shared.limits, now);
-        let lookup = match from {
-            ReadFrom::Oldest => Lookup::Found(stream.collect(0, limit)),
-            ReadFrom::Newest => {
-                let from = stream.events.len().saturating_sub(limit);
-                Lookup::Found(stream.collect(from, limit))
-            }
-            ReadFrom::After(id) => match stream.index.get(id) {
-                Some(&seq) => {
-                    let position = (seq - stream.first_seq) as usize;
-                    Lookup::Found(stream.collect(position + 1, limit))
+        streams.expire(limits, now);
+        streams.touch(key, now);
+        let lookup = streams.update(key, |stream| {
+            stream.trim(limits, now);
+            match from {
+                ReadFrom::Oldest => Lookup::Found(stream.collect(0, limit)),
+                ReadFrom::Newest => {
+                    let from = stream.events.len().saturating_sub(limit);
+                    Lookup::Found(stream.collect(from, limit))
                 }
-                None => Lookup::Unknown,
-            },
-        };
-        ready(Ok(lookup))
+                ReadFrom::After(id) => match stream.index.get(id) {
+                    Some(&seq) => {
+                        let position = (seq - stream.first_seq) as usize;
+                        Lookup::Found(stream.collect(position + 1, limit))
+                    }
+                    None => Lookup::Unknown,
+                },
+            }
+        });
+        ready(Ok(lookup.unwrap_or(match from {
+            ReadFrom::Oldest | ReadFrom::Newest => Lookup::Found(Vec::new()),
+            ReadFrom::After(_) => Lookup::Unknown,
+        })))
     }
 
     fn append(&self, key: &Bytes, event: StoredEvent) {
         let now = Instant::now();
-        let mut streams = self.lock();
-        let stream = self.stream(&mut streams, key, now);
-        if stream.index.contains_key(&event.id) {
+        let limits = &self.shared.limits;
+        if key_cost(key) + event_cost(&event) > limits.max_bytes {
+            // Bigger than the whole budget: never recorded (a replay then finds its id unknown).
             return;
         }
-        let seq = stream.first_seq + stream.events.len() as u64;
-        stream.index.insert(event.id.clone(), seq);
-        stream.bytes += event.bytes.len();
-        stream.events.push_back(Retained { event, at: now });
-        stream.trim(&self.shared.limits, now);
+        let mut streams = self.lock();
+        if !streams.hold(key, limits, now) {
+            return;
+        }
+        let known = streams
+            .map
+            .get(key)
+            .is_some_and(|stream| stream.index.contains_key(&event.id));
+        if known {
+            return;
+        }
+        streams.update(key, |stream| {
+            stream.push(event, now);
+            stream.trim(limits, now);
+        });
+        streams.fit(key, limits);
         #[cfg(feature = "metrics")]
         self.report_size(&streams, now);
     }
 
     fn trim(&self, key: &Bytes, keep: usize) {
-        let mut streams = self.lock();
-        let Some(stream) = streams.get_mut(key) else {
-            return;
-        };
         let limits = MemoryLimits {
             events_per_key: keep,
             ..self.shared.limits
         };
-        stream.trim(&limits, Instant::now());
-        if keep == 0 {
-            // Ids assigned so far stay used: `assigned` keeps counting.
-            stream.events.clear();
-            stream.index.clear();
-            stream.bytes = 0;
-        }
+        self.lock().update(key, |stream| {
+            stream.trim(&limits, Instant::now());
+            if keep == 0 {
+                while stream.pop_oldest() {}
+            }
+        });
     }
 
-    fn next_id(&self, key: &Bytes) -> Bytes {
-        let now = Instant::now();
-        let mut streams = self.lock();
-        let stream = self.stream(&mut streams, key, now);
-        stream.assigned += 1;
-        Bytes::from(format!("{}-{}", self.shared.prefix, stream.assigned))
+    fn next_id(&self, _key: &Bytes) -> Bytes {
+        // One counter for the whole store: ids stay unique and increasing per key even when a
+        // key is evicted and comes back (an id handed out before is then unknown, never reused).
+        let n = self.shared.assigned.fetch_add(1, Ordering::Relaxed) + 1;
+        Bytes::from(format!("{}-{}", self.shared.prefix, n))
     }
 }
 
@@ -553,10 +749,11 @@ mod tests {
             }
         }
         assert_eq!(store.keys(), 1_000);
-        let retained: usize = store.lock().values().map(|s| s.events.len()).sum();
+        let retained: usize = store.lock().map.values().map(|s| s.events.len()).sum();
         assert_eq!(retained, 10_000);
         assert!(store
             .lock()
+            .map
             .values()
             .all(|s| s.index.len() == s.events.len()));
     }
@@ -578,7 +775,7 @@ mod tests {
     }
 
     #[test]
-    fn assigned_ids_increase_per_key_and_carry_the_store_prefix() {
+    fn assigned_ids_increase_and_carry_the_store_prefix() {
         let store = MemoryStore::new();
         let key = Bytes::from_static(b"k");
         let a = store.next_id(&key);
@@ -587,7 +784,106 @@ mod tests {
         let prefix = &store.shared.prefix;
         assert_eq!(a, format!("{prefix}-1"));
         assert_eq!(b, format!("{prefix}-2"));
-        assert_eq!(other, format!("{prefix}-1"));
+        assert_eq!(other, format!("{prefix}-3"));
         assert_ne!(MemoryStore::new().shared.prefix, *prefix);
+    }
+
+    /// Appends one event to each of `keys` distinct keys.
+    fn fill(store: &MemoryStore, keys: std::ops::Range<usize>) {
+        for n in keys {
+            let key = Bytes::from(format!("/stream?nonce={n}"));
+            store.append(&key, event(&n.to_string()));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_whole_store_stays_within_its_byte_budget() {
+        let budget = 16 * 1024;
+        let store = MemoryStore::with_limits(MemoryLimits::default().max_bytes(budget));
+        assert_eq!(store.bytes(), 0);
+        fill(&store, 0..5_000);
+        assert!(store.bytes() <= budget, "{} > {budget}", store.bytes());
+        // What is counted is the keys and events held.
+        let one = key_cost(b"/stream?nonce=4999") + event_cost(&event("4999"));
+        assert!(store.keys() >= budget / one - 1 && store.keys() <= budget / one);
+        // The newest key is still replayable; the oldest were evicted whole.
+        let newest = Bytes::from("/stream?nonce=4999");
+        assert_eq!(read(&store, &newest, ReadFrom::Oldest, 10).await, ["4999"]);
+        assert_eq!(store.len(b"/stream?nonce=0"), 0);
+        let counted: usize = store.lock().map.values().map(|s| s.cost).sum();
+        assert_eq!(counted, store.bytes());
+    }
+
+    #[tokio::test]
+    async fn eviction_takes_the_least_recently_used_key() {
+        let one = key_cost(b"/stream?nonce=0") + event_cost(&event("0"));
+        let store = MemoryStore::with_limits(MemoryLimits::default().max_bytes(3 * one));
+        fill(&store, 0..3);
+        assert_eq!(store.keys(), 3);
+        // Reading key 0 makes key 1 the least recently used.
+        let first = Bytes::from("/stream?nonce=0");
+        assert_eq!(read(&store, &first, ReadFrom::Oldest, 10).await, ["0"]);
+        fill(&store, 3..4);
+        assert_eq!(store.keys(), 3);
+        assert_eq!(store.len(b"/stream?nonce=0"), 1);
+        assert_eq!(store.len(b"/stream?nonce=1"), 0);
+        assert_eq!(store.len(b"/stream?nonce=3"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lone_key_past_the_budget_loses_its_oldest_events() {
+        let key = Bytes::from_static(b"k");
+        let budget = key_cost(&key) + 3 * event_cost(&event("0"));
+        let store = MemoryStore::with_limits(MemoryLimits::default().max_bytes(budget));
+        for id in 0..10 {
+            store.append(&key, event(&id.to_string()));
+        }
+        assert_eq!(
+            read(&store, &key, ReadFrom::Oldest, 10).await,
+            ["7", "8", "9"]
+        );
+        assert!(store.bytes() <= budget);
+        // An event bigger than the whole budget is not recorded, and costs nothing.
+        let before = store.bytes();
+        let huge = StoredEvent {
+            id: Bytes::from_static(b"huge"),
+            bytes: Bytes::from(vec![b'x'; budget]),
+        };
+        store.append(&key, huge);
+        assert_eq!(store.bytes(), before);
+        assert_eq!(
+            read(&store, &key, ReadFrom::After(b"huge"), 10).await,
+            ["<unknown>"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_comes_back_when_keys_expire() {
+        let limits = MemoryLimits::default()
+            .max_bytes(1024 * 1024)
+            .key_idle(Duration::from_secs(60));
+        let store = MemoryStore::with_limits(limits);
+        let baseline = store.bytes();
+        fill(&store, 0..1_000);
+        assert!(store.bytes() > baseline + 1_000 * MemoryLimits::KEY_OVERHEAD);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        // A key still in use stays; the others go once idle.
+        let kept = Bytes::from("/stream?nonce=7");
+        assert_eq!(read(&store, &kept, ReadFrom::Oldest, 10).await, ["7"]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(store.keys(), 1);
+        assert_eq!(store.bytes(), key_cost(&kept) + event_cost(&event("7")));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(store.bytes(), baseline);
+        assert_eq!(store.keys(), 0);
+        assert!(store.lock().recency.is_empty());
+    }
+
+    #[test]
+    fn the_defaults_bound_the_store() {
+        let limits = MemoryLimits::default();
+        assert_eq!(limits.max_bytes, MemoryLimits::DEFAULT_MAX_BYTES);
+        assert_eq!(limits.max_bytes, 64 * 1024 * 1024);
+        assert_eq!(limits.max_keys, 10_000);
     }
 }
