@@ -435,6 +435,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn no_keep_alive_promised_to_http10() {
+        let keep_alive = service_fn(|_req: Request<()>| async {
+            let response = Response::builder()
+                .header(CONTENT_TYPE, "text/event-stream")
+                .header(CONNECTION, "Keep-Alive")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        });
+        for layer in [
+            SseHeadersLayer::new(),
+            SseHeadersLayer::new().connection_header(HeaderValue::from_static("keep-alive")),
+            SseHeadersLayer::new().skip_connection_header(),
+        ] {
+            let response = layer
+                .layer(keep_alive)
+                .oneshot(request(Version::HTTP_10, None))
+                .await
+                .unwrap();
+            assert!(response.headers().get(CONNECTION).is_none(), "{layer:?}");
+        }
+        // Another option is still sent, and the inner service's `close` kept.
+        let response = SseHeadersLayer::new()
+            .connection_header(HeaderValue::from_static("close"))
+            .layer(keep_alive)
+            .oneshot(request(Version::HTTP_10, None))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()[CONNECTION], "close");
+        let response = SseHeadersLayer::new()
+            .layer(upstream("text/event-stream"))
+            .oneshot(request(Version::HTTP_10, None))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()[CONNECTION], "close");
+    }
+
+    #[tokio::test]
     async fn non_streams_pass_untouched() {
         let service = SseHeadersLayer::new().layer(upstream("application/json"));
         let response = service
