@@ -184,6 +184,13 @@ impl<B> InnerOrLocal<B> {
         response
     }
 
+    /// No body at all: the answer to a `HEAD` request (see [`head_parts`]).
+    pub(crate) fn empty() -> Self {
+        Self {
+            kind: Kind::Local { body: None },
+        }
+    }
+
     /// True when a layer answered by itself.
     pub fn is_local(&self) -> bool {
         matches!(self.kind, Kind::Local { .. })
@@ -245,7 +252,27 @@ pin_project! {
     enum PrefixedKind<B> {
         Untouched { #[pin] inner: B },
         Stream { #[pin] inner: B, frames: Prefixed, tally: Option<StreamTally> },
+        Empty { nothing: () },
     }
+}
+
+/// The head of a response to a `HEAD` request, its body dropped: a `HEAD` response carries no
+/// body on any protocol, and HTTP/2 resets the stream of one that sends it anyway.
+///
+/// The headers stay those of a `GET`: an event stream keeps no `Content-Length` (it has no
+/// length); any other response gets the `Content-Length` the server would have sent for the
+/// body's exact size, if it had none.
+pub(crate) fn head_parts<B: Body>(response: Response<B>) -> http::response::Parts {
+    let (mut parts, body) = response.into_parts();
+    if crate::wire::is_event_stream(&parts.headers) {
+        parts.headers.remove(CONTENT_LENGTH);
+    } else if let Some(length) = body.size_hint().exact() {
+        parts
+            .headers
+            .entry(CONTENT_LENGTH)
+            .or_insert_with(|| HeaderValue::from(length));
+    }
+    parts
 }
 
 /// Reports an event stream's life (opened, frames, how it closed) to telemetry; the client
@@ -302,6 +329,13 @@ impl<B> PrefixedBody<B> {
         }
     }
 
+    /// No body at all: the answer to a `HEAD` request (see [`head_parts`]).
+    pub(crate) fn empty() -> Self {
+        Self {
+            kind: PrefixedKind::Empty { nothing: () },
+        }
+    }
+
     /// An event stream: `first` (if any) goes out first; the inner body's leading BOM is then
     /// dropped.
     pub(crate) fn stream(inner: B, first: Option<Bytes>) -> Self {
@@ -332,6 +366,7 @@ impl<B> fmt::Debug for PrefixedBody<B> {
         let kind = match self.kind {
             PrefixedKind::Untouched { .. } => "Untouched",
             PrefixedKind::Stream { .. } => "Stream",
+            PrefixedKind::Empty { .. } => "Empty",
         };
         f.debug_tuple("PrefixedBody").field(&kind).finish()
     }
@@ -347,14 +382,21 @@ impl<B: Body<Data = Bytes>> Body for PrefixedBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             PrefixedProj::Untouched { inner } => inner.poll_frame(cx),
+            PrefixedProj::Empty { .. } => Poll::Ready(None),
             PrefixedProj::Stream {
-                inner,
+                mut inner,
                 frames,
                 tally,
             } => {
-                let polled = frames.poll_frame(inner, cx);
+                let polled = frames.poll_frame(inner.as_mut(), cx);
                 if let Some(tally) = tally {
                     tally.observe(&polled);
+                    // A server that is told the body ended (a lifetime or shutdown end frame, an
+                    // inner body with a known end) polls no more and drops it: the stream ended
+                    // here, not when the tally is dropped.
+                    if matches!(polled, Poll::Ready(Some(Ok(_)))) && frames.is_end_stream(&*inner) {
+                        tally.close(Close::End);
+                    }
                 }
                 polled
             }
@@ -365,6 +407,7 @@ impl<B: Body<Data = Bytes>> Body for PrefixedBody<B> {
         match &self.kind {
             PrefixedKind::Untouched { inner } => inner.is_end_stream(),
             PrefixedKind::Stream { inner, frames, .. } => frames.is_end_stream(inner),
+            PrefixedKind::Empty { .. } => true,
         }
     }
 
@@ -373,6 +416,7 @@ impl<B: Body<Data = Bytes>> Body for PrefixedBody<B> {
             PrefixedKind::Untouched { inner } => inner.size_hint(),
             // Bytes are added, and Content-Length is gone: an exact hint would bring it back.
             PrefixedKind::Stream { .. } => SizeHint::default(),
+            PrefixedKind::Empty { .. } => SizeHint::with_exact(0),
         }
     }
 }

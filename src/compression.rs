@@ -26,6 +26,9 @@
 //!   Brotli from quality 5 on switches to a hasher whose tables cost about 33 MB per stream:
 //!   keep it at 4 or below unless streams are few.
 //!
+//! A response to `HEAD` gets the headers a `GET` would (`Content-Encoding` included) and no
+//! compressor: there is no body to compress.
+//!
 //! Put it inside [`PassthroughLayer`](crate::PassthroughLayer) and outside the layers that add
 //! events (heartbeats, replay, comment metadata), so everything the client gets is compressed.
 //!
@@ -73,6 +76,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::future::Exchange;
 use crate::telemetry;
 use crate::wire::media::{parse_qvalue, trim};
 use crate::wire::{is_event_stream, Scanner};
@@ -238,9 +242,11 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let encoding = self.config.negotiate(request.headers());
+        let exchange = Exchange::of(&request);
         ResponseFuture {
             future: self.inner.call(request),
             choice: encoding.map(|e| (e, self.config.levels[e.index()].unwrap_or_default())),
+            exchange,
         }
     }
 }
@@ -251,6 +257,7 @@ pin_project! {
         #[pin]
         future: F,
         choice: Option<(Encoding, u32)>,
+        exchange: Exchange,
     }
 }
 
@@ -292,6 +299,13 @@ where
         parts
             .headers
             .insert(CONTENT_ENCODING, HeaderValue::from_static(encoding.token()));
+        if this.exchange.is_head() {
+            // The headers of a GET, and no body to compress: not even a compressor's header.
+            let body = CompressionBody {
+                kind: Kind::Untouched { inner },
+            };
+            return Poll::Ready(Ok(Response::from_parts(parts, body)));
+        }
         let mut compressor = Compressor::new(encoding, level);
         // The header (and an empty flushed block) goes out at once.
         compressor.flush();

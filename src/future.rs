@@ -8,7 +8,50 @@ use std::task::{ready, Context, Poll};
 use http::Response;
 use pin_project_lite::pin_project;
 
+pub(crate) use sealed::Exchange;
+
 pub(crate) mod sealed {
+    use http::{HeaderMap, Method, Request};
+
+    use crate::wire::{is_event_stream, is_plain_event_stream};
+
+    /// What a layer needs to know of the request to decide, with the response head, whether the
+    /// response gets event-stream body work: the one decision every layer takes the same way.
+    ///
+    /// A response to `HEAD` carries no body on any protocol (HTTP/2 resets a stream that sends one),
+    /// so it never gets body work, whatever its headers say: no initial comment, retry block,
+    /// heartbeat, metadata, compressor header or end frame. Its headers are those of a `GET`.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Exchange {
+        head: bool,
+    }
+
+    impl Exchange {
+        /// The exchange of `request`.
+        pub(crate) fn of<B>(request: &Request<B>) -> Self {
+            Self {
+                head: request.method() == Method::HEAD,
+            }
+        }
+
+        /// True for a `HEAD` request: the response must carry no body.
+        pub(crate) fn is_head(self) -> bool {
+            self.head
+        }
+
+        /// True when the response is an event stream whose body a layer may time or wrap
+        /// ([`is_event_stream`]), and there is a body at all.
+        pub(crate) fn has_stream_body(self, headers: &HeaderMap) -> bool {
+            !self.head && is_event_stream(headers)
+        }
+
+        /// True when the response is an event stream whose bytes a layer may read and insert into
+        /// ([`is_plain_event_stream`]), and there is a body at all.
+        pub(crate) fn has_plain_stream_body(self, headers: &HeaderMap) -> bool {
+            !self.head && is_plain_event_stream(headers)
+        }
+    }
+
     /// What a layer does with the response head: pick the body (untouched, or its stream
     /// variant) once, when the inner service answers.
     pub trait OnResponse<B> {
@@ -16,7 +59,11 @@ pub(crate) mod sealed {
         type Body;
 
         /// Wraps the inner service's response.
-        fn on_response(self, response: http::Response<B>) -> http::Response<Self::Body>;
+        fn on_response(
+            self,
+            exchange: Exchange,
+            response: http::Response<B>,
+        ) -> http::Response<Self::Body>;
     }
 }
 
@@ -28,14 +75,16 @@ pin_project! {
         #[pin]
         future: F,
         layer: Option<L>,
+        exchange: Exchange,
     }
 }
 
 impl<F, L> ResponseFuture<F, L> {
-    pub(crate) fn new(future: F, layer: L) -> Self {
+    pub(crate) fn new(exchange: Exchange, future: F, layer: L) -> Self {
         Self {
             future,
             layer: Some(layer),
+            exchange,
         }
     }
 }
@@ -60,6 +109,6 @@ where
             .layer
             .take()
             .expect("ResponseFuture polled after completion");
-        Poll::Ready(Ok(layer.on_response(response)))
+        Poll::Ready(Ok(layer.on_response(*this.exchange, response)))
     }
 }

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `Content-Type` | `text/event-stream; charset=utf-8` | the exact type `EventSource` requires |
 //! | `Cache-Control` | `no-cache` | a cached stream replays stale events |
-//! | `Connection` | `keep-alive`, HTTP/1 only | illegal on HTTP/2 and HTTP/3, so removed there |
+//! | `Connection` | `keep-alive`, HTTP/1.1 only | illegal on HTTP/2 and HTTP/3, so removed there; an HTTP/1.0 stream is close-delimited, so it is never promised `keep-alive` |
 //! | `X-Accel-Buffering` | `no` | nginx (and APISIX, Kong) buffer the response otherwise |
 //!
 //! Which responses it touches: those whose Content-Type is an event stream (the crate's one
@@ -18,6 +18,10 @@
 //! In strict mode ([`strict_accept`](SseHeadersLayer::strict_accept)) a request whose `Accept`
 //! rules out `text/event-stream` is answered `406 Not Acceptable` without calling the inner
 //! service. Use it on routes that only serve streams.
+//!
+//! A response to `HEAD` gets the same headers as a `GET`, and no body: whatever body the inner
+//! service gives it is dropped unpolled (HTTP/2 resets a `HEAD` stream that sends a body), and a
+//! response that is not an event stream keeps the `Content-Length` of that body.
 //!
 //! Unlike `tower_http::set_header`, the policy is SSE-aware: it leaves non-stream responses alone
 //! and knows which headers HTTP/2 forbids.
@@ -69,7 +73,8 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::InnerOrLocal;
+use crate::body::{head_parts, InnerOrLocal};
+use crate::future::Exchange;
 use crate::telemetry;
 use crate::wire::{
     accepts_event_stream, asks_for_event_stream, is_event_stream, EVENT_STREAM_UTF8,
@@ -137,7 +142,9 @@ impl SseHeadersLayer {
     /// The `Connection` value for HTTP/1 responses (default: `keep-alive`).
     ///
     /// Never sent on HTTP/2 or HTTP/3, where the header is illegal; it is removed there even when
-    /// the inner service (or a proxied HTTP/1 upstream) set it.
+    /// the inner service (or a proxied HTTP/1 upstream) set it. Nor is `keep-alive` ever sent to
+    /// an HTTP/1.0 client: an event stream has no length, so on HTTP/1.0 it ends when the
+    /// connection closes; a `keep-alive` the inner service set is removed there too.
     pub fn connection_header(mut self, value: HeaderValue) -> Self {
         self.policy_mut().connection = Some(value);
         self
@@ -230,13 +237,15 @@ where
             };
         }
         let asked = self.policy.match_accept && asks_for_event_stream(request.headers());
-        let http1 = request.version() < Version::HTTP_2;
+        let version = request.version();
+        let head = Exchange::of(&request).is_head();
         ResponseFuture {
             state: State::Inner {
                 future: self.inner.call(request),
                 policy: self.policy.clone(),
                 asked,
-                http1,
+                version,
+                head,
             },
         }
     }
@@ -258,7 +267,8 @@ pin_project! {
             future: F,
             policy: Arc<Policy>,
             asked: bool,
-            http1: bool,
+            version: Version,
+            head: bool,
         },
         Rejected {
             done: bool,
@@ -275,6 +285,7 @@ impl<F> fmt::Debug for ResponseFuture<F> {
 impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
 {
     type Output = Result<Response<SseHeadersBody<B>>, E>;
 
@@ -284,14 +295,19 @@ where
                 future,
                 policy,
                 asked,
-                http1,
+                version,
+                head,
             } => {
                 let mut response = ready!(future.poll(cx))?;
                 let is_stream = is_event_stream(response.headers())
                     || (*asked && response.status() == StatusCode::OK);
                 if is_stream {
-                    policy.apply(response.headers_mut(), *http1);
+                    policy.apply(response.headers_mut(), *version);
                     telemetry::headers_applied(policy.override_content_type);
+                }
+                if *head {
+                    let parts = head_parts(response);
+                    return Poll::Ready(Ok(Response::from_parts(parts, InnerOrLocal::empty())));
                 }
                 Poll::Ready(Ok(response.map(InnerOrLocal::inner)))
             }
@@ -305,26 +321,40 @@ where
 }
 
 impl Policy {
-    fn apply(&self, headers: &mut HeaderMap, http1: bool) {
+    fn apply(&self, headers: &mut HeaderMap, version: Version) {
         if self.override_content_type {
             headers.insert(CONTENT_TYPE, EVENT_STREAM_UTF8);
         }
         if let Some(value) = &self.cache_control {
             headers.insert(CACHE_CONTROL, value.clone());
         }
-        match (&self.connection, http1) {
-            (Some(value), true) => {
+        if version >= Version::HTTP_2 {
+            headers.remove(CONNECTION);
+        } else if version == Version::HTTP_11 {
+            if let Some(value) = &self.connection {
                 headers.insert(CONNECTION, value.clone());
             }
-            (_, false) => {
+        } else {
+            // HTTP/1.0 (or 0.9): the stream is delimited by the connection's close.
+            if let Some(value) = self.connection.as_ref().filter(|v| !is_keep_alive(v)) {
+                headers.insert(CONNECTION, value.clone());
+            }
+            if headers.get_all(CONNECTION).iter().any(is_keep_alive) {
                 headers.remove(CONNECTION);
             }
-            (None, true) => {}
         }
         if self.disable_proxy_buffering {
             headers.insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
         }
     }
+}
+
+/// True when a `Connection` value has the `keep-alive` option.
+fn is_keep_alive(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|option| crate::wire::media::trim(option).eq_ignore_ascii_case(b"keep-alive"))
 }
 
 fn not_acceptable<B>() -> Response<SseHeadersBody<B>> {
@@ -405,6 +435,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn no_keep_alive_promised_to_http10() {
+        let keep_alive = service_fn(|_req: Request<()>| async {
+            let response = Response::builder()
+                .header(CONTENT_TYPE, "text/event-stream")
+                .header(CONNECTION, "Keep-Alive")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        });
+        for layer in [
+            SseHeadersLayer::new(),
+            SseHeadersLayer::new().connection_header(HeaderValue::from_static("keep-alive")),
+            SseHeadersLayer::new().skip_connection_header(),
+        ] {
+            let response = layer
+                .layer(keep_alive)
+                .oneshot(request(Version::HTTP_10, None))
+                .await
+                .unwrap();
+            assert!(response.headers().get(CONNECTION).is_none(), "{layer:?}");
+        }
+        // Another option is still sent, and the inner service's `close` kept.
+        let response = SseHeadersLayer::new()
+            .connection_header(HeaderValue::from_static("close"))
+            .layer(keep_alive)
+            .oneshot(request(Version::HTTP_10, None))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()[CONNECTION], "close");
+        let response = SseHeadersLayer::new()
+            .layer(upstream("text/event-stream"))
+            .oneshot(request(Version::HTTP_10, None))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()[CONNECTION], "close");
+    }
+
+    #[tokio::test]
     async fn non_streams_pass_untouched() {
         let service = SseHeadersLayer::new().layer(upstream("application/json"));
         let response = service
@@ -440,7 +508,7 @@ mod tests {
             .keep_cache_control()
             .connection_header(HeaderValue::from_static("Keep-Alive"))
             .layer(upstream("text/event-stream"))
-            .oneshot(request(Version::HTTP_10, None))
+            .oneshot(request(Version::HTTP_11, None))
             .await
             .unwrap();
         assert!(response.headers().get(CACHE_CONTROL).is_none());

@@ -76,8 +76,10 @@ use tower_service::Service;
 
 use crate::body::InnerFrames;
 use crate::future::sealed::OnResponse;
+use crate::future::Exchange;
 use crate::telemetry;
-use crate::wire::{is_plain_event_stream, Event, Scanner};
+use crate::timeout::deadline;
+use crate::wire::{Event, Scanner};
 
 /// Sends heartbeats on quiet event streams; see the [module docs](self).
 #[derive(Clone, Debug)]
@@ -96,6 +98,9 @@ impl HeartbeatLayer {
     pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
 
     /// Sends `:` and a blank line after `interval` without any frame to the client.
+    ///
+    /// Any interval is accepted: `Duration::MAX` means no heartbeat ever, as it means "never"
+    /// for `tokio::time::sleep`.
     ///
     /// # Panics
     ///
@@ -189,7 +194,11 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture::new(self.inner.call(request), self.layer.clone())
+        ResponseFuture::new(
+            Exchange::of(&request),
+            self.inner.call(request),
+            self.layer.clone(),
+        )
     }
 }
 
@@ -199,8 +208,8 @@ pub type ResponseFuture<F> = crate::future::ResponseFuture<F, HeartbeatLayer>;
 impl<B> OnResponse<B> for HeartbeatLayer {
     type Body = HeartbeatBody<B>;
 
-    fn on_response(self, response: Response<B>) -> Response<HeartbeatBody<B>> {
-        if !is_plain_event_stream(response.headers()) {
+    fn on_response(self, exchange: Exchange, response: Response<B>) -> Response<HeartbeatBody<B>> {
+        if !exchange.has_plain_stream_body(response.headers()) {
             return response.map(|inner| HeartbeatBody {
                 kind: Kind::Untouched { inner },
             });
@@ -210,7 +219,7 @@ impl<B> OnResponse<B> for HeartbeatLayer {
         response.map(|inner| HeartbeatBody {
             kind: Kind::Stream {
                 inner,
-                timer: tokio::time::sleep_until(now + config.interval),
+                timer: tokio::time::sleep_until(deadline(now, config.interval)),
                 state: StreamState {
                     config,
                     last_sent: now,
@@ -295,21 +304,21 @@ impl<B: Body<Data = Bytes>> Body for HeartbeatBody<B> {
         loop {
             ready!(timer.as_mut().poll(cx));
             let now = Instant::now();
-            let due = state.last_sent + state.config.interval;
+            let due = deadline(state.last_sent, state.config.interval);
             if now < due {
                 timer.as_mut().reset(due);
                 continue;
             }
             if !state.scanner.is_at_boundary() {
                 // Mid-event: wait for the event to end; its frames move the timer anyway.
-                timer.as_mut().reset(now + state.config.interval);
+                timer.as_mut().reset(deadline(now, state.config.interval));
                 continue;
             }
             if state.scanner.is_at_stream_start() {
                 state.frames.drop_leading_bom();
             }
             state.last_sent = now;
-            timer.as_mut().reset(now + state.config.interval);
+            timer.as_mut().reset(deadline(now, state.config.interval));
             telemetry::heartbeat_sent();
             return Poll::Ready(Some(Ok(Frame::data(state.config.frame.clone()))));
         }

@@ -143,7 +143,7 @@
 //! |---|---|---|---|
 //! | `sse_streams_open` | gauge | | passthrough: event streams open now |
 //! | `sse_streams_opened_total` | counter | | passthrough |
-//! | `sse_streams_closed_total` | counter | `reason`: `end`, `error`, `client_gone` | passthrough |
+//! | `sse_streams_closed_total` | counter | `reason`: `end` (the body ended: the upstream's end, or a lifetime or shutdown end, which `sse_timeouts_total` counts by kind), `error`, `client_gone` (dropped before its end) | passthrough |
 //! | `sse_frames_sent_total`, `sse_bytes_sent_total` | counter | | passthrough: what left for clients |
 //! | `sse_heartbeats_total` | counter | | heartbeat |
 //! | `sse_timeouts_total` | counter | `kind`: `idle`, `response`, `lifetime`, `shutdown` | timeouts, lifetime |

@@ -85,9 +85,11 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::future::sealed::OnResponse;
+use crate::future::Exchange;
 use crate::jitter;
 use crate::telemetry::{self, Timeout};
-use crate::wire::{is_plain_event_stream, Event, Piece, Scanner};
+use crate::timeout::deadline;
+use crate::wire::{Event, Piece, Scanner};
 
 /// A signal that ends every open event stream of the [`LifetimeLayer`]s it was given to, each
 /// at its next event boundary.
@@ -198,15 +200,19 @@ impl LifetimeLayer {
     }
 
     /// Ends each stream after `lifetime` (less the [`jitter`](LifetimeLayer::jitter)).
+    ///
+    /// Any duration is accepted: `Duration::MAX` means never, as for `tokio::time::sleep`; so
+    /// does a lifetime too long for the clock.
     pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
         self.config_mut().max_lifetime = Some(lifetime);
         self
     }
 
     /// Shortens each stream's lifetime by a random part of up to `fraction` (0.0 to 1.0):
-    /// 0.2 ends streams between 80 % and 100 % of the maximum lifetime.
+    /// 0.2 ends streams between 80 % and 100 % of the maximum lifetime. A fraction out of range
+    /// is clamped into it, and NaN means 0 (no jitter).
     pub fn jitter(mut self, fraction: f64) -> Self {
-        self.config_mut().jitter = fraction.clamp(0.0, 1.0);
+        self.config_mut().jitter = jitter::fraction(fraction);
         self
     }
 
@@ -230,7 +236,8 @@ impl LifetimeLayer {
         self
     }
 
-    /// How long to wait for the end of an event in flight before ending anyway.
+    /// How long to wait for the end of an event in flight before ending anyway (default 5 s;
+    /// `Duration::MAX` waits for the event's end however long it takes).
     pub fn grace(mut self, grace: Duration) -> Self {
         self.config_mut().grace = grace;
         self
@@ -282,7 +289,11 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture::new(self.inner.call(request), self.layer.clone())
+        ResponseFuture::new(
+            Exchange::of(&request),
+            self.inner.call(request),
+            self.layer.clone(),
+        )
     }
 }
 
@@ -292,18 +303,20 @@ pub type ResponseFuture<F> = crate::future::ResponseFuture<F, LifetimeLayer>;
 impl<B> OnResponse<B> for LifetimeLayer {
     type Body = LifetimeBody<B>;
 
-    fn on_response(self, response: Response<B>) -> Response<LifetimeBody<B>> {
+    fn on_response(self, exchange: Exchange, response: Response<B>) -> Response<LifetimeBody<B>> {
         let config = self.config;
-        if !is_plain_event_stream(response.headers()) {
+        if !exchange.has_plain_stream_body(response.headers()) {
             return response.map(|inner| LifetimeBody {
                 kind: Kind::Untouched { inner },
             });
         }
         // A far deadline stands in for "no lifetime": one timer serves lifetime and grace.
-        let deadline = Instant::now()
-            + config
+        let deadline = deadline(
+            Instant::now(),
+            config
                 .max_lifetime
-                .map_or(FAR_FUTURE, |max| jitter::shorten(max, config.jitter));
+                .map_or(Duration::MAX, |max| jitter::shorten(max, config.jitter)),
+        );
         let shutdown = match &config.shutdown {
             Some(shutdown) => ShutdownWaiter::Waiting {
                 notified: shutdown.waiter(),
@@ -325,9 +338,6 @@ impl<B> OnResponse<B> for LifetimeLayer {
         })
     }
 }
-
-/// About thirty years: later than any stream lives, early enough for tokio's timer.
-const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 pin_project! {
     #[project = WaiterProj]
@@ -443,7 +453,9 @@ impl<B: Body<Data = Bytes>> Body for LifetimeBody<B> {
                         state.phase = if state.scanner.is_at_boundary() {
                             Phase::Farewell
                         } else {
-                            timer.as_mut().reset(Instant::now() + state.config.grace);
+                            timer
+                                .as_mut()
+                                .reset(deadline(Instant::now(), state.config.grace));
                             Phase::Ending
                         };
                         continue;

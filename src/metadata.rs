@@ -97,7 +97,8 @@ use tower_service::Service;
 
 use crate::body::InnerFrames;
 use crate::future::sealed::OnResponse;
-use crate::wire::{is_plain_event_stream, Event, Parser, METADATA_PREFIX};
+use crate::future::Exchange;
+use crate::wire::{Event, Parser, METADATA_PREFIX};
 
 const SENSITIVE: [&str; 6] = [
     "set-cookie",
@@ -283,7 +284,11 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture::new(self.inner.call(request), self.layer.clone())
+        ResponseFuture::new(
+            Exchange::of(&request),
+            self.inner.call(request),
+            self.layer.clone(),
+        )
     }
 }
 
@@ -293,9 +298,13 @@ pub type ResponseFuture<F> = crate::future::ResponseFuture<F, CommentMetadataLay
 impl<B> OnResponse<B> for CommentMetadataLayer {
     type Body = CommentMetadataBody<B>;
 
-    fn on_response(self, response: Response<B>) -> Response<CommentMetadataBody<B>> {
+    fn on_response(
+        self,
+        exchange: Exchange,
+        response: Response<B>,
+    ) -> Response<CommentMetadataBody<B>> {
         let config = self.config;
-        if !is_plain_event_stream(response.headers()) {
+        if !exchange.has_plain_stream_body(response.headers()) {
             return response.map(|inner| CommentMetadataBody {
                 kind: Kind::Untouched { inner },
             });

@@ -18,8 +18,13 @@
 //! would otherwise land after the comment and spoil the first line; the layer drops that BOM
 //! (a client drops it anyway), and holds at most two bytes while it cannot yet tell.
 //!
-//! Responses that are not event streams ([`is_event_stream`]) pass through untouched: same
-//! frames, trailers and size hint, no per-frame work.
+//! Responses that are not event streams ([`is_event_stream`](crate::wire::is_event_stream)) pass
+//! through untouched: same frames, trailers and size hint, no per-frame work.
+//!
+//! A response to `HEAD` gets its headers as a `GET` would (no `Content-Length` on an event
+//! stream), and no body at all: a body the inner service gives it anyway is dropped unpolled,
+//! since HTTP/2 resets a `HEAD` stream that sends one. Any other response to `HEAD` keeps the
+//! `Content-Length` of the body it had.
 //!
 //! # Example
 //!
@@ -61,9 +66,10 @@ use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::PrefixedBody;
+use crate::body::{head_parts, PrefixedBody};
 use crate::future::sealed::OnResponse;
-use crate::wire::{is_event_stream, Event};
+use crate::future::Exchange;
+use crate::wire::Event;
 
 /// Forwards event streams unbuffered; see the [module docs](self).
 #[derive(Clone, Debug, Default)]
@@ -133,18 +139,29 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture::new(self.inner.call(request), self.layer.clone())
+        ResponseFuture::new(
+            Exchange::of(&request),
+            self.inner.call(request),
+            self.layer.clone(),
+        )
     }
 }
 
 /// The response future of [`Passthrough`].
 pub type ResponseFuture<F> = crate::future::ResponseFuture<F, PassthroughLayer>;
 
-impl<B> OnResponse<B> for PassthroughLayer {
+impl<B: Body> OnResponse<B> for PassthroughLayer {
     type Body = PassthroughBody<B>;
 
-    fn on_response(self, response: Response<B>) -> Response<PassthroughBody<B>> {
-        if !is_event_stream(response.headers()) {
+    fn on_response(
+        self,
+        exchange: Exchange,
+        response: Response<B>,
+    ) -> Response<PassthroughBody<B>> {
+        if exchange.is_head() {
+            return Response::from_parts(head_parts(response), PrefixedBody::empty());
+        }
+        if !exchange.has_stream_body(response.headers()) {
             return response.map(PrefixedBody::untouched);
         }
         let (mut parts, inner) = response.into_parts();

@@ -46,8 +46,9 @@ use tower_service::Service;
 
 use crate::body::PrefixedBody;
 use crate::future::sealed::OnResponse;
+use crate::future::Exchange;
 use crate::jitter;
-use crate::wire::{is_plain_event_stream, Event};
+use crate::wire::Event;
 
 /// Sends `retry:` first on every event stream; see the [module docs](self).
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +84,9 @@ impl RetryLayer {
         }
     }
 
-    /// Adds up to `spread` to each stream's retry time, at random.
+    /// Adds up to `spread` to each stream's retry time, at random. The sum saturates: any
+    /// `retry` and `spread` are accepted, and a time beyond what `retry:` can say is sent as
+    /// the largest one it can.
     pub fn jitter(mut self, spread: Duration) -> Self {
         self.config.jitter = spread;
         self
@@ -136,7 +139,7 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture::new(self.inner.call(request), self.layer)
+        ResponseFuture::new(Exchange::of(&request), self.inner.call(request), self.layer)
     }
 }
 
@@ -146,8 +149,8 @@ pub type ResponseFuture<F> = crate::future::ResponseFuture<F, RetryLayer>;
 impl<B> OnResponse<B> for RetryLayer {
     type Body = RetryBody<B>;
 
-    fn on_response(self, response: Response<B>) -> Response<RetryBody<B>> {
-        if !is_plain_event_stream(response.headers()) {
+    fn on_response(self, exchange: Exchange, response: Response<B>) -> Response<RetryBody<B>> {
+        if !exchange.has_plain_stream_body(response.headers()) {
             return response.map(PrefixedBody::untouched);
         }
         let block = self.config.block();

@@ -370,3 +370,103 @@ async fn subscription_channels_refusals_and_closes_are_counted() {
         1.0
     );
 }
+
+/// Serves `service` over HTTP/1.1 on a loopback socket, each connection on this thread (the
+/// recorder is per thread), and fetches `/events` with a hyper client: the body read to its end.
+async fn fetch_over_hyper<S, B>(service: S, after_first_frame: impl FnOnce()) -> Bytes
+where
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(socket), service)
+            .await;
+    });
+    let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(socket))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("/events")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let mut body = sender.send_request(request).await.unwrap().into_body();
+    let mut got = Vec::new();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    got.extend_from_slice(&first);
+    after_first_frame();
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("the server ends the stream")
+        .unwrap()
+        .to_bytes();
+    got.extend_from_slice(&rest);
+    Bytes::from(got)
+}
+
+#[tokio::test]
+async fn streams_the_server_ends_over_hyper_count_as_ended_not_as_client_gone() {
+    use tower_sse::lifetime::{LifetimeLayer, Shutdown};
+    let recorded = record();
+    let closed = |reason| recorded.counter("sse_streams_closed_total", &[("reason", reason)]);
+
+    // Ended by the lifetime, with a final retry block: hyper sees `is_end_stream` after that
+    // frame, stops polling and drops the body.
+    let lifetime = ServiceBuilder::new()
+        .layer(PassthroughLayer::new())
+        .layer(
+            LifetimeLayer::new()
+                .max_lifetime(Duration::from_millis(100))
+                .retry_on_end(Duration::from_secs(3)),
+        )
+        .service(upstream(Script::new().chunk("data: a\n\n").hang()));
+    let body = fetch_over_hyper(lifetime, || {}).await;
+    assert_eq!(body, "data: a\n\nretry: 3000\n\n");
+    eventually("the stream is closed", || {
+        recorded.gauge("sse_streams_open") == 0.0
+    })
+    .await;
+    assert_eq!(closed("end"), 1.0);
+    assert_eq!(closed("client_gone"), 0.0);
+
+    // Ended by a shutdown, with and without a final retry block.
+    for retry in [Some(Duration::from_secs(1)), None] {
+        let shutdown = Shutdown::new();
+        let mut layer = LifetimeLayer::new().shutdown(&shutdown);
+        if let Some(retry) = retry {
+            layer = layer.retry_on_end(retry);
+        }
+        let service = ServiceBuilder::new()
+            .layer(PassthroughLayer::new())
+            .layer(layer)
+            .service(upstream(Script::new().chunk("data: a\n\n").hang()));
+        let body = fetch_over_hyper(service, || shutdown.trigger()).await;
+        let expected = if retry.is_some() {
+            "data: a\n\nretry: 1000\n\n"
+        } else {
+            "data: a\n\n"
+        };
+        assert_eq!(body, expected);
+        eventually("the stream is closed", || {
+            recorded.gauge("sse_streams_open") == 0.0
+        })
+        .await;
+    }
+    assert_eq!(closed("end"), 3.0);
+    assert_eq!(closed("client_gone"), 0.0);
+    assert_eq!(
+        recorded.counter("sse_timeouts_total", &[("kind", "shutdown")]),
+        2.0
+    );
+}

@@ -14,10 +14,10 @@ use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::BoxError;
+use super::{deadline, BoxError};
 use crate::future::sealed::OnResponse;
+use crate::future::Exchange;
 use crate::telemetry::{self, Timeout};
-use crate::wire::is_event_stream;
 
 /// Ends an event stream when its inner body sends nothing for the timeout; see the
 /// [module docs](super).
@@ -39,6 +39,8 @@ struct Config {
 
 impl IdleTimeoutLayer {
     /// Ends event streams after `timeout` without a frame from the inner body.
+    ///
+    /// Any timeout is accepted: `Duration::MAX` means never, as for `tokio::time::sleep`.
     pub fn new(timeout: Duration) -> Self {
         Self {
             config: Config {
@@ -102,7 +104,7 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        ResponseFuture::new(self.inner.call(request), self.layer)
+        ResponseFuture::new(Exchange::of(&request), self.inner.call(request), self.layer)
     }
 }
 
@@ -112,9 +114,13 @@ pub type ResponseFuture<F> = crate::future::ResponseFuture<F, IdleTimeoutLayer>;
 impl<B> OnResponse<B> for IdleTimeoutLayer {
     type Body = IdleTimeoutBody<B>;
 
-    fn on_response(self, response: Response<B>) -> Response<IdleTimeoutBody<B>> {
+    fn on_response(
+        self,
+        exchange: Exchange,
+        response: Response<B>,
+    ) -> Response<IdleTimeoutBody<B>> {
         let config = self.config;
-        if !is_event_stream(response.headers()) {
+        if !exchange.has_stream_body(response.headers()) {
             return response.map(|inner| IdleTimeoutBody {
                 kind: Kind::Untouched { inner },
             });
@@ -123,7 +129,7 @@ impl<B> OnResponse<B> for IdleTimeoutLayer {
         response.map(|inner| IdleTimeoutBody {
             kind: Kind::Stream {
                 inner,
-                timer: tokio::time::sleep_until(now + config.timeout),
+                timer: tokio::time::sleep_until(deadline(now, config.timeout)),
                 last_frame: now,
                 config,
                 timed_out: false,
@@ -201,7 +207,7 @@ where
         }
         loop {
             ready!(timer.as_mut().poll(cx));
-            let due = *last_frame + config.timeout;
+            let due = deadline(*last_frame, config.timeout);
             if Instant::now() < due {
                 timer.as_mut().reset(due);
                 continue;

@@ -55,6 +55,10 @@
 //! # }
 //! ```
 
+use std::time::Duration;
+
+use tokio::time::Instant;
+
 mod idle;
 mod response;
 
@@ -63,6 +67,19 @@ pub use response::{ResponseTimeout, ResponseTimeoutBody, ResponseTimeoutLayer};
 
 /// The boxed error the [`IdleTimeoutLayer`]'s body reports.
 pub use crate::BoxError;
+
+/// About thirty years, tokio's own stand-in for "never": later than any stream lives, early
+/// enough for tokio's timer.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `start + after`, saturating to the far future: a `Duration::MAX` timeout means "never", as it
+/// does for `tokio::time::sleep`, instead of an overflow panic. Every timer of the crate's layers
+/// takes its deadline from here.
+pub(crate) fn deadline(start: Instant, after: Duration) -> Instant {
+    start
+        .checked_add(after.min(FAR_FUTURE))
+        .unwrap_or_else(|| start + Duration::from_secs(86_400))
+}
 
 /// Response futures of the layers in this module.
 pub mod future {
