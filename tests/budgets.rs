@@ -6,8 +6,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,63 +16,15 @@ use http::{Request, Response};
 use http_body_util::StreamBody;
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_stream::StreamExt;
 
-const GUARD: Duration = Duration::from_secs(20);
+mod support;
 
-fn gateway_binary() -> PathBuf {
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    path.join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX))
-}
-
-/// A running gateway, killed when dropped.
-struct Gateway {
-    _child: Child,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    async fn start(args: &[&str]) -> Self {
-        let binary = gateway_binary();
-        assert!(
-            binary.exists(),
-            "{} not built: run `cargo build --all-features --example gateway`",
-            binary.display()
-        );
-        let mut child = Command::new(binary)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = timeout(GUARD, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let addr = first
-            .rsplit("http://")
-            .next()
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {first:?}"));
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
-            _child: child,
-            addr,
-        }
-    }
-}
+use support::gateway::Gateway;
+use support::GUARD;
 
 /// Upstream connections open now, the most open at once, and accepted in all.
 #[derive(Debug, Default)]

@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -17,65 +16,16 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;
 use tower_sse::wire::{Event, EventReader};
 
-const GUARD: Duration = Duration::from_secs(20);
+mod support;
 
-fn gateway_binary() -> PathBuf {
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    path.join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX))
-}
-
-/// A running gateway, killed when dropped.
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    async fn start(args: &[&str]) -> Self {
-        let binary = gateway_binary();
-        assert!(
-            binary.exists(),
-            "{} not built: run `cargo test`",
-            binary.display()
-        );
-        let mut child = Command::new(binary)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = timeout(GUARD, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let addr = first
-            .rsplit("http://")
-            .next()
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {first:?}"));
-        // Keep reading stdout so the gateway never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, addr }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
+use support::gateway::Gateway;
+use support::GUARD;
 
 fn client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
@@ -918,7 +868,7 @@ async fn gateway_with_limits(
     limits: &str,
     args: &[&str],
 ) -> (Gateway, mpsc::UnboundedReceiver<String>) {
-    let binary = gateway_binary();
+    let binary = support::gateway::binary();
     assert!(binary.exists(), "{} not built", binary.display());
     let mut child = Command::new("sh")
         .arg("-c")

@@ -7,8 +7,6 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,9 +16,8 @@ use http::{Method, Request, Response};
 use http_body_util::{Empty, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tower::{service_fn, ServiceBuilder};
@@ -28,6 +25,7 @@ use tower_sse::fanout::FanoutLayer;
 use tower_sse::replay::{MemoryStore, PathAndQuery, ReplayLayer, StreamKey};
 use tower_sse::wire::{Event, EventReader};
 
+use support::gateway::Gateway;
 use support::{serve, until, GUARD};
 
 /// What the upstream saw of one request.
@@ -513,53 +511,6 @@ fn the_default_key_documents_what_goes_into_it() {
 
 // ---- The gateway binary -------------------------------------------------------------------
 
-fn gateway_binary() -> PathBuf {
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    path.join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX))
-}
-
-/// A running gateway, killed when dropped.
-struct Gateway {
-    _child: Child,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    async fn start(upstream: SocketAddr, args: &[&str]) -> Self {
-        let binary = gateway_binary();
-        assert!(binary.exists(), "{} not built", binary.display());
-        let mut child = Command::new(binary)
-            .args(["--listen", "127.0.0.1:0", "--heartbeat", "0"])
-            .args(["--upstream", &format!("http://{upstream}")])
-            .args(args)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = timeout(GUARD, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let addr = first
-            .rsplit("http://")
-            .next()
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {first:?}"));
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
-            _child: child,
-            addr,
-        }
-    }
-}
-
 /// Alice, bob and an anonymous client on `/live` of a gateway; the data each reads.
 async fn three_users_through(
     gateway: &Gateway,
@@ -590,7 +541,7 @@ async fn three_users_through(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_keeps_users_apart_in_replay_and_fanout() {
     let (upstream_addr, upstream) = EchoUpstream::serve().await;
-    let gateway = Gateway::start(
+    let gateway = Gateway::proxy(
         upstream_addr,
         &["--fanout", "--linger", "1", "--replay", "100"],
     )
@@ -623,7 +574,7 @@ async fn gateway_shares_across_credentials_when_told() {
         "100",
         "--share-across-credentials",
     ];
-    let gateway = Gateway::start(upstream_addr, &args).await;
+    let gateway = Gateway::proxy(upstream_addr, &args).await;
     let data = three_users_through(&gateway, &upstream, 1).await;
     assert_eq!(data, [ALICE, ALICE, ALICE]);
     assert_eq!(upstream.seen().len(), 1);
@@ -633,7 +584,7 @@ async fn gateway_shares_across_credentials_when_told() {
 async fn gateway_key_query_leaves_other_parameters_out_of_the_key() {
     let (upstream_addr, upstream) = EchoUpstream::serve().await;
     let args = ["--fanout", "--linger", "1", "--key-query", "topic,kind"];
-    let gateway = Gateway::start(upstream_addr, &args).await;
+    let gateway = Gateway::proxy(upstream_addr, &args).await;
     let mut readers = Vec::new();
     for path in [
         "/live?topic=a&junk=1",
@@ -657,8 +608,8 @@ async fn gateways_sharing_redis_agree_on_keys_and_store_no_credentials() {
     let (upstream_addr, _upstream) = EchoUpstream::serve().await;
     let url = redis.url();
     let args = ["--redis", url.as_str(), "--replay", "100"];
-    let first = Gateway::start(upstream_addr, &args).await;
-    let second = Gateway::start(upstream_addr, &args).await;
+    let first = Gateway::proxy(upstream_addr, &args).await;
+    let second = Gateway::proxy(upstream_addr, &args).await;
 
     let alice = get(first.addr, "/private", &[("authorization", ALICE)]).await;
     assert_eq!(all_events(alice).await, events(1..=5, ALICE));
@@ -707,7 +658,7 @@ async fn gateways_sharing_redis_agree_on_keys_and_store_no_credentials() {
 async fn gateway_records_replays_and_shares_only_get() {
     let (upstream_addr, upstream) = EchoUpstream::serve().await;
     let args = ["--fanout", "--linger", "1", "--replay", "100"];
-    let gateway = Gateway::start(upstream_addr, &args).await;
+    let gateway = Gateway::proxy(upstream_addr, &args).await;
     // A GET records 1..=5; POSTs with an id the store knows reach the upstream, one each.
     all_events(get(gateway.addr, "/private", &[]).await).await;
     for _ in 0..2 {
@@ -741,7 +692,7 @@ async fn subscriptions_never_hand_one_users_events_to_another() {
     const TOKEN: &str = "an-admin-token-for-the-test";
     let (upstream_addr, _upstream) = EchoUpstream::serve().await;
     let args = ["--subscriptions", "--replay", "100", "--admin-token", TOKEN];
-    let gateway = Gateway::start(upstream_addr, &args).await;
+    let gateway = Gateway::proxy(upstream_addr, &args).await;
 
     // Alice reads the topic (a disposable subscription): her events are recorded for her.
     let alice = get(gateway.addr, "/topics/news", &[("authorization", ALICE)]).await;

@@ -22,6 +22,7 @@ use tokio::time::timeout;
 use tower::service_fn;
 use tower_sse::wire::{Event, EventReader};
 
+pub mod gateway;
 pub mod redis;
 
 pub const GUARD: Duration = Duration::from_secs(30);
