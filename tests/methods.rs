@@ -34,7 +34,10 @@ fn request(method: Method) -> Request<()> {
 }
 
 /// What each layer does with an event stream, configured to add bytes as soon as it can.
-fn each_layer() -> Vec<(&'static str, Box<dyn Fn(ScriptedService) -> Box<dyn Check>>)> {
+/// A layer applied to an inner service, as something to call.
+type Wrap = Box<dyn Fn(ScriptedService) -> Box<dyn Check>>;
+
+fn each_layer() -> Vec<(&'static str, Wrap)> {
     fn boxed<S>(service: S) -> Box<dyn Check>
     where
         S: Service<Request<()>, Error = Infallible> + Clone + 'static,
@@ -101,8 +104,10 @@ struct Outcome {
     ended: bool,
 }
 
+type Boxed<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T>>>;
+
 trait IntoParts {
-    fn outcome(self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome>>>;
+    fn outcome(self) -> Boxed<Outcome>;
 }
 
 impl<B> IntoParts for Response<B>
@@ -110,7 +115,7 @@ where
     B: Body<Data = Bytes> + 'static,
     B::Error: std::fmt::Debug,
 {
-    fn outcome(self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome>>> {
+    fn outcome(self) -> Boxed<Outcome> {
         Box::pin(async move {
             let (parts, body) = self.into_parts();
             let mut body = pin!(body);

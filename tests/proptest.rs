@@ -152,3 +152,141 @@ proptest! {
         }
     }
 }
+
+/// Durations as configuration might hold them: zero, tiny, typical, and the extremes that
+/// overflow `Instant` arithmetic.
+fn duration() -> impl Strategy<Value = std::time::Duration> {
+    use std::time::Duration;
+    prop_oneof![
+        Just(Duration::ZERO),
+        Just(Duration::from_nanos(1)),
+        Just(Duration::MAX),
+        Just(Duration::from_secs(u64::MAX)),
+        Just(Duration::from_secs(86_400 * 365 * 1000)),
+        (0u64..120_000).prop_map(Duration::from_millis),
+        any::<u64>().prop_map(Duration::from_secs),
+        (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+    ]
+}
+
+/// Fractions as configuration might hold them: in range, out of range, NaN and infinities.
+fn fraction() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        Just(f64::NAN),
+        Just(f64::INFINITY),
+        Just(f64::NEG_INFINITY),
+        Just(0.0),
+        Just(1.0),
+        Just(-0.0),
+        0.0f64..1.0,
+        any::<f64>(),
+    ]
+}
+
+/// Drives one request through `service` on a paused clock: the response, then frames until the
+/// body ends or forty of them came, each awaited up to a century of (auto-advanced) time, so
+/// every timer the layer set fires.
+fn drive<S, B>(service: S)
+where
+    S: tower::Service<http::Request<()>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let century = std::time::Duration::from_secs(86_400 * 365 * 100);
+        let request = http::Request::get("/events")
+            .header("accept-encoding", "gzip, br, zstd, deflate")
+            .body(())
+            .unwrap();
+        let Ok(Ok(response)) = tokio::time::timeout(century, service.oneshot(request)).await else {
+            return;
+        };
+        let mut body = std::pin::pin!(response.into_body());
+        for _ in 0..40 {
+            match tokio::time::timeout(century, body.frame()).await {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    });
+}
+
+/// An upstream that sends an event and then hangs, at an event boundary (`mid_event` false) or
+/// in the middle of the next event (`mid_event` true, for the lifetime's grace period).
+///
+/// Heartbeats are driven at a boundary only: in the middle of an event a heartbeat layer checks
+/// again every interval, and with a 1 ns interval a century of paused time is 3 * 10^12 checks.
+fn upstream(mid_event: bool) -> tower_sse::testing::ScriptedService {
+    use tower_sse::testing::{Script, ScriptedService};
+    let script = Script::new().chunk("data: 1\n\n");
+    let script = if mid_event {
+        script.chunk("data: 2")
+    } else {
+        script
+    };
+    ScriptedService::event_stream(script.hang())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// No duration or fraction a setter accepts makes a request panic, in any layer: a duration
+    /// too long for the clock means never, a fraction out of range is clamped, NaN means 0.
+    #[test]
+    fn no_configured_duration_or_fraction_makes_a_request_panic(
+        heartbeat in duration().prop_filter("zero is rejected at build time", |d| !d.is_zero()),
+        idle in duration(),
+        response in duration(),
+        lifetime in duration(),
+        lifetime_jitter in fraction(),
+        grace in duration(),
+        farewell in duration(),
+        farewell_jitter in duration(),
+        retry in duration(),
+        retry_jitter in duration(),
+        level in any::<u32>(),
+    ) {
+        use tower::ServiceBuilder;
+        use tower_layer::Layer;
+        use tower_sse::compression::{Encoding, SseCompressionLayer};
+        use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
+        use tower_sse::{HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer};
+
+        let lifetime_layer = LifetimeLayer::new()
+            .max_lifetime(lifetime)
+            .jitter(lifetime_jitter)
+            .grace(grace)
+            .retry_on_end(farewell)
+            .retry_jitter(farewell_jitter);
+        let retry_layer = RetryLayer::new(retry).jitter(retry_jitter);
+        let compression = [Encoding::Gzip, Encoding::Deflate, Encoding::Brotli, Encoding::Zstd]
+            .into_iter()
+            .fold(SseCompressionLayer::new(), |layer, e| layer.level(e, level));
+
+        drive(HeartbeatLayer::new(heartbeat).layer(upstream(false)));
+        drive(IdleTimeoutLayer::new(idle).layer(upstream(true)));
+        drive(ResponseTimeoutLayer::new(response).layer(upstream(true)));
+        drive(lifetime_layer.clone().layer(upstream(true)));
+        drive(retry_layer.layer(upstream(true)));
+        drive(compression.layer(upstream(true)));
+        drive(
+            ServiceBuilder::new()
+                .layer(PassthroughLayer::new().initial_comment("ok"))
+                .layer(compression)
+                .layer(retry_layer)
+                .layer(HeartbeatLayer::new(heartbeat))
+                .layer(lifetime_layer)
+                .layer(ResponseTimeoutLayer::new(response))
+                .layer(IdleTimeoutLayer::new(idle))
+                .service(upstream(false)),
+        );
+    }
+}
