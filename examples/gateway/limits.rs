@@ -17,6 +17,50 @@ use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::BoxError;
 
+/// A clock that runs while a socket or body makes no progress: started by the first poll that
+/// would wait, stopped by any that makes progress. Its timer is allocated once, on the first wait
+/// (hyper needs the wrappers to be `Unpin`, so it is boxed).
+#[derive(Debug)]
+struct StallClock {
+    sleep: Option<Pin<Box<Sleep>>>,
+    limit: Option<Duration>,
+    armed: bool,
+}
+
+impl StallClock {
+    /// `limit: None` never runs out.
+    fn new(limit: Option<Duration>) -> Self {
+        Self {
+            sleep: None,
+            limit,
+            armed: false,
+        }
+    }
+
+    /// Something went through: the clock stops.
+    fn progressed(&mut self) {
+        self.armed = false;
+    }
+
+    /// Nothing went through: starts the clock if it is not running; `Ready(limit)` once it ran
+    /// out.
+    fn waiting(&mut self, cx: &mut Context<'_>) -> Poll<Duration> {
+        let Some(limit) = self.limit else {
+            return Poll::Pending;
+        };
+        let deadline = Instant::now() + limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+        if !self.armed {
+            sleep.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(limit)
+    }
+}
+
 pin_project! {
     /// A connection's socket that fails with `TimedOut` once it has accepted no byte for the
     /// send timeout while the server has something to send: a client that stopped reading
@@ -27,9 +71,7 @@ pin_project! {
     pub(crate) struct SendTimeout<T> {
         #[pin]
         inner: T,
-        sleep: Option<Pin<Box<Sleep>>>,
-        limit: Option<Duration>,
-        armed: bool,
+        clock: StallClock,
     }
 }
 
@@ -54,9 +96,7 @@ impl<T> SendTimeout<T> {
     pub(crate) fn new(inner: T, limit: Option<Duration>) -> Self {
         Self {
             inner,
-            sleep: None,
-            limit,
-            armed: false,
+            clock: StallClock::new(limit),
         }
     }
 
@@ -67,23 +107,12 @@ impl<T> SendTimeout<T> {
         cx: &mut Context<'_>,
         poll: Poll<io::Result<R>>,
     ) -> Poll<io::Result<R>> {
-        let this = self.project();
+        let clock = self.project().clock;
         if poll.is_ready() {
-            *this.armed = false;
+            clock.progressed();
             return poll;
         }
-        let Some(limit) = *this.limit else {
-            return Poll::Pending;
-        };
-        let deadline = Instant::now() + limit;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
-        if !*this.armed {
-            sleep.as_mut().reset(deadline);
-            *this.armed = true;
-        }
-        ready!(sleep.as_mut().poll(cx));
+        let limit = ready!(clock.waiting(cx));
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             SendTimedOut(limit),
@@ -143,9 +172,7 @@ pin_project! {
     pub(crate) struct BodyTimeout<B> {
         #[pin]
         inner: B,
-        sleep: Option<Pin<Box<Sleep>>>,
-        limit: Option<Duration>,
-        armed: bool,
+        clock: StallClock,
     }
 }
 
@@ -170,9 +197,7 @@ impl<B> BodyTimeout<B> {
     pub(crate) fn new(inner: B, limit: Option<Duration>) -> Self {
         Self {
             inner,
-            sleep: None,
-            limit,
-            armed: false,
+            clock: StallClock::new(limit),
         }
     }
 }
@@ -191,21 +216,10 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            *this.armed = false;
+            this.clock.progressed();
             return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
-        let Some(limit) = *this.limit else {
-            return Poll::Pending;
-        };
-        let deadline = Instant::now() + limit;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
-        if !*this.armed {
-            sleep.as_mut().reset(deadline);
-            *this.armed = true;
-        }
-        ready!(sleep.as_mut().poll(cx));
+        let limit = ready!(this.clock.waiting(cx));
         Poll::Ready(Some(Err(Box::new(BodyTimedOut(limit)))))
     }
 
