@@ -9,8 +9,8 @@
 //! - Negotiation by `Accept-Encoding` with q-values among `gzip`, `deflate`, `br` and `zstd`
 //!   (server preference `zstd`, `br`, `gzip`, `deflate` on ties); identity when the client did
 //!   not ask or accepts none. The response gets `Content-Encoding`, `Vary: Accept-Encoding`, and
-//!   loses `Content-Length`. Responses already encoded, and responses that are not event
-//!   streams, are left alone (compress those with tower-http).
+//!   loses `Content-Length`. Responses already encoded ([`is_encoded`](crate::wire::is_encoded):
+//!   `identity` is no coding), and responses that are not event streams, are left alone (compress those with tower-http).
 //! - The first frame is the compressor's header, flushed at once, so headers and a first byte
 //!   leave immediately, as [`PassthroughLayer`](crate::PassthroughLayer)'s initial comment would.
 //!   (Passthrough sends no comment of its own in front of an encoded body, which would corrupt it.)
@@ -79,7 +79,7 @@ use tower_service::Service;
 use crate::future::Exchange;
 use crate::telemetry;
 use crate::wire::media::{parse_qvalue, trim};
-use crate::wire::{is_event_stream, Scanner};
+use crate::wire::{is_encoded, is_event_stream, Scanner};
 
 /// A content coding this layer can produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,8 +278,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = ready!(this.future.poll(cx))?;
-        let compress = is_event_stream(response.headers())
-            && !response.headers().contains_key(CONTENT_ENCODING);
+        let compress = is_event_stream(response.headers()) && !is_encoded(response.headers());
         let (mut parts, inner) = response.into_parts();
         if is_event_stream(&parts.headers) {
             // The answer depends on Accept-Encoding, encoded or not.
