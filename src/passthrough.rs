@@ -66,9 +66,8 @@ use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::{head_parts, PrefixedBody};
-use crate::future::sealed::OnResponse;
-use crate::future::Exchange;
+use crate::body::{head_parts, shared_body, PrefixedBody};
+use crate::future::{head_response_future, Exchange, OnResponse};
 use crate::wire::{is_encoded, Event};
 
 /// Forwards event streams unbuffered; see the [module docs](self).
@@ -147,8 +146,10 @@ where
     }
 }
 
-/// The response future of [`Passthrough`].
-pub type ResponseFuture<F> = crate::future::ResponseFuture<F, PassthroughLayer>;
+head_response_future! {
+    /// The response future of [`Passthrough`].
+    pub struct ResponseFuture for PassthroughLayer => PassthroughBody where B: Body
+}
 
 impl<B: Body> OnResponse<B> for PassthroughLayer {
     type Body = PassthroughBody<B>;
@@ -159,22 +160,28 @@ impl<B: Body> OnResponse<B> for PassthroughLayer {
         response: Response<B>,
     ) -> Response<PassthroughBody<B>> {
         if exchange.is_head() {
-            return Response::from_parts(head_parts(response), PrefixedBody::empty());
+            let body = PassthroughBody::from_shared(PrefixedBody::empty());
+            return Response::from_parts(head_parts(response), body);
         }
         if !exchange.has_stream_body(response.headers()) {
-            return response.map(PrefixedBody::untouched);
+            return response
+                .map(|inner| PassthroughBody::from_shared(PrefixedBody::untouched(inner)));
         }
         let (mut parts, inner) = response.into_parts();
         parts.headers.remove(CONTENT_LENGTH);
         // Plain bytes in front of an encoded body would corrupt it; the compression layer sends
         // its own first bytes at once.
         let initial = self.initial.filter(|_| !is_encoded(&parts.headers));
-        Response::from_parts(parts, PrefixedBody::counted_stream(inner, initial))
+        let body = PrefixedBody::counted_stream(inner, initial);
+        Response::from_parts(parts, PassthroughBody::from_shared(body))
     }
 }
 
-/// The response body of [`Passthrough`]; see the [module docs](self).
-pub type PassthroughBody<B> = PrefixedBody<B>;
+shared_body! {
+    /// The response body of [`Passthrough`]; see the [module docs](self).
+    pub struct PassthroughBody(PrefixedBody),
+        none when "`None` for the answer to a `HEAD` request, whose body was dropped"
+}
 
 #[cfg(test)]
 mod tests {
