@@ -9,8 +9,9 @@
 //! - Negotiation by `Accept-Encoding` with q-values among `gzip`, `deflate`, `br` and `zstd`
 //!   (server preference `zstd`, `br`, `gzip`, `deflate` on ties); identity when the client did
 //!   not ask or accepts none. The response gets `Content-Encoding`, `Vary: Accept-Encoding`, and
-//!   loses `Content-Length`. Responses already encoded ([`is_encoded`](crate::wire::is_encoded):
-//!   `identity` is no coding), and responses that are not event streams, are left alone (compress those with tower-http).
+//!   loses `Content-Length`. Responses already encoded ([`is_encoded`]: `identity` is no
+//!   coding), and responses that are not event streams, are left alone (compress those with
+//!   tower-http).
 //! - The first frame is the compressor's header, flushed at once, so headers and a first byte
 //!   leave immediately, as [`PassthroughLayer`](crate::PassthroughLayer)'s initial comment would.
 //!   (Passthrough sends no comment of its own in front of an encoded body, which would corrupt it.)

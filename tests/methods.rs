@@ -33,8 +33,11 @@ fn request(method: Method) -> Request<()> {
         .unwrap()
 }
 
+/// Wraps the scripted upstream in one layer.
+type Wrap = Box<dyn Fn(ScriptedService) -> Box<dyn Check>>;
+
 /// What each layer does with an event stream, configured to add bytes as soon as it can.
-fn each_layer() -> Vec<(&'static str, Box<dyn Fn(ScriptedService) -> Box<dyn Check>>)> {
+fn each_layer() -> Vec<(&'static str, Wrap)> {
     fn boxed<S>(service: S) -> Box<dyn Check>
     where
         S: Service<Request<()>, Error = Infallible> + Clone + 'static,
