@@ -1,4 +1,7 @@
-//! Response bodies shared by several layers.
+//! Response body machinery shared by several layers.
+//!
+//! Crate-private: each layer's public body is its own newtype around these (see
+//! [`shared_body!`]), so none of them appears in a public signature.
 
 use std::fmt;
 use std::pin::Pin;
@@ -136,7 +139,7 @@ impl Prefixed {
 pin_project! {
     /// The inner service's body untouched, or a short plain-text answer a layer gave itself
     /// (`406 Not Acceptable`, `504 Gateway Timeout`) without a body from the inner service.
-    pub struct InnerOrLocal<B> {
+    pub(crate) struct InnerOrLocal<B> {
         #[pin]
         kind: Kind<B>,
     }
@@ -192,18 +195,50 @@ impl<B> InnerOrLocal<B> {
     }
 
     /// True when a layer answered by itself.
-    pub fn is_local(&self) -> bool {
+    pub(crate) fn is_local(&self) -> bool {
         matches!(self.kind, Kind::Local { .. })
+    }
+
+    pub(crate) fn get_ref(&self) -> Option<&B> {
+        match &self.kind {
+            Kind::Inner { body } => Some(body),
+            Kind::Local { .. } => None,
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self) -> Option<&mut B> {
+        match &mut self.kind {
+            Kind::Inner { body } => Some(body),
+            Kind::Local { .. } => None,
+        }
+    }
+
+    pub(crate) fn into_inner(self) -> Option<B> {
+        match self.kind {
+            Kind::Inner { body } => Some(body),
+            Kind::Local { .. } => None,
+        }
+    }
+
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Inner { .. } => "Inner",
+            Kind::Local { .. } => "Local",
+        }
+    }
+}
+
+impl<B: Default> Default for InnerOrLocal<B> {
+    fn default() -> Self {
+        Self::inner(B::default())
     }
 }
 
 impl<B> fmt::Debug for InnerOrLocal<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Inner { .. } => "Inner",
-            Kind::Local { .. } => "Local",
-        };
-        f.debug_tuple("InnerOrLocal").field(&kind).finish()
+        f.debug_tuple("InnerOrLocal")
+            .field(&self.kind_name())
+            .finish()
     }
 }
 
@@ -241,7 +276,7 @@ impl<B: Body<Data = Bytes>> Body for InnerOrLocal<B> {
 pin_project! {
     /// The inner body untouched (a response that is not an event stream), or an event stream
     /// with a frame of the layer's own first: the body of the layers that only add a prefix.
-    pub struct PrefixedBody<B> {
+    pub(crate) struct PrefixedBody<B> {
         #[pin]
         kind: PrefixedKind<B>,
     }
@@ -361,14 +396,48 @@ impl<B> PrefixedBody<B> {
     }
 }
 
-impl<B> fmt::Debug for PrefixedBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
+impl<B> PrefixedBody<B> {
+    pub(crate) fn get_ref(&self) -> Option<&B> {
+        match &self.kind {
+            PrefixedKind::Untouched { inner } | PrefixedKind::Stream { inner, .. } => Some(inner),
+            PrefixedKind::Empty { .. } => None,
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self) -> Option<&mut B> {
+        match &mut self.kind {
+            PrefixedKind::Untouched { inner } | PrefixedKind::Stream { inner, .. } => Some(inner),
+            PrefixedKind::Empty { .. } => None,
+        }
+    }
+
+    pub(crate) fn into_inner(self) -> Option<B> {
+        match self.kind {
+            PrefixedKind::Untouched { inner } | PrefixedKind::Stream { inner, .. } => Some(inner),
+            PrefixedKind::Empty { .. } => None,
+        }
+    }
+
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self.kind {
             PrefixedKind::Untouched { .. } => "Untouched",
             PrefixedKind::Stream { .. } => "Stream",
             PrefixedKind::Empty { .. } => "Empty",
-        };
-        f.debug_tuple("PrefixedBody").field(&kind).finish()
+        }
+    }
+}
+
+impl<B: Default> Default for PrefixedBody<B> {
+    fn default() -> Self {
+        Self::untouched(B::default())
+    }
+}
+
+impl<B> fmt::Debug for PrefixedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PrefixedBody")
+            .field(&self.kind_name())
+            .finish()
     }
 }
 
@@ -420,3 +489,85 @@ impl<B: Body<Data = Bytes>> Body for PrefixedBody<B> {
         }
     }
 }
+
+/// Declares a layer's own public body: a newtype around one of this module's shared bodies
+/// (`InnerOrLocal` or `PrefixedBody`), forwarding frames, end and size hint, with `Default`
+/// (the inner body's default, untouched) and `get_ref`/`get_mut`/`into_inner`. `$none` ends the
+/// sentence "The inner service's body": when there is none to give back.
+macro_rules! shared_body {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident($shared:ident), none when $none:literal
+    ) => {
+        pin_project_lite::pin_project! {
+            $(#[$meta])*
+            pub struct $name<B> {
+                #[pin]
+                body: $crate::body::$shared<B>,
+            }
+        }
+
+        impl<B> $name<B> {
+            pub(crate) fn from_shared(body: $crate::body::$shared<B>) -> Self {
+                Self { body }
+            }
+
+            #[doc = concat!("The inner service's body; ", $none, ".")]
+            pub fn get_ref(&self) -> Option<&B> {
+                self.body.get_ref()
+            }
+
+            #[doc = concat!("The inner service's body, mutably; ", $none, ".")]
+            pub fn get_mut(&mut self) -> Option<&mut B> {
+                self.body.get_mut()
+            }
+
+            #[doc = concat!(
+                "Unwraps the inner service's body; ", $none, ". Whatever this layer ",
+                "had not sent yet (its own first frame, a held-back byte order mark or trailers) ",
+                "is dropped."
+            )]
+            pub fn into_inner(self) -> Option<B> {
+                self.body.into_inner()
+            }
+        }
+
+        impl<B: Default> Default for $name<B> {
+            /// The inner body's default, passed through untouched.
+            fn default() -> Self {
+                Self {
+                    body: Default::default(),
+                }
+            }
+        }
+
+        impl<B> ::std::fmt::Debug for $name<B> {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.debug_tuple(stringify!($name))
+                    .field(&self.body.kind_name())
+                    .finish()
+            }
+        }
+
+        impl<B: http_body::Body<Data = bytes::Bytes>> http_body::Body for $name<B> {
+            type Data = bytes::Bytes;
+            type Error = B::Error;
+
+            fn poll_frame(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
+                self.project().body.poll_frame(cx)
+            }
+
+            fn is_end_stream(&self) -> bool {
+                self.body.is_end_stream()
+            }
+
+            fn size_hint(&self) -> http_body::SizeHint {
+                self.body.size_hint()
+            }
+        }
+    };
+}
+pub(crate) use shared_body;

@@ -9,8 +9,9 @@
 //! - Negotiation by `Accept-Encoding` with q-values among `gzip`, `deflate`, `br` and `zstd`
 //!   (server preference `zstd`, `br`, `gzip`, `deflate` on ties); identity when the client did
 //!   not ask or accepts none. The response gets `Content-Encoding`, `Vary: Accept-Encoding`, and
-//!   loses `Content-Length`. Responses already encoded, and responses that are not event
-//!   streams, are left alone (compress those with tower-http).
+//!   loses `Content-Length`. Responses already encoded ([`is_encoded`]: `identity` is no
+//!   coding), and responses that are not event streams, are left alone (compress those with
+//!   tower-http).
 //! - The first frame is the compressor's header, flushed at once, so headers and a first byte
 //!   leave immediately, as [`PassthroughLayer`](crate::PassthroughLayer)'s initial comment would.
 //!   (Passthrough sends no comment of its own in front of an encoded body, which would corrupt it.)
@@ -79,7 +80,7 @@ use tower_service::Service;
 use crate::future::Exchange;
 use crate::telemetry;
 use crate::wire::media::{parse_qvalue, trim};
-use crate::wire::{is_event_stream, Scanner};
+use crate::wire::{is_encoded, is_event_stream, Scanner};
 
 /// A content coding this layer can produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,8 +279,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = ready!(this.future.poll(cx))?;
-        let compress = is_event_stream(response.headers())
-            && !response.headers().contains_key(CONTENT_ENCODING);
+        let compress = is_event_stream(response.headers()) && !is_encoded(response.headers());
         let (mut parts, inner) = response.into_parts();
         if is_event_stream(&parts.headers) {
             // The answer depends on Accept-Encoding, encoded or not.
@@ -430,6 +430,40 @@ struct StreamState {
     first: Option<Bytes>,
     /// Trailers wait until the compressed stream's end has gone out.
     stashed: Option<Box<Frame<Bytes>>>,
+}
+
+impl<B> CompressionBody<B> {
+    /// The inner service's body.
+    pub fn get_ref(&self) -> &B {
+        match &self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// The inner service's body, mutably.
+    pub fn get_mut(&mut self) -> &mut B {
+        match &mut self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// Unwraps the inner service's body: the compressor and compressed bytes not yet sent are dropped, so what the inner body sends next is plain bytes after a compressed prefix: only useful before the first frame or after the end.
+    pub fn into_inner(self) -> B {
+        match self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+}
+
+impl<B: Default> Default for CompressionBody<B> {
+    /// The inner body's default, passed through untouched.
+    fn default() -> Self {
+        Self {
+            kind: Kind::Untouched {
+                inner: B::default(),
+            },
+        }
+    }
 }
 
 impl<B> fmt::Debug for CompressionBody<B> {

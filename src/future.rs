@@ -1,4 +1,7 @@
-//! The response future shared by the layers that decide from the response head alone.
+//! The response future machinery shared by the layers that decide from the response head alone.
+//!
+//! Crate-private: each layer declares its own public response future around [`HeadFuture`] with
+//! [`head_response_future!`].
 
 use std::fmt;
 use std::future::Future;
@@ -8,9 +11,9 @@ use std::task::{ready, Context, Poll};
 use http::Response;
 use pin_project_lite::pin_project;
 
-pub(crate) use sealed::Exchange;
+pub(crate) use sealed::{Exchange, OnResponse};
 
-pub(crate) mod sealed {
+mod sealed {
     use http::{HeaderMap, Method, Request};
 
     use crate::wire::{is_event_stream, is_plain_event_stream};
@@ -22,7 +25,7 @@ pub(crate) mod sealed {
     /// so it never gets body work, whatever its headers say: no initial comment, retry block,
     /// heartbeat, metadata, compressor header or end frame. Its headers are those of a `GET`.
     #[derive(Clone, Copy, Debug)]
-    pub struct Exchange {
+    pub(crate) struct Exchange {
         head: bool,
     }
 
@@ -54,7 +57,7 @@ pub(crate) mod sealed {
 
     /// What a layer does with the response head: pick the body (untouched, or its stream
     /// variant) once, when the inner service answers.
-    pub trait OnResponse<B> {
+    pub(crate) trait OnResponse<B> {
         /// The body the layer answers with.
         type Body;
 
@@ -71,7 +74,7 @@ pin_project! {
     /// The response future of the layers that look at the response head once: passthrough,
     /// retry, heartbeat, lifetime, comment metadata and the idle timeout. `L` is the layer,
     /// which carries the configuration.
-    pub struct ResponseFuture<F, L> {
+    pub(crate) struct HeadFuture<F, L> {
         #[pin]
         future: F,
         layer: Option<L>,
@@ -79,7 +82,7 @@ pin_project! {
     }
 }
 
-impl<F, L> ResponseFuture<F, L> {
+impl<F, L> HeadFuture<F, L> {
     pub(crate) fn new(exchange: Exchange, future: F, layer: L) -> Self {
         Self {
             future,
@@ -89,16 +92,16 @@ impl<F, L> ResponseFuture<F, L> {
     }
 }
 
-impl<F, L> fmt::Debug for ResponseFuture<F, L> {
+impl<F, L> fmt::Debug for HeadFuture<F, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+        f.debug_struct("HeadFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, L, B, E> Future for ResponseFuture<F, L>
+impl<F, L, B, E> Future for HeadFuture<F, L>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    L: sealed::OnResponse<B>,
+    L: OnResponse<B>,
 {
     type Output = Result<Response<L::Body>, E>;
 
@@ -108,7 +111,55 @@ where
         let layer = this
             .layer
             .take()
-            .expect("ResponseFuture polled after completion");
+            .expect("response future polled after completion");
         Poll::Ready(Ok(layer.on_response(*this.exchange, response)))
     }
 }
+
+/// Declares a layer's own public response future: a newtype around [`HeadFuture`] with the
+/// layer `$layer`, resolving to the inner response with the body `$body<B>`. The `where` bounds
+/// on `B` are those of the layer's `OnResponse` impl.
+macro_rules! head_response_future {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident for $layer:ty => $body:ident $(where B: $($bound:tt)+)?
+    ) => {
+        pin_project_lite::pin_project! {
+            $(#[$meta])*
+            pub struct $name<F> {
+                #[pin]
+                inner: $crate::future::HeadFuture<F, $layer>,
+            }
+        }
+
+        impl<F> $name<F> {
+            pub(crate) fn new(exchange: $crate::future::Exchange, future: F, layer: $layer) -> Self {
+                Self {
+                    inner: $crate::future::HeadFuture::new(exchange, future, layer),
+                }
+            }
+        }
+
+        impl<F> ::std::fmt::Debug for $name<F> {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.debug_struct(stringify!($name)).finish_non_exhaustive()
+            }
+        }
+
+        impl<F, B, E> ::std::future::Future for $name<F>
+        where
+            F: ::std::future::Future<Output = Result<http::Response<B>, E>>,
+            $(B: $($bound)+)?
+        {
+            type Output = Result<http::Response<$body<B>>, E>;
+
+            fn poll(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<Self::Output> {
+                self.project().inner.poll(cx)
+            }
+        }
+    };
+}
+pub(crate) use head_response_future;

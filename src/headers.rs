@@ -73,7 +73,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::{head_parts, InnerOrLocal};
+use crate::body::{head_parts, shared_body, InnerOrLocal};
 use crate::future::Exchange;
 use crate::telemetry;
 use crate::wire::{
@@ -307,9 +307,12 @@ where
                 }
                 if *head {
                     let parts = head_parts(response);
-                    return Poll::Ready(Ok(Response::from_parts(parts, InnerOrLocal::empty())));
+                    let body = SseHeadersBody::from_shared(InnerOrLocal::empty());
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
-                Poll::Ready(Ok(response.map(InnerOrLocal::inner)))
+                Poll::Ready(Ok(response.map(|inner| {
+                    SseHeadersBody::from_shared(InnerOrLocal::inner(inner))
+                })))
             }
             StateProj::Rejected { done } => {
                 assert!(!*done, "ResponseFuture polled after completion");
@@ -359,16 +362,27 @@ fn is_keep_alive(value: &HeaderValue) -> bool {
 
 fn not_acceptable<B>() -> Response<SseHeadersBody<B>> {
     telemetry::not_acceptable();
-    let mut response = InnerOrLocal::plain_text(StatusCode::NOT_ACCEPTABLE, NOT_ACCEPTABLE_BODY);
+    let mut response = InnerOrLocal::plain_text(StatusCode::NOT_ACCEPTABLE, NOT_ACCEPTABLE_BODY)
+        .map(SseHeadersBody::from_shared);
     response
         .headers_mut()
         .insert(VARY, HeaderValue::from_static("accept"));
     response
 }
 
-/// The response body of [`SseHeaders`]: the inner body untouched, or the short text of a
-/// `406 Not Acceptable`.
-pub type SseHeadersBody<B> = InnerOrLocal<B>;
+shared_body! {
+    /// The response body of [`SseHeaders`]: the inner body untouched, or the short text of a
+    /// `406 Not Acceptable`.
+    pub struct SseHeadersBody(InnerOrLocal),
+        none when "`None` for a `406 Not Acceptable` and for the answer to a `HEAD` request"
+}
+
+impl<B> SseHeadersBody<B> {
+    /// True when the layer answered by itself (a `406 Not Acceptable`, or no body for `HEAD`).
+    pub fn is_local(&self) -> bool {
+        self.body.is_local()
+    }
+}
 
 #[cfg(test)]
 mod tests {

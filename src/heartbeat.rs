@@ -75,8 +75,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::InnerFrames;
-use crate::future::sealed::OnResponse;
-use crate::future::Exchange;
+use crate::future::{head_response_future, Exchange, OnResponse};
 use crate::telemetry;
 use crate::timeout::deadline;
 use crate::wire::{Event, Scanner};
@@ -202,8 +201,10 @@ where
     }
 }
 
-/// The response future of [`Heartbeat`].
-pub type ResponseFuture<F> = crate::future::ResponseFuture<F, HeartbeatLayer>;
+head_response_future! {
+    /// The response future of [`Heartbeat`].
+    pub struct ResponseFuture for HeartbeatLayer => HeartbeatBody
+}
 
 impl<B> OnResponse<B> for HeartbeatLayer {
     type Body = HeartbeatBody<B>;
@@ -262,6 +263,40 @@ struct StreamState {
     /// Where the client's stream is: only at a boundary may a heartbeat go in.
     scanner: Scanner,
     frames: InnerFrames,
+}
+
+impl<B> HeartbeatBody<B> {
+    /// The inner service's body.
+    pub fn get_ref(&self) -> &B {
+        match &self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// The inner service's body, mutably.
+    pub fn get_mut(&mut self) -> &mut B {
+        match &mut self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// Unwraps the inner service's body: the heartbeat timer, and a byte order mark or trailers held back at the start, are dropped.
+    pub fn into_inner(self) -> B {
+        match self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+}
+
+impl<B: Default> Default for HeartbeatBody<B> {
+    /// The inner body's default, passed through untouched.
+    fn default() -> Self {
+        Self {
+            kind: Kind::Untouched {
+                inner: B::default(),
+            },
+        }
+    }
 }
 
 impl<B> fmt::Debug for HeartbeatBody<B> {

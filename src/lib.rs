@@ -205,12 +205,12 @@ macro_rules! inner_service_accessors {
     };
 }
 
-pub mod body;
+mod body;
 #[cfg(feature = "compression")]
 #[cfg_attr(docsrs, doc(cfg(feature = "compression")))]
 pub mod compression;
 pub mod fanout;
-pub mod future;
+mod future;
 pub mod headers;
 pub mod heartbeat;
 mod jitter;

@@ -84,8 +84,7 @@ use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::future::sealed::OnResponse;
-use crate::future::Exchange;
+use crate::future::{head_response_future, Exchange, OnResponse};
 use crate::jitter;
 use crate::telemetry::{self, Timeout};
 use crate::timeout::deadline;
@@ -297,8 +296,10 @@ where
     }
 }
 
-/// The response future of [`Lifetime`].
-pub type ResponseFuture<F> = crate::future::ResponseFuture<F, LifetimeLayer>;
+head_response_future! {
+    /// The response future of [`Lifetime`].
+    pub struct ResponseFuture for LifetimeLayer => LifetimeBody
+}
 
 impl<B> OnResponse<B> for LifetimeLayer {
     type Body = LifetimeBody<B>;
@@ -398,6 +399,40 @@ enum Phase {
     /// At a boundary: the farewell block (if any) goes out, then the end.
     Farewell,
     Done,
+}
+
+impl<B> LifetimeBody<B> {
+    /// The inner service's body.
+    pub fn get_ref(&self) -> &B {
+        match &self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// The inner service's body, mutably.
+    pub fn get_mut(&mut self) -> &mut B {
+        match &mut self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// Unwraps the inner service's body: the lifetime timer, the shutdown watch and an end frame not yet sent are dropped.
+    pub fn into_inner(self) -> B {
+        match self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+}
+
+impl<B: Default> Default for LifetimeBody<B> {
+    /// The inner body's default, passed through untouched.
+    fn default() -> Self {
+        Self {
+            kind: Kind::Untouched {
+                inner: B::default(),
+            },
+        }
+    }
 }
 
 impl<B> fmt::Debug for LifetimeBody<B> {

@@ -96,8 +96,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::InnerFrames;
-use crate::future::sealed::OnResponse;
-use crate::future::Exchange;
+use crate::future::{head_response_future, Exchange, OnResponse};
 use crate::wire::{Event, Parser, METADATA_PREFIX};
 
 const SENSITIVE: [&str; 6] = [
@@ -292,8 +291,10 @@ where
     }
 }
 
-/// The response future of [`CommentMetadata`].
-pub type ResponseFuture<F> = crate::future::ResponseFuture<F, CommentMetadataLayer>;
+head_response_future! {
+    /// The response future of [`CommentMetadata`].
+    pub struct ResponseFuture for CommentMetadataLayer => CommentMetadataBody
+}
 
 impl<B> OnResponse<B> for CommentMetadataLayer {
     type Body = CommentMetadataBody<B>;
@@ -351,6 +352,40 @@ struct StreamState {
     parser: Parser,
     ended: bool,
     config: Arc<Config>,
+}
+
+impl<B> CommentMetadataBody<B> {
+    /// The inner service's body.
+    pub fn get_ref(&self) -> &B {
+        match &self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// The inner service's body, mutably.
+    pub fn get_mut(&mut self) -> &mut B {
+        match &mut self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// Unwraps the inner service's body: the metadata block not yet sent, a byte order mark or trailers held back, and the parser with an event in progress are dropped.
+    pub fn into_inner(self) -> B {
+        match self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+}
+
+impl<B: Default> Default for CommentMetadataBody<B> {
+    /// The inner body's default, passed through untouched.
+    fn default() -> Self {
+        Self {
+            kind: Kind::Untouched {
+                inner: B::default(),
+            },
+        }
+    }
 }
 
 impl<B> fmt::Debug for CommentMetadataBody<B> {

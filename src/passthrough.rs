@@ -60,16 +60,15 @@
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
+use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
 use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::{head_parts, PrefixedBody};
-use crate::future::sealed::OnResponse;
-use crate::future::Exchange;
-use crate::wire::Event;
+use crate::body::{head_parts, shared_body, PrefixedBody};
+use crate::future::{head_response_future, Exchange, OnResponse};
+use crate::wire::{is_encoded, Event};
 
 /// Forwards event streams unbuffered; see the [module docs](self).
 #[derive(Clone, Debug, Default)]
@@ -147,8 +146,10 @@ where
     }
 }
 
-/// The response future of [`Passthrough`].
-pub type ResponseFuture<F> = crate::future::ResponseFuture<F, PassthroughLayer>;
+head_response_future! {
+    /// The response future of [`Passthrough`].
+    pub struct ResponseFuture for PassthroughLayer => PassthroughBody where B: Body
+}
 
 impl<B: Body> OnResponse<B> for PassthroughLayer {
     type Body = PassthroughBody<B>;
@@ -159,32 +160,34 @@ impl<B: Body> OnResponse<B> for PassthroughLayer {
         response: Response<B>,
     ) -> Response<PassthroughBody<B>> {
         if exchange.is_head() {
-            return Response::from_parts(head_parts(response), PrefixedBody::empty());
+            let body = PassthroughBody::from_shared(PrefixedBody::empty());
+            return Response::from_parts(head_parts(response), body);
         }
         if !exchange.has_stream_body(response.headers()) {
-            return response.map(PrefixedBody::untouched);
+            return response
+                .map(|inner| PassthroughBody::from_shared(PrefixedBody::untouched(inner)));
         }
         let (mut parts, inner) = response.into_parts();
         parts.headers.remove(CONTENT_LENGTH);
         // Plain bytes in front of an encoded body would corrupt it; the compression layer sends
         // its own first bytes at once.
-        let encoded = parts
-            .headers
-            .get(CONTENT_ENCODING)
-            .is_some_and(|coding| coding != "identity");
-        let initial = self.initial.filter(|_| !encoded);
-        Response::from_parts(parts, PrefixedBody::counted_stream(inner, initial))
+        let initial = self.initial.filter(|_| !is_encoded(&parts.headers));
+        let body = PrefixedBody::counted_stream(inner, initial);
+        Response::from_parts(parts, PassthroughBody::from_shared(body))
     }
 }
 
-/// The response body of [`Passthrough`]; see the [module docs](self).
-pub type PassthroughBody<B> = PrefixedBody<B>;
+shared_body! {
+    /// The response body of [`Passthrough`]; see the [module docs](self).
+    pub struct PassthroughBody(PrefixedBody),
+        none when "`None` for the answer to a `HEAD` request, whose body was dropped"
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{frames, Script, ScriptedBody};
-    use http::header::CONTENT_TYPE;
+    use crate::test_util::{frames, next_data_within, Script, ScriptedBody};
+    use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
     use http::HeaderMap;
     use http_body_util::BodyExt;
     use std::convert::Infallible;
@@ -356,6 +359,36 @@ mod tests {
         let layer = PassthroughLayer::new().initial_comment("ok");
         let response = layer.layer(inner).oneshot(Request::new(())).await.unwrap();
         assert_eq!(frames(response.into_body()).await, [&b"\x1f\x8b"[..]]);
+    }
+
+    /// `Content-Encoding: IDENTITY` is no coding, for passthrough as for heartbeat: both used to
+    /// disagree (passthrough took it as encoded and sent no initial comment; heartbeat took it as
+    /// plain and wrote heartbeats into it).
+    #[tokio::test(start_paused = true)]
+    async fn identity_in_upper_case_is_plain_for_passthrough_and_heartbeat() {
+        let inner = service_fn(|_req: Request<()>| async {
+            let response = Response::builder()
+                .header(CONTENT_TYPE, "text/event-stream")
+                .header(CONTENT_ENCODING, "IDENTITY")
+                .body(Script::new().chunk("data: 1\n\n").hang().into_body())
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        });
+        let service = tower::ServiceBuilder::new()
+            .layer(PassthroughLayer::new().initial_comment("ok"))
+            .layer(crate::HeartbeatLayer::new(std::time::Duration::from_secs(
+                15,
+            )))
+            .service(inner);
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        let mut body = std::pin::pin!(response.into_body());
+        let second = std::time::Duration::from_secs(1);
+        let started = tokio::time::Instant::now();
+        for expected in [":ok\n\n", "data: 1\n\n", ":\n\n"] {
+            let frame = next_data_within(body.as_mut(), 60 * second).await;
+            assert_eq!(frame.as_deref(), Some(expected.as_bytes()));
+        }
+        assert_eq!(started.elapsed(), 15 * second);
     }
 
     #[tokio::test]

@@ -44,9 +44,8 @@ use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::PrefixedBody;
-use crate::future::sealed::OnResponse;
-use crate::future::Exchange;
+use crate::body::{shared_body, PrefixedBody};
+use crate::future::{head_response_future, Exchange, OnResponse};
 use crate::jitter;
 use crate::wire::Event;
 
@@ -143,23 +142,27 @@ where
     }
 }
 
-/// The response future of [`Retry`].
-pub type ResponseFuture<F> = crate::future::ResponseFuture<F, RetryLayer>;
+head_response_future! {
+    /// The response future of [`Retry`].
+    pub struct ResponseFuture for RetryLayer => RetryBody
+}
 
 impl<B> OnResponse<B> for RetryLayer {
     type Body = RetryBody<B>;
 
     fn on_response(self, exchange: Exchange, response: Response<B>) -> Response<RetryBody<B>> {
         if !exchange.has_plain_stream_body(response.headers()) {
-            return response.map(PrefixedBody::untouched);
+            return response.map(|inner| RetryBody::from_shared(PrefixedBody::untouched(inner)));
         }
         let block = self.config.block();
-        response.map(|inner| PrefixedBody::stream(inner, Some(block)))
+        response.map(|inner| RetryBody::from_shared(PrefixedBody::stream(inner, Some(block))))
     }
 }
 
-/// The response body of [`Retry`].
-pub type RetryBody<B> = PrefixedBody<B>;
+shared_body! {
+    /// The response body of [`Retry`]: the inner body, after the retry block on an event stream.
+    pub struct RetryBody(PrefixedBody), none when "always `Some`: retry keeps every inner body"
+}
 
 #[cfg(test)]
 mod tests {

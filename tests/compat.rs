@@ -711,3 +711,179 @@ async fn strict_accept_over_a_socket() {
     }
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. tower-http's layers around and inside ours
+// ---------------------------------------------------------------------------------------------
+
+mod tower_http_layers {
+    use super::*;
+    use http::header::{ACCEPT_ENCODING, ACCESS_CONTROL_ALLOW_ORIGIN, CONTENT_ENCODING, ORIGIN};
+    use http::Method;
+    use std::pin::Pin;
+    use tokio::time::Instant;
+    use tower_http::compression::CompressionLayer;
+    use tower_http::cors::{Any, CorsLayer};
+    use tower_http::timeout::TimeoutLayer;
+    use tower_http::trace::TraceLayer;
+    use tower_sse::testing::{Script, ScriptedService};
+
+    const SECOND: Duration = Duration::from_secs(1);
+    const HEARTBEAT: Duration = Duration::from_secs(15);
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// An event stream that sends one event and goes quiet, and a route that never answers.
+    fn routes() -> Router {
+        let events = ScriptedService::event_stream(Script::new().chunk("data: 1\n\n").hang());
+        Router::new()
+            .route_service("/events", events)
+            .route("/never", get(std::future::pending::<&'static str>))
+    }
+
+    fn cors() -> CorsLayer {
+        CorsLayer::new()
+            .allow_origin(Any)
+            .allow_methods([Method::GET])
+    }
+
+    /// tower-http's layers outside ours: they see our bodies, and must make their own answers
+    /// (a CORS preflight, a timeout) with our bodies' `Default`.
+    fn tower_http_outside() -> Router {
+        routes().layer(
+            ServiceBuilder::new()
+                .layer(TraceLayer::new_for_http())
+                .layer(cors())
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    REQUEST_TIMEOUT,
+                ))
+                .layer(CompressionLayer::new())
+                .layer(SseHeadersLayer::new())
+                .layer(PassthroughLayer::new().initial_comment("ok"))
+                .layer(HeartbeatLayer::new(HEARTBEAT)),
+        )
+    }
+
+    /// tower-http's layers inside ours, between ours and the router.
+    fn tower_http_inside() -> Router {
+        routes().layer(
+            ServiceBuilder::new()
+                .layer(SseHeadersLayer::new())
+                .layer(PassthroughLayer::new().initial_comment("ok"))
+                .layer(HeartbeatLayer::new(HEARTBEAT))
+                .layer(TraceLayer::new_for_http())
+                .layer(cors())
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    REQUEST_TIMEOUT,
+                ))
+                .layer(CompressionLayer::new()),
+        )
+    }
+
+    fn request(method: Method, path: &str) -> Request<axum::body::Body> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(ORIGIN, "https://app.example")
+            .header(ACCEPT, "text/event-stream")
+            .header(ACCEPT_ENCODING, "gzip")
+            .header("access-control-request-method", "GET")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    }
+
+    /// The next data frame, or `None` if none comes within `within` (tokio's clock).
+    async fn next_data(mut body: Pin<&mut axum::body::Body>, within: Duration) -> Option<Bytes> {
+        match timeout(within, body.frame()).await {
+            Ok(Some(frame)) => Some(frame.unwrap().into_data().expect("a data frame")),
+            Ok(None) => panic!("the stream ended"),
+            Err(_) => None,
+        }
+    }
+
+    async fn assert_event_stream_with_cors_and_heartbeat(app: Router) {
+        let response = app
+            .clone()
+            .oneshot(request(Method::GET, "/events"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let headers = response.headers();
+        assert_eq!(headers[ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        assert_eq!(headers[CONTENT_TYPE], "text/event-stream; charset=utf-8");
+        assert_eq!(headers["x-accel-buffering"], "no");
+        assert!(
+            headers.get(CONTENT_ENCODING).is_none(),
+            "tower-http's compression leaves an event stream alone"
+        );
+        let started = Instant::now();
+        let mut body = std::pin::pin!(response.into_body());
+        let mut received = Vec::new();
+        while received.len() < b":ok\n\ndata: 1\n\n".len() {
+            let frame = next_data(body.as_mut(), SECOND).await;
+            received.extend_from_slice(&frame.expect("the first bytes at once"));
+        }
+        assert_eq!(received, b":ok\n\ndata: 1\n\n");
+        let heartbeat = next_data(body.as_mut(), 2 * HEARTBEAT).await;
+        assert_eq!(heartbeat.as_deref(), Some(&b":\n\n"[..]));
+        assert_eq!(started.elapsed(), HEARTBEAT);
+    }
+
+    async fn assert_own_answers(app: Router) {
+        // A preflight, answered by the CORS layer itself.
+        let preflight = app
+            .clone()
+            .oneshot(request(Method::OPTIONS, "/events"))
+            .await
+            .unwrap();
+        assert_eq!(preflight.status(), StatusCode::OK);
+        assert_eq!(preflight.headers()[ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        let body = preflight.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.is_empty());
+        // A handler that never answers, cut by the timeout layer.
+        let started = Instant::now();
+        let slow = app.oneshot(request(Method::GET, "/never")).await.unwrap();
+        assert_eq!(slow.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(started.elapsed(), REQUEST_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outside_ours_cors_timeout_trace_and_compression_work() {
+        assert_event_stream_with_cors_and_heartbeat(tower_http_outside()).await;
+        assert_own_answers(tower_http_outside()).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inside_ours_cors_timeout_trace_and_compression_work() {
+        assert_event_stream_with_cors_and_heartbeat(tower_http_inside()).await;
+        assert_own_answers(tower_http_inside()).await;
+    }
+
+    /// A body's `Default` is the inner body's default, untouched; `into_inner` gives it back.
+    #[tokio::test]
+    async fn bodies_default_to_the_inner_default_and_unwrap() {
+        use tower_sse::heartbeat::HeartbeatBody;
+        use tower_sse::passthrough::PassthroughBody;
+        use tower_sse::timeout::IdleTimeoutBody;
+
+        type Inner = Full<Bytes>;
+        async fn empty<B: Body<Data = Bytes, Error: std::fmt::Debug>>(body: B) -> Bytes {
+            assert_eq!(body.size_hint().exact(), Some(0));
+            body.collect().await.unwrap().to_bytes()
+        }
+        assert!(empty(HeartbeatBody::<Inner>::default()).await.is_empty());
+        assert!(empty(PassthroughBody::<Inner>::default()).await.is_empty());
+        assert!(empty(IdleTimeoutBody::<Inner>::default()).await.is_empty());
+        assert_eq!(
+            HeartbeatBody::<Inner>::default()
+                .into_inner()
+                .size_hint()
+                .exact(),
+            Some(0)
+        );
+        let mut body = PassthroughBody::<Inner>::default();
+        assert!(body.get_mut().is_some());
+        assert!(body.into_inner().is_some());
+    }
+}

@@ -33,10 +33,10 @@ fn request(method: Method) -> Request<()> {
         .unwrap()
 }
 
-/// What each layer does with an event stream, configured to add bytes as soon as it can.
-/// A layer applied to an inner service, as something to call.
+/// Wraps the scripted upstream in one layer.
 type Wrap = Box<dyn Fn(ScriptedService) -> Box<dyn Check>>;
 
+/// What each layer does with an event stream, configured to add bytes as soon as it can.
 fn each_layer() -> Vec<(&'static str, Wrap)> {
     fn boxed<S>(service: S) -> Box<dyn Check>
     where

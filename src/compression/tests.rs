@@ -183,6 +183,34 @@ async fn identity_non_streams_and_encoded_bodies_are_untouched() {
     }
 }
 
+/// `Content-Encoding: identity` (any case) is no coding: the stream is compressed like one
+/// without the header, and the header names the coding that is now applied.
+#[tokio::test]
+async fn an_identity_coded_stream_is_compressed() {
+    let service = service_fn(|_req: Request<()>| async {
+        let response = Response::builder()
+            .header(CONTENT_TYPE, "text/event-stream")
+            .header(CONTENT_ENCODING, "IDENTITY")
+            .body(Script::new().chunk("data: x\n\n").into_body())
+            .unwrap();
+        Ok::<_, Infallible>(response)
+    });
+    let response = SseCompressionLayer::new()
+        .layer(service)
+        .oneshot(request("gzip"))
+        .await
+        .unwrap();
+    let codings: Vec<_> = response
+        .headers()
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .collect();
+    assert_eq!(codings, ["gzip"]);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let mut decoder = Decoder::new(Encoding::Gzip);
+    assert_eq!(decoder.feed(&body), b"data: x\n\n");
+}
+
 #[tokio::test]
 async fn trailers_follow_the_end_of_the_compressed_stream() {
     let mut trailers = HeaderMap::new();

@@ -46,6 +46,39 @@ impl<B> FanoutBody<B> {
     pub fn is_shared(&self) -> bool {
         matches!(self.kind, Kind::Shared { .. })
     }
+
+    /// The inner service's body; `None` when the body is read from a shared subscription.
+    pub fn get_ref(&self) -> Option<&B> {
+        match &self.kind {
+            Kind::Direct { inner } => Some(inner),
+            Kind::Shared { .. } => None,
+        }
+    }
+
+    /// The inner service's body, mutably; `None` when the body is read from a shared
+    /// subscription.
+    pub fn get_mut(&mut self) -> Option<&mut B> {
+        match &mut self.kind {
+            Kind::Direct { inner } => Some(inner),
+            Kind::Shared { .. } => None,
+        }
+    }
+
+    /// Unwraps the inner service's body; `None` when the body is read from a shared
+    /// subscription, whose place in the hub is then given up (frames queued for it are dropped).
+    pub fn into_inner(self) -> Option<B> {
+        match self.kind {
+            Kind::Direct { inner } => Some(inner),
+            Kind::Shared { .. } => None,
+        }
+    }
+}
+
+impl<B: Default> Default for FanoutBody<B> {
+    /// The inner body's default, passed through untouched.
+    fn default() -> Self {
+        Self::direct(B::default())
+    }
 }
 
 impl<B> fmt::Debug for FanoutBody<B> {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, CONTENT_LENGTH};
+use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body;
 use tokio::sync::{oneshot, Notify};
@@ -20,9 +20,7 @@ use tower_service::Service;
 use super::{Config, SlowClient};
 use crate::replay::{is_recordable, AlreadyRecorded, Ids, ReplayStore, StoredEvent};
 use crate::telemetry;
-use crate::wire::{is_plain_event_stream, Parser};
-
-const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+use crate::wire::{is_plain_event_stream, Parser, LAST_EVENT_ID};
 
 /// A poisoned lock is still consistent here: every update completes before anything can panic.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -144,6 +144,40 @@ impl<B, St: ReplayStore> ReplayBody<B, St> {
     }
 }
 
+impl<B, St: ReplayStore> ReplayBody<B, St> {
+    /// The inner service's body.
+    pub fn get_ref(&self) -> &B {
+        match &self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// The inner service's body, mutably.
+    pub fn get_mut(&mut self) -> &mut B {
+        match &mut self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// Unwraps the inner service's body: replayed events not yet sent, held-back bytes and the recording are dropped: later events are no longer recorded.
+    pub fn into_inner(self) -> B {
+        match self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+}
+
+impl<B: Default, St: ReplayStore> Default for ReplayBody<B, St> {
+    /// The inner body's default, passed through untouched.
+    fn default() -> Self {
+        Self {
+            kind: Kind::Untouched {
+                inner: B::default(),
+            },
+        }
+    }
+}
+
 impl<B, St: ReplayStore> fmt::Debug for ReplayBody<B, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {

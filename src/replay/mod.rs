@@ -145,9 +145,8 @@ pub use store::{
 };
 
 use crate::telemetry;
-use crate::wire::{is_plain_event_stream, Event};
+use crate::wire::{is_plain_event_stream, Event, LAST_EVENT_ID};
 
-const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 const RESUMED_FROM: HeaderName = HeaderName::from_static("sse-resumed-from");
 const QUERY_PARAMETER: &str = "lastEventId";
 const DEFAULT_MAX_ID_LEN: usize = 256;

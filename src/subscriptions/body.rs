@@ -168,6 +168,42 @@ impl<B> SubscriptionBody<B> {
     }
 }
 
+impl<B> SubscriptionBody<B> {
+    /// The inner service's body; `None` for an answer of the subscription API.
+    pub fn get_ref(&self) -> Option<&B> {
+        match &self.kind {
+            Kind::Plain { inner } => inner.get_ref(),
+            Kind::Channel { inner, .. } => Some(inner),
+        }
+    }
+
+    /// The inner service's body, mutably; `None` for an answer of the subscription API.
+    pub fn get_mut(&mut self) -> Option<&mut B> {
+        match &mut self.kind {
+            Kind::Plain { inner } => inner.get_mut(),
+            Kind::Channel { inner, .. } => Some(inner),
+        }
+    }
+
+    /// Unwraps the inner service's body; `None` for an answer of the subscription API. A
+    /// subscription's channel closes as when its client leaves (a disposable subscription is
+    /// removed), and its stream state (bytes held back, the watch for suspension or deletion)
+    /// is dropped.
+    pub fn into_inner(self) -> Option<B> {
+        match self.kind {
+            Kind::Plain { inner } => inner.into_inner(),
+            Kind::Channel { inner, .. } => Some(inner),
+        }
+    }
+}
+
+impl<B: Default> Default for SubscriptionBody<B> {
+    /// The inner body's default, passed through untouched.
+    fn default() -> Self {
+        Self::untouched(B::default())
+    }
+}
+
 impl<B> fmt::Debug for SubscriptionBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {

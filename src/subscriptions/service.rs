@@ -20,9 +20,9 @@ use super::body::{Channel, SubscriptionBody};
 use super::{Created, Route, Status, Subscription, SubscriptionStore, Subscriptions};
 use crate::replay::client_last_event_id;
 use crate::telemetry;
+use crate::wire::LAST_EVENT_ID;
 use crate::BoxError;
 
-const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 const SUBSCRIPTION: HeaderName = HeaderName::from_static("sse-subscription");
 
 /// Serves the subscribe paths and disposable subscriptions in front of the service that serves

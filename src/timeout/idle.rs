@@ -15,8 +15,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{deadline, BoxError};
-use crate::future::sealed::OnResponse;
-use crate::future::Exchange;
+use crate::future::{head_response_future, Exchange, OnResponse};
 use crate::telemetry::{self, Timeout};
 
 /// Ends an event stream when its inner body sends nothing for the timeout; see the
@@ -108,8 +107,10 @@ where
     }
 }
 
-/// The response future of [`IdleTimeoutService`].
-pub type ResponseFuture<F> = crate::future::ResponseFuture<F, IdleTimeoutLayer>;
+head_response_future! {
+    /// The response future of [`IdleTimeoutService`].
+    pub struct ResponseFuture for IdleTimeoutLayer => IdleTimeoutBody
+}
 
 impl<B> OnResponse<B> for IdleTimeoutLayer {
     type Body = IdleTimeoutBody<B>;
@@ -159,6 +160,40 @@ pin_project! {
             config: Config,
             timed_out: bool,
         },
+    }
+}
+
+impl<B> IdleTimeoutBody<B> {
+    /// The inner service's body.
+    pub fn get_ref(&self) -> &B {
+        match &self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// The inner service's body, mutably.
+    pub fn get_mut(&mut self) -> &mut B {
+        match &mut self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// Unwraps the inner service's body: the idle timer is dropped.
+    pub fn into_inner(self) -> B {
+        match self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+}
+
+impl<B: Default> Default for IdleTimeoutBody<B> {
+    /// The inner body's default, passed through untouched.
+    fn default() -> Self {
+        Self {
+            kind: Kind::Untouched {
+                inner: B::default(),
+            },
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::time::Sleep;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::InnerOrLocal;
+use crate::body::{shared_body, InnerOrLocal};
 use crate::telemetry::{self, Timeout};
 
 const GATEWAY_TIMEOUT_BODY: &str =
@@ -68,8 +68,17 @@ impl<S> ResponseTimeout<S> {
     inner_service_accessors!();
 }
 
-/// The response body of [`ResponseTimeout`]: the inner body, or the text of the `504`.
-pub type ResponseTimeoutBody<B> = InnerOrLocal<B>;
+shared_body! {
+    /// The response body of [`ResponseTimeout`]: the inner body, or the text of the `504`.
+    pub struct ResponseTimeoutBody(InnerOrLocal), none when "`None` for the layer's own `504`"
+}
+
+impl<B> ResponseTimeoutBody<B> {
+    /// True when the layer answered by itself: the `504 Gateway Timeout`.
+    pub fn is_local(&self) -> bool {
+        self.body.is_local()
+    }
+}
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ResponseTimeout<S>
 where
@@ -118,12 +127,15 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(result) = this.future.poll(cx) {
-            return Poll::Ready(result.map(|response| response.map(InnerOrLocal::inner)));
+            return Poll::Ready(result.map(|response| {
+                response.map(|inner| ResponseTimeoutBody::from_shared(InnerOrLocal::inner(inner)))
+            }));
         }
         if this.sleep.poll(cx).is_ready() {
             telemetry::timed_out(Timeout::Response);
             let response =
-                InnerOrLocal::plain_text(StatusCode::GATEWAY_TIMEOUT, GATEWAY_TIMEOUT_BODY);
+                InnerOrLocal::plain_text(StatusCode::GATEWAY_TIMEOUT, GATEWAY_TIMEOUT_BODY)
+                    .map(ResponseTimeoutBody::from_shared);
             return Poll::Ready(Ok(response));
         }
         Poll::Pending

@@ -1,6 +1,6 @@
 //! The one "is this an SSE exchange?" predicate, and `Accept` negotiation.
 
-use http::header::{ACCEPT, CONTENT_TYPE};
+use http::header::{ACCEPT, CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue};
 
 /// The Content-Type this crate writes: `text/event-stream; charset=utf-8`.
@@ -50,10 +50,39 @@ pub fn is_event_stream(headers: &HeaderMap) -> bool {
 /// assert!(!is_plain_event_stream(&headers));
 /// ```
 pub fn is_plain_event_stream(headers: &HeaderMap) -> bool {
-    is_event_stream(headers)
-        && headers
-            .get(http::header::CONTENT_ENCODING)
-            .is_none_or(|coding| coding.as_bytes().eq_ignore_ascii_case(b"identity"))
+    is_event_stream(headers) && !is_encoded(headers)
+}
+
+/// True when the body has a content coding: a `Content-Encoding` names a coding other than
+/// `identity`. The one rule every layer of this crate applies.
+///
+/// `identity` (in any case) means "no coding", so `Content-Encoding: IDENTITY` is as plain as no
+/// header at all. Every coding of every `Content-Encoding` line counts (`identity, gzip` is
+/// encoded); a value that is not text is taken as encoded, so an unreadable header never lets a
+/// layer write plain bytes into a body it cannot read.
+///
+/// ```
+/// use http::{header::CONTENT_ENCODING, HeaderMap};
+/// use tower_sse::wire::is_encoded;
+///
+/// let mut headers = HeaderMap::new();
+/// assert!(!is_encoded(&headers));
+/// headers.insert(CONTENT_ENCODING, "IDENTITY".parse().unwrap());
+/// assert!(!is_encoded(&headers));
+/// headers.insert(CONTENT_ENCODING, "gzip".parse().unwrap());
+/// assert!(is_encoded(&headers));
+/// ```
+pub fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .any(|value| match value.to_str() {
+            Ok(value) => value
+                .split(',')
+                .map(str::trim)
+                .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity")),
+            Err(_) => true,
+        })
 }
 
 /// True when a Content-Type value's MIME essence is `text/event-stream` (see [`is_event_stream`]).

@@ -59,7 +59,7 @@ use std::fmt;
 
 pub use event::{Event, EventBuilder, EventError, Field, METADATA_PREFIX};
 pub use media::{
-    accepts_event_stream, asks_for_event_stream, is_event_stream, is_event_stream_type,
+    accepts_event_stream, asks_for_event_stream, is_encoded, is_event_stream, is_event_stream_type,
     is_plain_event_stream, EVENT_STREAM_UTF8,
 };
 pub use parser::{ParseError, Parser};
@@ -67,7 +67,7 @@ pub use reader::{EventReader, ReadError};
 pub use scanner::{Piece, Pieces, Scanner};
 
 pub(crate) use bom::{BomFilter, BomStep, LeadingBom};
-pub(crate) use ids::LastEventIds;
+pub(crate) use ids::{LastEventIds, LAST_EVENT_ID};
 
 /// Bounds on how much of an unfinished line or event a reader of the stream may hold.
 ///
