@@ -2,12 +2,8 @@
 //! pieces alone: no event is built, and only an `id` line split across chunks is copied.
 
 use bytes::Bytes;
-use http::header::HeaderName;
 
 use super::Piece;
-
-/// The request header a reconnecting client sends its last event id in: `Last-Event-ID`.
-pub(crate) const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
 /// Ids longer than this are not followed (the last shorter one stays); replay treats ids over
 /// 256 bytes as unknown anyway.

@@ -49,6 +49,8 @@
 
 mod bom;
 mod event;
+// Only subscriptions follow the cursor on the scanner's pieces so far.
+#[cfg(feature = "subscriptions")]
 mod ids;
 pub(crate) mod media;
 mod parser;
@@ -67,7 +69,12 @@ pub use reader::{EventReader, ReadError};
 pub use scanner::{Piece, Pieces, Scanner};
 
 pub(crate) use bom::{BomFilter, BomStep, LeadingBom};
-pub(crate) use ids::{LastEventIds, LAST_EVENT_ID};
+#[cfg(feature = "subscriptions")]
+pub(crate) use ids::LastEventIds;
+
+/// The request header a reconnecting client sends its last event id in: `Last-Event-ID`.
+pub(crate) const LAST_EVENT_ID: http::header::HeaderName =
+    http::header::HeaderName::from_static("last-event-id");
 
 /// Bounds on how much of an unfinished line or event a reader of the stream may hold.
 ///
