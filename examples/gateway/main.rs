@@ -412,6 +412,8 @@ async fn serve_stack<S, B, St, Sub>(
         ))
         .service(inner);
     let service = admin::Gate::new(service, admin);
+    // Printed here, not in `serve`, which the admin listener runs too.
+    println!("Ctrl-C to stop.");
     serve(listener, ops::Ops::new(service, metrics), shutdown, limits).await;
 }
 
@@ -558,7 +560,6 @@ where
     let graceful = GracefulShutdown::new();
     let mut signal = std::pin::pin!(shutdown_signal());
     let mut backoff = limits::AcceptBackoff::default();
-    println!("Ctrl-C to stop.");
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
