@@ -433,26 +433,7 @@ struct StreamState {
 }
 
 impl<B> CompressionBody<B> {
-    /// The inner service's body.
-    pub fn get_ref(&self) -> &B {
-        match &self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// The inner service's body, mutably.
-    pub fn get_mut(&mut self) -> &mut B {
-        match &mut self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// Unwraps the inner service's body: the compressor and compressed bytes not yet sent are dropped, so what the inner body sends next is plain bytes after a compressed prefix: only useful before the first frame or after the end.
-    pub fn into_inner(self) -> B {
-        match self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
+    inner_body_accessors!("the compressor and compressed bytes not yet sent are dropped, so what the inner body sends next is plain bytes after a compressed prefix: only useful before the first frame or after the end.");
 }
 
 impl<B: Default> Default for CompressionBody<B> {

@@ -266,26 +266,7 @@ struct StreamState {
 }
 
 impl<B> HeartbeatBody<B> {
-    /// The inner service's body.
-    pub fn get_ref(&self) -> &B {
-        match &self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// The inner service's body, mutably.
-    pub fn get_mut(&mut self) -> &mut B {
-        match &mut self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// Unwraps the inner service's body: the heartbeat timer, and a byte order mark or trailers held back at the start, are dropped.
-    pub fn into_inner(self) -> B {
-        match self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
+    inner_body_accessors!("the heartbeat timer, and a byte order mark or trailers held back at the start, are dropped.");
 }
 
 impl<B: Default> Default for HeartbeatBody<B> {

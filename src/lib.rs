@@ -185,6 +185,33 @@
 // Input never reaches a bare unwrap in the library; invariants say why in an `expect`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+/// `get_ref`, `get_mut` and `into_inner` for a layer body whose `self.kind` is `Kind::Untouched
+/// { inner }` or `Kind::Stream { inner, .. }`; `$drops` says what `into_inner` leaves behind.
+macro_rules! inner_body_accessors {
+    ($drops:literal) => {
+        /// The inner service's body.
+        pub fn get_ref(&self) -> &B {
+            match &self.kind {
+                Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+            }
+        }
+
+        /// The inner service's body, mutably.
+        pub fn get_mut(&mut self) -> &mut B {
+            match &mut self.kind {
+                Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+            }
+        }
+
+        #[doc = concat!("Unwraps the inner service's body: ", $drops)]
+        pub fn into_inner(self) -> B {
+            match self.kind {
+                Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+            }
+        }
+    };
+}
+
 /// `get_ref`, `get_mut` and `into_inner` for a service whose inner service is `self.inner: S`.
 macro_rules! inner_service_accessors {
     () => {

@@ -402,26 +402,9 @@ enum Phase {
 }
 
 impl<B> LifetimeBody<B> {
-    /// The inner service's body.
-    pub fn get_ref(&self) -> &B {
-        match &self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// The inner service's body, mutably.
-    pub fn get_mut(&mut self) -> &mut B {
-        match &mut self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// Unwraps the inner service's body: the lifetime timer, the shutdown watch and an end frame not yet sent are dropped.
-    pub fn into_inner(self) -> B {
-        match self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
+    inner_body_accessors!(
+        "the lifetime timer, the shutdown watch and an end frame not yet sent are dropped."
+    );
 }
 
 impl<B: Default> Default for LifetimeBody<B> {

@@ -355,26 +355,7 @@ struct StreamState {
 }
 
 impl<B> CommentMetadataBody<B> {
-    /// The inner service's body.
-    pub fn get_ref(&self) -> &B {
-        match &self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// The inner service's body, mutably.
-    pub fn get_mut(&mut self) -> &mut B {
-        match &mut self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// Unwraps the inner service's body: the metadata block not yet sent, a byte order mark or trailers held back, and the parser with an event in progress are dropped.
-    pub fn into_inner(self) -> B {
-        match self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
+    inner_body_accessors!("the metadata block not yet sent, a byte order mark or trailers held back, and the parser with an event in progress are dropped.");
 }
 
 impl<B: Default> Default for CommentMetadataBody<B> {

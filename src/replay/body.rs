@@ -145,26 +145,7 @@ impl<B, St: ReplayStore> ReplayBody<B, St> {
 }
 
 impl<B, St: ReplayStore> ReplayBody<B, St> {
-    /// The inner service's body.
-    pub fn get_ref(&self) -> &B {
-        match &self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// The inner service's body, mutably.
-    pub fn get_mut(&mut self) -> &mut B {
-        match &mut self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// Unwraps the inner service's body: replayed events not yet sent, held-back bytes and the recording are dropped: later events are no longer recorded.
-    pub fn into_inner(self) -> B {
-        match self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
+    inner_body_accessors!("replayed events not yet sent, held-back bytes and the recording are dropped: later events are no longer recorded.");
 }
 
 impl<B: Default, St: ReplayStore> Default for ReplayBody<B, St> {

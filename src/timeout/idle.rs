@@ -164,26 +164,7 @@ pin_project! {
 }
 
 impl<B> IdleTimeoutBody<B> {
-    /// The inner service's body.
-    pub fn get_ref(&self) -> &B {
-        match &self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// The inner service's body, mutably.
-    pub fn get_mut(&mut self) -> &mut B {
-        match &mut self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
-
-    /// Unwraps the inner service's body: the idle timer is dropped.
-    pub fn into_inner(self) -> B {
-        match self.kind {
-            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
-        }
-    }
+    inner_body_accessors!("the idle timer is dropped.");
 }
 
 impl<B: Default> Default for IdleTimeoutBody<B> {
