@@ -59,26 +59,19 @@
 //! # }
 //! ```
 
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::InnerFrames;
+use crate::engine::{engine_body, EngineBody, Stages, Start};
 use crate::future::{head_response_future, Exchange, OnResponse};
-use crate::telemetry;
-use crate::timeout::deadline;
-use crate::wire::{Event, Scanner};
+use crate::wire::Event;
 
 /// Sends heartbeats on quiet event streams; see the [module docs](self).
 #[derive(Clone, Debug)]
@@ -138,6 +131,13 @@ impl HeartbeatLayer {
     /// The interval.
     pub fn interval(&self) -> Duration {
         self.config.interval
+    }
+}
+
+impl HeartbeatLayer {
+    /// The engine stage: the interval, and the frame sent.
+    pub(crate) fn stage(&self) -> (Duration, Bytes) {
+        (self.config.interval, self.config.frame.clone())
     }
 }
 
@@ -211,153 +211,22 @@ impl<B> OnResponse<B> for HeartbeatLayer {
 
     fn on_response(self, exchange: Exchange, response: Response<B>) -> Response<HeartbeatBody<B>> {
         if !exchange.has_plain_stream_body(response.headers()) {
-            return response.map(|inner| HeartbeatBody {
-                kind: Kind::Untouched { inner },
-            });
+            return response.map(|inner| HeartbeatBody::from_engine(EngineBody::untouched(inner)));
         }
-        let config = self.config;
-        let now = Instant::now();
-        response.map(|inner| HeartbeatBody {
-            kind: Kind::Stream {
-                inner,
-                timer: tokio::time::sleep_until(deadline(now, config.interval)),
-                state: StreamState {
-                    config,
-                    last_sent: now,
-                    scanner: Scanner::new(),
-                    frames: InnerFrames::new(),
-                },
-            },
-        })
+        let stages = Stages {
+            heartbeat: Some(self.stage()),
+            ..Stages::default()
+        };
+        let (parts, inner) = response.into_parts();
+        let body = EngineBody::stream(inner, &stages, true, &parts.headers, Start::new());
+        Response::from_parts(parts, HeartbeatBody::from_engine(body))
     }
 }
 
-pin_project! {
+engine_body! {
     /// The response body of [`Heartbeat`]; see the [module docs](self).
-    pub struct HeartbeatBody<B> {
-        #[pin]
-        kind: Kind<B>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
-        Untouched { #[pin] inner: B },
-        Stream {
-            #[pin]
-            inner: B,
-            // One timer per stream, moved as frames flow, never re-created.
-            #[pin]
-            timer: Sleep,
-            state: StreamState,
-        },
-    }
-}
-
-#[derive(Debug)]
-struct StreamState {
-    config: Arc<Config>,
-    /// When the client last got a frame.
-    last_sent: Instant,
-    /// Where the client's stream is: only at a boundary may a heartbeat go in.
-    scanner: Scanner,
-    frames: InnerFrames,
-}
-
-impl<B> HeartbeatBody<B> {
-    inner_body_accessors!("the heartbeat timer, and a byte order mark or trailers held back at the start, are dropped.");
-}
-
-impl<B: Default> Default for HeartbeatBody<B> {
-    /// The inner body's default, passed through untouched.
-    fn default() -> Self {
-        Self {
-            kind: Kind::Untouched {
-                inner: B::default(),
-            },
-        }
-    }
-}
-
-impl<B> fmt::Debug for HeartbeatBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Untouched { .. } => "Untouched",
-            Kind::Stream { .. } => "Stream",
-        };
-        f.debug_tuple("HeartbeatBody").field(&kind).finish()
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for HeartbeatBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let (inner, mut timer, state) = match self.project().kind.project() {
-            KindProj::Untouched { inner } => return inner.poll_frame(cx),
-            KindProj::Stream {
-                inner,
-                timer,
-                state,
-            } => (inner, timer, state),
-        };
-        if let Poll::Ready(frame) = state.frames.poll_frame(inner, cx) {
-            if let Some(Ok(frame)) = &frame {
-                if let Some(data) = frame.data_ref() {
-                    // An unbounded scanner holds nothing, so it cannot fail.
-                    let _ = state.scanner.scan(data);
-                }
-                // Only the time is noted: the timer is moved lazily, when it fires.
-                state.last_sent = Instant::now();
-            }
-            return Poll::Ready(frame);
-        }
-        loop {
-            ready!(timer.as_mut().poll(cx));
-            let now = Instant::now();
-            let due = deadline(state.last_sent, state.config.interval);
-            if now < due {
-                timer.as_mut().reset(due);
-                continue;
-            }
-            if !state.scanner.is_at_boundary() {
-                // Mid-event: wait for the event to end; its frames move the timer anyway.
-                timer.as_mut().reset(deadline(now, state.config.interval));
-                continue;
-            }
-            if state.scanner.is_at_stream_start() {
-                state.frames.drop_leading_bom();
-            }
-            state.last_sent = now;
-            timer.as_mut().reset(deadline(now, state.config.interval));
-            telemetry::heartbeat_sent();
-            return Poll::Ready(Some(Ok(Frame::data(state.config.frame.clone()))));
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.is_end_stream(),
-            Kind::Stream { inner, state, .. } => state.frames.is_end_stream(inner),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.size_hint(),
-            // Heartbeats add bytes at times no one knows in advance.
-            Kind::Stream { inner, .. } => {
-                let mut hint = SizeHint::new();
-                hint.set_lower(inner.size_hint().lower());
-                hint
-            }
-        }
-    }
+    pub struct HeartbeatBody,
+    dropping "the heartbeat timer, and a byte order mark or trailers held back at the start, are dropped."
 }
 
 #[cfg(test)]
@@ -366,6 +235,8 @@ mod tests {
     use crate::test_util::{channel_service, next_data_within, Script};
     use http_body_util::BodyExt;
     use std::pin::pin;
+    use std::pin::Pin;
+    use tokio::time::Instant;
     use tower::ServiceExt;
 
     const SECOND: Duration = Duration::from_secs(1);

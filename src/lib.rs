@@ -236,6 +236,7 @@ mod body;
 #[cfg(feature = "compression")]
 #[cfg_attr(docsrs, doc(cfg(feature = "compression")))]
 pub mod compression;
+mod engine;
 pub mod fanout;
 mod future;
 pub mod headers;
@@ -246,6 +247,7 @@ pub mod metadata;
 pub mod passthrough;
 pub mod replay;
 pub mod retry;
+pub mod stack;
 #[cfg(feature = "subscriptions")]
 #[cfg_attr(docsrs, doc(cfg(feature = "subscriptions")))]
 pub mod subscriptions;
@@ -264,6 +266,7 @@ pub use metadata::CommentMetadataLayer;
 pub use passthrough::PassthroughLayer;
 pub use replay::ReplayLayer;
 pub use retry::RetryLayer;
+pub use stack::SseStack;
 
 /// A boxed error, as the bodies of the layers that can end a stream with their own error report.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

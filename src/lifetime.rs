@@ -66,29 +66,23 @@
 //! # }
 //! ```
 
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
+use http_body::Body;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
-use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::engine::{engine_body, EngineBody, Stages, Start};
 use crate::future::{head_response_future, Exchange, OnResponse};
 use crate::jitter;
-use crate::telemetry::{self, Timeout};
-use crate::timeout::deadline;
-use crate::wire::{Event, Piece, Scanner};
+use crate::wire::Event;
 
 /// A signal that ends every open event stream of the [`LifetimeLayer`]s it was given to, each
 /// at its next event boundary.
@@ -152,11 +146,12 @@ impl Shutdown {
 /// [module docs](self).
 #[derive(Clone, Debug)]
 pub struct LifetimeLayer {
-    config: Arc<Config>,
+    config: Arc<LifetimeConfig>,
 }
 
+/// What the lifetime stage of the stream engine needs.
 #[derive(Clone, Debug)]
-struct Config {
+pub(crate) struct LifetimeConfig {
     max_lifetime: Option<Duration>,
     jitter: f64,
     shutdown: Option<Shutdown>,
@@ -165,12 +160,37 @@ struct Config {
     grace: Duration,
 }
 
-impl Config {
+impl LifetimeConfig {
     /// The `retry:` block that ends a stream, jittered per stream.
-    fn farewell(&self) -> Option<Bytes> {
+    pub(crate) fn farewell(&self) -> Option<Bytes> {
         let retry = jitter::extend(self.farewell?, self.farewell_jitter);
         let event = Event::builder().retry(retry).build().ok()?;
         Some(event.encode())
+    }
+
+    pub(crate) fn has_farewell(&self) -> bool {
+        self.farewell.is_some()
+    }
+
+    /// This stream's lifetime, jittered; `Duration::MAX` without a maximum.
+    pub(crate) fn lifetime(&self) -> Duration {
+        self.max_lifetime
+            .map_or(Duration::MAX, |max| jitter::shorten(max, self.jitter))
+    }
+
+    pub(crate) fn shutdown(&self) -> Option<&Shutdown> {
+        self.shutdown.as_ref()
+    }
+
+    pub(crate) fn grace(&self) -> Duration {
+        self.grace
+    }
+}
+
+impl LifetimeLayer {
+    /// The engine stage.
+    pub(crate) fn stage(&self) -> Arc<LifetimeConfig> {
+        self.config.clone()
     }
 }
 
@@ -187,7 +207,7 @@ impl LifetimeLayer {
     /// No lifetime limit and no shutdown signal yet: add them with the builder methods.
     pub fn new() -> Self {
         Self {
-            config: Arc::new(Config {
+            config: Arc::new(LifetimeConfig {
                 max_lifetime: None,
                 jitter: 0.0,
                 shutdown: None,
@@ -242,7 +262,7 @@ impl LifetimeLayer {
         self
     }
 
-    fn config_mut(&mut self) -> &mut Config {
+    fn config_mut(&mut self) -> &mut LifetimeConfig {
         Arc::make_mut(&mut self.config)
     }
 }
@@ -305,235 +325,23 @@ impl<B> OnResponse<B> for LifetimeLayer {
     type Body = LifetimeBody<B>;
 
     fn on_response(self, exchange: Exchange, response: Response<B>) -> Response<LifetimeBody<B>> {
-        let config = self.config;
         if !exchange.has_plain_stream_body(response.headers()) {
-            return response.map(|inner| LifetimeBody {
-                kind: Kind::Untouched { inner },
-            });
+            return response.map(|inner| LifetimeBody::from_engine(EngineBody::untouched(inner)));
         }
-        // A far deadline stands in for "no lifetime": one timer serves lifetime and grace.
-        let deadline = deadline(
-            Instant::now(),
-            config
-                .max_lifetime
-                .map_or(Duration::MAX, |max| jitter::shorten(max, config.jitter)),
-        );
-        let shutdown = match &config.shutdown {
-            Some(shutdown) => ShutdownWaiter::Waiting {
-                notified: shutdown.waiter(),
-                shutdown: shutdown.clone(),
-            },
-            None => ShutdownWaiter::Never,
+        let stages = Stages {
+            lifetime: Some(self.config),
+            ..Stages::default()
         };
-        response.map(|inner| LifetimeBody {
-            kind: Kind::Stream {
-                inner,
-                timer: tokio::time::sleep_until(deadline),
-                shutdown,
-                state: StreamState {
-                    phase: Phase::Live,
-                    scanner: Scanner::new(),
-                    config,
-                },
-            },
-        })
+        let (parts, inner) = response.into_parts();
+        let body = EngineBody::stream(inner, &stages, true, &parts.headers, Start::new());
+        Response::from_parts(parts, LifetimeBody::from_engine(body))
     }
 }
 
-pin_project! {
-    #[project = WaiterProj]
-    enum ShutdownWaiter {
-        Never,
-        Waiting { #[pin] notified: OwnedNotified, shutdown: Shutdown },
-    }
-}
-
-impl ShutdownWaiter {
-    fn poll_fired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
-        match self.project() {
-            WaiterProj::Never => false,
-            WaiterProj::Waiting { notified, shutdown } => {
-                notified.poll(cx).is_ready() || shutdown.is_triggered()
-            }
-        }
-    }
-}
-
-pin_project! {
+engine_body! {
     /// The response body of [`Lifetime`]; see the [module docs](self).
-    pub struct LifetimeBody<B> {
-        #[pin]
-        kind: Kind<B>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
-        Untouched { #[pin] inner: B },
-        Stream {
-            #[pin]
-            inner: B,
-            // The lifetime deadline, then the end of the grace period.
-            #[pin]
-            timer: Sleep,
-            #[pin]
-            shutdown: ShutdownWaiter,
-            state: StreamState,
-        },
-    }
-}
-
-struct StreamState {
-    phase: Phase,
-    scanner: Scanner,
-    config: Arc<Config>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Forwarding; waiting for the lifetime to end or for shutdown.
-    Live,
-    /// Told to end: forwarding up to the next boundary, within the grace period.
-    Ending,
-    /// At a boundary: the farewell block (if any) goes out, then the end.
-    Farewell,
-    Done,
-}
-
-impl<B> LifetimeBody<B> {
-    inner_body_accessors!(
-        "the lifetime timer, the shutdown watch and an end frame not yet sent are dropped."
-    );
-}
-
-impl<B: Default> Default for LifetimeBody<B> {
-    /// The inner body's default, passed through untouched.
-    fn default() -> Self {
-        Self {
-            kind: Kind::Untouched {
-                inner: B::default(),
-            },
-        }
-    }
-}
-
-impl<B> fmt::Debug for LifetimeBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.kind {
-            Kind::Untouched { .. } => "Untouched",
-            Kind::Stream { state, .. } => match state.phase {
-                Phase::Live => "Live",
-                Phase::Ending => "Ending",
-                Phase::Farewell => "Farewell",
-                Phase::Done => "Done",
-            },
-        };
-        f.debug_tuple("LifetimeBody").field(&kind).finish()
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for LifetimeBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let (inner, mut timer, mut shutdown, state) = match self.project().kind.project() {
-            KindProj::Untouched { inner } => return inner.poll_frame(cx),
-            KindProj::Stream {
-                inner,
-                timer,
-                shutdown,
-                state,
-            } => (inner, timer, shutdown, state),
-        };
-        loop {
-            match state.phase {
-                Phase::Done => return Poll::Ready(None),
-                Phase::Farewell => {
-                    state.phase = Phase::Done;
-                    if let Some(farewell) = state.config.farewell() {
-                        return Poll::Ready(Some(Ok(Frame::data(farewell))));
-                    }
-                    continue;
-                }
-                Phase::Live => {
-                    let expired = timer.as_mut().poll(cx).is_ready();
-                    if expired || shutdown.as_mut().poll_fired(cx) {
-                        telemetry::timed_out(if expired {
-                            Timeout::Lifetime
-                        } else {
-                            Timeout::Shutdown
-                        });
-                        state.phase = if state.scanner.is_at_boundary() {
-                            Phase::Farewell
-                        } else {
-                            timer
-                                .as_mut()
-                                .reset(deadline(Instant::now(), state.config.grace));
-                            Phase::Ending
-                        };
-                        continue;
-                    }
-                }
-                Phase::Ending => {
-                    if timer.as_mut().poll(cx).is_ready() {
-                        // The event in flight never ended; a farewell now would join it.
-                        state.phase = Phase::Done;
-                        continue;
-                    }
-                }
-            }
-            let frame = match ready!(inner.poll_frame(cx)) {
-                Some(Ok(frame)) => frame,
-                other => {
-                    state.phase = Phase::Done;
-                    return Poll::Ready(other);
-                }
-            };
-            let Some(data) = frame.data_ref() else {
-                return Poll::Ready(Some(Ok(frame)));
-            };
-            if state.phase == Phase::Live {
-                let _ = state.scanner.scan(data);
-                return Poll::Ready(Some(Ok(frame)));
-            }
-            // Ending: forward up to the first boundary, drop the start of the next event.
-            let boundary = state.scanner.pieces(data).find_map(|piece| match piece {
-                Ok(Piece::Dispatch { end }) => Some(end),
-                _ => None,
-            });
-            let Some(end) = boundary else {
-                return Poll::Ready(Some(Ok(frame)));
-            };
-            state.phase = Phase::Farewell;
-            let mut data = frame.into_data().unwrap_or_default();
-            data.truncate(end);
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.is_end_stream(),
-            Kind::Stream { inner, state, .. } => match state.phase {
-                Phase::Done => true,
-                Phase::Farewell => state.config.farewell.is_none(),
-                Phase::Live | Phase::Ending => inner.is_end_stream(),
-            },
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.size_hint(),
-            // The stream may be cut short, and a farewell block added.
-            Kind::Stream { .. } => SizeHint::new(),
-        }
-    }
+    pub struct LifetimeBody,
+    dropping "the lifetime timer, the shutdown watch and an end frame not yet sent are dropped."
 }
 
 #[cfg(test)]
@@ -542,6 +350,8 @@ mod tests {
     use crate::test_util::{channel_service, next_data_within};
     use http_body_util::BodyExt;
     use std::pin::pin;
+    use std::pin::Pin;
+    use tokio::time::Instant;
     use tower::ServiceExt;
 
     const SECOND: Duration = Duration::from_secs(1);

@@ -81,23 +81,20 @@
 //!
 //! [`metadata_prefix`]: CommentMetadataLayer::metadata_prefix
 
-use std::fmt;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::HeaderName;
 use http::{HeaderMap, Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use memchr::memchr;
-use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::InnerFrames;
+use crate::engine::{engine_body, EngineBody, Stages, Start};
 use crate::future::{head_response_future, Exchange, OnResponse};
-use crate::wire::{Event, Parser, METADATA_PREFIX};
+use crate::wire::{Event, METADATA_PREFIX};
 
 const SENSITIVE: [&str; 6] = [
     "set-cookie",
@@ -119,11 +116,12 @@ enum Metadata {
 /// Renders headers and metadata as comment lines; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct CommentMetadataLayer {
-    config: Arc<Config>,
+    config: Arc<MetadataConfig>,
 }
 
+/// What the metadata stage of the stream engine needs.
 #[derive(Clone, Debug)]
-struct Config {
+pub(crate) struct MetadataConfig {
     headers: Vec<HeaderName>,
     allowed_sensitive: Vec<HeaderName>,
     metadata: Metadata,
@@ -141,7 +139,7 @@ impl CommentMetadataLayer {
     /// No header comments; metadata fields are stripped.
     pub fn new() -> Self {
         Self {
-            config: Arc::new(Config {
+            config: Arc::new(MetadataConfig {
                 headers: Vec::new(),
                 allowed_sensitive: Vec::new(),
                 metadata: Metadata::Strip,
@@ -194,13 +192,18 @@ impl CommentMetadataLayer {
     }
 }
 
-impl Config {
+impl MetadataConfig {
+    /// True when events are changed: metadata fields rendered or stripped.
+    pub(crate) fn rewrites(&self) -> bool {
+        self.metadata != Metadata::Keep
+    }
+
     fn is_sensitive(&self, name: &HeaderName) -> bool {
         SENSITIVE.contains(&name.as_str()) && !self.allowed_sensitive.contains(name)
     }
 
     /// The comment block of the listed headers, if any.
-    fn header_block(&self, headers: &HeaderMap) -> Option<Bytes> {
+    pub(crate) fn header_block(&self, headers: &HeaderMap) -> Option<Bytes> {
         let mut block = Event::default();
         for name in self.headers.iter().filter(|n| !self.is_sensitive(n)) {
             for value in headers.get_all(name) {
@@ -225,11 +228,16 @@ impl Config {
         Some(line.freeze())
     }
 
-    /// Renders or strips the metadata fields of `event`.
-    fn frame(&self, event: &mut Event) {
+    /// Renders or strips the metadata fields of `event`; true when it had any.
+    pub(crate) fn frame(&self, event: &mut Event) -> bool {
+        if self.metadata == Metadata::Keep || event.unknown_fields().is_empty() {
+            return false;
+        }
+        let mut changed = false;
         for (name, value) in event.take_unknown_fields() {
             match name.strip_prefix(&self.prefix[..]) {
                 Some(key) => {
+                    changed = true;
                     if self.metadata == Metadata::Comments {
                         if let Some(line) = self.comment(key, &value) {
                             event.push_comment(line);
@@ -239,6 +247,14 @@ impl Config {
                 None => event.push_unknown_field(name, value),
             }
         }
+        changed
+    }
+}
+
+impl CommentMetadataLayer {
+    /// The engine stage.
+    pub(crate) fn stage(&self) -> Arc<MetadataConfig> {
+        self.config.clone()
     }
 }
 
@@ -304,150 +320,24 @@ impl<B> OnResponse<B> for CommentMetadataLayer {
         exchange: Exchange,
         response: Response<B>,
     ) -> Response<CommentMetadataBody<B>> {
-        let config = self.config;
         if !exchange.has_plain_stream_body(response.headers()) {
-            return response.map(|inner| CommentMetadataBody {
-                kind: Kind::Untouched { inner },
-            });
+            return response
+                .map(|inner| CommentMetadataBody::from_engine(EngineBody::untouched(inner)));
         }
-        let first = config.header_block(response.headers());
-        let mut frames = InnerFrames::new();
-        if first.is_some() {
-            frames.drop_leading_bom();
-        }
-        response.map(|inner| CommentMetadataBody {
-            kind: Kind::Stream {
-                inner,
-                state: StreamState {
-                    first,
-                    frames,
-                    parser: Parser::new(),
-                    ended: false,
-                    config,
-                },
-            },
-        })
-    }
-}
-
-pin_project! {
-    /// The response body of [`CommentMetadata`].
-    pub struct CommentMetadataBody<B> {
-        #[pin]
-        kind: Kind<B>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
-        Untouched { #[pin] inner: B },
-        Stream { #[pin] inner: B, state: StreamState },
-    }
-}
-
-struct StreamState {
-    first: Option<Bytes>,
-    frames: InnerFrames,
-    parser: Parser,
-    ended: bool,
-    config: Arc<Config>,
-}
-
-impl<B> CommentMetadataBody<B> {
-    inner_body_accessors!("the metadata block not yet sent, a byte order mark or trailers held back, and the parser with an event in progress are dropped.");
-}
-
-impl<B: Default> Default for CommentMetadataBody<B> {
-    /// The inner body's default, passed through untouched.
-    fn default() -> Self {
-        Self {
-            kind: Kind::Untouched {
-                inner: B::default(),
-            },
-        }
-    }
-}
-
-impl<B> fmt::Debug for CommentMetadataBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Untouched { .. } => "Untouched",
-            Kind::Stream { .. } => "Stream",
+        let stages = Stages {
+            metadata: Some(self.config),
+            ..Stages::default()
         };
-        f.debug_tuple("CommentMetadataBody").field(&kind).finish()
+        let (parts, inner) = response.into_parts();
+        let body = EngineBody::stream(inner, &stages, true, &parts.headers, Start::new());
+        Response::from_parts(parts, CommentMetadataBody::from_engine(body))
     }
 }
 
-impl StreamState {
-    fn poll_frame<B: Body<Data = Bytes>>(
-        &mut self,
-        mut inner: Pin<&mut B>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        if let Some(first) = self.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(first))));
-        }
-        loop {
-            if self.ended {
-                return Poll::Ready(None);
-            }
-            let frame = match ready!(self.frames.poll_frame(inner.as_mut(), cx)) {
-                Some(Ok(frame)) => frame,
-                other => return Poll::Ready(other),
-            };
-            let data = match frame.into_data() {
-                Ok(data) if self.config.metadata != Metadata::Keep => data,
-                Ok(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                Err(frame) => return Poll::Ready(Some(Ok(frame))),
-            };
-            self.parser.push(data);
-            let mut out = BytesMut::new();
-            while let Some(event) = self.parser.next_event() {
-                let Ok(mut event) = event else {
-                    // Too large to re-frame: end cleanly; the client reconnects.
-                    self.ended = true;
-                    break;
-                };
-                self.config.frame(&mut event);
-                event.encode_into(&mut out);
-            }
-            if !out.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
-            }
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for CommentMetadataBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Untouched { inner } => inner.poll_frame(cx),
-            KindProj::Stream { inner, state } => state.poll_frame(inner, cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.is_end_stream(),
-            Kind::Stream { inner, state } => {
-                state.ended || (state.first.is_none() && state.frames.is_end_stream(inner))
-            }
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.size_hint(),
-            Kind::Stream { .. } => SizeHint::default(),
-        }
-    }
+engine_body! {
+    /// The response body of [`CommentMetadata`].
+    pub struct CommentMetadataBody,
+    dropping "the metadata block not yet sent, a byte order mark or trailers held back, and the parser with an event in progress are dropped."
 }
 
 #[cfg(test)]

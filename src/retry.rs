@@ -63,12 +63,24 @@ struct Config {
 
 impl Config {
     fn block(&self) -> Bytes {
-        let retry = jitter::extend(self.retry, self.jitter);
-        Event::builder()
-            .retry(retry)
-            .build()
-            .map(|event| event.encode())
-            .unwrap_or_default()
+        block(self.retry, self.jitter)
+    }
+}
+
+/// A `retry:` block of `retry` extended by up to `jitter`.
+pub(crate) fn block(retry: Duration, jitter: Duration) -> Bytes {
+    let retry = jitter::extend(retry, jitter);
+    Event::builder()
+        .retry(retry)
+        .build()
+        .map(|event| event.encode())
+        .unwrap_or_default()
+}
+
+impl RetryLayer {
+    /// The engine stage: the retry time and its jitter.
+    pub(crate) fn stage(&self) -> (Duration, Duration) {
+        (self.config.retry, self.config.jitter)
     }
 }
 

@@ -1,5 +1,6 @@
 use super::*;
 use crate::test_util::{Script, ScriptedBody};
+use crate::wire::Parser;
 use http::header::CONTENT_TYPE;
 use http_body_util::BodyExt;
 use proptest::prelude::*;

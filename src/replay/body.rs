@@ -1,59 +1,50 @@
-//! The body of a replayed and recorded event stream.
+//! The body of a replayed and recorded event stream: the stream engine with its replay stage.
 
 use std::collections::HashSet;
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
 
 use super::{lost_event, Config, Ids, Lookup, Plan, ReadFrom, ReplayStore, StoredEvent};
-use crate::body::InnerFrames;
-use crate::wire::{Event, Parser};
+use crate::engine::{EngineBody, Stages, Start};
+use crate::wire::Event;
 
-pin_project! {
+pin_project_lite::pin_project! {
     /// The response body of [`Replay`](super::Replay): replayed events first, then the live
     /// stream, recorded as it goes.
     pub struct ReplayBody<B, St: ReplayStore> {
         #[pin]
-        kind: Kind<B, St>,
+        body: EngineBody<B, St>,
     }
 }
 
-pin_project! {
-    #[project = KindProj]
-    enum Kind<B, St: ReplayStore> {
-        Untouched { #[pin] inner: B },
-        Stream {
-            #[pin]
-            inner: B,
-            #[pin]
-            fill: Fill<St::Read>,
-            state: StreamState<St>,
-        },
+impl<B, St: ReplayStore> ReplayBody<B, St> {
+    pub(crate) fn from_engine(body: EngineBody<B, St>) -> Self {
+        Self { body }
+    }
+
+    /// The inner service's body.
+    pub fn get_ref(&self) -> &B {
+        self.body.get_ref()
+    }
+
+    /// The inner service's body, mutably.
+    pub fn get_mut(&mut self) -> &mut B {
+        self.body.get_mut()
+    }
+
+    /// Unwraps the inner service's body: replayed events not yet sent, held-back bytes and the
+    /// recording are dropped: later events are no longer recorded.
+    pub fn into_inner(self) -> B {
+        self.body.into_inner()
     }
 }
 
-pin_project! {
-    /// Closing the gap between what was replayed and the first live event.
-    #[project = FillProj]
-    enum Fill<R> {
-        Idle,
-        // Boxed: a rare state that would otherwise widen every stream's body.
-        Reading { #[pin] read: R, held: Option<Box<Event>> },
-    }
-}
+crate::engine::engine_body_impls!(ReplayBody<B, St: ReplayStore>);
 
-struct StreamState<St> {
-    /// Replayed events (and the history-lost signal), sent before anything live.
-    first: Option<Bytes>,
-    frames: InnerFrames,
-    /// Made on the first frame: an idle stream carries no parser.
-    parser: Option<Box<Parser>>,
+/// The replay stage of the stream engine: drops what the client has, assigns ids, records,
+/// and fills the gap between what was replayed and the first live event.
+pub(crate) struct ReplayStage<St> {
     /// Events are re-encoded one by one (to drop duplicates or set ids) rather than forwarded
     /// frame by frame. Switched off at an event boundary once neither is needed.
     reframe: bool,
@@ -65,29 +56,35 @@ struct StreamState<St> {
     fill_after: Option<Bytes>,
     replay_limit: usize,
     recording: bool,
-    ended: bool,
     store: St,
     key: Bytes,
     ids: Ids,
 }
 
-impl<B, St: ReplayStore> ReplayBody<B, St> {
-    pub(super) fn untouched(inner: B) -> Self {
-        Self {
-            kind: Kind::Untouched { inner },
-        }
-    }
+/// What the replay stage does with a live event.
+pub(crate) enum Admit {
+    /// The client has it already.
+    Drop,
+    /// The first new live event while a gap may need filling: held until it is filled.
+    Hold,
+    /// On its way, `changed` when its id was set or cleared.
+    Pass { changed: bool },
+}
 
-    /// The stream variant. `recorded`: an inner layer recorded the events, with final ids.
-    pub(super) fn stream(
-        inner: B,
-        plan: Plan,
-        store: St,
-        config: Arc<Config>,
-        recorded: bool,
-    ) -> Self {
+/// What replay starts a stream with.
+pub(crate) struct Opening<St: ReplayStore> {
+    pub(crate) stage: ReplayStage<St>,
+    /// Replayed events (and the history-lost signal), sent before anything live.
+    pub(crate) first: Option<Bytes>,
+    /// A read to close the gap at once (a recorder inside has stored everything up to now).
+    pub(crate) fill: Option<St::Read>,
+}
+
+impl<St: ReplayStore> ReplayStage<St> {
+    /// The stage for `plan`. `recorded`: an inner layer recorded the events, with final ids.
+    pub(super) fn open(plan: Plan, store: St, config: &Config, recorded: bool) -> Opening<St> {
         let mut first = BytesMut::new();
-        if let Some(lost) = plan.lost.and_then(|lost| lost_event(&config, lost)) {
+        if let Some(lost) = plan.lost.and_then(|lost| lost_event(config, lost)) {
             first.extend_from_slice(&lost);
         }
         let ids = if recorded { Ids::Keep } else { config.ids };
@@ -106,72 +103,41 @@ impl<B, St: ReplayStore> ReplayBody<B, St> {
             first.extend_from_slice(&event.bytes);
             delivered.insert(event.id);
         }
-        let mut frames = InnerFrames::new();
-        if !first.is_empty() {
-            frames.drop_leading_bom();
-        }
         let reframe = !delivered.is_empty() || ids != Ids::Keep;
         let replay_limit = config.replay_limit();
         // A recorder inside (the hub) has stored everything up to what this client will receive
         // live, so the gap is filled at once instead of before the next live event.
-        let fill = match fill_after.take_if(|_| recorded) {
-            Some(after) => Fill::Reading {
-                read: store.read(&plan.key, ReadFrom::After(&after), replay_limit),
-                held: None,
+        let fill = fill_after
+            .take_if(|_| recorded)
+            .map(|after| store.read(&plan.key, ReadFrom::After(&after), replay_limit));
+        Opening {
+            stage: Self {
+                reframe,
+                delivered,
+                fill_after,
+                replay_limit,
+                recording: !recorded,
+                store,
+                key: plan.key,
+                ids,
             },
-            None => Fill::Idle,
-        };
-        Self {
-            kind: Kind::Stream {
-                inner,
-                fill,
-                state: StreamState {
-                    first: (!first.is_empty()).then(|| first.freeze()),
-                    frames,
-                    parser: None,
-                    reframe,
-                    delivered,
-                    fill_after,
-                    replay_limit,
-                    recording: !recorded,
-                    ended: false,
-                    store,
-                    key: plan.key,
-                    ids,
-                },
-            },
+            first: (!first.is_empty()).then(|| first.freeze()),
+            fill,
         }
     }
-}
 
-impl<B, St: ReplayStore> ReplayBody<B, St> {
-    inner_body_accessors!("replayed events not yet sent, held-back bytes and the recording are dropped: later events are no longer recorded.");
-}
-
-impl<B: Default, St: ReplayStore> Default for ReplayBody<B, St> {
-    /// The inner body's default, passed through untouched.
-    fn default() -> Self {
-        Self {
-            kind: Kind::Untouched {
-                inner: B::default(),
-            },
-        }
+    /// True when the stage needs the events' fields: to record them or to change them.
+    pub(crate) fn reads_events(&self) -> bool {
+        self.recording || self.reframe
     }
-}
 
-impl<B, St: ReplayStore> fmt::Debug for ReplayBody<B, St> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Untouched { .. } => "Untouched",
-            Kind::Stream { .. } => "Stream",
-        };
-        f.debug_tuple("ReplayBody").field(&kind).finish()
+    /// True when the stage may drop or change events.
+    pub(crate) fn rewrites(&self) -> bool {
+        self.reframe
     }
-}
 
-impl<St: ReplayStore> StreamState<St> {
-    fn parser_mut(&mut self) -> &mut Parser {
-        self.parser.get_or_insert_with(Box::default)
+    pub(crate) fn stop_recording(&mut self) {
+        self.recording = false;
     }
 
     /// Records a message event that has an id; heartbeats and id-less events are not recorded.
@@ -185,64 +151,52 @@ impl<St: ReplayStore> StreamState<St> {
         }
     }
 
-    /// Parses a raw frame that is forwarded as it is, to record its events.
-    fn record_frame(&mut self, data: &Bytes) {
-        if !self.recording {
-            return;
+    /// Decides on a live event, recording what goes on.
+    pub(crate) fn admit(&mut self, event: &mut Event) -> Admit {
+        if !self.reframe {
+            self.record(event);
+            return Admit::Pass { changed: false };
         }
-        self.parser_mut().push(data.clone());
-        while let Some(event) = self.parser_mut().next_event() {
-            match event {
-                Ok(event) => self.record(&event),
-                // Past the parser's limits the stream still flows; only recording stops.
-                Err(_) => self.recording = false,
+        if event.is_message() {
+            if event.id().is_some_and(|id| self.delivered.contains(id)) {
+                return Admit::Drop;
             }
-        }
-    }
-
-    /// Re-encodes the complete events queued in the parser into `out`, minus duplicates, with
-    /// ids as configured. Stops at the first new live event while a gap may need filling, and
-    /// hands it back.
-    fn reframe(&mut self, out: &mut BytesMut) -> Reframed {
-        while let Some(event) = self.parser_mut().next_event() {
-            let Ok(mut event) = event else {
-                return Reframed::Broken;
+            if self.fill_after.is_some() {
+                return Admit::Hold;
+            }
+            return Admit::Pass {
+                changed: self.release(event),
             };
-            if event.is_message() {
-                if event.id().is_some_and(|id| self.delivered.contains(id)) {
-                    continue;
-                }
-                if self.fill_after.is_some() {
-                    return Reframed::Gap(event);
-                }
-                self.emit(event, out);
-            } else {
-                if self.ids == Ids::AssignAlways && event.id().is_some() {
-                    // An id-only block would move the client's cursor to an upstream id.
-                    event.clear_id();
-                }
-                event.encode_into(out);
-            }
         }
-        let mid_event = self.parser.as_ref().is_some_and(|p| p.is_mid_event());
-        if self.delivered.is_empty() && self.ids == Ids::Keep && !mid_event {
-            self.reframe = false;
+        if self.ids == Ids::AssignAlways && event.id().is_some() {
+            // An id-only block would move the client's cursor to an upstream id.
+            event.clear_id();
+            return Admit::Pass { changed: true };
         }
-        Reframed::Done
+        Admit::Pass { changed: false }
     }
 
-    /// Sends a live message event: with an id as configured, recorded.
-    fn emit(&mut self, mut event: Event, out: &mut BytesMut) {
-        let assign = self.ids.assigns(&event);
+    /// Sends a new live message event on: with an id as configured, recorded. True when its id
+    /// was set.
+    pub(crate) fn release(&mut self, event: &mut Event) -> bool {
+        let assign = self.ids.assigns(event);
         if assign {
             event.set_id(self.store.next_id(&self.key));
         }
-        self.record(&event);
-        event.encode_into(out);
+        self.record(event);
+        assign
+    }
+
+    /// The read that fills the gap before a held event.
+    pub(crate) fn gap_read(&self) -> St::Read {
+        let after = self.fill_after.as_ref().expect("a gap to fill");
+        self.store
+            .read(&self.key, ReadFrom::After(after), self.replay_limit)
     }
 
     /// The events recorded since the client's newest id, up to the live event `held`.
-    fn fill(&mut self, lookup: Lookup, held: Option<&Event>, out: &mut BytesMut) {
+    pub(crate) fn fill(&mut self, lookup: Lookup, held: Option<&Event>, out: &mut BytesMut) {
+        self.fill_after = None;
         let Lookup::Found(events) = lookup else {
             return;
         };
@@ -255,116 +209,30 @@ impl<St: ReplayStore> StreamState<St> {
             }
         }
     }
-}
 
-/// How re-framing the queued events ended.
-enum Reframed {
-    Done,
-    /// The first new live event, held back until the gap before it is filled.
-    Gap(Event),
-    /// The stream broke the parser's limits.
-    Broken,
-}
-
-fn poll_stream<B, St>(
-    mut inner: Pin<&mut B>,
-    mut fill: Pin<&mut Fill<St::Read>>,
-    state: &mut StreamState<St>,
-    cx: &mut Context<'_>,
-) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
-where
-    B: Body<Data = Bytes>,
-    St: ReplayStore,
-{
-    if let Some(first) = state.first.take() {
-        return Poll::Ready(Some(Ok(Frame::data(first))));
-    }
-    loop {
-        let mut out = BytesMut::new();
-        if let FillProj::Reading { read, held } = fill.as_mut().project() {
-            // A failed read fills nothing: the live event goes on.
-            let lookup = ready!(read.poll(cx)).unwrap_or(Lookup::Unknown);
-            let held = held.take();
-            state.fill(lookup, held.as_deref(), &mut out);
-            state.fill_after = None;
-            fill.set(Fill::Idle);
-            if let Some(held) = held {
-                state.emit(*held, &mut out);
-            }
-        } else {
-            if state.ended {
-                return Poll::Ready(None);
-            }
-            let frame = match ready!(state.frames.poll_frame(inner.as_mut(), cx)) {
-                Some(Ok(frame)) => frame,
-                other => return Poll::Ready(other),
-            };
-            let data = match frame.into_data() {
-                Ok(data) => data,
-                Err(frame) => return Poll::Ready(Some(Ok(frame))),
-            };
-            if !state.reframe {
-                state.record_frame(&data);
-                return Poll::Ready(Some(Ok(Frame::data(data))));
-            }
-            state.parser_mut().push(data);
-        }
-        match state.reframe(&mut out) {
-            Reframed::Done => {}
-            Reframed::Gap(held) => {
-                let after = state.fill_after.clone().expect("a gap to fill");
-                let read =
-                    state
-                        .store
-                        .read(&state.key, ReadFrom::After(&after), state.replay_limit);
-                fill.set(Fill::Reading {
-                    read,
-                    held: Some(Box::new(held)),
-                });
-            }
-            Reframed::Broken => {
-                // Too large to re-frame: end cleanly; the client reconnects and resumes.
-                state.ended = true;
-            }
-        }
-        if !out.is_empty() {
-            return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+    /// At the end of a frame's events: re-framing stops once nothing needs it, at a boundary.
+    pub(crate) fn settle(&mut self, mid_event: bool) {
+        if self.delivered.is_empty() && self.ids == Ids::Keep && !mid_event {
+            self.reframe = false;
         }
     }
 }
 
-impl<B: Body<Data = Bytes>, St: ReplayStore> Body for ReplayBody<B, St> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Untouched { inner } => inner.poll_frame(cx),
-            KindProj::Stream { inner, fill, state } => poll_stream(inner, fill, state, cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.is_end_stream(),
-            Kind::Stream {
-                inner, fill, state, ..
-            } => {
-                state.ended
-                    || (state.first.is_none()
-                        && matches!(fill, Fill::Idle)
-                        && state.frames.is_end_stream(inner))
-            }
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.size_hint(),
-            Kind::Stream { .. } => SizeHint::new(),
-        }
-    }
+/// The engine body of a replayed stream: `stages` are those of a stack built together (none for
+/// the replay layer alone).
+pub(super) fn stream_body<B, St: ReplayStore>(
+    inner: B,
+    headers: &http::HeaderMap,
+    plan: Plan,
+    store: St,
+    config: &Arc<Config>,
+    recorded: bool,
+    stages: &Stages,
+) -> EngineBody<B, St> {
+    let opening = ReplayStage::open(plan, store, config, recorded);
+    let mut start = Start::new();
+    start.replayed = opening.first;
+    start.replay = Some(opening.stage);
+    start.fill = opening.fill;
+    EngineBody::stream(inner, stages, true, headers, start)
 }

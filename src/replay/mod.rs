@@ -135,6 +135,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 pub use body::ReplayBody;
+pub(crate) use body::{Admit, ReplayStage};
 #[cfg(all(feature = "redis", feature = "subscriptions"))]
 pub(crate) use redis_store::timed;
 #[cfg(feature = "redis")]
@@ -144,6 +145,8 @@ pub use store::{
     Lookup, MemoryLimits, MemoryStore, ReadFrom, ReplayStore, StoreError, StoredEvent,
 };
 
+use crate::engine::{EngineBody, Stages, Start};
+use crate::future::Exchange;
 use crate::telemetry;
 use crate::wire::{is_plain_event_stream, Event, LAST_EVENT_ID};
 
@@ -515,6 +518,9 @@ struct Config {
     ids: Ids,
     max_replay: usize,
     max_id_len: usize,
+    /// The stages of a stack built together that run in the same pass (none for the replay
+    /// layer alone).
+    stages: Stages,
 }
 
 impl Config {
@@ -533,6 +539,7 @@ impl Config {
             ids: Ids::Keep,
             max_replay: 1_000,
             max_id_len: DEFAULT_MAX_ID_LEN,
+            stages: Stages::default(),
         }
     }
 
@@ -661,6 +668,22 @@ impl<St, K> ReplayLayer<St, K> {
     }
 }
 
+impl<St, K> ReplayLayer<St, K> {
+    /// Changes the engine stages that run in the same pass (the stack builder's).
+    pub(crate) fn with_stages(mut self, change: impl FnOnce(&mut Stages)) -> Self {
+        change(&mut Arc::make_mut(&mut self.config).stages);
+        self
+    }
+
+    pub(crate) fn stages(&self) -> Stages {
+        self.config.stages.clone()
+    }
+
+    pub(crate) fn stream_key(&self) -> &K {
+        &self.key
+    }
+}
+
 impl<S, St: Clone, K: Clone> Layer<S> for ReplayLayer<St, K> {
     type Service = Replay<S, St, K>;
 
@@ -775,6 +798,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let exchange = Exchange::of(&request);
         let config = &self.config;
         // Only GET streams are recorded and replayed: other methods are not reads of a stream.
         let key = match config.qos {
@@ -826,6 +850,7 @@ where
                 request: Some(request),
                 inner: Some(inner),
             },
+            exchange,
             store: self.store.clone(),
             config: self.config.clone(),
             plan: Some(Plan {
@@ -848,10 +873,12 @@ where
     where
         S: Service<Request<ReqBody>>,
     {
+        let exchange = Exchange::of(&request);
         ResponseFuture {
             state: State::Calling {
                 future: self.inner.call(request),
             },
+            exchange,
             store: self.store.clone(),
             config: self.config.clone(),
             plan,
@@ -932,6 +959,7 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, St::Read, S, Request<ReqBody>>,
+        exchange: Exchange,
         store: St,
         config: Arc<Config>,
         plan: Option<Plan>,
@@ -1093,22 +1121,40 @@ where
                 StateProj::Calling { future } => {
                     let response = ready!(future.poll(cx))?;
                     let plan = this.plan.take();
+                    let stages = &this.config.stages;
                     return Poll::Ready(Ok(match plan {
                         Some(plan) if is_plain_event_stream(response.headers()) => {
                             let (mut parts, inner) = response.into_parts();
                             parts.headers.insert(RESUMED_FROM, plan.resumed.header());
                             telemetry::replayed(plan.resumed.label(), plan.replay.len());
                             let recorded = parts.extensions.get::<AlreadyRecorded>().is_some();
-                            let body = ReplayBody::stream(
+                            let body = body::stream_body(
                                 inner,
+                                &parts.headers,
                                 plan,
                                 this.store.clone(),
-                                this.config.clone(),
+                                this.config,
                                 recorded,
+                                stages,
                             );
-                            Response::from_parts(parts, body)
+                            Response::from_parts(parts, ReplayBody::from_engine(body))
                         }
-                        _ => response.map(ReplayBody::untouched),
+                        _ if !stages.is_empty()
+                            && this.exchange.has_stream_body(response.headers()) =>
+                        {
+                            let plain = is_plain_event_stream(response.headers());
+                            let (parts, inner) = response.into_parts();
+                            let body = EngineBody::stream(
+                                inner,
+                                stages,
+                                plain,
+                                &parts.headers,
+                                Start::new(),
+                            );
+                            Response::from_parts(parts, ReplayBody::from_engine(body))
+                        }
+                        _ => response
+                            .map(|inner| ReplayBody::from_engine(EngineBody::untouched(inner))),
                     }));
                 }
             }

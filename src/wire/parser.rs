@@ -234,6 +234,21 @@ impl Parser {
     pub fn is_mid_event(&self) -> bool {
         !self.scanner.is_at_boundary()
     }
+
+    /// The offset just past the first event boundary in `chunk`, were it pushed next; the parser
+    /// is left as it is.
+    pub(crate) fn boundary_in(&self, chunk: &[u8]) -> Option<usize> {
+        let mut scanner = self.scanner.clone();
+        let mut pos = 0;
+        while let Some(piece) = scanner.next_piece(chunk, &mut pos) {
+            match piece {
+                Ok(Piece::Dispatch { end }) => return Some(end),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
 }
 
 impl Block {

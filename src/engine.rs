@@ -1,0 +1,1080 @@
+//! The stream engine: one pass over an event stream for every stage that works on it.
+//!
+//! Crate-private. The body layers (retry blocks aside) are each this engine with their own stage
+//! switched on; [`SseStack`](crate::SseStack) switches several on in one engine, so a stack of
+//! them scans every byte once, parses fields once (only where a stage needs them), and keeps one
+//! timer for heartbeats, the idle timeout and the lifetime.
+//!
+//! What the client receives is either the inner body's own frames (the *raw* path: no stage
+//! changes any event; the engine only watches where events end, and parses for recording), or
+//! events re-encoded by the stages (the *rewrite* path: metadata framing, duplicate removal,
+//! assigned ids). On the rewrite path a frame whose events all stay as they are, and that starts
+//! and ends at an event boundary, still goes out as it came, so the client gets whole events only
+//! and the common case copies nothing.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::InnerFrames;
+use crate::lifetime::{LifetimeConfig, Shutdown};
+use crate::metadata::MetadataConfig;
+use crate::replay::{Admit, Lookup, ReplayStage, ReplayStore, StoreError};
+use crate::telemetry::{self, Timeout};
+use crate::timeout::deadline;
+use crate::wire::{Event, Parser, Piece, Scanner};
+
+/// The stages an engine runs, as configured on the layers (or the stack builder). Cheap to clone
+/// into every response.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Stages {
+    /// `retry:` block first in the stream (the retry time, the jitter).
+    pub(crate) retry: Option<(Duration, Duration)>,
+    pub(crate) metadata: Option<Arc<MetadataConfig>>,
+    /// The interval, and the frame sent.
+    pub(crate) heartbeat: Option<(Duration, Bytes)>,
+    pub(crate) lifetime: Option<Arc<LifetimeConfig>>,
+    /// Upstream silence after which the stream ends, cleanly.
+    pub(crate) idle: Option<Duration>,
+}
+
+impl Stages {
+    /// True when some stage reads or adds bytes, which only a plain (not encoded) stream allows;
+    /// the idle timeout alone only times frames.
+    pub(crate) fn reads_bytes(&self) -> bool {
+        self.retry.is_some()
+            || self.metadata.is_some()
+            || self.heartbeat.is_some()
+            || self.lifetime.is_some()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.reads_bytes() && self.idle.is_none()
+    }
+
+    fn is_timed(&self) -> bool {
+        self.heartbeat.is_some() || self.idle.is_some() || self.lifetime.is_some()
+    }
+}
+
+/// A replay store that stores nothing: the engine of a stack without replay.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct NoStore;
+
+impl ReplayStore for NoStore {
+    type Read = std::future::Ready<Result<Lookup, StoreError>>;
+
+    fn read(&self, _key: &Bytes, _from: crate::replay::ReadFrom<'_>, _limit: usize) -> Self::Read {
+        std::future::ready(Ok(Lookup::Unknown))
+    }
+
+    fn append(&self, _key: &Bytes, _event: crate::replay::StoredEvent) {}
+
+    fn next_id(&self, _key: &Bytes) -> Bytes {
+        Bytes::new()
+    }
+
+    fn trim(&self, _key: &Bytes, _keep: usize) {}
+}
+
+pin_project! {
+    /// The inner body untouched, or an event stream run through the engine.
+    pub(crate) struct EngineBody<B, St: ReplayStore> {
+        #[pin]
+        kind: Kind<B, St>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B, St: ReplayStore> {
+        Untouched { #[pin] inner: B },
+        // The stream's state lives on the heap, once per stream: an idle stream's body stays
+        // the size of its inner body and a pointer.
+        Stream { #[pin] inner: B, core: Pin<Box<Core<St>>> },
+    }
+}
+
+pin_project! {
+    #[project = CoreProj]
+    struct Core<St: ReplayStore> {
+        #[pin]
+        timer: Timer,
+        #[pin]
+        shutdown: ShutdownWaiter,
+        #[pin]
+        fill: Fill<St::Read>,
+        engine: Engine<St>,
+    }
+}
+
+pin_project! {
+    /// One timer per stream, at the earliest deadline of the timed stages, moved lazily.
+    #[project = TimerProj]
+    enum Timer {
+        Off,
+        On { #[pin] sleep: Sleep },
+    }
+}
+
+pin_project! {
+    #[project = WaiterProj]
+    enum ShutdownWaiter {
+        Never,
+        Waiting { #[pin] notified: OwnedNotified, shutdown: Shutdown },
+    }
+}
+
+impl ShutdownWaiter {
+    fn poll_fired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        match self.project() {
+            WaiterProj::Never => false,
+            WaiterProj::Waiting { notified, shutdown } => {
+                notified.poll(cx).is_ready() || shutdown.is_triggered()
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// Replay closing the gap between what a client was replayed and its first live event.
+    #[project = FillProj]
+    enum Fill<R> {
+        Idle,
+        // Boxed: a rare state that would otherwise widen every stream's body.
+        Reading { #[pin] read: R, held: Option<Box<Event>> },
+    }
+}
+
+/// Where the events are found: a scanner when no stage needs fields, else a parser (made on the
+/// first frame: an idle stream carries none).
+#[derive(Debug)]
+enum Wire {
+    Scanner(Scanner),
+    Parser(Option<Box<Parser>>),
+}
+
+/// The lifetime stage's state.
+#[derive(Debug)]
+struct Lifetime {
+    config: Arc<LifetimeConfig>,
+    /// The lifetime's end (far away without a maximum), then the grace period's.
+    deadline: Instant,
+    phase: Phase,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Forwarding; waiting for the lifetime to end or for shutdown.
+    Live,
+    /// Told to end: forwarding up to the next boundary, within the grace period.
+    Ending,
+    /// At a boundary: the farewell block (if any) goes out, then the end.
+    Farewell,
+    Done,
+}
+
+/// The per-stream state of every stage.
+pub(crate) struct Engine<St> {
+    /// The stages' own bytes before the stream: retry block, header comments, replayed events.
+    first: Option<Bytes>,
+    frames: InnerFrames,
+    wire: Wire,
+    heartbeat: Option<(Duration, Bytes)>,
+    idle: Option<Duration>,
+    lifetime: Option<Box<Lifetime>>,
+    metadata: Option<Arc<MetadataConfig>>,
+    replay: Option<Box<ReplayStage<St>>>,
+    /// When the client last got a frame, and when the inner body last gave one.
+    last_sent: Instant,
+    last_inner: Instant,
+    /// Events parsed from the current frame that no stage changed: sent as the frame itself if
+    /// they make it up whole, else re-encoded. Reused frame after frame.
+    unchanged: Vec<Event>,
+    /// Some event of the current frame changed, was dropped or held back.
+    changed: bool,
+    ended: bool,
+}
+
+impl<St> fmt::Debug for Engine<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("wire", &self.wire)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the engine starts a stream with, besides its stages.
+pub(crate) struct Start<St: ReplayStore> {
+    /// Bytes of layers outside the stages that go first (replayed events, a lost-history event).
+    pub(crate) replayed: Option<Bytes>,
+    pub(crate) replay: Option<ReplayStage<St>>,
+    /// A read replay starts with, to close a gap at once.
+    pub(crate) fill: Option<St::Read>,
+}
+
+impl<St: ReplayStore> Start<St> {
+    pub(crate) fn new() -> Self {
+        Self {
+            replayed: None,
+            replay: None,
+            fill: None,
+        }
+    }
+}
+
+impl<B, St: ReplayStore> EngineBody<B, St> {
+    pub(crate) fn untouched(inner: B) -> Self {
+        Self {
+            kind: Kind::Untouched { inner },
+        }
+    }
+
+    /// An event stream through `stages`. `plain`: the stream may be read and written to (it is
+    /// not encoded); an encoded stream only gets the idle timeout.
+    pub(crate) fn stream(
+        inner: B,
+        stages: &Stages,
+        plain: bool,
+        headers: &http::HeaderMap,
+        start: Start<St>,
+    ) -> Self {
+        let now = Instant::now();
+        let (metadata, heartbeat, lifetime, replay) = if plain {
+            (
+                stages.metadata.clone(),
+                stages.heartbeat.clone(),
+                stages.lifetime.clone(),
+                start.replay,
+            )
+        } else {
+            (None, None, None, None)
+        };
+        let mut first = BytesMut::new();
+        if plain {
+            if let Some((retry, jitter)) = stages.retry {
+                first.extend_from_slice(&crate::retry::block(retry, jitter));
+            }
+            if let Some(block) = metadata.as_ref().and_then(|m| m.header_block(headers)) {
+                first.extend_from_slice(&block);
+            }
+        }
+        if let Some(replayed) = start.replayed.filter(|_| plain) {
+            match &metadata {
+                Some(metadata) if metadata.rewrites() => {
+                    frame_stored(metadata, &replayed, &mut first)
+                }
+                _ => first.extend_from_slice(&replayed),
+            }
+        }
+        let mut frames = InnerFrames::new();
+        if !first.is_empty() {
+            frames.drop_leading_bom();
+        }
+        let needs_fields = metadata.as_ref().is_some_and(|m| m.rewrites())
+            || replay.as_ref().is_some_and(ReplayStage::reads_events);
+        let wire = if needs_fields {
+            Wire::Parser(None)
+        } else {
+            Wire::Scanner(Scanner::new())
+        };
+        let lifetime = lifetime.map(|config| {
+            // A far deadline stands in for "no lifetime": one timer serves lifetime and grace.
+            let deadline = deadline(now, config.lifetime());
+            Box::new(Lifetime {
+                config,
+                deadline,
+                phase: Phase::Live,
+            })
+        });
+        let shutdown = match lifetime.as_ref().and_then(|l| l.config.shutdown()) {
+            Some(shutdown) => ShutdownWaiter::Waiting {
+                notified: shutdown.waiter(),
+                shutdown: shutdown.clone(),
+            },
+            None => ShutdownWaiter::Never,
+        };
+        let idle = stages.idle;
+        let mut engine = Engine {
+            first: (!first.is_empty()).then(|| first.freeze()),
+            frames,
+            wire,
+            heartbeat,
+            idle,
+            lifetime,
+            metadata,
+            replay: replay.map(Box::new),
+            last_sent: now,
+            last_inner: now,
+            unchanged: Vec::new(),
+            changed: false,
+            ended: false,
+        };
+        let timer = match engine.next_due() {
+            Some(due) if stages.is_timed() => Timer::On {
+                sleep: tokio::time::sleep_until(due),
+            },
+            _ => Timer::Off,
+        };
+        let fill = match start.fill {
+            Some(read) => Fill::Reading { read, held: None },
+            None => Fill::Idle,
+        };
+        engine.last_sent = now;
+        Self {
+            kind: Kind::Stream {
+                inner,
+                core: Box::pin(Core {
+                    timer,
+                    shutdown,
+                    fill,
+                    engine,
+                }),
+            },
+        }
+    }
+
+    pub(crate) fn get_ref(&self) -> &B {
+        match &self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self) -> &mut B {
+        match &mut self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    pub(crate) fn into_inner(self) -> B {
+        match self.kind {
+            Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match &self.kind {
+            Kind::Untouched { .. } => "Untouched",
+            Kind::Stream { core, .. } => match core.engine.lifetime.as_deref().map(|l| l.phase) {
+                Some(Phase::Ending) => "Ending",
+                Some(Phase::Farewell) => "Farewell",
+                Some(Phase::Done) => "Done",
+                _ if core.engine.ended => "Done",
+                _ => "Stream",
+            },
+        }
+    }
+}
+
+impl<B: Default, St: ReplayStore> Default for EngineBody<B, St> {
+    fn default() -> Self {
+        Self::untouched(B::default())
+    }
+}
+
+/// Frames the events of `stored` (bytes of whole events, as a store keeps them) for the client.
+fn frame_stored(metadata: &MetadataConfig, stored: &Bytes, out: &mut BytesMut) {
+    let mut parser = Parser::new();
+    parser.push(stored.clone());
+    while let Some(Ok(mut event)) = parser.next_event() {
+        metadata.frame(&mut event);
+        event.encode_into(out);
+    }
+}
+
+/// What a frame of the inner body became.
+struct Passed {
+    /// What the client gets now (possibly nothing).
+    bytes: Bytes,
+    /// The first new live event, held back until replay has filled the gap before it.
+    held: Option<Event>,
+}
+
+impl<St: ReplayStore> Engine<St> {
+    fn parser(&mut self) -> Option<&mut Parser> {
+        match &mut self.wire {
+            Wire::Parser(parser) => Some(parser.get_or_insert_with(Box::default)),
+            Wire::Scanner(_) => None,
+        }
+    }
+
+    /// True when some stage may change events: the client then gets re-encoded events.
+    fn rewrites(&self) -> bool {
+        self.metadata.as_ref().is_some_and(|m| m.rewrites())
+            || self.replay.as_ref().is_some_and(|r| r.rewrites())
+    }
+
+    /// True when the client's stream is between events: only there may a block go in. The
+    /// rewrite path sends whole events only.
+    fn client_at_boundary(&self) -> bool {
+        match &self.wire {
+            Wire::Scanner(scanner) => scanner.is_at_boundary(),
+            Wire::Parser(parser) => {
+                self.rewrites() || parser.as_ref().is_none_or(|p| !p.is_mid_event())
+            }
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        let heartbeat = self
+            .heartbeat
+            .as_ref()
+            .map(|(every, _)| deadline(self.last_sent, *every));
+        let idle = self.idle.map(|timeout| deadline(self.last_inner, timeout));
+        let lifetime = self
+            .lifetime
+            .as_deref()
+            .filter(|l| matches!(l.phase, Phase::Live | Phase::Ending))
+            .map(|l| l.deadline);
+        [heartbeat, idle, lifetime].into_iter().flatten().min()
+    }
+
+    fn phase(&self) -> Phase {
+        self.lifetime.as_deref().map_or(Phase::Live, |l| l.phase)
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        if let Some(lifetime) = self.lifetime.as_deref_mut() {
+            lifetime.phase = phase;
+        }
+    }
+
+    /// The lifetime is over (or shutdown came): end at the client's next boundary.
+    fn end_lifetime(&mut self, now: Instant, kind: Timeout) {
+        let at_boundary = self.client_at_boundary();
+        let Some(lifetime) = self.lifetime.as_deref_mut() else {
+            return;
+        };
+        if lifetime.phase != Phase::Live {
+            return;
+        }
+        telemetry::timed_out(kind);
+        if at_boundary {
+            lifetime.phase = Phase::Farewell;
+        } else {
+            lifetime.phase = Phase::Ending;
+            lifetime.deadline = deadline(now, lifetime.config.grace());
+        }
+    }
+
+    /// Passes a data frame of the inner body through the stages.
+    fn on_data(&mut self, data: Bytes, now: Instant) -> Passed {
+        if self
+            .lifetime
+            .as_deref()
+            .is_some_and(|l| l.phase == Phase::Live && l.deadline <= now)
+        {
+            // A busy stream never lets the timer fire: its frames look at the clock too.
+            self.end_lifetime(now, Timeout::Lifetime);
+            if self.phase() == Phase::Farewell {
+                // Ended at a boundary before this frame: the client resumes from there.
+                return Passed {
+                    bytes: Bytes::new(),
+                    held: None,
+                };
+            }
+        }
+        let ending = self.phase() == Phase::Ending;
+        let rewrites = self.rewrites();
+        let passed = |bytes| Passed { bytes, held: None };
+        let parser = match &mut self.wire {
+            Wire::Scanner(scanner) => {
+                if !ending {
+                    // An unbounded scanner holds nothing, so it cannot fail.
+                    let _ = scanner.scan(&data);
+                    return passed(data);
+                }
+                // Forward up to the first boundary, drop the start of the next event.
+                let end = scanner.pieces(&data).find_map(|piece| match piece {
+                    Ok(Piece::Dispatch { end }) => Some(end),
+                    _ => None,
+                });
+                return passed(match end {
+                    Some(end) => {
+                        self.set_phase(Phase::Farewell);
+                        data.slice(..end)
+                    }
+                    None => data,
+                });
+            }
+            Wire::Parser(parser) => parser.get_or_insert_with(Box::default),
+        };
+        if !rewrites {
+            // Nothing changes: the events are parsed for recording only.
+            let mut data = data;
+            let end = if ending {
+                parser.boundary_in(&data)
+            } else {
+                None
+            };
+            if let Some(end) = end {
+                data.truncate(end);
+            }
+            parser.push(data.clone());
+            if end.is_some() {
+                self.set_phase(Phase::Farewell);
+            }
+            let mut out = BytesMut::new();
+            let held = self.drain(&mut out);
+            debug_assert!(held.is_none() && out.is_empty(), "nothing changes");
+            self.unchanged.clear();
+            return passed(data);
+        }
+        let whole_start = !parser.is_mid_event();
+        parser.push(data.clone());
+        let mut out = BytesMut::new();
+        self.changed = false;
+        let held = self.drain(&mut out);
+        let whole_end = self.parser().is_none_or(|parser| !parser.is_mid_event());
+        if self.unchanged.is_empty() && !self.changed {
+            // No event ended in this frame: its bytes wait in the parser (or were the rest of a
+            // line ending).
+            return Passed {
+                bytes: Bytes::new(),
+                held,
+            };
+        }
+        if held.is_none() && !self.changed && whole_start && whole_end {
+            // Whole events, none changed: the frame itself.
+            self.unchanged.clear();
+            return passed(data);
+        }
+        self.flush_unchanged(&mut out);
+        Passed {
+            bytes: out.freeze(),
+            held,
+        }
+    }
+
+    /// Runs the queued events through the event stages, into `out` or `unchanged`; stops at an
+    /// event replay holds back and hands it over.
+    fn drain(&mut self, out: &mut BytesMut) -> Option<Event> {
+        loop {
+            if self.phase() != Phase::Live && self.phase() != Phase::Ending {
+                break;
+            }
+            let event = match self.parser()?.next_event() {
+                Some(Ok(event)) => event,
+                Some(Err(_)) => {
+                    self.on_parse_error();
+                    return None;
+                }
+                None => break,
+            };
+            if let Some(held) = self.take_event(event, out) {
+                return Some(held);
+            }
+            if self.phase() == Phase::Ending && self.rewrites() {
+                // The client is at a boundary after every event on the rewrite path.
+                self.set_phase(Phase::Farewell);
+            }
+        }
+        let mid_event = self.parser().is_some_and(|parser| parser.is_mid_event());
+        if let Some(replay) = self.replay.as_deref_mut() {
+            replay.settle(mid_event);
+        }
+        None
+    }
+
+    fn on_parse_error(&mut self) {
+        if self.rewrites() {
+            // Too large to re-frame: end cleanly; the client reconnects and resumes.
+            self.ended = true;
+            return;
+        }
+        // Past the parser's limits the stream still flows; only recording stops, and a
+        // scanner waits for the end of the event in flight.
+        if let Some(replay) = self.replay.as_deref_mut() {
+            replay.stop_recording();
+        }
+        let mut scanner = Scanner::new();
+        let _ = scanner.scan(b":");
+        self.wire = Wire::Scanner(scanner);
+    }
+
+    /// One event through replay, then metadata; `Some` hands back an event replay holds.
+    fn take_event(&mut self, mut event: Event, out: &mut BytesMut) -> Option<Event> {
+        let mut changed = false;
+        if let Some(replay) = self.replay.as_deref_mut() {
+            match replay.admit(&mut event) {
+                Admit::Drop => {
+                    self.changed = true;
+                    self.flush_unchanged(out);
+                    return None;
+                }
+                Admit::Hold => {
+                    self.changed = true;
+                    self.flush_unchanged(out);
+                    return Some(event);
+                }
+                Admit::Pass { changed: c } => changed = c,
+            }
+        }
+        self.finish_event(event, changed, out);
+        None
+    }
+
+    /// Metadata framing, then out (or into `unchanged` while nothing in the frame changed).
+    fn finish_event(&mut self, mut event: Event, mut changed: bool, out: &mut BytesMut) {
+        if let Some(metadata) = &self.metadata {
+            changed |= metadata.frame(&mut event);
+        }
+        if changed || self.changed {
+            self.changed = true;
+            self.flush_unchanged(out);
+            event.encode_into(out);
+        } else {
+            self.unchanged.push(event);
+        }
+    }
+
+    fn flush_unchanged(&mut self, out: &mut BytesMut) {
+        for event in self.unchanged.drain(..) {
+            event.encode_into(out);
+        }
+    }
+
+    /// Replay filled the gap before `held`: the events it found, then `held`, then whatever
+    /// else the parser has queued.
+    fn after_fill(&mut self, lookup: Lookup, held: Option<Box<Event>>) -> Passed {
+        let mut out = BytesMut::new();
+        if let Some(replay) = self.replay.as_deref_mut() {
+            let mut found = BytesMut::new();
+            replay.fill(lookup, held.as_deref(), &mut found);
+            match &self.metadata {
+                Some(metadata) if metadata.rewrites() && !found.is_empty() => {
+                    frame_stored(metadata, &found.freeze(), &mut out)
+                }
+                _ => out.extend_from_slice(&found),
+            }
+        }
+        self.changed = true;
+        if let Some(mut held) = held {
+            let changed = self
+                .replay
+                .as_deref_mut()
+                .is_some_and(|replay| replay.release(&mut held));
+            self.finish_event(*held, changed, &mut out);
+        }
+        let held = self.drain(&mut out);
+        self.flush_unchanged(&mut out);
+        Passed {
+            bytes: out.freeze(),
+            held,
+        }
+    }
+
+    /// A block of the engine's own goes out: a leading BOM of the inner body is no longer
+    /// leading.
+    fn own_bytes(&mut self, now: Instant) {
+        self.frames.drop_leading_bom();
+        self.last_sent = now;
+    }
+}
+
+impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let (mut inner, core) = match self.project().kind.project() {
+            KindProj::Untouched { inner } => return inner.poll_frame(cx),
+            KindProj::Stream { inner, core } => (inner, core),
+        };
+        let CoreProj {
+            mut timer,
+            mut shutdown,
+            mut fill,
+            engine,
+        } = core.as_mut().project();
+        if let Some(first) = engine.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        loop {
+            match engine.phase() {
+                Phase::Done => return Poll::Ready(None),
+                Phase::Farewell => {
+                    engine.set_phase(Phase::Done);
+                    let farewell = engine.lifetime.as_deref().and_then(|l| l.config.farewell());
+                    if let Some(farewell) = farewell {
+                        return Poll::Ready(Some(Ok(Frame::data(farewell))));
+                    }
+                    continue;
+                }
+                Phase::Live => {
+                    if shutdown.as_mut().poll_fired(cx) {
+                        engine.end_lifetime(Instant::now(), Timeout::Shutdown);
+                        rearm(timer.as_mut(), engine);
+                        continue;
+                    }
+                }
+                Phase::Ending => {}
+            }
+            if engine.ended {
+                return Poll::Ready(None);
+            }
+            if let FillProj::Reading { read, held } = fill.as_mut().project() {
+                // A failed read fills nothing: the live event goes on.
+                let lookup = ready!(read.poll(cx)).unwrap_or(Lookup::Unknown);
+                let held = held.take();
+                fill.set(Fill::Idle);
+                let passed = engine.after_fill(lookup, held);
+                if let Some(data) = start_fill(engine, fill.as_mut(), passed) {
+                    engine.last_sent = Instant::now();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                continue;
+            }
+            match engine.frames.poll_frame(inner.as_mut(), cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Only the time is noted: the timer is moved lazily, when it fires.
+                    let now = match *timer {
+                        Timer::On { .. } => Instant::now(),
+                        Timer::Off => engine.last_inner,
+                    };
+                    engine.last_inner = now;
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    let phase = engine.phase();
+                    let passed = engine.on_data(data, now);
+                    if engine.phase() != phase {
+                        rearm(timer.as_mut(), engine);
+                    }
+                    if let Some(data) = start_fill(engine, fill.as_mut(), passed) {
+                        engine.last_sent = now;
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    continue;
+                }
+                Poll::Ready(other) => {
+                    if other.is_none() {
+                        engine.set_phase(Phase::Done);
+                        engine.ended = true;
+                    }
+                    return Poll::Ready(other);
+                }
+                Poll::Pending => {}
+            }
+            // The inner body is quiet: the timed stages.
+            let TimerProj::On { mut sleep } = timer.as_mut().project() else {
+                return Poll::Pending;
+            };
+            loop {
+                ready!(sleep.as_mut().poll(cx));
+                let now = Instant::now();
+                if let Some(timeout) = engine.idle {
+                    if deadline(engine.last_inner, timeout) <= now {
+                        telemetry::timed_out(Timeout::Idle);
+                        engine.ended = true;
+                        return Poll::Ready(None);
+                    }
+                }
+                match engine.lifetime.as_deref() {
+                    Some(l) if l.phase == Phase::Live && l.deadline <= now => {
+                        engine.end_lifetime(now, Timeout::Lifetime);
+                    }
+                    Some(l) if l.phase == Phase::Ending && l.deadline <= now => {
+                        // The event in flight never ended; a farewell now would join it.
+                        engine.set_phase(Phase::Done);
+                    }
+                    _ => {}
+                }
+                if matches!(engine.phase(), Phase::Farewell | Phase::Done) {
+                    break;
+                }
+                let mut beat = None;
+                if let Some((every, frame)) = &engine.heartbeat {
+                    if deadline(engine.last_sent, *every) <= now {
+                        if engine.client_at_boundary() {
+                            beat = Some(frame.clone());
+                        } else {
+                            // Mid-event: wait for the event to end; its frames move this anyway.
+                            engine.last_sent = now;
+                        }
+                    }
+                }
+                if let Some(due) = engine.next_due() {
+                    sleep.as_mut().reset(due);
+                }
+                if let Some(beat) = beat {
+                    engine.own_bytes(now);
+                    if let Some(due) = engine.next_due() {
+                        sleep.as_mut().reset(due);
+                    }
+                    telemetry::heartbeat_sent();
+                    return Poll::Ready(Some(Ok(Frame::data(beat))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Untouched { inner } => inner.is_end_stream(),
+            Kind::Stream { inner, core } => match core.engine.phase() {
+                Phase::Done => true,
+                Phase::Farewell => core
+                    .engine
+                    .lifetime
+                    .as_deref()
+                    .is_none_or(|l| !l.config.has_farewell()),
+                Phase::Live | Phase::Ending => {
+                    core.engine.ended
+                        || (core.engine.first.is_none()
+                            && matches!(core.fill, Fill::Idle)
+                            && core.engine.frames.is_end_stream(inner))
+                }
+            },
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Untouched { inner } => inner.size_hint(),
+            // Bytes are added and removed at times no one knows in advance.
+            Kind::Stream { .. } => SizeHint::new(),
+        }
+    }
+}
+
+/// Moves the timer to the engine's earliest deadline, after a deadline moved closer.
+fn rearm<St: ReplayStore>(timer: Pin<&mut Timer>, engine: &Engine<St>) {
+    if let (TimerProj::On { sleep }, Some(due)) = (timer.project(), engine.next_due()) {
+        sleep.reset(due);
+    }
+}
+
+/// Starts replay's read when a frame held an event back; the bytes to send now, if any.
+fn start_fill<St: ReplayStore>(
+    engine: &mut Engine<St>,
+    mut fill: Pin<&mut Fill<St::Read>>,
+    passed: Passed,
+) -> Option<Bytes> {
+    if let Some(held) = passed.held {
+        if let Some(replay) = engine.replay.as_deref() {
+            fill.set(Fill::Reading {
+                read: replay.gap_read(),
+                held: Some(Box::new(held)),
+            });
+        }
+    }
+    (!passed.bytes.is_empty()).then_some(passed.bytes)
+}
+
+/// `Default`, `Debug` and `Body` for a layer's public body around an [`EngineBody`] in its field
+/// `body`.
+macro_rules! engine_body_impls {
+    ($name:ident<B $(, $store:ident: $bound:path)?>) => {
+        impl<B: Default $(, $store: $bound)?> Default for $name<B $(, $store)?> {
+            /// The inner body's default, passed through untouched.
+            fn default() -> Self {
+                Self {
+                    body: Default::default(),
+                }
+            }
+        }
+
+        impl<B $(, $store: $bound)?> ::std::fmt::Debug for $name<B $(, $store)?> {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.debug_tuple(stringify!($name))
+                    .field(&self.body.kind_name())
+                    .finish()
+            }
+        }
+
+        impl<B: http_body::Body<Data = bytes::Bytes> $(, $store: $bound)?> http_body::Body
+            for $name<B $(, $store)?>
+        {
+            type Data = bytes::Bytes;
+            type Error = B::Error;
+
+            fn poll_frame(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
+                self.project().body.poll_frame(cx)
+            }
+
+            fn is_end_stream(&self) -> bool {
+                self.body.is_end_stream()
+            }
+
+            fn size_hint(&self) -> http_body::SizeHint {
+                self.body.size_hint()
+            }
+        }
+    };
+}
+pub(crate) use engine_body_impls;
+
+/// Declares a layer's own public body: a newtype around an [`EngineBody`] without replay, with
+/// `Default`, `Debug`, `Body` and `get_ref`/`get_mut`/`into_inner`; `$drops` ends the sentence
+/// of what `into_inner` leaves behind.
+macro_rules! engine_body {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident, dropping $drops:literal
+    ) => {
+        pin_project_lite::pin_project! {
+            $(#[$meta])*
+            pub struct $name<B> {
+                #[pin]
+                body: $crate::engine::EngineBody<B, $crate::engine::NoStore>,
+            }
+        }
+
+        impl<B> $name<B> {
+            pub(crate) fn from_engine(
+                body: $crate::engine::EngineBody<B, $crate::engine::NoStore>,
+            ) -> Self {
+                Self { body }
+            }
+
+            /// The inner service's body.
+            pub fn get_ref(&self) -> &B {
+                self.body.get_ref()
+            }
+
+            /// The inner service's body, mutably.
+            pub fn get_mut(&mut self) -> &mut B {
+                self.body.get_mut()
+            }
+
+            #[doc = concat!("Unwraps the inner service's body: ", $drops)]
+            pub fn into_inner(self) -> B {
+                self.body.into_inner()
+            }
+        }
+
+        $crate::engine::engine_body_impls!($name<B>);
+    };
+}
+pub(crate) use engine_body;
+/// `Default`, `Debug` and `Body` for a layer's public body around an [`EngineBody`] in its field
+/// `body`.
+macro_rules! engine_body_impls {
+    ($name:ident<B $(, $store:ident: $bound:path)?>) => {
+        impl<B: Default $(, $store: $bound)?> Default for $name<B $(, $store)?> {
+            /// The inner body's default, passed through untouched.
+            fn default() -> Self {
+                Self {
+                    body: Default::default(),
+                }
+            }
+        }
+
+        impl<B $(, $store: $bound)?> ::std::fmt::Debug for $name<B $(, $store)?> {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.debug_tuple(stringify!($name))
+                    .field(&self.body.kind_name())
+                    .finish()
+            }
+        }
+
+        impl<B: http_body::Body<Data = bytes::Bytes> $(, $store: $bound)?> http_body::Body
+            for $name<B $(, $store)?>
+        {
+            type Data = bytes::Bytes;
+            type Error = B::Error;
+
+            fn poll_frame(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
+                self.project().body.poll_frame(cx)
+            }
+
+            fn is_end_stream(&self) -> bool {
+                self.body.is_end_stream()
+            }
+
+            fn size_hint(&self) -> http_body::SizeHint {
+                self.body.size_hint()
+            }
+        }
+    };
+}
+pub(crate) use engine_body_impls;
+
+/// Declares a layer's own public body: a newtype around an [`EngineBody`] without replay, with
+/// `Default`, `Debug`, `Body` and `get_ref`/`get_mut`/`into_inner`; `$drops` ends the sentence
+/// of what `into_inner` leaves behind.
+macro_rules! engine_body {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident, dropping $drops:literal
+    ) => {
+        pin_project_lite::pin_project! {
+            $(#[$meta])*
+            pub struct $name<B> {
+                #[pin]
+                body: $crate::engine::EngineBody<B, $crate::engine::NoStore>,
+            }
+        }
+
+        impl<B> $name<B> {
+            pub(crate) fn from_engine(
+                body: $crate::engine::EngineBody<B, $crate::engine::NoStore>,
+            ) -> Self {
+                Self { body }
+            }
+
+            /// The inner service's body.
+            pub fn get_ref(&self) -> &B {
+                self.body.get_ref()
+            }
+
+            /// The inner service's body, mutably.
+            pub fn get_mut(&mut self) -> &mut B {
+                self.body.get_mut()
+            }
+
+            #[doc = concat!("Unwraps the inner service's body: ", $drops)]
+            pub fn into_inner(self) -> B {
+                self.body.into_inner()
+            }
+        }
+
+        $crate::engine::engine_body_impls!($name<B>);
+    };
+}
+pub(crate) use engine_body;
+#[cfg(test)]
+mod sizes {
+    #[test]
+    fn print_sizes() {
+        eprintln!("sleep {}", std::mem::size_of::<tokio::time::Sleep>());
+        eprintln!(
+            "notified {}",
+            std::mem::size_of::<tokio::sync::futures::OwnedNotified>()
+        );
+        eprintln!(
+            "engine {}",
+            std::mem::size_of::<super::Engine<super::NoStore>>()
+        );
+        eprintln!("frames {}", std::mem::size_of::<crate::body::InnerFrames>());
+        eprintln!("scanner {}", std::mem::size_of::<crate::wire::Scanner>());
+        eprintln!(
+            "fill {}",
+            std::mem::size_of::<
+                super::Fill<<crate::replay::MemoryStore as crate::replay::ReplayStore>::Read>,
+            >()
+        );
+        eprintln!("instant {}", std::mem::size_of::<tokio::time::Instant>());
+    }
+}

@@ -1,0 +1,522 @@
+//! [`SseStack`]: every layer of the crate in the one order that works, built together so that
+//! one pass over each stream serves all of them.
+//!
+//! # Stack order
+//!
+//! Outermost first. The builder applies this order whatever order its methods are called in;
+//! stacking the layers by hand, keep it, for the reasons given:
+//!
+//! 1. [`SseHeadersLayer`]: it decides the final headers, so nothing inside can undo them, and
+//!    its `406` answers before any other work is done.
+//! 2. [`PassthroughLayer`]: it removes `Content-Length` and sends the first byte; it must sit
+//!    outside every layer that adds bytes, or a `Content-Length` could survive them.
+//! 3. `compression::SseCompressionLayer` (feature `compression`): outside everything that adds
+//!    bytes (heartbeats, replayed events), so those are compressed and flushed too.
+//! 4. `subscriptions::SubscribeLayer` (feature `subscriptions`): inside compression, so its
+//!    cursor reads plain events; outside replay, which must see the subscription's stream
+//!    rewritten to its topic and its cursor as `Last-Event-ID`.
+//! 5. [`RetryLayer`]: `retry:` goes first in the stream (after the initial comment).
+//! 6. [`CommentMetadataLayer`]: outside replay, so replayed events are framed like live ones.
+//! 7. [`HeartbeatLayer`]: it must see everything the client sees, so that replayed or framed
+//!    events count as activity, and outside the timeouts, so that heartbeats never count as
+//!    upstream activity.
+//! 8. [`LifetimeLayer`]: it ends streams at a boundary it can see, with its final `retry:` hint.
+//! 9. [`ReplayLayer`]: inside the heartbeat layer, so heartbeats are never recorded, and inside
+//!    the lifetime layer, so a replayed burst is ended at a boundary like anything else.
+//! 10. [`FanoutLayer`]: inside replay, so that each client is replayed on its own before it
+//!     joins the shared stream, and given replay's store so that it records once for everybody
+//!     (also while it lingers); outside it, per-client stages (heartbeat, metadata,
+//!     compression, lifetime) still act per client. Outside replay it would share one client's
+//!     replay with everyone.
+//! 11. [`IdleTimeoutLayer`], [`ResponseTimeoutLayer`]: they measure the upstream: an idle timeout
+//!     outside the heartbeat layer never fires (heartbeats look like traffic); a response timeout
+//!     outside a layer that answers early (the `406`) would time that answer too.
+//!
+//! Steps 5 to 9 and the idle timeout run as one engine over each stream: it scans every byte
+//! once, parses fields once and only where a stage needs them (ids for replay, metadata fields
+//! for framing), and keeps one timer for heartbeats, the idle timeout and the lifetime. With
+//! fan-out, the idle timeout measures the silence of the shared subscription each client reads.
+//!
+//! [`SseHeadersLayer`]: crate::SseHeadersLayer
+//! [`PassthroughLayer`]: crate::PassthroughLayer
+//! [`RetryLayer`]: crate::RetryLayer
+//! [`CommentMetadataLayer`]: crate::CommentMetadataLayer
+//! [`HeartbeatLayer`]: crate::HeartbeatLayer
+//! [`LifetimeLayer`]: crate::LifetimeLayer
+//! [`ReplayLayer`]: crate::ReplayLayer
+//! [`FanoutLayer`]: crate::FanoutLayer
+//! [`IdleTimeoutLayer`]: crate::timeout::IdleTimeoutLayer
+//! [`ResponseTimeoutLayer`]: crate::timeout::ResponseTimeoutLayer
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower_layer::{Identity, Layer};
+use tower_service::Service;
+
+#[cfg(feature = "compression")]
+use crate::compression::{SseCompression, SseCompressionLayer};
+use crate::fanout::Fanout;
+use crate::headers::SseHeaders;
+use crate::passthrough::Passthrough;
+use crate::replay::{MemoryStore, PathAndQuery, Qos, Replay, ReplayStore};
+use crate::timeout::{ResponseTimeout, ResponseTimeoutLayer};
+use crate::{
+    CommentMetadataLayer, FanoutLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer,
+    ReplayLayer, RetryLayer, SseHeadersLayer,
+};
+
+/// Builds the whole recommended stack in its documented order; every part is optional and
+/// switched on or off at run time. See the [module docs](self) for the order and why.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use axum::{routing::get, Router};
+/// use axum::response::sse::{Event, Sse};
+/// use tower::ServiceExt;
+/// use tower_sse::replay::MemoryStore;
+/// use tower_sse::{ReplayLayer, SseStack};
+///
+/// async fn events() -> Sse<impl tokio_stream::Stream<Item = Result<Event, std::convert::Infallible>>> {
+///     Sse::new(tokio_stream::iter([Ok(Event::default().id("1").data("hi"))]))
+/// }
+///
+/// let heartbeats: Option<Duration> = Some(Duration::from_secs(15));
+/// let stack = SseStack::new()
+///     .initial_comment("ok")
+///     .heartbeat(heartbeats) // `None` leaves heartbeats out
+///     .idle_timeout(Duration::from_secs(60))
+///     .replay(ReplayLayer::with_store(MemoryStore::new()));
+/// let app = Router::new().route("/events", get(events)).layer(stack);
+///
+/// let request = http::Request::get("/events").body(axum::body::Body::empty()).unwrap();
+/// let response = app.oneshot(request).await.unwrap();
+/// assert_eq!(response.headers()["x-accel-buffering"], "no");
+/// let mut reader = tower_sse::wire::EventReader::new(response.into_body());
+/// assert_eq!(reader.next_event().await.unwrap().unwrap().comments()[0], "ok");
+/// assert_eq!(reader.next_event().await.unwrap().unwrap().id(), Some(&b"1"[..]));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SseStack<St = MemoryStore, K = PathAndQuery, L = Identity> {
+    headers: SseHeadersLayer,
+    passthrough: PassthroughLayer,
+    #[cfg(feature = "compression")]
+    compression: Option<SseCompressionLayer>,
+    around_replay: L,
+    replay: ReplayLayer<St, K>,
+    replaying: bool,
+    fanout: Option<FanoutLayer>,
+    response_timeout: Option<ResponseTimeoutLayer>,
+}
+
+impl fmt::Debug for SseStack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SseStack")
+            .field("headers", &self.headers)
+            .field("passthrough", &self.passthrough)
+            .field("replay", &self.replay)
+            .field("replaying", &self.replaying)
+            .field("fanout", &self.fanout)
+            .field("response_timeout", &self.response_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SseStack {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SseStack {
+    /// Header policy and unbuffered passthrough only; add the other parts with the builder
+    /// methods.
+    pub fn new() -> Self {
+        Self {
+            headers: SseHeadersLayer::new(),
+            passthrough: PassthroughLayer::new(),
+            #[cfg(feature = "compression")]
+            compression: None,
+            around_replay: Identity::new(),
+            replay: ReplayLayer::new().qos(Qos::None),
+            replaying: false,
+            fanout: None,
+            response_timeout: None,
+        }
+    }
+}
+
+impl<St, K, L> SseStack<St, K, L> {
+    /// The header policy (default [`SseHeadersLayer::new`]).
+    pub fn headers(mut self, headers: SseHeadersLayer) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// A comment sent as soon as an event stream's headers are (see
+    /// [`PassthroughLayer::initial_comment`]).
+    pub fn initial_comment(mut self, text: impl Into<String>) -> Self {
+        self.passthrough = PassthroughLayer::new().initial_comment(text);
+        self
+    }
+
+    /// Compresses event streams by `Accept-Encoding`, flushed after every event.
+    #[cfg(feature = "compression")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "compression")))]
+    pub fn compression(mut self, compression: impl Into<Option<SseCompressionLayer>>) -> Self {
+        self.compression = compression.into();
+        self
+    }
+
+    /// A `retry:` block first in every stream: a [`RetryLayer`] or just the time.
+    pub fn retry<R: Into<RetryLayer>>(mut self, retry: impl Into<Option<R>>) -> Self {
+        self.replay = self.replay.with_stages(|stages| {
+            stages.retry = retry.into().map(|retry| retry.into().stage());
+        });
+        self
+    }
+
+    /// Response headers and per-event metadata as comment lines.
+    pub fn metadata(mut self, metadata: impl Into<Option<CommentMetadataLayer>>) -> Self {
+        self.replay = self.replay.with_stages(|stages| {
+            stages.metadata = metadata.into().map(|metadata| metadata.stage());
+        });
+        self
+    }
+
+    /// Heartbeats on quiet streams: a [`HeartbeatLayer`] or just the interval.
+    pub fn heartbeat<H: Into<HeartbeatLayer>>(mut self, heartbeat: impl Into<Option<H>>) -> Self {
+        self.replay = self.replay.with_stages(|stages| {
+            stages.heartbeat = heartbeat.into().map(|h| h.into().stage());
+        });
+        self
+    }
+
+    /// A maximum lifetime and graceful shutdown, ending streams at an event boundary.
+    pub fn lifetime(mut self, lifetime: impl Into<Option<LifetimeLayer>>) -> Self {
+        self.replay = self.replay.with_stages(|stages| {
+            stages.lifetime = lifetime.into().map(|lifetime| lifetime.stage());
+        });
+        self
+    }
+
+    /// Ends a stream, cleanly, after `timeout` without a frame from the upstream (with fan-out:
+    /// from the shared subscription).
+    pub fn idle_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        let timeout = timeout.into().filter(|t| !t.is_zero());
+        self.replay = self.replay.with_stages(|stages| stages.idle = timeout);
+        self
+    }
+
+    /// Answers `504 Gateway Timeout` when response headers take longer than `timeout`.
+    pub fn response_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.response_timeout = timeout
+            .into()
+            .filter(|t| !t.is_zero())
+            .map(ResponseTimeoutLayer::new);
+        self
+    }
+
+    /// Records streams and replays them to reconnecting clients; `None` switches replay off.
+    /// Fan-out, if any, keys streams like replay and records into its store.
+    pub fn replay<St2, K2>(
+        self,
+        replay: impl Into<Option<ReplayLayer<St2, K2>>>,
+    ) -> SseStack<St2, K2, L>
+    where
+        St2: Clone + Default,
+        K2: Default,
+    {
+        let stages = self.replay.stages();
+        let (replay, replaying) = match replay.into() {
+            Some(replay) => (replay, true),
+            None => (
+                ReplayLayer::with_store(St2::default())
+                    .key(K2::default())
+                    .qos(Qos::None),
+                false,
+            ),
+        };
+        SseStack {
+            headers: self.headers,
+            passthrough: self.passthrough,
+            #[cfg(feature = "compression")]
+            compression: self.compression,
+            around_replay: self.around_replay,
+            replay: replay.with_stages(|s| *s = stages),
+            replaying,
+            fanout: self.fanout,
+            response_timeout: self.response_timeout,
+        }
+    }
+
+    /// One upstream subscription per stream key, shared by all its clients. Its key and store
+    /// are replay's, whatever the layer was given.
+    pub fn fanout(mut self, fanout: impl Into<Option<FanoutLayer>>) -> Self {
+        self.fanout = fanout.into();
+        self
+    }
+
+    /// A layer around replay, inside compression: where the subscriptions layer goes.
+    fn around_replay<L2>(self, layer: L2) -> SseStack<St, K, L2> {
+        SseStack {
+            headers: self.headers,
+            passthrough: self.passthrough,
+            #[cfg(feature = "compression")]
+            compression: self.compression,
+            around_replay: layer,
+            replay: self.replay,
+            replaying: self.replaying,
+            fanout: self.fanout,
+            response_timeout: self.response_timeout,
+        }
+    }
+}
+
+#[cfg(feature = "subscriptions")]
+impl<St, K> SseStack<St, K, Identity> {
+    /// Provisioned subscriptions: readers by id and disposable channels (the management API is
+    /// mounted separately, behind your authentication: `Subscriptions::api`).
+    #[cfg_attr(docsrs, doc(cfg(feature = "subscriptions")))]
+    pub fn subscriptions<Sub: crate::subscriptions::SubscriptionStore>(
+        self,
+        subscriptions: crate::subscriptions::Subscriptions<Sub>,
+    ) -> SseStack<St, K, Toggled<crate::subscriptions::SubscribeLayer<Sub>>> {
+        self.around_replay(Toggled(Some(subscriptions.layer())))
+    }
+
+    /// [`subscriptions`](Self::subscriptions), or none.
+    #[cfg_attr(docsrs, doc(cfg(feature = "subscriptions")))]
+    pub fn maybe_subscriptions<Sub: crate::subscriptions::SubscriptionStore>(
+        self,
+        subscriptions: Option<crate::subscriptions::Subscriptions<Sub>>,
+    ) -> SseStack<St, K, Toggled<crate::subscriptions::SubscribeLayer<Sub>>> {
+        self.around_replay(Toggled(subscriptions.map(|s| s.layer())))
+    }
+}
+
+/// The service of the parts inside replay: fan-out (or not), then the response timeout (or not).
+type Inner<S, K, St> =
+    Toggle<Fanout<Toggle<ResponseTimeout<S>, S>, K, St>, Toggle<ResponseTimeout<S>, S>>;
+
+#[cfg(feature = "compression")]
+type Compressed<S> = Toggle<SseCompression<S>, S>;
+#[cfg(not(feature = "compression"))]
+type Compressed<S> = S;
+
+/// The service an [`SseStack`] makes around `S`.
+pub type SseStackService<S, St = MemoryStore, K = PathAndQuery, L = Identity> =
+    SseHeaders<Passthrough<Compressed<<L as Layer<Replay<Inner<S, K, St>, St, K>>>::Service>>>;
+
+impl<S, St, K, L> Layer<S> for SseStack<St, K, L>
+where
+    St: ReplayStore,
+    K: Clone,
+    L: Layer<Replay<Inner<S, K, St>, St, K>>,
+{
+    type Service = SseStackService<S, St, K, L>;
+
+    fn layer(&self, service: S) -> Self::Service {
+        let timed = Toggled(self.response_timeout).layer(service);
+        let store = self.replaying.then(|| self.replay.store().clone());
+        let fanout = self.fanout.clone().map(|fanout| {
+            fanout
+                .key(self.replay.stream_key().clone())
+                .recording(store)
+        });
+        let fanned = Toggled(fanout).layer(timed);
+        let replayed = self.replay.layer(fanned);
+        let around = self.around_replay.layer(replayed);
+        #[cfg(feature = "compression")]
+        let around = Toggled(self.compression.clone()).layer(around);
+        self.headers.layer(self.passthrough.layer(around))
+    }
+}
+
+/// A layer applied or not, decided at run time, without boxing: `Some(layer)` applies it.
+#[derive(Clone, Debug)]
+pub struct Toggled<L>(Option<L>);
+
+impl<L: Layer<S>, S> Layer<S> for Toggled<L> {
+    type Service = Toggle<L::Service, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        match &self.0 {
+            Some(layer) => Toggle::On(layer.layer(inner)),
+            None => Toggle::Off(inner),
+        }
+    }
+}
+
+/// The service of a [`Toggled`] layer: the layer's service, or the inner service alone.
+#[derive(Clone, Debug)]
+pub enum Toggle<A, B> {
+    /// The layer is applied.
+    On(A),
+    /// The layer is left out.
+    Off(B),
+}
+
+impl<A, B, Req, BodyA, BodyB> Service<Request<Req>> for Toggle<A, B>
+where
+    A: Service<Request<Req>, Response = Response<BodyA>>,
+    B: Service<Request<Req>, Response = Response<BodyB>, Error = A::Error>,
+{
+    type Response = Response<ToggleBody<BodyA, BodyB>>;
+    type Error = A::Error;
+    type Future = ToggleFuture<A::Future, B::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self {
+            Self::On(service) => service.poll_ready(cx),
+            Self::Off(service) => service.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, request: Request<Req>) -> Self::Future {
+        match self {
+            Self::On(service) => ToggleFuture {
+                kind: Either::On {
+                    inner: service.call(request),
+                },
+            },
+            Self::Off(service) => ToggleFuture {
+                kind: Either::Off {
+                    inner: service.call(request),
+                },
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of a [`Toggle`].
+    pub struct ToggleFuture<A, B> {
+        #[pin]
+        kind: Either<A, B>,
+    }
+}
+
+pin_project! {
+    #[project = EitherProj]
+    enum Either<A, B> {
+        On { #[pin] inner: A },
+        Off { #[pin] inner: B },
+    }
+}
+
+impl<A, B> Either<A, B> {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::On { .. } => "On",
+            Self::Off { .. } => "Off",
+        }
+    }
+}
+
+impl<A, B> fmt::Debug for ToggleFuture<A, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ToggleFuture")
+            .field(&self.kind.name())
+            .finish()
+    }
+}
+
+impl<A, B, BodyA, BodyB, E> Future for ToggleFuture<A, B>
+where
+    A: Future<Output = Result<Response<BodyA>, E>>,
+    B: Future<Output = Result<Response<BodyB>, E>>,
+{
+    type Output = Result<Response<ToggleBody<BodyA, BodyB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let kind = match self.project().kind.project() {
+            EitherProj::On { inner } => ready!(inner.poll(cx))?.map(|inner| Either::On { inner }),
+            EitherProj::Off { inner } => ready!(inner.poll(cx))?.map(|inner| Either::Off { inner }),
+        };
+        Poll::Ready(Ok(kind.map(|kind| ToggleBody { kind })))
+    }
+}
+
+pin_project! {
+    /// The response body of a [`Toggle`].
+    pub struct ToggleBody<A, B> {
+        #[pin]
+        kind: Either<A, B>,
+    }
+}
+
+impl<A: Default, B> Default for ToggleBody<A, B> {
+    fn default() -> Self {
+        Self {
+            kind: Either::On {
+                inner: A::default(),
+            },
+        }
+    }
+}
+
+impl<A, B> fmt::Debug for ToggleBody<A, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ToggleBody")
+            .field(&self.kind.name())
+            .finish()
+    }
+}
+
+impl<A, B> Body for ToggleBody<A, B>
+where
+    A: Body<Data = Bytes>,
+    B: Body<Data = Bytes>,
+    A::Error: Into<crate::BoxError>,
+    B::Error: Into<crate::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().kind.project() {
+            EitherProj::On { inner } => inner.poll_frame(cx).map_err(Into::into),
+            EitherProj::Off { inner } => inner.poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Either::On { inner } => inner.is_end_stream(),
+            Either::Off { inner } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Either::On { inner } => inner.size_hint(),
+            Either::Off { inner } => inner.size_hint(),
+        }
+    }
+}
+
+impl From<Duration> for HeartbeatLayer {
+    fn from(interval: Duration) -> Self {
+        HeartbeatLayer::new(interval)
+    }
+}
+
+impl From<Duration> for RetryLayer {
+    fn from(retry: Duration) -> Self {
+        RetryLayer::new(retry)
+    }
+}
