@@ -173,39 +173,39 @@ impl<St, K, L> SseStack<St, K, L> {
     /// Compresses event streams by `Accept-Encoding`, flushed after every event.
     #[cfg(feature = "compression")]
     #[cfg_attr(docsrs, doc(cfg(feature = "compression")))]
-    pub fn compression(mut self, compression: impl Into<Option<SseCompressionLayer>>) -> Self {
-        self.compression = compression.into();
+    pub fn compression(mut self, compression: impl Part<SseCompressionLayer>) -> Self {
+        self.compression = compression.into_part();
         self
     }
 
     /// A `retry:` block first in every stream: a [`RetryLayer`] or just the time.
-    pub fn retry<R: Into<RetryLayer>>(mut self, retry: impl Into<Option<R>>) -> Self {
+    pub fn retry(mut self, retry: impl Part<RetryLayer>) -> Self {
         self.replay = self.replay.with_stages(|stages| {
-            stages.retry = retry.into().map(|retry| retry.into().stage());
+            stages.retry = retry.into_part().map(|retry| retry.stage());
         });
         self
     }
 
     /// Response headers and per-event metadata as comment lines.
-    pub fn metadata(mut self, metadata: impl Into<Option<CommentMetadataLayer>>) -> Self {
+    pub fn metadata(mut self, metadata: impl Part<CommentMetadataLayer>) -> Self {
         self.replay = self.replay.with_stages(|stages| {
-            stages.metadata = metadata.into().map(|metadata| metadata.stage());
+            stages.metadata = metadata.into_part().map(|metadata| metadata.stage());
         });
         self
     }
 
     /// Heartbeats on quiet streams: a [`HeartbeatLayer`] or just the interval.
-    pub fn heartbeat<H: Into<HeartbeatLayer>>(mut self, heartbeat: impl Into<Option<H>>) -> Self {
+    pub fn heartbeat(mut self, heartbeat: impl Part<HeartbeatLayer>) -> Self {
         self.replay = self.replay.with_stages(|stages| {
-            stages.heartbeat = heartbeat.into().map(|h| h.into().stage());
+            stages.heartbeat = heartbeat.into_part().map(|h| h.stage());
         });
         self
     }
 
     /// A maximum lifetime and graceful shutdown, ending streams at an event boundary.
-    pub fn lifetime(mut self, lifetime: impl Into<Option<LifetimeLayer>>) -> Self {
+    pub fn lifetime(mut self, lifetime: impl Part<LifetimeLayer>) -> Self {
         self.replay = self.replay.with_stages(|stages| {
-            stages.lifetime = lifetime.into().map(|lifetime| lifetime.stage());
+            stages.lifetime = lifetime.into_part().map(|lifetime| lifetime.stage());
         });
         self
     }
@@ -262,8 +262,8 @@ impl<St, K, L> SseStack<St, K, L> {
 
     /// One upstream subscription per stream key, shared by all its clients. Its key and store
     /// are replay's, whatever the layer was given.
-    pub fn fanout(mut self, fanout: impl Into<Option<FanoutLayer>>) -> Self {
-        self.fanout = fanout.into();
+    pub fn fanout(mut self, fanout: impl Part<FanoutLayer>) -> Self {
+        self.fanout = fanout.into_part();
         self
     }
 
@@ -506,6 +506,52 @@ where
             Either::On { inner } => inner.size_hint(),
             Either::Off { inner } => inner.size_hint(),
         }
+    }
+}
+
+/// A part of an [`SseStack`], or none: what the builder methods take, so that a part is
+/// switched on or off at run time with an `Option`.
+///
+/// Implemented for every layer the builder takes and an `Option` of it, and, for heartbeats and
+/// the retry block, for a `Duration` and an `Option<Duration>`.
+pub trait Part<L> {
+    /// The layer, or `None` to leave the part out.
+    fn into_part(self) -> Option<L>;
+}
+
+impl<L> Part<L> for L {
+    fn into_part(self) -> Option<L> {
+        Some(self)
+    }
+}
+
+impl<L> Part<L> for Option<L> {
+    fn into_part(self) -> Option<L> {
+        self
+    }
+}
+
+impl Part<HeartbeatLayer> for Duration {
+    fn into_part(self) -> Option<HeartbeatLayer> {
+        Some(HeartbeatLayer::new(self))
+    }
+}
+
+impl Part<HeartbeatLayer> for Option<Duration> {
+    fn into_part(self) -> Option<HeartbeatLayer> {
+        self.map(HeartbeatLayer::new)
+    }
+}
+
+impl Part<RetryLayer> for Duration {
+    fn into_part(self) -> Option<RetryLayer> {
+        Some(RetryLayer::new(self))
+    }
+}
+
+impl Part<RetryLayer> for Option<Duration> {
+    fn into_part(self) -> Option<RetryLayer> {
+        self.map(RetryLayer::new)
     }
 }
 
