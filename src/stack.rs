@@ -227,26 +227,12 @@ impl<St, K, L> SseStack<St, K, L> {
         self
     }
 
-    /// Records streams and replays them to reconnecting clients; `None` switches replay off.
-    /// Fan-out, if any, keys streams like replay and records into its store.
-    pub fn replay<St2, K2>(
-        self,
-        replay: impl Into<Option<ReplayLayer<St2, K2>>>,
-    ) -> SseStack<St2, K2, L>
-    where
-        St2: Clone + Default,
-        K2: Default,
-    {
+    /// Records streams and replays them to reconnecting clients (a layer with
+    /// [`Qos::None`] records and replays nothing). Fan-out, if any, keys streams like replay
+    /// and records into its store.
+    pub fn replay<St2, K2>(self, replay: ReplayLayer<St2, K2>) -> SseStack<St2, K2, L> {
         let stages = self.replay.stages();
-        let (replay, replaying) = match replay.into() {
-            Some(replay) => (replay, true),
-            None => (
-                ReplayLayer::with_store(St2::default())
-                    .key(K2::default())
-                    .qos(Qos::None),
-                false,
-            ),
-        };
+        let replaying = replay.is_on();
         SseStack {
             headers: self.headers,
             passthrough: self.passthrough,

@@ -15,7 +15,6 @@ mod admin;
 mod demo;
 mod limits;
 mod ops;
-mod optional;
 mod proxy;
 
 use std::convert::Infallible;
@@ -32,21 +31,16 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 use tower_sse::compression::SseCompressionLayer;
 use tower_sse::fanout::FanoutLayer;
 use tower_sse::replay::{
-    MemoryLimits, MemoryStore, PathAndQuery, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
+    MemoryLimits, MemoryStore, PathAndQuery, Qos, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
 };
 use tower_sse::subscriptions::{SubscriptionStore, Subscriptions};
-use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
-use tower_sse::{
-    CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer, Shutdown,
-    SseHeadersLayer,
-};
+use tower_sse::{CommentMetadataLayer, LifetimeLayer, RetryLayer, Shutdown, SseStack};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use optional::Optional;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -293,7 +287,8 @@ fn positive(secs: f64) -> Option<Duration> {
 
 /// The stores of a gateway: replay history (when on) and subscriptions (when on).
 struct Stores<St, Sub> {
-    replay: Option<St>,
+    /// The replay layer: with `Qos::None` when `--replay 0` switches replay off.
+    replay: ReplayLayer<St>,
     subscriptions: Option<Subscriptions<Sub>>,
 }
 
@@ -321,11 +316,6 @@ async fn serve_stack<S, B, St, Sub>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let passthrough = if args.no_initial_comment {
-        PassthroughLayer::new()
-    } else {
-        PassthroughLayer::new().initial_comment(args.initial_comment.clone())
-    };
     let retry = (args.retry > 0).then(|| Duration::from_millis(args.retry));
     let shutdown = Shutdown::new();
     let mut lifetime = LifetimeLayer::new().shutdown(&shutdown);
@@ -338,7 +328,7 @@ async fn serve_stack<S, B, St, Sub>(
             .retry_jitter(Duration::from_millis(args.retry_jitter));
     }
     let Stores {
-        replay: store,
+        replay,
         subscriptions,
     } = stores;
     let subscriptions = subscriptions.map(|subscriptions| {
@@ -372,45 +362,37 @@ async fn serve_stack<S, B, St, Sub>(
     if let Some(names) = &args.key_query {
         key = key.query_params(names.clone());
     }
-    // The hub records into the replay layer's store, so it keeps recording while it lingers.
-    let service = ServiceBuilder::new()
-        .layer(SseHeadersLayer::new())
-        .layer(passthrough)
-        .layer(Optional(args.compression.then(SseCompressionLayer::new)))
-        .layer(Optional(retry.map(|retry| {
-            RetryLayer::new(retry).jitter(Duration::from_millis(args.retry_jitter))
-        })))
-        .layer(Optional(
-            (args.metadata_as_comment || !args.headers_as_comment.is_empty()).then(|| {
-                CommentMetadataLayer::new()
-                    .headers_as_comment(args.headers_as_comment.clone())
-                    .metadata_as_comment(args.metadata_as_comment)
-            }),
-        ))
-        .layer(Optional(positive(args.heartbeat).map(HeartbeatLayer::new)))
-        .layer(lifetime)
-        .layer(Optional(
-            subscriptions.map(|subscriptions| subscriptions.layer()),
-        ))
-        .layer(Optional(
-            store
-                .clone()
-                .map(|store| ReplayLayer::with_store(store).key(key.clone())),
-        ))
-        .layer(Optional(args.fanout.then(|| {
-            FanoutLayer::new()
-                .key(key.clone())
-                .linger(Duration::from_secs_f64(args.linger))
-                .max_subscriptions(args.fanout_max_subscriptions)
-                .recording(store)
-        })))
-        .layer(Optional(
-            positive(args.idle_timeout).map(IdleTimeoutLayer::new),
-        ))
-        .layer(Optional(
-            positive(args.response_timeout).map(ResponseTimeoutLayer::new),
-        ))
-        .service(inner);
+    // One builder, one order: the hub keys streams like replay and records into its store, so
+    // it keeps recording while it lingers.
+    let mut stack = SseStack::new();
+    if !args.no_initial_comment {
+        stack = stack.initial_comment(args.initial_comment.clone());
+    }
+    let stack =
+        stack
+            .compression(args.compression.then(SseCompressionLayer::new))
+            .retry(retry.map(|retry| {
+                RetryLayer::new(retry).jitter(Duration::from_millis(args.retry_jitter))
+            }))
+            .metadata(
+                (args.metadata_as_comment || !args.headers_as_comment.is_empty()).then(|| {
+                    CommentMetadataLayer::new()
+                        .headers_as_comment(args.headers_as_comment.clone())
+                        .metadata_as_comment(args.metadata_as_comment)
+                }),
+            )
+            .heartbeat(positive(args.heartbeat))
+            .lifetime(lifetime)
+            .idle_timeout(positive(args.idle_timeout))
+            .response_timeout(positive(args.response_timeout))
+            .replay(replay.key(key))
+            .fanout(args.fanout.then(|| {
+                FanoutLayer::new()
+                    .linger(Duration::from_secs_f64(args.linger))
+                    .max_subscriptions(args.fanout_max_subscriptions)
+            }))
+            .maybe_subscriptions(subscriptions);
+    let service = stack.layer(inner);
     let service = admin::Gate::new(service, admin);
     // Printed here, not in `serve`, which the admin listener runs too.
     println!("Ctrl-C to stop.");
@@ -450,7 +432,7 @@ async fn main() -> Result<(), BoxError> {
             .subscriptions
             .then(|| Subscriptions::new(store.subscriptions()));
         let stores = Stores {
-            replay: Some(store),
+            replay: ReplayLayer::with_store(store),
             subscriptions,
         };
         run(&args, listener, addr, stores, metrics).await;
@@ -459,9 +441,12 @@ async fn main() -> Result<(), BoxError> {
             .events_per_key(args.replay)
             .max_bytes(args.replay_max_bytes)
             .max_keys(args.replay_max_keys);
-        let store = (args.replay > 0).then(|| MemoryStore::with_limits(limits));
+        let mut replay = ReplayLayer::with_store(MemoryStore::with_limits(limits));
+        if args.replay == 0 {
+            replay = replay.qos(Qos::None);
+        }
         let stores = Stores {
-            replay: store,
+            replay,
             subscriptions: args.subscriptions.then(Subscriptions::in_memory),
         };
         run(&args, listener, addr, stores, metrics).await;

@@ -675,6 +675,11 @@ impl<St, K> ReplayLayer<St, K> {
         self
     }
 
+    /// False for [`Qos::None`]: nothing is recorded or replayed.
+    pub(crate) fn is_on(&self) -> bool {
+        self.config.qos != Qos::None
+    }
+
     pub(crate) fn stages(&self) -> Stages {
         self.config.stages.clone()
     }
