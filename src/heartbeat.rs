@@ -235,7 +235,7 @@ mod tests {
     use crate::test_util::{channel_service, next_data_within, Script};
     use http_body_util::BodyExt;
     use std::pin::pin;
-    use std::pin::Pin;
+
     use tokio::time::Instant;
     use tower::ServiceExt;
 

@@ -552,3 +552,181 @@ impl From<Duration> for RetryLayer {
         RetryLayer::new(retry)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::MemoryStore;
+    use crate::test_util::{frames, Script};
+    use crate::timeout::IdleTimeoutLayer;
+    use crate::wire::scanned;
+    use std::convert::Infallible;
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+    const STREAM: &[u8] = b"\xEF\xBB\xBFid: 1\r\nevent: tick\r\nmeta-trace: a\r\ndata: one\r\n\r\n: upstream comment\n\nid: 2\rdata: two\r\rid: 3\ndata: three\ndata: lines\n\nid: 4\ndata: no end";
+
+    fn upstream(
+        script: Script,
+    ) -> impl Service<
+        Request<()>,
+        Response = Response<crate::testing::ScriptedBody>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<crate::testing::ScriptedBody>, Infallible>>,
+    > + Clone {
+        service_fn(move |_request: Request<()>| {
+            let body = script.clone().into_body();
+            async move {
+                Ok(Response::builder()
+                    .header(http::header::CONTENT_TYPE, "text/event-stream")
+                    .body(body)
+                    .unwrap())
+            }
+        })
+    }
+
+    fn full(store: MemoryStore) -> SseStack {
+        SseStack::new()
+            .initial_comment("ok")
+            .retry(Duration::from_secs(2))
+            .metadata(CommentMetadataLayer::new().metadata_as_comment(true))
+            .heartbeat(Duration::from_secs(15))
+            .lifetime(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)))
+            .idle_timeout(Duration::from_secs(60))
+            .response_timeout(Duration::from_secs(10))
+            .replay(ReplayLayer::with_store(store))
+    }
+
+    /// Through the whole stack, every byte of the upstream body is scanned once, however it is
+    /// cut into frames; the stack's own bytes (comment, retry block) are never scanned.
+    #[tokio::test]
+    async fn the_full_stack_scans_every_byte_once() {
+        let cuts: [(&str, Script); 3] = [
+            ("whole", Script::new().chunk(STREAM)),
+            ("split", Script::new().chunks(STREAM.chunks(7))),
+            ("byte by byte", Script::new().byte_by_byte(STREAM)),
+        ];
+        let mut outputs = Vec::new();
+        for (name, script) in cuts {
+            let store = MemoryStore::new();
+            let service = full(store.clone()).layer(upstream(script));
+            scanned::take();
+            let response = service
+                .oneshot(Request::get("/events").body(()).unwrap())
+                .await;
+            let body = frames(response.unwrap().into_body()).await.concat();
+            // The leading BOM is dropped unscanned: the stack's own bytes went first.
+            assert_eq!(scanned::take(), STREAM.len() - 3, "{name}: bytes scanned");
+            outputs.push(body.clone());
+            // Recorded as the client saw them, before metadata framing: once each.
+            let recorded = store
+                .read(
+                    &Bytes::from_static(b"/events"),
+                    crate::replay::ReadFrom::Oldest,
+                    10,
+                )
+                .await
+                .unwrap();
+            let crate::replay::Lookup::Found(events) = recorded else {
+                panic!("{name}: nothing recorded")
+            };
+            let ids: Vec<_> = events.iter().map(|e| e.id.clone()).collect();
+            assert_eq!(ids, ["1", "2", "3"], "{name}");
+        }
+        let text = String::from_utf8(outputs[0].clone()).unwrap();
+        assert!(text.starts_with(":ok\n\nretry: 2000\n\n"), "{text}");
+        assert!(text.contains(":trace=a\n"), "metadata framed: {text}");
+        assert!(!text.contains("meta-trace"), "{text}");
+        assert!(
+            !text.contains("no end"),
+            "an incomplete event is never sent: {text}"
+        );
+        // Whatever the cut, the client parses the same events.
+        let parse = |bytes: &[u8]| {
+            let mut parser = crate::wire::Parser::new();
+            parser.push(Bytes::copy_from_slice(bytes));
+            std::iter::from_fn(|| parser.next_event())
+                .map(|e| format!("{:?}", e.unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(parse(&outputs[0]), parse(&outputs[1]));
+        assert_eq!(parse(&outputs[0]), parse(&outputs[2]));
+    }
+
+    /// The same layers stacked by hand scan the stream once per layer that reads it: the
+    /// builder is what makes one pass.
+    #[tokio::test]
+    async fn layers_stacked_by_hand_scan_once_each() {
+        let service = ServiceBuilder::new()
+            .layer(CommentMetadataLayer::new().metadata_as_comment(true))
+            .layer(HeartbeatLayer::new(Duration::from_secs(15)))
+            .layer(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)))
+            .layer(ReplayLayer::new())
+            .layer(IdleTimeoutLayer::new(Duration::from_secs(60)))
+            .service(upstream(Script::new().chunk(STREAM)));
+        scanned::take();
+        let response = service
+            .oneshot(Request::get("/events").body(()).unwrap())
+            .await;
+        frames(response.unwrap().into_body()).await;
+        assert!(scanned::take() > 2 * STREAM.len());
+    }
+
+    /// Parts switch on and off at run time, and what is off does nothing.
+    #[tokio::test]
+    async fn parts_left_out_do_nothing() {
+        let off: Option<Duration> = None;
+        let service = SseStack::new()
+            .heartbeat(off)
+            .retry(off)
+            .metadata(None)
+            .lifetime(None)
+            .idle_timeout(off)
+            .layer(upstream(Script::new().chunk(&b"data: x\n\n"[..])));
+        let response = service
+            .oneshot(Request::get("/events").body(()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-accel-buffering"], "no");
+        assert_eq!(frames(response.into_body()).await.concat(), b"data: x\n\n");
+    }
+
+    /// A `HEAD` request gets the stream's headers and no body work.
+    #[tokio::test]
+    async fn head_gets_no_body() {
+        let service = full(MemoryStore::new()).layer(upstream(Script::new().chunk(STREAM)));
+        let response = service
+            .oneshot(Request::head("/events").body(()).unwrap())
+            .await
+            .unwrap();
+        assert!(frames(response.into_body()).await.is_empty());
+    }
+
+    /// Heartbeats, the idle timeout and the lifetime share one timer: the first due fires.
+    #[tokio::test(start_paused = true)]
+    async fn one_timer_serves_heartbeat_idle_and_lifetime() {
+        let service = SseStack::new()
+            .heartbeat(Duration::from_secs(5))
+            .idle_timeout(Duration::from_secs(12))
+            .lifetime(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)))
+            .layer(upstream(Script::new().chunk(&b"data: x\n\n"[..]).hang()));
+        let response = service
+            .oneshot(Request::get("/events").body(()).unwrap())
+            .await
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let mut body = std::pin::pin!(response.into_body());
+        let mut seen = Vec::new();
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            let data = frame.unwrap().into_data().unwrap();
+            seen.push((start.elapsed().as_secs(), data));
+        }
+        let expected: Vec<(u64, Bytes)> = vec![
+            (0, Bytes::from_static(b"data: x\n\n")),
+            (5, Bytes::from_static(b":\n\n")),
+            (10, Bytes::from_static(b":\n\n")),
+        ];
+        assert_eq!(seen, expected);
+        // The idle timeout ended it at 12 s, with heartbeats never counted as upstream traffic.
+        assert_eq!(start.elapsed().as_secs(), 12);
+    }
+}

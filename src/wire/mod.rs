@@ -71,6 +71,8 @@ pub use scanner::{Piece, Pieces, Scanner};
 pub(crate) use bom::{BomFilter, BomStep, LeadingBom};
 #[cfg(feature = "subscriptions")]
 pub(crate) use ids::LastEventIds;
+#[cfg(test)]
+pub(crate) use scanner::scanned;
 
 /// The request header a reconnecting client sends its last event id in: `Last-Event-ID`.
 pub(crate) const LAST_EVENT_ID: http::header::HeaderName =

@@ -54,6 +54,25 @@ enum Broken {
     Event,
 }
 
+/// Bytes scanned on this thread, in test builds: proof that a stack scans each byte once.
+#[cfg(test)]
+pub(crate) mod scanned {
+    use std::cell::Cell;
+
+    thread_local! {
+        static BYTES: Cell<usize> = const { Cell::new(0) };
+    }
+
+    pub(crate) fn add(bytes: usize) {
+        BYTES.with(|b| b.set(b.get() + bytes));
+    }
+
+    /// The bytes scanned since the last call.
+    pub(crate) fn take() -> usize {
+        BYTES.with(|b| b.replace(0))
+    }
+}
+
 /// One thing a [`Scanner`] found in a chunk; offsets are into that chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Piece {
@@ -164,6 +183,19 @@ impl Scanner {
     /// This is the primitive behind [`pieces`](Scanner::pieces) for readers that must stop
     /// part-way through a chunk and resume later: call it with `*pos == 0` once per chunk first.
     pub fn next_piece(
+        &mut self,
+        chunk: &[u8],
+        pos: &mut usize,
+    ) -> Option<Result<Piece, LimitError>> {
+        #[cfg(test)]
+        let start = *pos;
+        let piece = self.next_piece_uncounted(chunk, pos);
+        #[cfg(test)]
+        scanned::add(*pos - start);
+        piece
+    }
+
+    fn next_piece_uncounted(
         &mut self,
         chunk: &[u8],
         pos: &mut usize,
