@@ -107,6 +107,19 @@ async fn full_stack_stream() -> BoxedBody {
     boxed(service.oneshot(Request::new(())).await.unwrap().into_body())
 }
 
+/// The same parts built together with `SseStack`: one engine, one timer.
+async fn stack_builder_stream() -> BoxedBody {
+    let hour = Duration::from_secs(3600);
+    let service = tower_sse::SseStack::new()
+        .heartbeat(INTERVAL)
+        .lifetime(tower_sse::LifetimeLayer::new().max_lifetime(hour))
+        .replay(tower_sse::ReplayLayer::new())
+        .idle_timeout(hour)
+        .response_timeout(hour)
+        .layer(silent_upstream());
+    boxed(service.oneshot(Request::new(())).await.unwrap().into_body())
+}
+
 async fn axum_stream() -> BoxedBody {
     let events = futures_pending::<Result<AxumEvent, Infallible>>();
     let response = Sse::new(events)
@@ -284,6 +297,7 @@ fn main() {
     memory_per_idle_stream("tower-sse HeartbeatLayer", || Box::pin(tower_sse_stream()));
     memory_per_idle_stream("axum Sse::keep_alive", || Box::pin(axum_stream()));
     memory_per_idle_stream("tower-sse full stack", || Box::pin(full_stack_stream()));
+    memory_per_idle_stream("tower-sse SseStack", || Box::pin(stack_builder_stream()));
     let mut criterion = Criterion::default().configure_from_args();
     heartbeat_cpu(&mut criterion);
     forwarding_cpu(&mut criterion);

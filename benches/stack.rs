@@ -13,12 +13,15 @@
 //! - `layer/<name>`: one layer over the busy body; `layer/subscribe` is the subscriptions
 //!   layer reading a provisioned subscription (`GET /subscriptions/{id}/subscribe`, created
 //!   beforehand in the in-memory store): every event parsed to move its cursor in the store;
-//! - `stack/full`: headers, passthrough, retry, comment metadata, heartbeat, lifetime, replay,
-//!   idle and response timeouts (the crate docs' order without compression and fan-out), against
-//!   `stack/passthrough` (the bare passthrough layer: the baseline a full stack is held to).
+//! - `stack/builder`: the recommended stack built with `SseStack` (headers, passthrough, retry,
+//!   comment metadata, heartbeat, lifetime, replay recording, idle and response timeouts: one
+//!   engine, one scan), against `stack/passthrough` (the bare passthrough layer: the baseline a
+//!   full stack is held to);
+//! - `stack/full`: the same layers stacked by hand with `ServiceBuilder`, each its own engine
+//!   (what a stack cost before the builder, and still costs when built by hand).
 //!
 //! A profile of the full stack: build with `cargo bench --bench stack --no-run`, then run the
-//! bench binary as `PROFILE=200000 valgrind --tool=callgrind target/release/deps/stack-<hash>`
+//! bench binary as `PROFILE=200000 [PROFILE_PATH=stack/full] valgrind --tool=callgrind target/release/deps/stack-<hash>`
 //! and read it with `callgrind_annotate`.
 
 #[path = "support/alloc.rs"]
@@ -228,6 +231,23 @@ fn paths(runtime: &tokio::runtime::Runtime) -> Vec<(&'static str, Polled)> {
             poller(runtime, PassthroughLayer::new().layer(upstream()), get()),
         ),
         (
+            "stack/builder",
+            poller(
+                runtime,
+                tower_sse::SseStack::new()
+                    .initial_comment("ok")
+                    .retry(Duration::from_secs(2))
+                    .metadata(CommentMetadataLayer::new().metadata_as_comment(true))
+                    .heartbeat(Duration::from_secs(15))
+                    .lifetime(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)))
+                    .replay(ReplayLayer::new())
+                    .idle_timeout(minute)
+                    .response_timeout(Duration::from_secs(10))
+                    .layer(upstream()),
+                get(),
+            ),
+        ),
+        (
             "stack/full",
             poller(
                 runtime,
@@ -277,18 +297,19 @@ fn main() {
         .build()
         .unwrap();
     let mut paths = paths(&runtime);
-    // `PROFILE=N`: poll the full stack N times and stop, for a profiler such as
-    // `valgrind --tool=callgrind` (criterion's own work would drown it).
+    // `PROFILE=N`: poll the built stack (or the path named by `PROFILE_PATH`) N times and stop,
+    // for a profiler such as `valgrind --tool=callgrind` (criterion's own work would drown it).
     if let Some(frames) = std::env::var("PROFILE")
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
     {
+        let path = std::env::var("PROFILE_PATH").unwrap_or_else(|_| "stack/builder".into());
         let (_, poll) = paths
             .iter_mut()
-            .find(|(name, _)| *name == "stack/full")
-            .expect("the full stack is measured");
+            .find(|(name, _)| *name == path)
+            .expect("PROFILE_PATH names a measured path");
         let bytes: usize = (0..frames).map(|_| poll()).sum();
-        println!("polled {frames} frames, {bytes} bytes through the full stack");
+        println!("polled {frames} frames, {bytes} bytes through {path}");
         return;
     }
     allocations_per_frame(&mut paths);

@@ -563,7 +563,8 @@ impl<St: ReplayStore> Engine<St> {
             if self.phase() != Phase::Live && self.phase() != Phase::Ending {
                 break;
             }
-            let event = match self.parser()?.next_event() {
+            let parser = self.parser()?;
+            let event = match parser.next_event() {
                 Some(Ok(event)) => event,
                 Some(Err(_)) => {
                     self.on_parse_error();
@@ -571,7 +572,8 @@ impl<St: ReplayStore> Engine<St> {
                 }
                 None => break,
             };
-            if let Some(held) = self.take_event(event, out) {
+            let raw = parser.raw_of_last();
+            if let Some(held) = self.take_event(event, raw, out) {
                 return Some(held);
             }
             if self.phase() == Phase::Ending && self.rewrites() {
@@ -595,6 +597,7 @@ impl<St: ReplayStore> Engine<St> {
         // Past the parser's limits the stream still flows; only recording stops, and a
         // scanner waits for the end of the event in flight.
         if let Some(replay) = self.replay.as_deref_mut() {
+            replay.flush();
             replay.stop_recording();
         }
         let mut scanner = Scanner::new();
@@ -603,10 +606,15 @@ impl<St: ReplayStore> Engine<St> {
     }
 
     /// One event through replay, then metadata; `Some` hands back an event replay holds.
-    fn take_event(&mut self, mut event: Event, out: &mut BytesMut) -> Option<Event> {
+    fn take_event(
+        &mut self,
+        mut event: Event,
+        raw: Option<(Bytes, usize)>,
+        out: &mut BytesMut,
+    ) -> Option<Event> {
         let mut changed = false;
         if let Some(replay) = self.replay.as_deref_mut() {
-            match replay.admit(&mut event) {
+            match replay.admit(&mut event, raw) {
                 Admit::Drop => {
                     self.changed = true;
                     self.flush_unchanged(out);
@@ -663,7 +671,7 @@ impl<St: ReplayStore> Engine<St> {
             let changed = self
                 .replay
                 .as_deref_mut()
-                .is_some_and(|replay| replay.release(&mut held));
+                .is_some_and(|replay| replay.release(&mut held, None));
             self.finish_event(*held, changed, &mut out);
         }
         let held = self.drain(&mut out);
@@ -866,7 +874,7 @@ fn start_fill<St: ReplayStore>(
     passed: Passed,
 ) -> Option<Bytes> {
     if let Some(held) = passed.held {
-        if let Some(replay) = engine.replay.as_deref() {
+        if let Some(replay) = engine.replay.as_deref_mut() {
             fill.set(Fill::Reading {
                 read: replay.gap_read(),
                 held: Some(Box::new(held)),

@@ -20,6 +20,7 @@
 //! | `subscriptions::SubscribeLayer` (feature `subscriptions`) | provisioned subscriptions: readers through the layer (by id, from a server-side cursor; disposable subscriptions for plain readers), and a JSON management API to mount behind your authentication (`Subscriptions::api`): create, list, suspend (closing channels at a boundary), reactivate, delete |
 //! | [`timeout::IdleTimeoutLayer`] | end a stream whose upstream went silent |
 //! | [`timeout::ResponseTimeoutLayer`] | `504` when response headers are late |
+//! | [`SseStack`] | all of the above in the one order that works, each part optional at run time; the parts that read streams run as one engine: one scan, one timer |
 //!
 //! Beneath the layers, [`wire`] is the event-stream core they share: a scanner for event
 //! boundaries, a zero-copy parser that follows the WHATWG rules to the letter, and a typed
@@ -67,59 +68,30 @@
 //!
 //! # Stack order
 //!
-//! Outermost first; each layer sees what the layers inside it produced, and the order matters:
-//!
-//! 1. [`SseHeadersLayer`]: it decides the final headers, so nothing inside can undo them, and
-//!    its `406` answers before any other work is done.
-//! 2. [`PassthroughLayer`]: it removes `Content-Length` and sends the first byte; it must sit
-//!    outside every layer that adds bytes, or a `Content-Length` could survive them.
-//! 3. `compression::SseCompressionLayer`: outside everything that adds bytes (heartbeats,
-//!    replayed events), so those are compressed and flushed too.
-//! 4. [`RetryLayer`]: `retry:` goes first in the stream (after the initial comment).
-//! 5. [`CommentMetadataLayer`]: outside replay, so replayed events are framed like live ones.
-//! 6. [`HeartbeatLayer`]: it must see everything the client sees, so that replayed or framed
-//!    events inside it count as activity, and outside the timeouts, so that heartbeats never
-//!    count as upstream activity.
-//! 7. [`LifetimeLayer`]: it ends streams at a boundary it can see, with its final `retry:` hint.
-//!    Then `subscriptions::SubscribeLayer` (feature `subscriptions`), if used: outside replay,
-//!    which must see the subscription's stream rewritten to its topic and its cursor as
-//!    `Last-Event-ID`; inside heartbeats, metadata and compression, so its cursor reads plain
-//!    events.
-//! 8. [`ReplayLayer`]: inside the heartbeat layer, so heartbeats are never recorded, and inside
-//!    the lifetime layer, so a replayed burst is ended at a boundary like anything else.
-//! 9. [`FanoutLayer`]: inside replay, so that each client is replayed on its own before it joins
-//!    the shared stream, and given replay's store so that it records once for everybody (also
-//!    while it lingers); outside it, per-client layers (heartbeat, metadata, compression,
-//!    lifetime) still act per client. Outside replay it would share one client's replay with
-//!    everyone.
-//! 10. [`timeout::IdleTimeoutLayer`], [`timeout::ResponseTimeoutLayer`]: innermost, next to the
-//!     upstream, so they measure the upstream's silence. An idle timeout outside the heartbeat
-//!     layer never fires (heartbeats look like traffic); a response timeout outside a layer that
-//!     answers early (the `406`) would time that answer too.
+//! The layers work in one order only, outermost first: headers, passthrough, compression,
+//! subscriptions, retry, comment metadata, heartbeat, lifetime, replay, fan-out, then the
+//! timeouts. [`SseStack`] applies it by construction and runs the stream-reading parts as one
+//! engine (one scan, one timer per stream); the [`stack`] module documents the order, and what
+//! breaks if it changes, once.
 //!
 //! ```
 //! use std::time::Duration;
-//! use tower::ServiceBuilder;
-//! use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 //! use tower_sse::replay::MemoryStore;
 //! use tower_sse::{
-//!     CommentMetadataLayer, FanoutLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer,
-//!     ReplayLayer, RetryLayer, Shutdown, SseHeadersLayer,
+//!     CommentMetadataLayer, FanoutLayer, LifetimeLayer, ReplayLayer, Shutdown, SseStack,
 //! };
 //!
 //! let shutdown = Shutdown::new();
-//! let store = MemoryStore::new();
-//! let stack = ServiceBuilder::new()
-//!     .layer(SseHeadersLayer::new())
-//!     .layer(PassthroughLayer::new().initial_comment("ok"))
-//!     .layer(RetryLayer::new(Duration::from_secs(2)).jitter(Duration::from_secs(1)))
-//!     .layer(CommentMetadataLayer::new().metadata_as_comment(true))
-//!     .layer(HeartbeatLayer::new(Duration::from_secs(15)))
-//!     .layer(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)).jitter(0.2).shutdown(&shutdown))
-//!     .layer(ReplayLayer::with_store(store.clone()))
-//!     .layer(FanoutLayer::new().record_into(store).linger(Duration::from_secs(10)))
-//!     .layer(IdleTimeoutLayer::new(Duration::from_secs(60)))
-//!     .layer(ResponseTimeoutLayer::new(Duration::from_secs(10)));
+//! let stack = SseStack::new()
+//!     .initial_comment("ok")
+//!     .retry(Duration::from_secs(2))
+//!     .metadata(CommentMetadataLayer::new().metadata_as_comment(true))
+//!     .heartbeat(Duration::from_secs(15))
+//!     .lifetime(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)).jitter(0.2).shutdown(&shutdown))
+//!     .replay(ReplayLayer::with_store(MemoryStore::new()))
+//!     .fanout(FanoutLayer::new().linger(Duration::from_secs(10)))
+//!     .idle_timeout(Duration::from_secs(60))
+//!     .response_timeout(Duration::from_secs(10));
 //! # let _ = stack;
 //! ```
 //!

@@ -292,14 +292,9 @@ struct Stores<St, Sub> {
     subscriptions: Option<Subscriptions<Sub>>,
 }
 
-/// Serves `inner` behind every layer, outermost first as the crate docs recommend: the header
-/// policy decides the final headers; passthrough sends the first byte; compression flushes after
-/// every event and compresses everything inside it; `retry:` goes first in the stream; comment metadata is framed for the client (replayed events too); heartbeats see
-/// what the client sees; the lifetime and shutdown end streams at a
-/// boundary; replay resumes clients and records events (never heartbeats); the fan-out hub shares
-/// one upstream subscription per stream and records into the same store; the timeouts sit next
-/// to the upstream, so they measure its silence, not heartbeats.
-async fn serve_stack<S, B, St, Sub>(
+/// Serves `inner` behind the `SseStack` the flags describe (the builder applies the crate's one
+/// stack order), with the management API and the per-connection limits.
+async fn serve_gateway<S, B, St, Sub>(
     args: &Args,
     listener: TcpListener,
     inner: S,
@@ -482,7 +477,7 @@ async fn run<St: ReplayStore, Sub: SubscriptionStore>(
         Some(upstream) => {
             println!("  proxying every request to {upstream}");
             println!("  try: curl -N http://{addr}/<path of an event stream>");
-            serve_stack(
+            serve_gateway(
                 args,
                 listener,
                 proxy::Proxy::new(upstream.clone()),
@@ -499,7 +494,7 @@ async fn run<St: ReplayStore, Sub: SubscriptionStore>(
                 _ => Duration::from_millis(args.demo_interval.max(1)),
             };
             let demo = demo::Demo::new(every, args.demo_size);
-            serve_stack(args, listener, demo, stores, metrics).await;
+            serve_gateway(args, listener, demo, stores, metrics).await;
         }
     }
 }

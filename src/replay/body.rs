@@ -56,6 +56,8 @@ pub(crate) struct ReplayStage<St> {
     fill_after: Option<Bytes>,
     replay_limit: usize,
     recording: bool,
+    /// Events recorded from the current frame, handed to the store together.
+    batch: Vec<StoredEvent>,
     store: St,
     key: Bytes,
     ids: Ids,
@@ -117,6 +119,7 @@ impl<St: ReplayStore> ReplayStage<St> {
                 fill_after,
                 replay_limit,
                 recording: !recorded,
+                batch: Vec::new(),
                 store,
                 key: plan.key,
                 ids,
@@ -141,20 +144,36 @@ impl<St: ReplayStore> ReplayStage<St> {
     }
 
     /// Records a message event that has an id; heartbeats and id-less events are not recorded.
-    fn record(&self, event: &Event) {
+    /// `raw`: the event's bytes as the client gets them, with the length of the chunk they are
+    /// a slice of, when the event is unchanged and was one piece of one chunk.
+    fn record(&mut self, event: &Event, raw: Option<(Bytes, usize)>) {
         if !self.recording || !super::is_recordable(event) {
             return;
         }
-        // The id is a slice of the encoded bytes: one allocation per recorded event.
-        if let (bytes, Some(id)) = event.encode_with_id() {
-            self.store.append(&self.key, StoredEvent { id, bytes });
+        let stored = match (raw, event.id_bytes()) {
+            (Some((raw, chunk_len)), Some(id)) => stored_raw(raw, chunk_len, id),
+            _ => None,
+        };
+        // Else re-encoded, the id a slice of the encoding: one allocation per recorded event.
+        let stored = stored.or_else(|| match event.encode_with_id() {
+            (bytes, Some(id)) => Some(StoredEvent { id, bytes }),
+            (_, None) => None,
+        });
+        self.batch.extend(stored);
+    }
+
+    /// Hands the events recorded so far to the store.
+    pub(crate) fn flush(&mut self) {
+        if !self.batch.is_empty() {
+            self.store.append_all(&self.key, self.batch.drain(..));
         }
     }
 
-    /// Decides on a live event, recording what goes on.
-    pub(crate) fn admit(&mut self, event: &mut Event) -> Admit {
+    /// Decides on a live event, recording what goes on (see [`record`](Self::record) for
+    /// `raw`).
+    pub(crate) fn admit(&mut self, event: &mut Event, raw: Option<(Bytes, usize)>) -> Admit {
         if !self.reframe {
-            self.record(event);
+            self.record(event, raw);
             return Admit::Pass { changed: false };
         }
         if event.is_message() {
@@ -165,7 +184,7 @@ impl<St: ReplayStore> ReplayStage<St> {
                 return Admit::Hold;
             }
             return Admit::Pass {
-                changed: self.release(event),
+                changed: self.release(event, raw),
             };
         }
         if self.ids == Ids::AssignAlways && event.id().is_some() {
@@ -178,17 +197,18 @@ impl<St: ReplayStore> ReplayStage<St> {
 
     /// Sends a new live message event on: with an id as configured, recorded. True when its id
     /// was set.
-    pub(crate) fn release(&mut self, event: &mut Event) -> bool {
+    pub(crate) fn release(&mut self, event: &mut Event, raw: Option<(Bytes, usize)>) -> bool {
         let assign = self.ids.assigns(event);
         if assign {
             event.set_id(self.store.next_id(&self.key));
         }
-        self.record(event);
+        self.record(event, raw.filter(|_| !assign));
         assign
     }
 
     /// The read that fills the gap before a held event.
-    pub(crate) fn gap_read(&self) -> St::Read {
+    pub(crate) fn gap_read(&mut self) -> St::Read {
+        self.flush();
         let after = self.fill_after.as_ref().expect("a gap to fill");
         self.store
             .read(&self.key, ReadFrom::After(after), self.replay_limit)
@@ -210,8 +230,10 @@ impl<St: ReplayStore> ReplayStage<St> {
         }
     }
 
-    /// At the end of a frame's events: re-framing stops once nothing needs it, at a boundary.
+    /// At the end of a frame's events: what was recorded goes to the store; re-framing stops
+    /// once nothing needs it, at a boundary.
     pub(crate) fn settle(&mut self, mid_event: bool) {
+        self.flush();
         if self.delivered.is_empty() && self.ids == Ids::Keep && !mid_event {
             self.reframe = false;
         }
@@ -235,4 +257,23 @@ pub(super) fn stream_body<B, St: ReplayStore>(
     start.replay = Some(opening.stage);
     start.fill = opening.fill;
     EngineBody::stream(inner, stages, true, headers, start)
+}
+
+/// An unchanged event's own bytes to store, with its id as a slice of them: the slice of the
+/// chunk when the event is most of it, else a copy (a small slice would keep a big chunk alive
+/// beyond what the store counts). `None` when the id is not within the bytes.
+fn stored_raw(raw: Bytes, chunk_len: usize, id: &Bytes) -> Option<StoredEvent> {
+    let offset = (id.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
+    if offset + id.len() > raw.len() {
+        return None;
+    }
+    let bytes = if raw.len() * 2 >= chunk_len {
+        raw
+    } else {
+        Bytes::copy_from_slice(&raw)
+    };
+    Some(StoredEvent {
+        id: bytes.slice(offset..offset + id.len()),
+        bytes,
+    })
 }

@@ -1,5 +1,6 @@
 //! Where replayed events live: the [`ReplayStore`] trait and the in-memory [`MemoryStore`].
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::future::{ready, Future, Ready};
@@ -77,6 +78,17 @@ pub trait ReplayStore: Clone + Send + Sync + 'static {
     /// Records an event of `key`, unless an event with the same id is already retained (several
     /// connections on one key see the same events; each is stored once).
     fn append(&self, key: &Bytes, event: StoredEvent);
+
+    /// Records the events of `key`, in order, as [`append`](ReplayStore::append) does one by one;
+    /// a store may take them in one go (the replay layer hands over each frame's events).
+    fn append_all(&self, key: &Bytes, events: impl Iterator<Item = StoredEvent>)
+    where
+        Self: Sized,
+    {
+        for event in events {
+            self.append(key, event);
+        }
+    }
 
     /// A new id for an event of `key`: unique for this store, increasing per key.
     fn next_id(&self, key: &Bytes) -> Bytes;
@@ -184,8 +196,8 @@ impl MemoryLimits {
         self
     }
 
-    fn is_idle(&self, stream: &Stream, now: Instant) -> bool {
-        now.saturating_duration_since(stream.last_used) >= self.key_idle
+    fn is_idle_since(&self, last_used: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(last_used) >= self.key_idle
     }
 }
 
@@ -258,6 +270,9 @@ struct Streams {
     clock: u64,
     /// The sum of every stream's `cost`.
     bytes: usize,
+    /// No key goes idle before this: the least recent key's last use plus the idle time (keys
+    /// are only ever used later, so it stays a lower bound until that key goes).
+    no_expiry_before: Option<Instant>,
 }
 
 struct Stream {
@@ -375,12 +390,14 @@ impl MemoryStore {
 impl Streams {
     /// Forgets the keys unused for the idle time (the least recently used come first).
     fn expire(&mut self, limits: &MemoryLimits, now: Instant) {
+        if self.no_expiry_before.is_some_and(|at| now < at) {
+            return;
+        }
+        self.no_expiry_before = None;
         while let Some((_, key)) = self.recency.first_key_value() {
-            let idle = self
-                .map
-                .get(key)
-                .is_none_or(|stream| limits.is_idle(stream, now));
-            if !idle {
+            let last_used = self.map.get(key).map(|stream| stream.last_used);
+            if let Some(last_used) = last_used.filter(|&used| !limits.is_idle_since(used, now)) {
+                self.no_expiry_before = last_used.checked_add(limits.key_idle);
                 break;
             }
             let key = key.clone();
@@ -414,28 +431,41 @@ impl Streams {
 
     /// Marks `key` (held) as the most recently used.
     fn touch(&mut self, key: &[u8], now: Instant) {
-        let Some(stream) = self.map.get_mut(key) else {
-            return;
-        };
+        if let Some(stream) = self.map.get_mut(key) {
+            Self::touch_stream(&mut self.recency, &mut self.clock, stream, now);
+        }
+    }
+
+    fn touch_stream(
+        recency: &mut BTreeMap<u64, Bytes>,
+        clock: &mut u64,
+        stream: &mut Stream,
+        now: Instant,
+    ) {
         stream.last_used = now;
-        if let Some(key) = self.recency.remove(&stream.tick) {
-            self.clock += 1;
-            stream.tick = self.clock;
-            self.recency.insert(self.clock, key);
+        // The most recent key already (one hot stream): its place stays.
+        if stream.tick == *clock {
+            return;
+        }
+        if let Some(key) = recency.remove(&stream.tick) {
+            *clock += 1;
+            stream.tick = *clock;
+            recency.insert(*clock, key);
         }
     }
 
     /// Makes `key` held and the most recently used, within the key bound (and, as far as other
-    /// keys can give way, the byte bound); false when the key alone does not fit the budget.
-    fn hold(&mut self, key: &Bytes, limits: &MemoryLimits, now: Instant) -> bool {
+    /// keys can give way, the byte bound); `None` when the key alone does not fit the budget.
+    fn hold(&mut self, key: &Bytes, limits: &MemoryLimits, now: Instant) -> Option<&mut Stream> {
         self.expire(limits, now);
         if self.map.contains_key(key) {
-            self.touch(key, now);
-            return true;
+            let stream = self.map.get_mut(key)?;
+            Self::touch_stream(&mut self.recency, &mut self.clock, stream, now);
+            return Some(stream);
         }
         let cost = key_cost(key);
         if cost > limits.max_bytes {
-            return false;
+            return None;
         }
         while self.map.len() >= limits.max_keys || self.bytes + cost > limits.max_bytes {
             if !self.evict_one(key) {
@@ -444,20 +474,19 @@ impl Streams {
         }
         self.clock += 1;
         self.recency.insert(self.clock, key.clone());
-        self.map.insert(
-            key.clone(),
-            Stream {
-                events: VecDeque::new(),
-                index: HashMap::new(),
-                first_seq: 0,
-                bytes: 0,
-                cost,
-                last_used: now,
-                tick: self.clock,
-            },
-        );
         self.bytes += cost;
-        true
+        if self.no_expiry_before.is_none() {
+            self.no_expiry_before = now.checked_add(limits.key_idle);
+        }
+        Some(self.map.entry(key.clone()).or_insert(Stream {
+            events: VecDeque::new(),
+            index: HashMap::new(),
+            first_seq: 0,
+            bytes: 0,
+            cost,
+            last_used: now,
+            tick: self.clock,
+        }))
     }
 
     /// Applies `f` to the stream of `key` and keeps the byte count in step with its cost.
@@ -511,12 +540,17 @@ impl Stream {
         true
     }
 
-    fn push(&mut self, event: StoredEvent, now: Instant) {
+    /// Retains `event`, unless an event with its id is retained already (false).
+    fn push(&mut self, event: StoredEvent, now: Instant) -> bool {
         let seq = self.first_seq + self.events.len() as u64;
-        self.index.insert(event.id.clone(), seq);
+        match self.index.entry(event.id.clone()) {
+            Entry::Occupied(_) => return false,
+            Entry::Vacant(slot) => slot.insert(seq),
+        };
         self.bytes += event.bytes.len();
         self.cost += event_cost(&event);
         self.events.push_back(Retained { event, at: now });
+        true
     }
 
     fn collect(&self, from: usize, limit: usize) -> Vec<StoredEvent> {
@@ -562,27 +596,35 @@ impl ReplayStore for MemoryStore {
     }
 
     fn append(&self, key: &Bytes, event: StoredEvent) {
+        self.append_all(key, std::iter::once(event));
+    }
+
+    /// One lock, one clock reading and one key lookup for all of `events`.
+    fn append_all(&self, key: &Bytes, events: impl Iterator<Item = StoredEvent>) {
         let now = Instant::now();
         let limits = &self.shared.limits;
-        if key_cost(key) + event_cost(&event) > limits.max_bytes {
-            // Bigger than the whole budget: never recorded (a replay then finds its id unknown).
+        let mut events = events.peekable();
+        if events.peek().is_none() {
             return;
         }
         let mut streams = self.lock();
-        if !streams.hold(key, limits, now) {
+        let Some(stream) = streams.hold(key, limits, now) else {
             return;
+        };
+        let before = stream.cost;
+        for event in events {
+            if key_cost(key) + event_cost(&event) > limits.max_bytes {
+                // Bigger than the whole budget: never recorded (a replay then finds its id
+                // unknown).
+                continue;
+            }
+            // Several connections on one key see the same events: each is stored once.
+            if stream.push(event, now) {
+                stream.trim(limits, now);
+            }
         }
-        let known = streams
-            .map
-            .get(key)
-            .is_some_and(|stream| stream.index.contains_key(&event.id));
-        if known {
-            return;
-        }
-        streams.update(key, |stream| {
-            stream.push(event, now);
-            stream.trim(limits, now);
-        });
+        let after = stream.cost;
+        streams.bytes = streams.bytes - before + after;
         streams.fit(key, limits);
         #[cfg(feature = "metrics")]
         self.report_size(&streams, now);

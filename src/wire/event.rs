@@ -33,15 +33,30 @@ use memchr::{memchr, memchr2};
 /// // A line break in an id would inject a field: it is an error, never a panic.
 /// assert!(Event::builder().id("1\ndata: forged").build().is_err());
 /// ```
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Event {
     id: Option<Bytes>,
     event: Option<Bytes>,
     data: Option<Bytes>,
+    /// `data` holds no line break: it came from one `data` line (encoding needs no search).
+    data_is_one_line: bool,
     retry: Option<u64>,
     comments: Vec<Bytes>,
     fields: Vec<(Bytes, Bytes)>,
 }
+
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.event == other.event
+            && self.data == other.data
+            && self.retry == other.retry
+            && self.comments == other.comments
+            && self.fields == other.fields
+    }
+}
+
+impl Eq for Event {}
 
 impl Event {
     /// Starts building an event.
@@ -67,10 +82,11 @@ impl Event {
         }
     }
 
+    /// An event as parsed; `data_is_one_line`: `data` came from a single `data` line.
     pub(crate) fn from_parts(
         id: Option<Bytes>,
         event: Option<Bytes>,
-        data: Option<Bytes>,
+        (data, data_is_one_line): (Option<Bytes>, bool),
         retry: Option<u64>,
         comments: Vec<Bytes>,
         fields: Vec<(Bytes, Bytes)>,
@@ -79,6 +95,7 @@ impl Event {
             id,
             event,
             data,
+            data_is_one_line,
             retry,
             comments,
             fields,
@@ -162,8 +179,10 @@ impl Event {
             .iter()
             .map(|(n, v)| n.len() + v.len() + 3 + usize::from(n.starts_with(BOM)))
             .sum::<usize>();
-        if let Some(data) = &self.data {
-            for_each_line(data, |line| len += line.len() + 7);
+        match &self.data {
+            Some(data) if self.data_is_one_line => len += data.len() + 7,
+            Some(data) => for_each_line(data, |line| len += line.len() + 7),
+            None => {}
         }
         len
     }
@@ -171,7 +190,7 @@ impl Event {
     /// Encodes the block and returns its id as a slice of the encoding (no second allocation).
     pub(crate) fn encode_with_id(&self) -> (Bytes, Option<Bytes>) {
         let mut buf = BytesMut::with_capacity(self.encoded_len());
-        self.encode_into(&mut buf);
+        self.encode_reserved(&mut buf);
         let bytes = buf.freeze();
         let id = self.id.as_ref().map(|id| {
             // The id line follows the comments and the event type, as `encode_into` writes them.
@@ -186,7 +205,7 @@ impl Event {
     /// Encodes the block, ending with its blank line.
     pub fn encode(&self) -> Bytes {
         let mut buf = BytesMut::with_capacity(self.encoded_len());
-        self.encode_into(&mut buf);
+        self.encode_reserved(&mut buf);
         buf.freeze()
     }
 
@@ -196,6 +215,11 @@ impl Event {
     /// value is written after `": "`, so a value that starts with a space keeps it.
     pub fn encode_into(&self, buf: &mut BytesMut) {
         buf.reserve(self.encoded_len());
+        self.encode_reserved(buf);
+    }
+
+    /// [`encode_into`](Event::encode_into) a buffer known to have room.
+    fn encode_reserved(&self, buf: &mut BytesMut) {
         for comment in &self.comments {
             buf.put_u8(b':');
             buf.put_slice(comment);
@@ -219,8 +243,10 @@ impl Event {
             }
             put_field(buf, name, value);
         }
-        if let Some(data) = &self.data {
-            for_each_line(data, |line| put_field(buf, b"data", line));
+        match &self.data {
+            Some(data) if self.data_is_one_line => put_field(buf, b"data", data),
+            Some(data) => for_each_line(data, |line| put_field(buf, b"data", line)),
+            None => {}
         }
         buf.put_u8(b'\n');
     }

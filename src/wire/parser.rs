@@ -54,6 +54,23 @@ pub struct Parser {
     block: Block,
     last_event_id: Bytes,
     reconnection_time: Option<u64>,
+    /// Where the block being read began in the front chunk, while all of it is in that chunk.
+    span: Span,
+    /// The bytes of the last event handed out, when they were one piece of one chunk, and that
+    /// chunk's length.
+    last_raw: Option<(Bytes, usize)>,
+}
+
+/// Where the block being read began.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Span {
+    /// No line of it yet.
+    #[default]
+    None,
+    /// At this offset of the front chunk.
+    At(usize),
+    /// In an earlier chunk, or a line of it spanned chunks.
+    Split,
 }
 
 /// The fields of the block being read, before its blank line.
@@ -130,6 +147,8 @@ impl Parser {
             block: Block::default(),
             last_event_id: Bytes::new(),
             reconnection_time: None,
+            span: Span::None,
+            last_raw: None,
         }
     }
 
@@ -153,12 +172,17 @@ impl Parser {
             block,
             last_event_id,
             reconnection_time,
+            span,
+            last_raw,
         } = self;
         loop {
             let chunk = input.front()?;
             let Some(piece) = scanner.next_piece(chunk, pos) else {
                 input.pop_front();
                 *pos = 0;
+                if *span != Span::None {
+                    *span = Span::Split;
+                }
                 continue;
             };
             let piece = match piece {
@@ -168,17 +192,24 @@ impl Parser {
                     *pos = 0;
                     *line = BytesMut::new();
                     *block = Block::default();
+                    *span = Span::None;
                     return Some(Err(limit.into()));
                 }
             };
             match piece {
                 Piece::Bom { .. } => line.clear(),
-                Piece::Partial { start } => line.extend_from_slice(&chunk[start..]),
+                Piece::Partial { start } => {
+                    line.extend_from_slice(&chunk[start..]);
+                    *span = Span::Split;
+                }
                 Piece::Line {
                     start,
                     end,
                     continued: false,
                 } => {
+                    if *span == Span::None {
+                        *span = Span::At(start);
+                    }
                     let kept = scanner.limits().kept_lines();
                     block.take_line(chunk, &chunk[start..end], kept, reconnection_time);
                 }
@@ -188,12 +219,18 @@ impl Parser {
                     continued: true,
                 } => {
                     line.extend_from_slice(&chunk[start..end]);
+                    *span = Span::Split;
                     let joined = line.split().freeze();
                     let kept = scanner.limits().kept_lines();
                     block.take_line(&joined, &joined, kept, reconnection_time);
                 }
-                Piece::Dispatch { .. } => {
+                Piece::Dispatch { end } => {
+                    let started = std::mem::take(span);
                     if let Some(event) = block.dispatch(last_event_id) {
+                        *last_raw = match started {
+                            Span::At(start) => Some((chunk.slice(start..end), chunk.len())),
+                            Span::None | Span::Split => None,
+                        };
                         return Some(Ok(event));
                     }
                 }
@@ -213,6 +250,8 @@ impl Parser {
         self.pos = 0;
         self.line.clear();
         self.block = Block::default();
+        self.span = Span::None;
+        self.last_raw = None;
         self.scanner = Scanner::with_limits(self.scanner.limits());
         discarded
     }
@@ -228,6 +267,13 @@ impl Parser {
     /// A `retry` line takes effect when it is read, even inside an event that never completes.
     pub fn reconnection_time(&self) -> Option<std::time::Duration> {
         self.reconnection_time.map(std::time::Duration::from_millis)
+    }
+
+    /// The bytes of the event [`next_event`](Parser::next_event) returned last, from its first
+    /// line to its blank line, when they were one piece of one pushed chunk; with that chunk's
+    /// length (a slice keeps its whole chunk alive).
+    pub(crate) fn raw_of_last(&mut self) -> Option<(Bytes, usize)> {
+        self.last_raw.take()
     }
 
     /// True when part of an event (or a line) has been read but not yet dispatched.
@@ -303,9 +349,9 @@ impl Block {
             *last_event_id = id.clone();
         }
         let data = match block.data {
-            Data::None => None,
-            Data::One(data) => Some(data),
-            Data::Many(data) => Some(data.freeze()),
+            Data::None => (None, false),
+            Data::One(data) => (Some(data), true),
+            Data::Many(data) => (Some(data.freeze()), false),
         };
         Some(Event::from_parts(
             block.id,
