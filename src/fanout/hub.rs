@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
-use std::ops::Range;
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,7 +17,7 @@ use tokio::time::{sleep, Instant};
 use tower_service::Service;
 
 use super::{Config, SlowClient};
-use crate::replay::{is_recordable, AlreadyRecorded, Ids, ReplayStore, StoredEvent};
+use crate::replay::{AlreadyRecorded, Ids, Recorder, ReplayStore};
 use crate::telemetry;
 use crate::wire::{is_plain_event_stream, Parser, LAST_EVENT_ID};
 
@@ -650,10 +649,7 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
     let mut pump = Pump {
         parser: Parser::with_limits(config.limits),
         out: BytesMut::new(),
-        recorded: Vec::new(),
-        store,
-        ids: config.ids,
-        key: topic.key.clone(),
+        recorder: store.map(|store| Recorder::new(store, topic.key.clone(), config.ids)),
         events: 0,
     };
     // Boxed, so that it can be dropped before the linger that follows an upstream end.
@@ -771,11 +767,7 @@ fn close_if_idle(hub: &Hub, topic: &Arc<Topic>) -> bool {
 struct Pump<St> {
     parser: Parser,
     out: BytesMut,
-    /// The recordable events of the frame being built: their span in it and their id.
-    recorded: Vec<(Range<usize>, Bytes)>,
-    store: Option<St>,
-    ids: Ids,
-    key: Bytes,
+    recorder: Option<Recorder<St>>,
     /// Events in the frame being built.
     events: usize,
 }
@@ -786,39 +778,24 @@ impl<St: ReplayStore> Pump<St> {
         self.parser.push(data);
         while let Some(event) = self.parser.next_event() {
             let mut event = event.map_err(|_| ())?;
-            if let Some(store) = &self.store {
-                if event.is_message() && self.ids.assigns(&event) {
-                    event.set_id(store.next_id(&self.key));
-                } else if !event.is_message() && self.ids == Ids::AssignAlways {
-                    // An id-only block would move the clients' cursor to an upstream id.
-                    event.clear_id();
-                }
+            if let Some(recorder) = &mut self.recorder {
+                recorder.stamp(&mut event);
+                // Stored as encoded for the clients: a copy that owns its buffer, so a store that
+                // counts its bytes never holds the frame or the upstream chunk.
+                recorder.record(&event, None);
             }
-            let start = self.out.len();
             event.encode_into(&mut self.out);
             self.events += 1;
-            if self.store.is_some() && is_recordable(&event) {
-                if let Some(id) = event.id_bytes() {
-                    self.recorded.push((start..self.out.len(), id.clone()));
-                }
-            }
+        }
+        if let Some(recorder) = &mut self.recorder {
+            recorder.flush();
         }
         if self.out.is_empty() {
             return Ok(None);
         }
         telemetry::fanned_out(self.events);
         self.events = 0;
-        let frame = self.out.split().freeze();
-        if let Some(store) = &self.store {
-            for (span, id) in self.recorded.drain(..) {
-                // Copies that own their buffers: a store that counts its bytes (and keeps an
-                // event longer than the frame lives) never holds the frame or the upstream chunk.
-                let bytes = Bytes::copy_from_slice(&frame[span]);
-                let id = Bytes::copy_from_slice(&id);
-                store.append(&self.key, StoredEvent { id, bytes });
-            }
-        }
-        Ok(Some(frame))
+        Ok(Some(self.out.split().freeze()))
     }
 
     fn resume_id(&self) -> Option<Bytes> {

@@ -55,12 +55,72 @@ pub(crate) struct ReplayStage<St> {
     /// in the meantime (in flight while the client reconnected) are sent before that event.
     fill_after: Option<Bytes>,
     replay_limit: usize,
-    recording: bool,
-    /// Events recorded from the current frame, handed to the store together.
-    batch: Vec<StoredEvent>,
+    recorder: Recorder<St>,
+}
+
+/// Records a stream's events into a replay store, with ids as configured: the one recorder of
+/// the replay layer and the fan-out hub.
+pub(crate) struct Recorder<St> {
     store: St,
     key: Bytes,
     ids: Ids,
+    recording: bool,
+    /// Events recorded from the current frame, handed to the store together.
+    batch: Vec<StoredEvent>,
+}
+
+impl<St: ReplayStore> Recorder<St> {
+    pub(crate) fn new(store: St, key: Bytes, ids: Ids) -> Self {
+        Self {
+            store,
+            key,
+            ids,
+            recording: true,
+            batch: Vec::new(),
+        }
+    }
+
+    /// Gives `event` its id as configured: a new one for a message event that needs it, none
+    /// for an id-only block when every id is assigned (it would move a client's cursor to an
+    /// upstream id). True when the id changed.
+    pub(crate) fn stamp(&self, event: &mut Event) -> bool {
+        if event.is_message() {
+            if self.ids.assigns(event) {
+                event.set_id(self.store.next_id(&self.key));
+                return true;
+            }
+        } else if self.ids == Ids::AssignAlways && event.id().is_some() {
+            event.clear_id();
+            return true;
+        }
+        false
+    }
+
+    /// Records a message event that has an id; heartbeats and id-less events are not recorded.
+    /// `raw`: the event's bytes as the client gets them, with the length of the chunk they are
+    /// a slice of, when the event is unchanged and was one piece of one chunk.
+    pub(crate) fn record(&mut self, event: &Event, raw: Option<(Bytes, usize)>) {
+        if !self.recording || !super::is_recordable(event) {
+            return;
+        }
+        let stored = match (raw, event.id_bytes()) {
+            (Some((raw, chunk_len)), Some(id)) => stored_raw(raw, chunk_len, id),
+            _ => None,
+        };
+        // Else re-encoded, the id a slice of the encoding: one allocation per recorded event.
+        let stored = stored.or_else(|| match event.encode_with_id() {
+            (bytes, Some(id)) => Some(StoredEvent { id, bytes }),
+            (_, None) => None,
+        });
+        self.batch.extend(stored);
+    }
+
+    /// Hands the events recorded so far to the store.
+    pub(crate) fn flush(&mut self) {
+        if !self.batch.is_empty() {
+            self.store.append_all(&self.key, self.batch.drain(..));
+        }
+    }
 }
 
 /// What the replay stage does with a live event.
@@ -118,11 +178,10 @@ impl<St: ReplayStore> ReplayStage<St> {
                 delivered,
                 fill_after,
                 replay_limit,
-                recording: !recorded,
-                batch: Vec::new(),
-                store,
-                key: plan.key,
-                ids,
+                recorder: Recorder {
+                    recording: !recorded,
+                    ..Recorder::new(store, plan.key, ids)
+                },
             },
             first: (!first.is_empty()).then(|| first.freeze()),
             fill,
@@ -131,7 +190,7 @@ impl<St: ReplayStore> ReplayStage<St> {
 
     /// True when the stage needs the events' fields: to record them or to change them.
     pub(crate) fn reads_events(&self) -> bool {
-        self.recording || self.reframe
+        self.recorder.recording || self.reframe
     }
 
     /// True when the stage may drop or change events.
@@ -140,78 +199,52 @@ impl<St: ReplayStore> ReplayStage<St> {
     }
 
     pub(crate) fn stop_recording(&mut self) {
-        self.recording = false;
-    }
-
-    /// Records a message event that has an id; heartbeats and id-less events are not recorded.
-    /// `raw`: the event's bytes as the client gets them, with the length of the chunk they are
-    /// a slice of, when the event is unchanged and was one piece of one chunk.
-    fn record(&mut self, event: &Event, raw: Option<(Bytes, usize)>) {
-        if !self.recording || !super::is_recordable(event) {
-            return;
-        }
-        let stored = match (raw, event.id_bytes()) {
-            (Some((raw, chunk_len)), Some(id)) => stored_raw(raw, chunk_len, id),
-            _ => None,
-        };
-        // Else re-encoded, the id a slice of the encoding: one allocation per recorded event.
-        let stored = stored.or_else(|| match event.encode_with_id() {
-            (bytes, Some(id)) => Some(StoredEvent { id, bytes }),
-            (_, None) => None,
-        });
-        self.batch.extend(stored);
+        self.recorder.recording = false;
     }
 
     /// Hands the events recorded so far to the store.
     pub(crate) fn flush(&mut self) {
-        if !self.batch.is_empty() {
-            self.store.append_all(&self.key, self.batch.drain(..));
-        }
+        self.recorder.flush();
     }
 
-    /// Decides on a live event, recording what goes on (see [`record`](Self::record) for
-    /// `raw`).
+    /// Decides on a live event, recording what goes on (`raw` as [`Recorder::record`] takes it).
     pub(crate) fn admit(&mut self, event: &mut Event, raw: Option<(Bytes, usize)>) -> Admit {
         if !self.reframe {
-            self.record(event, raw);
+            self.recorder.record(event, raw);
             return Admit::Pass { changed: false };
         }
-        if event.is_message() {
-            if event.id().is_some_and(|id| self.delivered.contains(id)) {
-                return Admit::Drop;
-            }
-            if self.fill_after.is_some() {
-                return Admit::Hold;
-            }
+        if !event.is_message() {
             return Admit::Pass {
-                changed: self.release(event, raw),
+                changed: self.recorder.stamp(event),
             };
         }
-        if self.ids == Ids::AssignAlways && event.id().is_some() {
-            // An id-only block would move the client's cursor to an upstream id.
-            event.clear_id();
-            return Admit::Pass { changed: true };
+        if event.id().is_some_and(|id| self.delivered.contains(id)) {
+            return Admit::Drop;
         }
-        Admit::Pass { changed: false }
+        if self.fill_after.is_some() {
+            return Admit::Hold;
+        }
+        Admit::Pass {
+            changed: self.release(event, raw),
+        }
     }
 
     /// Sends a new live message event on: with an id as configured, recorded. True when its id
     /// was set.
     pub(crate) fn release(&mut self, event: &mut Event, raw: Option<(Bytes, usize)>) -> bool {
-        let assign = self.ids.assigns(event);
-        if assign {
-            event.set_id(self.store.next_id(&self.key));
-        }
-        self.record(event, raw.filter(|_| !assign));
-        assign
+        let changed = self.recorder.stamp(event);
+        self.recorder.record(event, raw.filter(|_| !changed));
+        changed
     }
 
     /// The read that fills the gap before a held event.
     pub(crate) fn gap_read(&mut self) -> St::Read {
         self.flush();
         let after = self.fill_after.as_ref().expect("a gap to fill");
-        self.store
-            .read(&self.key, ReadFrom::After(after), self.replay_limit)
+        let recorder = &self.recorder;
+        recorder
+            .store
+            .read(&recorder.key, ReadFrom::After(after), self.replay_limit)
     }
 
     /// The events recorded since the client's newest id, up to the live event `held`.
@@ -234,7 +267,7 @@ impl<St: ReplayStore> ReplayStage<St> {
     /// once nothing needs it, at a boundary.
     pub(crate) fn settle(&mut self, mid_event: bool) {
         self.flush();
-        if self.delivered.is_empty() && self.ids == Ids::Keep && !mid_event {
+        if self.delivered.is_empty() && self.recorder.ids == Ids::Keep && !mid_event {
             self.reframe = false;
         }
     }

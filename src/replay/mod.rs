@@ -135,7 +135,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 pub use body::ReplayBody;
-pub(crate) use body::{Admit, ReplayStage};
+pub(crate) use body::{Admit, Recorder, ReplayStage};
 #[cfg(all(feature = "redis", feature = "subscriptions"))]
 pub(crate) use redis_store::timed;
 #[cfg(feature = "redis")]

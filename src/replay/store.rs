@@ -608,26 +608,30 @@ impl ReplayStore for MemoryStore {
             return;
         }
         let mut streams = self.lock();
-        let Some(stream) = streams.hold(key, limits, now) else {
+        if streams.hold(key, limits, now).is_none() {
             return;
-        };
-        let before = stream.cost;
+        }
         for event in events {
             if key_cost(key) + event_cost(&event) > limits.max_bytes {
                 // Bigger than the whole budget: never recorded (a replay then finds its id
                 // unknown).
                 continue;
             }
+            let Some(stream) = streams.map.get_mut(key) else {
+                return;
+            };
+            let before = stream.cost;
             // Several connections on one key see the same events: each is stored once.
-            if stream.push(event, now) {
-                stream.trim(limits, now);
+            if !stream.push(event, now) {
+                continue;
             }
+            stream.trim(limits, now);
+            let after = stream.cost;
+            streams.bytes = streams.bytes - before + after;
+            streams.fit(key, limits);
+            #[cfg(feature = "metrics")]
+            self.report_size(&streams, now);
         }
-        let after = stream.cost;
-        streams.bytes = streams.bytes - before + after;
-        streams.fit(key, limits);
-        #[cfg(feature = "metrics")]
-        self.report_size(&streams, now);
     }
 
     fn trim(&self, key: &Bytes, keep: usize) {
