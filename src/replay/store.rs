@@ -1,12 +1,16 @@
 //! Where replayed events live: the [`ReplayStore`] trait and the in-memory [`MemoryStore`].
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::future::{ready, Future, Ready};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+/// The store's maps: keyed with a per-map random seed (keys come from clients, ids from
+/// upstreams), cheaper than SipHash on short keys.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -480,7 +484,7 @@ impl Streams {
         }
         Some(self.map.entry(key.clone()).or_insert(Stream {
             events: VecDeque::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             first_seq: 0,
             bytes: 0,
             cost,
