@@ -155,10 +155,12 @@ pin_project! {
     }
 }
 
-/// Where the events are found: a scanner when no stage needs fields, else a parser (made on the
-/// first frame: an idle stream carries none).
+/// Where the events are found: nowhere when no stage needs to know (the idle timeout alone), a
+/// scanner when no stage needs fields, else a parser (made on the first frame: an idle stream
+/// carries none).
 #[derive(Debug)]
 enum Wire {
+    Blind,
     Scanner(Scanner),
     Parser(Option<Box<Parser>>),
 }
@@ -203,6 +205,10 @@ pub(crate) struct Engine<St> {
     /// Some event of the current frame changed, was dropped or held back.
     changed: bool,
     ended: bool,
+    /// The idle timeout ended the stream, not yet reported as an error.
+    idle_timed_out: bool,
+    #[cfg(feature = "subscriptions")]
+    cursor: Option<Box<CursorStage>>,
 }
 
 impl<St> fmt::Debug for Engine<St> {
@@ -214,6 +220,20 @@ impl<St> fmt::Debug for Engine<St> {
     }
 }
 
+/// Where a stream's cursor goes as its events pass: a subscription's server-side cursor.
+#[cfg(feature = "subscriptions")]
+pub(crate) trait Cursor: Send + Sync {
+    /// The id a reader of the stream would resume from is now `id`.
+    fn moved(&self, id: &Bytes);
+}
+
+/// The cursor stage: the stream's last event id, followed on the scanner's pieces.
+#[cfg(feature = "subscriptions")]
+struct CursorStage {
+    ids: crate::wire::LastEventIds,
+    sink: Box<dyn Cursor>,
+}
+
 /// What the engine starts a stream with, besides its stages.
 pub(crate) struct Start<St: ReplayStore> {
     /// Bytes of layers outside the stages that go first (replayed events, a lost-history event).
@@ -221,6 +241,9 @@ pub(crate) struct Start<St: ReplayStore> {
     pub(crate) replay: Option<ReplayStage<St>>,
     /// A read replay starts with, to close a gap at once.
     pub(crate) fill: Option<St::Read>,
+    /// Where the stream's cursor goes (used alone: it follows the scanner).
+    #[cfg(feature = "subscriptions")]
+    pub(crate) cursor: Option<Box<dyn Cursor>>,
 }
 
 impl<St: ReplayStore> Start<St> {
@@ -229,6 +252,8 @@ impl<St: ReplayStore> Start<St> {
             replayed: None,
             replay: None,
             fill: None,
+            #[cfg(feature = "subscriptions")]
+            cursor: None,
         }
     }
 }
@@ -283,10 +308,23 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
         }
         let needs_fields = metadata.as_ref().is_some_and(|m| m.rewrites())
             || replay.as_ref().is_some_and(ReplayStage::reads_events);
+        #[cfg(feature = "subscriptions")]
+        let cursor = start.cursor.filter(|_| plain).map(|sink| {
+            Box::new(CursorStage {
+                ids: crate::wire::LastEventIds::default(),
+                sink,
+            })
+        });
+        #[cfg(feature = "subscriptions")]
+        let needs_boundaries = heartbeat.is_some() || lifetime.is_some() || cursor.is_some();
+        #[cfg(not(feature = "subscriptions"))]
+        let needs_boundaries = heartbeat.is_some() || lifetime.is_some();
         let wire = if needs_fields {
             Wire::Parser(None)
-        } else {
+        } else if needs_boundaries {
             Wire::Scanner(Scanner::new())
+        } else {
+            Wire::Blind
         };
         let lifetime = lifetime.map(|config| {
             // A far deadline stands in for "no lifetime": one timer serves lifetime and grace.
@@ -319,6 +357,9 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
             unchanged: Vec::new(),
             changed: false,
             ended: false,
+            idle_timed_out: false,
+            #[cfg(feature = "subscriptions")]
+            cursor,
         };
         let timer = match engine.next_due() {
             Some(due) if stages.is_timed() => Timer::On {
@@ -359,6 +400,17 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
     pub(crate) fn into_inner(self) -> B {
         match self.kind {
             Kind::Untouched { inner } | Kind::Stream { inner, .. } => inner,
+        }
+    }
+
+    /// True once, after the idle timeout ended the stream: for a layer that reports it as an
+    /// error.
+    pub(crate) fn take_idle_timeout(self: Pin<&mut Self>) -> bool {
+        match self.project().kind.project() {
+            KindProj::Stream { core, .. } => {
+                std::mem::take(&mut core.as_mut().project().engine.idle_timed_out)
+            }
+            KindProj::Untouched { .. } => false,
         }
     }
 
@@ -404,7 +456,7 @@ impl<St: ReplayStore> Engine<St> {
     fn parser(&mut self) -> Option<&mut Parser> {
         match &mut self.wire {
             Wire::Parser(parser) => Some(parser.get_or_insert_with(Box::default)),
-            Wire::Scanner(_) => None,
+            Wire::Blind | Wire::Scanner(_) => None,
         }
     }
 
@@ -418,6 +470,8 @@ impl<St: ReplayStore> Engine<St> {
     /// rewrite path sends whole events only.
     fn client_at_boundary(&self) -> bool {
         match &self.wire {
+            // Nothing is ever inserted.
+            Wire::Blind => true,
             Wire::Scanner(scanner) => scanner.is_at_boundary(),
             Wire::Parser(parser) => {
                 self.rewrites() || parser.as_ref().is_none_or(|p| !p.is_mid_event())
@@ -458,7 +512,9 @@ impl<St: ReplayStore> Engine<St> {
         if lifetime.phase != Phase::Live {
             return;
         }
-        telemetry::timed_out(kind);
+        if lifetime.config.is_counted() {
+            telemetry::timed_out(kind);
+        }
         if at_boundary {
             lifetime.phase = Phase::Farewell;
         } else {
@@ -488,17 +544,39 @@ impl<St: ReplayStore> Engine<St> {
         let rewrites = self.rewrites();
         let passed = |bytes| Passed { bytes, held: None };
         let parser = match &mut self.wire {
+            Wire::Blind => return passed(data),
             Wire::Scanner(scanner) => {
-                if !ending {
+                #[cfg(feature = "subscriptions")]
+                let cursor = self.cursor.as_deref_mut();
+                #[cfg(not(feature = "subscriptions"))]
+                let cursor: Option<&mut ()> = None;
+                if !ending && cursor.is_none() {
                     // An unbounded scanner holds nothing, so it cannot fail.
                     let _ = scanner.scan(&data);
                     return passed(data);
                 }
-                // Forward up to the first boundary, drop the start of the next event.
-                let end = scanner.pieces(&data).find_map(|piece| match piece {
-                    Ok(Piece::Dispatch { end }) => Some(end),
-                    _ => None,
-                });
+                // Ending: forward up to the first boundary, drop the start of the next event.
+                let mut end = None;
+                #[cfg(feature = "subscriptions")]
+                let mut cursor = cursor;
+                #[cfg(feature = "subscriptions")]
+                let mut moved = false;
+                for piece in scanner.pieces(&data) {
+                    // The scanner has no limits: it fails on nothing.
+                    let Ok(piece) = piece else { break };
+                    #[cfg(feature = "subscriptions")]
+                    if let Some(cursor) = cursor.as_deref_mut() {
+                        moved |= cursor.ids.piece(&data, piece);
+                    }
+                    if let (true, Piece::Dispatch { end: at }) = (ending, piece) {
+                        end = Some(at);
+                        break;
+                    }
+                }
+                #[cfg(feature = "subscriptions")]
+                if let (true, Some(cursor)) = (moved, cursor) {
+                    cursor.sink.moved(cursor.ids.last());
+                }
                 return passed(match end {
                     Some(end) => {
                         self.set_phase(Phase::Farewell);
@@ -748,10 +826,14 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
             }
             match engine.frames.poll_frame(inner.as_mut(), cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    // Only the time is noted: the timer is moved lazily, when it fires.
-                    let now = match *timer {
-                        Timer::On { .. } => Instant::now(),
-                        Timer::Off => engine.last_inner,
+                    // Only the time is noted: the timer is moved lazily, when it fires. The
+                    // lifetime alone needs no clock per frame: its deadline passed only when
+                    // the timer did.
+                    let elapsed = matches!(&*timer, Timer::On { sleep } if sleep.is_elapsed());
+                    let now = if engine.heartbeat.is_some() || engine.idle.is_some() || elapsed {
+                        Instant::now()
+                    } else {
+                        engine.last_inner
                     };
                     engine.last_inner = now;
                     let data = match frame.into_data() {
@@ -789,6 +871,7 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
                     if deadline(engine.last_inner, timeout) <= now {
                         telemetry::timed_out(Timeout::Idle);
                         engine.ended = true;
+                        engine.idle_timed_out = true;
                         return Poll::Ready(None);
                     }
                 }
@@ -854,6 +937,14 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Untouched { inner } => inner.size_hint(),
+            // Only timed: it may end early, so no exact size holds.
+            Kind::Stream { inner, core } if matches!(core.engine.wire, Wire::Blind) => {
+                let mut hint = SizeHint::new();
+                if let Some(upper) = inner.size_hint().upper() {
+                    hint.set_upper(upper);
+                }
+                hint
+            }
             // Bytes are added and removed at times no one knows in advance.
             Kind::Stream { .. } => SizeHint::new(),
         }

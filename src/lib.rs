@@ -159,6 +159,7 @@
 
 /// `get_ref`, `get_mut` and `into_inner` for a layer body whose `self.kind` is `Kind::Untouched
 /// { inner }` or `Kind::Stream { inner, .. }`; `$drops` says what `into_inner` leaves behind.
+#[cfg(feature = "compression")]
 macro_rules! inner_body_accessors {
     ($drops:literal) => {
         /// The inner service's body.

@@ -158,6 +158,9 @@ pub(crate) struct LifetimeConfig {
     farewell: Option<Duration>,
     farewell_jitter: Duration,
     grace: Duration,
+    /// Ends are counted as lifetime and shutdown timeouts (not when the signal is another
+    /// layer's, such as a subscription's suspension).
+    counted: bool,
 }
 
 impl LifetimeConfig {
@@ -184,6 +187,25 @@ impl LifetimeConfig {
 
     pub(crate) fn grace(&self) -> Duration {
         self.grace
+    }
+
+    pub(crate) fn is_counted(&self) -> bool {
+        self.counted
+    }
+
+    /// Ends a stream at its next boundary, within `grace`, when `signal` fires; no lifetime, no
+    /// farewell, not counted as a timeout.
+    #[cfg(feature = "subscriptions")]
+    pub(crate) fn on_signal(signal: Shutdown, grace: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            max_lifetime: None,
+            jitter: 0.0,
+            shutdown: Some(signal),
+            farewell: None,
+            farewell_jitter: Duration::ZERO,
+            grace,
+            counted: false,
+        })
     }
 }
 
@@ -214,6 +236,7 @@ impl LifetimeLayer {
                 farewell: None,
                 farewell_jitter: Duration::ZERO,
                 grace: Self::DEFAULT_GRACE,
+                counted: true,
             }),
         }
     }

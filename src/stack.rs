@@ -254,6 +254,7 @@ impl<St, K, L> SseStack<St, K, L> {
     }
 
     /// A layer around replay, inside compression: where the subscriptions layer goes.
+    #[cfg(feature = "subscriptions")]
     fn around_replay<L2>(self, layer: L2) -> SseStack<St, K, L2> {
         SseStack {
             headers: self.headers,

@@ -1,23 +1,22 @@
 //! [`SubscriptionBody`]: a subscription's channel, moving its cursor as events are written.
 
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::futures::OwnedNotified;
-use tokio::time::Sleep;
 
 use super::channels::Registration;
 use super::SubscriptionStore;
 use crate::body::InnerOrLocal;
-use crate::wire::{is_plain_event_stream, LastEventIds, Piece, Scanner};
+use crate::engine::{Cursor, EngineBody, NoStore, Stages, Start};
+use crate::lifetime::LifetimeConfig;
+use crate::wire::is_plain_event_stream;
 
 /// What a channel writes to the store without waiting: its cursor, and the removal of its
 /// disposable subscription. Type-erased so that the body does not carry the store's type.
@@ -65,23 +64,46 @@ impl Channel {
         self,
         response: Response<B>,
     ) -> Response<SubscriptionBody<B>> {
-        let stream = is_plain_event_stream(response.headers()).then(|| {
-            Box::new(Stream {
-                scanner: Scanner::new(),
-                ids: LastEventIds::default(),
-                phase: Phase::Live,
-                grace: None,
-            })
-        });
-        let closing = self.registration.signal().waiter();
-        response.map(|inner| SubscriptionBody {
-            kind: Kind::Channel {
-                inner,
-                closing,
-                stream,
-                channel: self,
+        let (parts, inner) = response.into_parts();
+        let body = if is_plain_event_stream(&parts.headers) {
+            let stages = Stages {
+                lifetime: Some(LifetimeConfig::on_signal(
+                    self.registration.signal().clone(),
+                    GRACE,
+                )),
+                ..Stages::default()
+            };
+            let mut start = Start::new();
+            start.cursor = Some(Box::new(SavedCursor {
+                sink: self.sink.clone(),
+                id: self.registration.id().into(),
+            }));
+            EngineBody::stream(inner, &stages, true, &parts.headers, start)
+        } else {
+            EngineBody::untouched(inner)
+        };
+        Response::from_parts(
+            parts,
+            SubscriptionBody {
+                kind: Kind::Channel {
+                    body,
+                    channel: self,
+                },
             },
-        })
+        )
+    }
+}
+
+/// A channel's cursor, saved in the store as its events pass.
+struct SavedCursor {
+    sink: Arc<dyn Sink>,
+    id: Box<str>,
+}
+
+impl Cursor for SavedCursor {
+    fn moved(&self, id: &Bytes) {
+        // A copy: a slice would keep the whole frame alive in the store.
+        self.sink.save_cursor(&self.id, Bytes::copy_from_slice(id));
     }
 }
 
@@ -106,23 +128,6 @@ impl fmt::Debug for Channel {
 /// How long an event in flight may take to end once the subscription is suspended.
 const GRACE: Duration = Duration::from_secs(5);
 
-/// An event stream on a channel: where its events end, and the id its reader would resume from.
-struct Stream {
-    scanner: Scanner,
-    ids: LastEventIds,
-    phase: Phase,
-    /// Started when the stream must end inside an event.
-    grace: Option<Pin<Box<Sleep>>>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    Live,
-    /// Suspended or deleted: forwarding up to the next event boundary.
-    Ending,
-    Done,
-}
-
 pin_project! {
     /// The response body of [`Subscribe`](super::Subscribe): an API answer, a subscription's
     /// channel, or the inner body untouched.
@@ -137,14 +142,11 @@ pin_project! {
     enum Kind<B> {
         // The inner body untouched, or an answer of the API.
         Plain { #[pin] inner: InnerOrLocal<B> },
+        // An event stream ends at a boundary when the subscription is suspended or deleted;
+        // anything else passes untouched. The channel lives as long as the body.
         Channel {
             #[pin]
-            inner: B,
-            // Fires when the subscription is suspended or deleted.
-            #[pin]
-            closing: OwnedNotified,
-            // `None` when the answer is not an event stream: it passes untouched.
-            stream: Option<Box<Stream>>,
+            body: EngineBody<B, NoStore>,
             channel: Channel,
         },
     }
@@ -173,7 +175,7 @@ impl<B> SubscriptionBody<B> {
     pub fn get_ref(&self) -> Option<&B> {
         match &self.kind {
             Kind::Plain { inner } => inner.get_ref(),
-            Kind::Channel { inner, .. } => Some(inner),
+            Kind::Channel { body, .. } => Some(body.get_ref()),
         }
     }
 
@@ -181,7 +183,7 @@ impl<B> SubscriptionBody<B> {
     pub fn get_mut(&mut self) -> Option<&mut B> {
         match &mut self.kind {
             Kind::Plain { inner } => inner.get_mut(),
-            Kind::Channel { inner, .. } => Some(inner),
+            Kind::Channel { body, .. } => Some(body.get_mut()),
         }
     }
 
@@ -192,7 +194,7 @@ impl<B> SubscriptionBody<B> {
     pub fn into_inner(self) -> Option<B> {
         match self.kind {
             Kind::Plain { inner } => inner.into_inner(),
-            Kind::Channel { inner, .. } => Some(inner),
+            Kind::Channel { body, .. } => Some(body.into_inner()),
         }
     }
 }
@@ -226,104 +228,21 @@ impl<B: Body<Data = Bytes>> Body for SubscriptionBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Plain { inner } => inner.poll_frame(cx),
-            KindProj::Channel {
-                inner,
-                closing,
-                stream,
-                channel,
-            } => match stream {
-                Some(stream) => stream.poll_frame(inner, closing, channel, cx),
-                None => inner.poll_frame(cx),
-            },
+            KindProj::Channel { body, .. } => body.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Plain { inner } => inner.is_end_stream(),
-            Kind::Channel { inner, stream, .. } => match stream {
-                Some(stream) if stream.phase == Phase::Done => true,
-                _ => inner.is_end_stream(),
-            },
+            Kind::Channel { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Plain { inner } => inner.size_hint(),
-            Kind::Channel { inner, stream, .. } => match stream {
-                // The stream may be cut short.
-                Some(_) => SizeHint::new(),
-                None => inner.size_hint(),
-            },
+            Kind::Channel { body, .. } => body.size_hint(),
         }
-    }
-}
-
-impl Stream {
-    /// The next frame: cut at the first event boundary once the subscription is closing, and
-    /// the cursor moved to the id of the last event it completes. One scan serves both.
-    fn poll_frame<B: Body<Data = Bytes>>(
-        &mut self,
-        inner: Pin<&mut B>,
-        mut closing: Pin<&mut OwnedNotified>,
-        channel: &Channel,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match self.phase {
-            Phase::Done => return Poll::Ready(None),
-            Phase::Live => {
-                let signal = channel.registration.signal();
-                if closing.as_mut().poll(cx).is_ready() || signal.is_triggered() {
-                    if self.scanner.is_at_boundary() {
-                        self.phase = Phase::Done;
-                        return Poll::Ready(None);
-                    }
-                    self.phase = Phase::Ending;
-                    self.grace = Some(Box::pin(tokio::time::sleep(GRACE)));
-                }
-            }
-            Phase::Ending => {}
-        }
-        if let Some(grace) = &mut self.grace {
-            if grace.as_mut().poll(cx).is_ready() {
-                // The event in flight never ended; the client discards its start.
-                self.phase = Phase::Done;
-                return Poll::Ready(None);
-            }
-        }
-        let frame = match ready!(inner.poll_frame(cx)) {
-            Some(Ok(frame)) => frame,
-            other => {
-                self.phase = Phase::Done;
-                return Poll::Ready(other);
-            }
-        };
-        let Some(data) = frame.data_ref() else {
-            return Poll::Ready(Some(Ok(frame)));
-        };
-        let ending = self.phase == Phase::Ending;
-        let (mut moved, mut cut) = (false, None);
-        for piece in self.scanner.pieces(data) {
-            // The scanner has no limits: it fails on nothing.
-            let Ok(piece) = piece else { break };
-            moved |= self.ids.piece(data, piece);
-            if let (true, Piece::Dispatch { end }) = (ending, piece) {
-                cut = Some(end);
-                break;
-            }
-        }
-        if moved {
-            // A copy: a slice would keep the whole frame alive in the store.
-            let cursor = Bytes::copy_from_slice(self.ids.last());
-            channel.sink.save_cursor(channel.registration.id(), cursor);
-        }
-        let Some(end) = cut else {
-            return Poll::Ready(Some(Ok(frame)));
-        };
-        self.phase = Phase::Done;
-        let mut data = frame.into_data().unwrap_or_default();
-        data.truncate(end);
-        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 }

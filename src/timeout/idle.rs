@@ -1,7 +1,6 @@
 //! A timeout on silence between frames of an event stream.
 
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -10,13 +9,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{deadline, BoxError};
+use super::BoxError;
+use crate::engine::{EngineBody, NoStore, Stages, Start};
 use crate::future::{head_response_future, Exchange, OnResponse};
-use crate::telemetry::{self, Timeout};
 
 /// Ends an event stream when its inner body sends nothing for the timeout; see the
 /// [module docs](super).
@@ -120,22 +118,21 @@ impl<B> OnResponse<B> for IdleTimeoutLayer {
         exchange: Exchange,
         response: Response<B>,
     ) -> Response<IdleTimeoutBody<B>> {
-        let config = self.config;
+        let error = self.config.error;
         if !exchange.has_stream_body(response.headers()) {
             return response.map(|inner| IdleTimeoutBody {
-                kind: Kind::Untouched { inner },
+                body: EngineBody::untouched(inner),
+                error,
             });
         }
-        let now = Instant::now();
-        response.map(|inner| IdleTimeoutBody {
-            kind: Kind::Stream {
-                inner,
-                timer: tokio::time::sleep_until(deadline(now, config.timeout)),
-                last_frame: now,
-                config,
-                timed_out: false,
-            },
-        })
+        let stages = Stages {
+            idle: Some(self.config.timeout),
+            ..Stages::default()
+        };
+        let (parts, inner) = response.into_parts();
+        // Encoded or not, the stream is only timed: its bytes are never read.
+        let body = EngineBody::stream(inner, &stages, false, &parts.headers, Start::new());
+        Response::from_parts(parts, IdleTimeoutBody { body, error })
     }
 }
 
@@ -143,48 +140,43 @@ pin_project! {
     /// The response body of [`IdleTimeoutService`].
     pub struct IdleTimeoutBody<B> {
         #[pin]
-        kind: Kind<B>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
-        Untouched { #[pin] inner: B },
-        Stream {
-            #[pin]
-            inner: B,
-            #[pin]
-            timer: Sleep,
-            last_frame: Instant,
-            config: Config,
-            timed_out: bool,
-        },
+        body: EngineBody<B, NoStore>,
+        error: bool,
     }
 }
 
 impl<B> IdleTimeoutBody<B> {
-    inner_body_accessors!("the idle timer is dropped.");
+    /// The inner service's body.
+    pub fn get_ref(&self) -> &B {
+        self.body.get_ref()
+    }
+
+    /// The inner service's body, mutably.
+    pub fn get_mut(&mut self) -> &mut B {
+        self.body.get_mut()
+    }
+
+    /// Unwraps the inner service's body: the idle timer is dropped.
+    pub fn into_inner(self) -> B {
+        self.body.into_inner()
+    }
 }
 
 impl<B: Default> Default for IdleTimeoutBody<B> {
     /// The inner body's default, passed through untouched.
     fn default() -> Self {
         Self {
-            kind: Kind::Untouched {
-                inner: B::default(),
-            },
+            body: EngineBody::default(),
+            error: false,
         }
     }
 }
 
 impl<B> fmt::Debug for IdleTimeoutBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Untouched { .. } => "Untouched",
-            Kind::Stream { .. } => "Stream",
-        };
-        f.debug_tuple("IdleTimeoutBody").field(&kind).finish()
+        f.debug_tuple("IdleTimeoutBody")
+            .field(&self.body.kind_name())
+            .finish()
     }
 }
 
@@ -200,61 +192,21 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let (inner, mut timer, last_frame, config, timed_out) = match self.project().kind.project()
-        {
-            KindProj::Untouched { inner } => {
-                return inner.poll_frame(cx).map_err(Into::into);
+        let mut this = self.project();
+        match ready!(this.body.as_mut().poll_frame(cx)) {
+            None if *this.error && this.body.as_mut().take_idle_timeout() => {
+                Poll::Ready(Some(Err(IdleTimeout(()).into())))
             }
-            KindProj::Stream {
-                inner,
-                timer,
-                last_frame,
-                config,
-                timed_out,
-            } => (inner, timer, last_frame, config, timed_out),
-        };
-        if *timed_out {
-            return Poll::Ready(None);
-        }
-        if let Poll::Ready(frame) = inner.poll_frame(cx) {
-            // Only the time is noted: the timer is moved lazily, when it fires.
-            *last_frame = Instant::now();
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        loop {
-            ready!(timer.as_mut().poll(cx));
-            let due = deadline(*last_frame, config.timeout);
-            if Instant::now() < due {
-                timer.as_mut().reset(due);
-                continue;
-            }
-            *timed_out = true;
-            telemetry::timed_out(Timeout::Idle);
-            return Poll::Ready(config.error.then(|| Err(IdleTimeout(()).into())));
+            other => Poll::Ready(other.map(|frame| frame.map_err(Into::into))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.is_end_stream(),
-            Kind::Stream {
-                inner, timed_out, ..
-            } => *timed_out || inner.is_end_stream(),
-        }
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Untouched { inner } => inner.size_hint(),
-            // The stream may end early, so no exact size holds.
-            Kind::Stream { inner, .. } => {
-                let mut hint = SizeHint::new();
-                if let Some(upper) = inner.size_hint().upper() {
-                    hint.set_upper(upper);
-                }
-                hint
-            }
-        }
+        self.body.size_hint()
     }
 }
 
@@ -276,6 +228,7 @@ mod tests {
     use super::*;
     use crate::test_util::{channel_service, next_data_within};
     use std::pin::pin;
+    use tokio::time::Instant;
     use tower::ServiceExt;
 
     const SECOND: Duration = Duration::from_secs(1);
