@@ -375,19 +375,19 @@ impl MemoryStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Sets the size gauges, at most once a second (a sum over the keys).
+    /// True at most once a second: time to set the size gauges.
     #[cfg(feature = "metrics")]
-    fn report_size(&self, streams: &Streams, now: Instant) {
+    fn report_due(&self, now: Instant) -> bool {
         let mut next = self
             .shared
             .next_report
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if now >= *next {
+        let due = now >= *next;
+        if due {
             *next = now + Duration::from_secs(1);
-            let events = streams.map.values().map(|s| s.events.len()).sum();
-            crate::telemetry::store_size(streams.map.len(), events);
         }
+        due
     }
 }
 
@@ -611,31 +611,45 @@ impl ReplayStore for MemoryStore {
         if events.peek().is_none() {
             return;
         }
-        let mut streams = self.lock();
+        let mut guard = self.lock();
+        let streams = &mut *guard;
         if streams.hold(key, limits, now).is_none() {
             return;
         }
+        // The size gauges, when due: the other keys' events now, this key's after its first new
+        // event.
+        #[cfg(feature = "metrics")]
+        let mut report = self.report_due(now).then(|| {
+            let others: usize = streams
+                .map
+                .iter()
+                .filter(|(k, _)| *k != key)
+                .map(|(_, s)| s.events.len())
+                .sum();
+            (streams.map.len(), others)
+        });
+        let Some(stream) = streams.map.get_mut(key) else {
+            return;
+        };
+        let before = stream.cost;
         for event in events {
             if key_cost(key) + event_cost(&event) > limits.max_bytes {
                 // Bigger than the whole budget: never recorded (a replay then finds its id
                 // unknown).
                 continue;
             }
-            let Some(stream) = streams.map.get_mut(key) else {
-                return;
-            };
-            let before = stream.cost;
             // Several connections on one key see the same events: each is stored once.
-            if !stream.push(event, now) {
-                continue;
+            if stream.push(event, now) {
+                stream.trim(limits, now);
+                #[cfg(feature = "metrics")]
+                if let Some((keys, others)) = report.take() {
+                    crate::telemetry::store_size(keys, others + stream.events.len());
+                }
             }
-            stream.trim(limits, now);
-            let after = stream.cost;
-            streams.bytes = streams.bytes - before + after;
-            streams.fit(key, limits);
-            #[cfg(feature = "metrics")]
-            self.report_size(&streams, now);
         }
+        let after = stream.cost;
+        streams.bytes = streams.bytes - before + after;
+        streams.fit(key, limits);
     }
 
     fn trim(&self, key: &Bytes, keep: usize) {
