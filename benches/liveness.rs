@@ -100,11 +100,20 @@ async fn full_stack_stream() -> BoxedBody {
         .layer(PassthroughLayer::new())
         .layer(HeartbeatLayer::new(INTERVAL))
         .layer(tower_sse::LifetimeLayer::new().max_lifetime(hour))
-        .layer(tower_sse::ReplayLayer::new())
+        .layer(tower_sse::ReplayLayer::with_store(shared_store()))
         .layer(tower_sse::timeout::IdleTimeoutLayer::new(hour))
         .layer(tower_sse::timeout::ResponseTimeoutLayer::new(hour))
         .service(silent_upstream());
     boxed(service.oneshot(Request::new(())).await.unwrap().into_body())
+}
+
+/// One replay store for every stream, as a server has: a store per stream would count the
+/// store's own bookkeeping as the stream's.
+fn shared_store() -> tower_sse::replay::MemoryStore {
+    static STORE: std::sync::OnceLock<tower_sse::replay::MemoryStore> = std::sync::OnceLock::new();
+    STORE
+        .get_or_init(tower_sse::replay::MemoryStore::new)
+        .clone()
 }
 
 /// The same parts built together with `SseStack`: one engine, one timer.
@@ -113,7 +122,7 @@ async fn stack_builder_stream() -> BoxedBody {
     let service = tower_sse::SseStack::new()
         .heartbeat(INTERVAL)
         .lifetime(tower_sse::LifetimeLayer::new().max_lifetime(hour))
-        .replay(tower_sse::ReplayLayer::new())
+        .replay(tower_sse::ReplayLayer::with_store(shared_store()))
         .idle_timeout(hour)
         .response_timeout(hour)
         .layer(silent_upstream());
@@ -158,6 +167,7 @@ fn memory_per_idle_stream(name: &str, open: Open) {
     let runtime = paused_runtime();
     runtime.block_on(async {
         let before = LIVE.load(Ordering::Relaxed);
+        let allocations_before = alloc::ALLOCATIONS.load(Ordering::Relaxed);
         let mut bodies = Vec::with_capacity(STREAMS);
         let vec_bytes = LIVE.load(Ordering::Relaxed) - before;
         for _ in 0..STREAMS {
@@ -170,8 +180,10 @@ fn memory_per_idle_stream(name: &str, open: Open) {
         );
         let per_stream =
             (LIVE.load(Ordering::Relaxed) - before - vec_bytes) as f64 / STREAMS as f64;
+        let allocations =
+            (alloc::ALLOCATIONS.load(Ordering::Relaxed) - allocations_before) as f64 / STREAMS as f64;
         println!(
-            "{name:<28} heap per idle stream (body, timer registered): {per_stream:>5.0} bytes"
+            "{name:<28} heap per idle stream (body, timer registered): {per_stream:>5.0} bytes, {allocations:.1} allocations made"
         );
         drop(bodies);
     });

@@ -313,13 +313,13 @@ where
         let body = CompressionBody {
             kind: Kind::Stream {
                 inner,
-                state: StreamState {
+                state: Box::new(StreamState {
                     compressor: Some(compressor),
                     counters: telemetry::CompressionCounters::new(encoding.token()),
                     scanner: Scanner::new(),
                     first: Some(first),
                     stashed: None,
-                },
+                }),
             },
         };
         Poll::Ready(Ok(Response::from_parts(parts, body)))
@@ -417,7 +417,9 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Untouched { #[pin] inner: B },
-        Stream { #[pin] inner: B, state: StreamState },
+        // Boxed: the compressor's state is large, and a body that is not compressed (or an
+        // idle stream's) should not carry its size.
+        Stream { #[pin] inner: B, state: Box<StreamState> },
     }
 }
 

@@ -40,8 +40,7 @@ pub(crate) struct Stages {
     /// `retry:` block first in the stream (the retry time, the jitter).
     pub(crate) retry: Option<(Duration, Duration)>,
     pub(crate) metadata: Option<Arc<MetadataConfig>>,
-    /// The interval, and the frame sent.
-    pub(crate) heartbeat: Option<(Duration, Bytes)>,
+    pub(crate) heartbeat: Option<Arc<crate::heartbeat::Config>>,
     pub(crate) lifetime: Option<Arc<LifetimeConfig>>,
     /// Upstream silence after which the stream ends, cleanly.
     pub(crate) idle: Option<Duration>,
@@ -109,10 +108,9 @@ pin_project! {
     struct Core<St: ReplayStore> {
         #[pin]
         timer: Timer,
-        #[pin]
-        shutdown: ShutdownWaiter,
-        #[pin]
-        fill: Fill<St::Read>,
+        // Boxed, as the rare states they are: a stream without them carries a pointer each.
+        shutdown: Option<Pin<Box<OwnedNotified>>>,
+        fill: Option<Pin<Box<Filling<St::Read>>>>,
         engine: Engine<St>,
     }
 }
@@ -127,31 +125,11 @@ pin_project! {
 }
 
 pin_project! {
-    #[project = WaiterProj]
-    enum ShutdownWaiter {
-        Never,
-        Waiting { #[pin] notified: OwnedNotified, shutdown: Shutdown },
-    }
-}
-
-impl ShutdownWaiter {
-    fn poll_fired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
-        match self.project() {
-            WaiterProj::Never => false,
-            WaiterProj::Waiting { notified, shutdown } => {
-                notified.poll(cx).is_ready() || shutdown.is_triggered()
-            }
-        }
-    }
-}
-
-pin_project! {
     /// Replay closing the gap between what a client was replayed and its first live event.
-    #[project = FillProj]
-    enum Fill<R> {
-        Idle,
-        // Boxed: a rare state that would otherwise widen every stream's body.
-        Reading { #[pin] read: R, held: Option<Box<Event>> },
+    struct Filling<R> {
+        #[pin]
+        read: R,
+        held: Option<Event>,
     }
 }
 
@@ -162,7 +140,15 @@ pin_project! {
 enum Wire {
     Blind,
     Scanner(Scanner),
-    Parser(Option<Box<Parser>>),
+    Parser(Option<Box<Parsing>>),
+}
+
+/// The parser, and the events parsed from the current frame that no stage changed: sent as the
+/// frame itself if they make it up whole, else re-encoded. Reused frame after frame.
+#[derive(Debug, Default)]
+struct Parsing {
+    parser: Parser,
+    unchanged: Vec<Event>,
 }
 
 /// The lifetime stage's state.
@@ -191,7 +177,7 @@ pub(crate) struct Engine<St> {
     first: Option<Bytes>,
     frames: InnerFrames,
     wire: Wire,
-    heartbeat: Option<(Duration, Bytes)>,
+    heartbeat: Option<Arc<crate::heartbeat::Config>>,
     idle: Option<Duration>,
     lifetime: Option<Box<Lifetime>>,
     metadata: Option<Arc<MetadataConfig>>,
@@ -199,9 +185,6 @@ pub(crate) struct Engine<St> {
     /// When the client last got a frame, and when the inner body last gave one.
     last_sent: Instant,
     last_inner: Instant,
-    /// Events parsed from the current frame that no stage changed: sent as the frame itself if
-    /// they make it up whole, else re-encoded. Reused frame after frame.
-    unchanged: Vec<Event>,
     /// Some event of the current frame changed, was dropped or held back.
     changed: bool,
     ended: bool,
@@ -335,13 +318,10 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
                 phase: Phase::Live,
             })
         });
-        let shutdown = match lifetime.as_ref().and_then(|l| l.config.shutdown()) {
-            Some(shutdown) => ShutdownWaiter::Waiting {
-                notified: shutdown.waiter(),
-                shutdown: shutdown.clone(),
-            },
-            None => ShutdownWaiter::Never,
-        };
+        let shutdown = lifetime
+            .as_ref()
+            .and_then(|l| l.config.shutdown())
+            .map(|shutdown| Box::pin(shutdown.waiter()));
         let idle = stages.idle;
         let mut engine = Engine {
             first: (!first.is_empty()).then(|| first.freeze()),
@@ -354,7 +334,6 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
             replay: replay.map(Box::new),
             last_sent: now,
             last_inner: now,
-            unchanged: Vec::new(),
             changed: false,
             ended: false,
             idle_timed_out: false,
@@ -367,10 +346,9 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
             },
             _ => Timer::Off,
         };
-        let fill = match start.fill {
-            Some(read) => Fill::Reading { read, held: None },
-            None => Fill::Idle,
-        };
+        let fill = start
+            .fill
+            .map(|read| Box::pin(Filling { read, held: None }));
         engine.last_sent = now;
         Self {
             kind: Kind::Stream {
@@ -455,7 +433,7 @@ struct Passed {
 impl<St: ReplayStore> Engine<St> {
     fn parser(&mut self) -> Option<&mut Parser> {
         match &mut self.wire {
-            Wire::Parser(parser) => Some(parser.get_or_insert_with(Box::default)),
+            Wire::Parser(parsing) => Some(&mut parsing.get_or_insert_with(Box::default).parser),
             Wire::Blind | Wire::Scanner(_) => None,
         }
     }
@@ -474,7 +452,7 @@ impl<St: ReplayStore> Engine<St> {
             Wire::Blind => true,
             Wire::Scanner(scanner) => scanner.is_at_boundary(),
             Wire::Parser(parser) => {
-                self.rewrites() || parser.as_ref().is_none_or(|p| !p.is_mid_event())
+                self.rewrites() || parser.as_ref().is_none_or(|p| !p.parser.is_mid_event())
             }
         }
     }
@@ -483,7 +461,7 @@ impl<St: ReplayStore> Engine<St> {
         let heartbeat = self
             .heartbeat
             .as_ref()
-            .map(|(every, _)| deadline(self.last_sent, *every));
+            .map(|beat| deadline(self.last_sent, beat.interval));
         let idle = self.idle.map(|timeout| deadline(self.last_inner, timeout));
         let lifetime = self
             .lifetime
@@ -491,6 +469,23 @@ impl<St: ReplayStore> Engine<St> {
             .filter(|l| matches!(l.phase, Phase::Live | Phase::Ending))
             .map(|l| l.deadline);
         [heartbeat, idle, lifetime].into_iter().flatten().min()
+    }
+
+    /// True when the shutdown signal of the lifetime stage fired.
+    fn shutdown_fired(
+        &self,
+        notified: Option<&mut Pin<Box<OwnedNotified>>>,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        let Some(notified) = notified else {
+            return false;
+        };
+        notified.as_mut().poll(cx).is_ready()
+            || self
+                .lifetime
+                .as_deref()
+                .and_then(|l| l.config.shutdown())
+                .is_some_and(Shutdown::is_triggered)
     }
 
     fn phase(&self) -> Phase {
@@ -585,7 +580,7 @@ impl<St: ReplayStore> Engine<St> {
                     None => data,
                 });
             }
-            Wire::Parser(parser) => parser.get_or_insert_with(Box::default),
+            Wire::Parser(parsing) => &mut parsing.get_or_insert_with(Box::default).parser,
         };
         if !rewrites {
             // Nothing changes: the events are parsed for recording only.
@@ -605,7 +600,7 @@ impl<St: ReplayStore> Engine<St> {
             let mut out = BytesMut::new();
             let held = self.drain(&mut out);
             debug_assert!(held.is_none() && out.is_empty(), "nothing changes");
-            self.unchanged.clear();
+            self.clear_unchanged();
             return passed(data);
         }
         let whole_start = !parser.is_mid_event();
@@ -614,7 +609,7 @@ impl<St: ReplayStore> Engine<St> {
         self.changed = false;
         let held = self.drain(&mut out);
         let whole_end = self.parser().is_none_or(|parser| !parser.is_mid_event());
-        if self.unchanged.is_empty() && !self.changed {
+        if self.unchanged().is_none_or(|u| u.is_empty()) && !self.changed {
             // No event ended in this frame: its bytes wait in the parser (or were the rest of a
             // line ending).
             return Passed {
@@ -624,7 +619,7 @@ impl<St: ReplayStore> Engine<St> {
         }
         if held.is_none() && !self.changed && whole_start && whole_end {
             // Whole events, none changed: the frame itself.
-            self.unchanged.clear();
+            self.clear_unchanged();
             return passed(data);
         }
         self.flush_unchanged(&mut out);
@@ -720,23 +715,47 @@ impl<St: ReplayStore> Engine<St> {
             self.flush_unchanged(out);
             event.encode_into(out);
         } else {
-            self.unchanged.push(event);
+            match self.unchanged() {
+                Some(unchanged) => unchanged.push(event),
+                None => {
+                    self.changed = true;
+                    event.encode_into(out);
+                }
+            }
+        }
+    }
+
+    /// The events of the current frame no stage changed (none without a parser).
+    fn unchanged(&mut self) -> Option<&mut Vec<Event>> {
+        match &mut self.wire {
+            Wire::Parser(Some(parsing)) => Some(&mut parsing.unchanged),
+            Wire::Parser(None) | Wire::Blind | Wire::Scanner(_) => None,
+        }
+    }
+
+    fn clear_unchanged(&mut self) {
+        if let Some(unchanged) = self.unchanged() {
+            unchanged.clear();
+            // A burst of events must not keep its room for the rest of the stream.
+            unchanged.shrink_to(16);
         }
     }
 
     fn flush_unchanged(&mut self, out: &mut BytesMut) {
-        for event in self.unchanged.drain(..) {
-            event.encode_into(out);
+        if let Some(unchanged) = self.unchanged() {
+            for event in unchanged.drain(..) {
+                event.encode_into(out);
+            }
         }
     }
 
     /// Replay filled the gap before `held`: the events it found, then `held`, then whatever
     /// else the parser has queued.
-    fn after_fill(&mut self, lookup: Lookup, held: Option<Box<Event>>) -> Passed {
+    fn after_fill(&mut self, lookup: Lookup, held: Option<Event>) -> Passed {
         let mut out = BytesMut::new();
         if let Some(replay) = self.replay.as_deref_mut() {
             let mut found = BytesMut::new();
-            replay.fill(lookup, held.as_deref(), &mut found);
+            replay.fill(lookup, held.as_ref(), &mut found);
             match &self.metadata {
                 Some(metadata) if metadata.rewrites() && !found.is_empty() => {
                     frame_stored(metadata, &found.freeze(), &mut out)
@@ -750,7 +769,7 @@ impl<St: ReplayStore> Engine<St> {
                 .replay
                 .as_deref_mut()
                 .is_some_and(|replay| replay.release(&mut held, None));
-            self.finish_event(*held, changed, &mut out);
+            self.finish_event(held, changed, &mut out);
         }
         let held = self.drain(&mut out);
         self.flush_unchanged(&mut out);
@@ -782,8 +801,8 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
         };
         let CoreProj {
             mut timer,
-            mut shutdown,
-            mut fill,
+            shutdown,
+            fill,
             engine,
         } = core.as_mut().project();
         if let Some(first) = engine.first.take() {
@@ -801,7 +820,7 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
                     continue;
                 }
                 Phase::Live => {
-                    if shutdown.as_mut().poll_fired(cx) {
+                    if engine.shutdown_fired(shutdown.as_mut(), cx) {
                         engine.end_lifetime(Instant::now(), Timeout::Shutdown);
                         rearm(timer.as_mut(), engine);
                         continue;
@@ -812,13 +831,14 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
             if engine.ended {
                 return Poll::Ready(None);
             }
-            if let FillProj::Reading { read, held } = fill.as_mut().project() {
+            if let Some(filling) = fill.as_mut() {
+                let filling = filling.as_mut().project();
                 // A failed read fills nothing: the live event goes on.
-                let lookup = ready!(read.poll(cx)).unwrap_or(Lookup::Unknown);
-                let held = held.take();
-                fill.set(Fill::Idle);
+                let lookup = ready!(filling.read.poll(cx)).unwrap_or(Lookup::Unknown);
+                let held = filling.held.take();
+                *fill = None;
                 let passed = engine.after_fill(lookup, held);
-                if let Some(data) = start_fill(engine, fill.as_mut(), passed) {
+                if let Some(data) = start_fill(engine, fill, passed) {
                     engine.last_sent = Instant::now();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -845,7 +865,7 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
                     if engine.phase() != phase {
                         rearm(timer.as_mut(), engine);
                     }
-                    if let Some(data) = start_fill(engine, fill.as_mut(), passed) {
+                    if let Some(data) = start_fill(engine, fill, passed) {
                         engine.last_sent = now;
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
@@ -889,10 +909,10 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
                     break;
                 }
                 let mut beat = None;
-                if let Some((every, frame)) = &engine.heartbeat {
-                    if deadline(engine.last_sent, *every) <= now {
+                if let Some(heartbeat) = &engine.heartbeat {
+                    if deadline(engine.last_sent, heartbeat.interval) <= now {
                         if engine.client_at_boundary() {
-                            beat = Some(frame.clone());
+                            beat = Some(heartbeat.frame.clone());
                         } else {
                             // Mid-event: wait for the event to end; its frames move this anyway.
                             engine.last_sent = now;
@@ -927,7 +947,7 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
                 Phase::Live | Phase::Ending => {
                     core.engine.ended
                         || (core.engine.first.is_none()
-                            && matches!(core.fill, Fill::Idle)
+                            && core.fill.is_none()
                             && core.engine.frames.is_end_stream(inner))
                 }
             },
@@ -961,15 +981,15 @@ fn rearm<St: ReplayStore>(timer: Pin<&mut Timer>, engine: &Engine<St>) {
 /// Starts replay's read when a frame held an event back; the bytes to send now, if any.
 fn start_fill<St: ReplayStore>(
     engine: &mut Engine<St>,
-    mut fill: Pin<&mut Fill<St::Read>>,
+    fill: &mut Option<Pin<Box<Filling<St::Read>>>>,
     passed: Passed,
 ) -> Option<Bytes> {
     if let Some(held) = passed.held {
         if let Some(replay) = engine.replay.as_deref_mut() {
-            fill.set(Fill::Reading {
+            *fill = Some(Box::pin(Filling {
                 read: replay.gap_read(),
-                held: Some(Box::new(held)),
-            });
+                held: Some(held),
+            }));
         }
     }
     (!passed.bytes.is_empty()).then_some(passed.bytes)

@@ -79,10 +79,11 @@ pub struct HeartbeatLayer {
     config: Arc<Config>,
 }
 
+/// What the heartbeat stage of the stream engine needs: shared by every stream.
 #[derive(Clone, Debug)]
-struct Config {
-    interval: Duration,
-    frame: Bytes,
+pub(crate) struct Config {
+    pub(crate) interval: Duration,
+    pub(crate) frame: Bytes,
 }
 
 impl HeartbeatLayer {
@@ -135,9 +136,9 @@ impl HeartbeatLayer {
 }
 
 impl HeartbeatLayer {
-    /// The engine stage: the interval, and the frame sent.
-    pub(crate) fn stage(&self) -> (Duration, Bytes) {
-        (self.config.interval, self.config.frame.clone())
+    /// The engine stage.
+    pub(crate) fn stage(&self) -> Arc<Config> {
+        self.config.clone()
     }
 }
 

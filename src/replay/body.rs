@@ -48,6 +48,13 @@ pub(crate) struct ReplayStage<St> {
     /// Events are re-encoded one by one (to drop duplicates or set ids) rather than forwarded
     /// frame by frame. Switched off at an event boundary once neither is needed.
     reframe: bool,
+    /// What a resuming client already has; `None` for a new client (boxed: most are new).
+    resume: Option<Box<Resume>>,
+    recorder: Recorder<St>,
+}
+
+/// What a resuming client already has.
+struct Resume {
     /// Ids the client already has (the one it sent, and every replayed one): live events with
     /// these ids are dropped for the life of the stream. Bounded by the replay limit.
     delivered: HashSet<Bytes>,
@@ -55,7 +62,6 @@ pub(crate) struct ReplayStage<St> {
     /// in the meantime (in flight while the client reconnected) are sent before that event.
     fill_after: Option<Bytes>,
     replay_limit: usize,
-    recorder: Recorder<St>,
 }
 
 /// Records a stream's events into a replay store, with ids as configured: the one recorder of
@@ -119,6 +125,8 @@ impl<St: ReplayStore> Recorder<St> {
     pub(crate) fn flush(&mut self) {
         if !self.batch.is_empty() {
             self.store.append_all(&self.key, self.batch.drain(..));
+            // A burst of events must not keep its room for the rest of the stream.
+            self.batch.shrink_to(16);
         }
     }
 }
@@ -172,12 +180,17 @@ impl<St: ReplayStore> ReplayStage<St> {
         let fill = fill_after
             .take_if(|_| recorded)
             .map(|after| store.read(&plan.key, ReadFrom::After(&after), replay_limit));
-        Opening {
-            stage: Self {
-                reframe,
+        let resume = (!delivered.is_empty() || fill_after.is_some()).then(|| {
+            Box::new(Resume {
                 delivered,
                 fill_after,
                 replay_limit,
+            })
+        });
+        Opening {
+            stage: Self {
+                reframe,
+                resume,
                 recorder: Recorder {
                     recording: !recorded,
                     ..Recorder::new(store, plan.key, ids)
@@ -218,10 +231,14 @@ impl<St: ReplayStore> ReplayStage<St> {
                 changed: self.recorder.stamp(event),
             };
         }
-        if event.id().is_some_and(|id| self.delivered.contains(id)) {
+        let resume = self.resume.as_deref();
+        if event
+            .id()
+            .is_some_and(|id| resume.is_some_and(|r| r.delivered.contains(id)))
+        {
             return Admit::Drop;
         }
-        if self.fill_after.is_some() {
+        if resume.is_some_and(|r| r.fill_after.is_some()) {
             return Admit::Hold;
         }
         Admit::Pass {
@@ -240,16 +257,20 @@ impl<St: ReplayStore> ReplayStage<St> {
     /// The read that fills the gap before a held event.
     pub(crate) fn gap_read(&mut self) -> St::Read {
         self.flush();
-        let after = self.fill_after.as_ref().expect("a gap to fill");
+        let resume = self.resume.as_deref().expect("a gap to fill");
+        let after = resume.fill_after.as_ref().expect("a gap to fill");
         let recorder = &self.recorder;
         recorder
             .store
-            .read(&recorder.key, ReadFrom::After(after), self.replay_limit)
+            .read(&recorder.key, ReadFrom::After(after), resume.replay_limit)
     }
 
     /// The events recorded since the client's newest id, up to the live event `held`.
     pub(crate) fn fill(&mut self, lookup: Lookup, held: Option<&Event>, out: &mut BytesMut) {
-        self.fill_after = None;
+        let Some(resume) = self.resume.as_deref_mut() else {
+            return;
+        };
+        resume.fill_after = None;
         let Lookup::Found(events) = lookup else {
             return;
         };
@@ -257,7 +278,7 @@ impl<St: ReplayStore> ReplayStage<St> {
             if held.is_some_and(|held| held.id() == Some(&stored.id[..])) {
                 break;
             }
-            if self.delivered.insert(stored.id) {
+            if resume.delivered.insert(stored.id) {
                 out.extend_from_slice(&stored.bytes);
             }
         }
@@ -267,7 +288,11 @@ impl<St: ReplayStore> ReplayStage<St> {
     /// once nothing needs it, at a boundary.
     pub(crate) fn settle(&mut self, mid_event: bool) {
         self.flush();
-        if self.delivered.is_empty() && self.recorder.ids == Ids::Keep && !mid_event {
+        let delivered = self
+            .resume
+            .as_ref()
+            .is_some_and(|r| !r.delivered.is_empty());
+        if !delivered && self.recorder.ids == Ids::Keep && !mid_event {
             self.reframe = false;
         }
     }
