@@ -325,7 +325,7 @@ where
         let replayed = self.replay.layer(fanned);
         let around = self.around_replay.layer(replayed);
         #[cfg(feature = "compression")]
-        let around = Toggled(self.compression.clone()).layer(around);
+        let around = Toggled(self.compression).layer(around);
         self.headers.layer(self.passthrough.layer(around))
     }
 }
