@@ -5,9 +5,10 @@
 //! cargo bench --bench liveness
 //! ```
 //!
-//! First it prints the heap memory per idle stream: 10,000 streams are opened, each body polled
-//! once (so its timer is registered) and kept; live heap bytes are counted by a counting global
-//! allocator. Then criterion measures the CPU time to produce one heartbeat on an idle stream
+//! First it prints the heap memory per idle stream: 10,000 streams are opened on one service
+//! (built once, cloned per connection, as a server does), each body polled once (so its timer
+//! is registered) and kept; live heap bytes are counted by a counting global allocator.
+//! `LIVENESS_SIZES=1` also lists the allocations and frees of one stream. Then criterion measures the CPU time to produce one heartbeat on an idle stream
 //! (tokio's clock is paused and advanced by one interval, then every stream is polled once), and
 //! the time to forward a 1 KiB event frame through the layer against the bare body.
 
@@ -34,6 +35,8 @@ use alloc::LIVE;
 
 const INTERVAL: Duration = Duration::from_secs(15);
 const STREAMS: usize = 10_000;
+/// The lifetime and timeouts of the stacks: far enough never to fire here.
+const HOUR: Duration = Duration::from_secs(3600);
 
 /// An upstream that never sends anything: the idle stream.
 struct Silent;
@@ -85,26 +88,67 @@ fn silent_upstream() -> impl tower::Service<
     })
 }
 
+/// A service as a server holds it: built once, cloned for every connection. Its layers' shared
+/// configuration is not the stream's; what a stream costs is what opening one adds.
+type Shared = tower::util::BoxCloneService<Request<()>, Response<BoxedBody>, Infallible>;
+
+fn shared<S, B>(service: S) -> Shared
+where
+    S: tower::Service<Request<()>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tower::util::BoxCloneService::new(service.map_response(|response| response.map(boxed)))
+}
+
+/// Opens a stream on the service `$build` makes, built once per thread (the bench's runtime is
+/// single-threaded).
+macro_rules! open_on_shared {
+    ($build:expr) => {{
+        thread_local! {
+            static SERVICE: Shared = shared($build);
+        }
+        let service = SERVICE.with(Clone::clone);
+        service.oneshot(Request::new(())).await.unwrap().into_body()
+    }};
+}
+
 async fn tower_sse_stream() -> BoxedBody {
-    let service = HeartbeatLayer::new(INTERVAL).layer(silent_upstream());
-    boxed(service.oneshot(Request::new(())).await.unwrap().into_body())
+    open_on_shared!(HeartbeatLayer::new(INTERVAL).layer(silent_upstream()))
+}
+
+/// Each engine layer alone on an idle stream: what one layer costs.
+async fn lifetime_stream() -> BoxedBody {
+    open_on_shared!(tower_sse::LifetimeLayer::new()
+        .max_lifetime(HOUR)
+        .layer(silent_upstream()))
+}
+
+async fn idle_timeout_stream() -> BoxedBody {
+    open_on_shared!(tower_sse::timeout::IdleTimeoutLayer::new(HOUR).layer(silent_upstream()))
+}
+
+async fn replay_stream() -> BoxedBody {
+    open_on_shared!(tower_sse::ReplayLayer::with_store(shared_store()).layer(silent_upstream()))
 }
 
 /// The recommended stack on an idle stream, minus its one-off first frames (the initial comment
 /// and `retry:` carry no state once sent): headers, passthrough, heartbeat, lifetime, replay,
 /// idle and response timeouts.
 async fn full_stack_stream() -> BoxedBody {
-    let hour = Duration::from_secs(3600);
-    let service = tower::ServiceBuilder::new()
+    open_on_shared!(tower::ServiceBuilder::new()
         .layer(tower_sse::SseHeadersLayer::new())
         .layer(PassthroughLayer::new())
         .layer(HeartbeatLayer::new(INTERVAL))
-        .layer(tower_sse::LifetimeLayer::new().max_lifetime(hour))
+        .layer(tower_sse::LifetimeLayer::new().max_lifetime(HOUR))
         .layer(tower_sse::ReplayLayer::with_store(shared_store()))
-        .layer(tower_sse::timeout::IdleTimeoutLayer::new(hour))
-        .layer(tower_sse::timeout::ResponseTimeoutLayer::new(hour))
-        .service(silent_upstream());
-    boxed(service.oneshot(Request::new(())).await.unwrap().into_body())
+        .layer(tower_sse::timeout::IdleTimeoutLayer::new(HOUR))
+        .layer(tower_sse::timeout::ResponseTimeoutLayer::new(HOUR))
+        .service(silent_upstream()))
 }
 
 /// One replay store for every stream, as a server has: a store per stream would count the
@@ -118,15 +162,13 @@ fn shared_store() -> tower_sse::replay::MemoryStore {
 
 /// The same parts built together with `SseStack`: one engine, one timer.
 async fn stack_builder_stream() -> BoxedBody {
-    let hour = Duration::from_secs(3600);
-    let service = tower_sse::SseStack::new()
+    open_on_shared!(tower_sse::SseStack::new()
         .heartbeat(INTERVAL)
-        .lifetime(tower_sse::LifetimeLayer::new().max_lifetime(hour))
+        .lifetime(tower_sse::LifetimeLayer::new().max_lifetime(HOUR))
         .replay(tower_sse::ReplayLayer::with_store(shared_store()))
-        .idle_timeout(hour)
-        .response_timeout(hour)
-        .layer(silent_upstream());
-    boxed(service.oneshot(Request::new(())).await.unwrap().into_body())
+        .idle_timeout(HOUR)
+        .response_timeout(HOUR)
+        .layer(silent_upstream()))
 }
 
 async fn axum_stream() -> BoxedBody {
@@ -186,6 +228,20 @@ fn memory_per_idle_stream(name: &str, open: Open) {
             "{name:<28} heap per idle stream (body, timer registered): {per_stream:>5.0} bytes, {allocations:.1} allocations made"
         );
         drop(bodies);
+        if std::env::var_os("LIVENESS_SIZES").is_some() {
+            // One more stream, its allocations and frees noted one by one.
+            alloc::NOTED_LEN.store(0, Ordering::Relaxed);
+            alloc::NOTING.store(true, Ordering::Relaxed);
+            let mut one = vec![open().await];
+            poll_all(&mut one);
+            alloc::NOTING.store(false, Ordering::Relaxed);
+            let noted = alloc::NOTED_LEN.load(Ordering::Relaxed).min(alloc::NOTED.len());
+            let sizes: Vec<isize> = alloc::NOTED[..noted]
+                .iter()
+                .map(|size| size.load(Ordering::Relaxed))
+                .collect();
+            println!("{name:<28} allocations (+) and frees (-) of one stream: {sizes:?}");
+        }
     });
 }
 
@@ -308,6 +364,11 @@ fn forwarding_cpu(c: &mut Criterion) {
 fn main() {
     memory_per_idle_stream("tower-sse HeartbeatLayer", || Box::pin(tower_sse_stream()));
     memory_per_idle_stream("axum Sse::keep_alive", || Box::pin(axum_stream()));
+    memory_per_idle_stream("tower-sse LifetimeLayer", || Box::pin(lifetime_stream()));
+    memory_per_idle_stream("tower-sse IdleTimeoutLayer", || {
+        Box::pin(idle_timeout_stream())
+    });
+    memory_per_idle_stream("tower-sse ReplayLayer", || Box::pin(replay_stream()));
     memory_per_idle_stream("tower-sse full stack", || Box::pin(full_stack_stream()));
     memory_per_idle_stream("tower-sse SseStack", || Box::pin(stack_builder_stream()));
     let mut criterion = Criterion::default().configure_from_args();

@@ -107,7 +107,8 @@ impl InnerFrames {
 /// A frame of the layer's own first, then the inner body's frames (see [`InnerFrames`]).
 #[derive(Debug)]
 pub(crate) struct Prefixed {
-    first: Option<Bytes>,
+    // Boxed: sent once, then every idle stream would carry its room.
+    first: Option<Box<Bytes>>,
     frames: InnerFrames,
 }
 
@@ -117,7 +118,10 @@ impl Prefixed {
         if first.is_some() {
             frames.drop_leading_bom();
         }
-        Self { first, frames }
+        Self {
+            first: first.map(Box::new),
+            frames,
+        }
     }
 
     pub(crate) fn poll_frame<B: Body<Data = Bytes>>(
@@ -126,7 +130,7 @@ impl Prefixed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.first.take() {
-            Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+            Some(first) => Poll::Ready(Some(Ok(Frame::data(*first)))),
             None => self.frames.poll_frame(inner, cx),
         }
     }
@@ -149,7 +153,9 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        Local { body: Option<Bytes> },
+        // Boxed: every body of an event stream has room for this variant, and such answers
+        // are rare.
+        Local { body: Option<Box<Bytes>> },
     }
 }
 
@@ -165,7 +171,7 @@ impl<B> InnerOrLocal<B> {
     pub(crate) fn local(bytes: Bytes) -> Self {
         Self {
             kind: Kind::Local {
-                body: (!bytes.is_empty()).then_some(bytes),
+                body: (!bytes.is_empty()).then(|| Box::new(bytes)),
             },
         }
     }
@@ -174,7 +180,7 @@ impl<B> InnerOrLocal<B> {
     pub(crate) fn plain_text(status: StatusCode, text: &'static str) -> Response<Self> {
         let mut response = Response::new(Self {
             kind: Kind::Local {
-                body: Some(Bytes::from_static(text.as_bytes())),
+                body: Some(Box::new(Bytes::from_static(text.as_bytes()))),
             },
         });
         *response.status_mut() = status;
@@ -252,7 +258,7 @@ impl<B: Body<Data = Bytes>> Body for InnerOrLocal<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
-            KindProj::Local { body } => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
+            KindProj::Local { body } => Poll::Ready(body.take().map(|b| Ok(Frame::data(*b)))),
         }
     }
 

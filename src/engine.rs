@@ -108,9 +108,6 @@ pin_project! {
     struct Core<St: ReplayStore> {
         #[pin]
         timer: Timer,
-        // Boxed, as the rare states they are: a stream without them carries a pointer each.
-        shutdown: Option<Pin<Box<OwnedNotified>>>,
-        fill: Option<Pin<Box<Filling<St::Read>>>>,
         engine: Engine<St>,
     }
 }
@@ -171,30 +168,43 @@ enum Phase {
     Done,
 }
 
-/// The per-stream state of every stage.
-pub(crate) struct Engine<St> {
-    /// The stages' own bytes before the stream: retry block, header comments, replayed events.
-    first: Option<Bytes>,
+/// The per-stream state of every stage. What a heartbeat alone needs is inline; every other
+/// stage is in `more`, one allocation that a heartbeat-only stream does without.
+pub(crate) struct Engine<St: ReplayStore> {
     frames: InnerFrames,
     wire: Wire,
     heartbeat: Option<Arc<crate::heartbeat::Config>>,
-    idle: Option<Duration>,
-    lifetime: Option<Box<Lifetime>>,
-    metadata: Option<Arc<MetadataConfig>>,
-    replay: Option<Box<ReplayStage<St>>>,
-    /// When the client last got a frame, and when the inner body last gave one.
+    /// When the client last got a frame.
     last_sent: Instant,
-    last_inner: Instant,
     /// Some event of the current frame changed, was dropped or held back.
     changed: bool,
     ended: bool,
     /// The idle timeout ended the stream, not yet reported as an error.
     idle_timed_out: bool,
+    more: Option<Box<More<St>>>,
+}
+
+/// The stages besides the heartbeat, and the states some streams have for a while. What only
+/// one stage or a moment needs is boxed again, so that each layer alone costs no more than its
+/// own state.
+struct More<St: ReplayStore> {
+    /// The stages' own bytes before the stream: retry block, header comments, replayed events.
+    first: Option<Box<Bytes>>,
+    idle: Option<Duration>,
+    /// When the inner body last gave a frame (kept only with an idle timeout).
+    last_inner: Instant,
+    lifetime: Option<Lifetime>,
+    metadata: Option<Arc<MetadataConfig>>,
+    replay: Option<Box<ReplayStage<St>>>,
+    /// The lifetime's shutdown signal, while there is one to wait for.
+    shutdown: Option<Pin<Box<OwnedNotified>>>,
+    /// Replay's read closing a gap, while one runs.
+    fill: Option<Pin<Box<Filling<St::Read>>>>,
     #[cfg(feature = "subscriptions")]
     cursor: Option<Box<CursorStage>>,
 }
 
-impl<St> fmt::Debug for Engine<St> {
+impl<St: ReplayStore> fmt::Debug for Engine<St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Engine")
             .field("wire", &self.wire)
@@ -312,33 +322,55 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
         let lifetime = lifetime.map(|config| {
             // A far deadline stands in for "no lifetime": one timer serves lifetime and grace.
             let deadline = deadline(now, config.lifetime());
-            Box::new(Lifetime {
+            Lifetime {
                 config,
                 deadline,
                 phase: Phase::Live,
-            })
+            }
         });
         let shutdown = lifetime
             .as_ref()
             .and_then(|l| l.config.shutdown())
             .map(|shutdown| Box::pin(shutdown.waiter()));
         let idle = stages.idle;
+        let fill = start
+            .fill
+            .map(|read| Box::pin(Filling { read, held: None }));
+        let first = (!first.is_empty()).then(|| Box::new(first.freeze()));
+        #[cfg(feature = "subscriptions")]
+        let has_cursor = cursor.is_some();
+        #[cfg(not(feature = "subscriptions"))]
+        let has_cursor = false;
+        let any_more = first.is_some()
+            || idle.is_some()
+            || lifetime.is_some()
+            || metadata.is_some()
+            || replay.is_some()
+            || fill.is_some()
+            || has_cursor;
+        let more = any_more.then(|| {
+            Box::new(More {
+                first,
+                idle,
+                last_inner: now,
+                lifetime,
+                metadata,
+                replay: replay.map(Box::new),
+                shutdown,
+                fill,
+                #[cfg(feature = "subscriptions")]
+                cursor,
+            })
+        });
         let mut engine = Engine {
-            first: (!first.is_empty()).then(|| first.freeze()),
             frames,
             wire,
             heartbeat,
-            idle,
-            lifetime,
-            metadata,
-            replay: replay.map(Box::new),
             last_sent: now,
-            last_inner: now,
             changed: false,
             ended: false,
             idle_timed_out: false,
-            #[cfg(feature = "subscriptions")]
-            cursor,
+            more,
         };
         let timer = match engine.next_due() {
             Some(due) if stages.is_timed() => Timer::On {
@@ -346,19 +378,11 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
             },
             _ => Timer::Off,
         };
-        let fill = start
-            .fill
-            .map(|read| Box::pin(Filling { read, held: None }));
         engine.last_sent = now;
         Self {
             kind: Kind::Stream {
                 inner,
-                core: Box::pin(Core {
-                    timer,
-                    shutdown,
-                    fill,
-                    engine,
-                }),
+                core: Box::pin(Core { timer, engine }),
             },
         }
     }
@@ -395,7 +419,7 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
     pub(crate) fn kind_name(&self) -> &'static str {
         match &self.kind {
             Kind::Untouched { .. } => "Untouched",
-            Kind::Stream { core, .. } => match core.engine.lifetime.as_deref().map(|l| l.phase) {
+            Kind::Stream { core, .. } => match core.engine.lifetime().map(|l| l.phase) {
                 Some(Phase::Ending) => "Ending",
                 Some(Phase::Farewell) => "Farewell",
                 Some(Phase::Done) => "Done",
@@ -431,6 +455,53 @@ struct Passed {
 }
 
 impl<St: ReplayStore> Engine<St> {
+    fn lifetime(&self) -> Option<&Lifetime> {
+        self.more.as_deref()?.lifetime.as_ref()
+    }
+
+    fn lifetime_mut(&mut self) -> Option<&mut Lifetime> {
+        self.more.as_deref_mut()?.lifetime.as_mut()
+    }
+
+    fn replay(&self) -> Option<&ReplayStage<St>> {
+        self.more.as_deref()?.replay.as_deref()
+    }
+
+    fn replay_mut(&mut self) -> Option<&mut ReplayStage<St>> {
+        self.more.as_deref_mut()?.replay.as_deref_mut()
+    }
+
+    fn metadata(&self) -> Option<&Arc<MetadataConfig>> {
+        self.more.as_deref()?.metadata.as_ref()
+    }
+
+    fn idle(&self) -> Option<Duration> {
+        self.more.as_deref()?.idle
+    }
+
+    /// True when the idle timeout's deadline has passed.
+    fn idle_due(&self, now: Instant) -> bool {
+        self.more.as_deref().is_some_and(|more| {
+            more.idle
+                .is_some_and(|timeout| deadline(more.last_inner, timeout) <= now)
+        })
+    }
+
+    /// The inner body gave a frame at `now`.
+    fn inner_gave(&mut self, now: Instant) {
+        if let Some(more) = self.more.as_deref_mut() {
+            more.last_inner = now;
+        }
+    }
+
+    fn take_first(&mut self) -> Option<Bytes> {
+        self.more.as_deref_mut()?.first.take().map(|first| *first)
+    }
+
+    fn filling(&mut self) -> Option<&mut Pin<Box<Filling<St::Read>>>> {
+        self.more.as_deref_mut()?.fill.as_mut()
+    }
+
     fn parser(&mut self) -> Option<&mut Parser> {
         match &mut self.wire {
             Wire::Parser(parsing) => Some(&mut parsing.get_or_insert_with(Box::default).parser),
@@ -440,8 +511,7 @@ impl<St: ReplayStore> Engine<St> {
 
     /// True when some stage may change events: the client then gets re-encoded events.
     fn rewrites(&self) -> bool {
-        self.metadata.as_ref().is_some_and(|m| m.rewrites())
-            || self.replay.as_ref().is_some_and(|r| r.rewrites())
+        self.metadata().is_some_and(|m| m.rewrites()) || self.replay().is_some_and(|r| r.rewrites())
     }
 
     /// True when the client's stream is between events: only there may a block go in. The
@@ -462,38 +532,39 @@ impl<St: ReplayStore> Engine<St> {
             .heartbeat
             .as_ref()
             .map(|beat| deadline(self.last_sent, beat.interval));
-        let idle = self.idle.map(|timeout| deadline(self.last_inner, timeout));
-        let lifetime = self
-            .lifetime
+        let idle = self
+            .more
             .as_deref()
+            .and_then(|more| Some(deadline(more.last_inner, more.idle?)));
+        let lifetime = self
+            .lifetime()
             .filter(|l| matches!(l.phase, Phase::Live | Phase::Ending))
             .map(|l| l.deadline);
         [heartbeat, idle, lifetime].into_iter().flatten().min()
     }
 
     /// True when the shutdown signal of the lifetime stage fired.
-    fn shutdown_fired(
-        &self,
-        notified: Option<&mut Pin<Box<OwnedNotified>>>,
-        cx: &mut Context<'_>,
-    ) -> bool {
-        let Some(notified) = notified else {
+    fn shutdown_fired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(more) = self.more.as_deref_mut() else {
+            return false;
+        };
+        let Some(notified) = more.shutdown.as_mut() else {
             return false;
         };
         notified.as_mut().poll(cx).is_ready()
-            || self
+            || more
                 .lifetime
-                .as_deref()
+                .as_ref()
                 .and_then(|l| l.config.shutdown())
                 .is_some_and(Shutdown::is_triggered)
     }
 
     fn phase(&self) -> Phase {
-        self.lifetime.as_deref().map_or(Phase::Live, |l| l.phase)
+        self.lifetime().map_or(Phase::Live, |l| l.phase)
     }
 
     fn set_phase(&mut self, phase: Phase) {
-        if let Some(lifetime) = self.lifetime.as_deref_mut() {
+        if let Some(lifetime) = self.lifetime_mut() {
             lifetime.phase = phase;
         }
     }
@@ -501,7 +572,7 @@ impl<St: ReplayStore> Engine<St> {
     /// The lifetime is over (or shutdown came): end at the client's next boundary.
     fn end_lifetime(&mut self, now: Instant, kind: Timeout) {
         let at_boundary = self.client_at_boundary();
-        let Some(lifetime) = self.lifetime.as_deref_mut() else {
+        let Some(lifetime) = self.lifetime_mut() else {
             return;
         };
         if lifetime.phase != Phase::Live {
@@ -521,8 +592,7 @@ impl<St: ReplayStore> Engine<St> {
     /// Passes a data frame of the inner body through the stages.
     fn on_data(&mut self, data: Bytes, now: Instant) -> Passed {
         if self
-            .lifetime
-            .as_deref()
+            .lifetime()
             .is_some_and(|l| l.phase == Phase::Live && l.deadline <= now)
         {
             // A busy stream never lets the timer fire: its frames look at the clock too.
@@ -542,7 +612,10 @@ impl<St: ReplayStore> Engine<St> {
             Wire::Blind => return passed(data),
             Wire::Scanner(scanner) => {
                 #[cfg(feature = "subscriptions")]
-                let cursor = self.cursor.as_deref_mut();
+                let cursor = self
+                    .more
+                    .as_deref_mut()
+                    .and_then(|m| m.cursor.as_deref_mut());
                 #[cfg(not(feature = "subscriptions"))]
                 let cursor: Option<&mut ()> = None;
                 if !ending && cursor.is_none() {
@@ -655,7 +728,7 @@ impl<St: ReplayStore> Engine<St> {
             }
         }
         let mid_event = self.parser().is_some_and(|parser| parser.is_mid_event());
-        if let Some(replay) = self.replay.as_deref_mut() {
+        if let Some(replay) = self.replay_mut() {
             replay.settle(mid_event);
         }
         None
@@ -669,7 +742,7 @@ impl<St: ReplayStore> Engine<St> {
         }
         // Past the parser's limits the stream still flows; only recording stops, and a
         // scanner waits for the end of the event in flight.
-        if let Some(replay) = self.replay.as_deref_mut() {
+        if let Some(replay) = self.replay_mut() {
             replay.flush();
             replay.stop_recording();
         }
@@ -686,7 +759,7 @@ impl<St: ReplayStore> Engine<St> {
         out: &mut BytesMut,
     ) -> Option<Event> {
         let mut changed = false;
-        if let Some(replay) = self.replay.as_deref_mut() {
+        if let Some(replay) = self.replay_mut() {
             match replay.admit(&mut event, raw) {
                 Admit::Drop => {
                     self.changed = true;
@@ -707,7 +780,7 @@ impl<St: ReplayStore> Engine<St> {
 
     /// Metadata framing, then out (or into `unchanged` while nothing in the frame changed).
     fn finish_event(&mut self, mut event: Event, mut changed: bool, out: &mut BytesMut) {
-        if let Some(metadata) = &self.metadata {
+        if let Some(metadata) = self.metadata() {
             changed |= metadata.frame(&mut event);
         }
         if changed || self.changed {
@@ -753,10 +826,15 @@ impl<St: ReplayStore> Engine<St> {
     /// else the parser has queued.
     fn after_fill(&mut self, lookup: Lookup, held: Option<Event>) -> Passed {
         let mut out = BytesMut::new();
-        if let Some(replay) = self.replay.as_deref_mut() {
+        if let Some(More {
+            replay: Some(replay),
+            metadata,
+            ..
+        }) = self.more.as_deref_mut()
+        {
             let mut found = BytesMut::new();
             replay.fill(lookup, held.as_ref(), &mut found);
-            match &self.metadata {
+            match metadata {
                 Some(metadata) if metadata.rewrites() && !found.is_empty() => {
                     frame_stored(metadata, &found.freeze(), &mut out)
                 }
@@ -766,8 +844,7 @@ impl<St: ReplayStore> Engine<St> {
         self.changed = true;
         if let Some(mut held) = held {
             let changed = self
-                .replay
-                .as_deref_mut()
+                .replay_mut()
                 .is_some_and(|replay| replay.release(&mut held, None));
             self.finish_event(held, changed, &mut out);
         }
@@ -777,6 +854,19 @@ impl<St: ReplayStore> Engine<St> {
             bytes: out.freeze(),
             held,
         }
+    }
+
+    /// Starts replay's read when a frame held an event back; the bytes to send now, if any.
+    fn start_fill(&mut self, passed: Passed) -> Option<Bytes> {
+        if let (Some(held), Some(more)) = (passed.held, self.more.as_deref_mut()) {
+            if let Some(replay) = more.replay.as_deref_mut() {
+                more.fill = Some(Box::pin(Filling {
+                    read: replay.gap_read(),
+                    held: Some(held),
+                }));
+            }
+        }
+        (!passed.bytes.is_empty()).then_some(passed.bytes)
     }
 
     /// A block of the engine's own goes out: a leading BOM of the inner body is no longer
@@ -799,13 +889,8 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
             KindProj::Untouched { inner } => return inner.poll_frame(cx),
             KindProj::Stream { inner, core } => (inner, core),
         };
-        let CoreProj {
-            mut timer,
-            shutdown,
-            fill,
-            engine,
-        } = core.as_mut().project();
-        if let Some(first) = engine.first.take() {
+        let CoreProj { mut timer, engine } = core.as_mut().project();
+        if let Some(first) = engine.take_first() {
             return Poll::Ready(Some(Ok(Frame::data(first))));
         }
         loop {
@@ -813,14 +898,14 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
                 Phase::Done => return Poll::Ready(None),
                 Phase::Farewell => {
                     engine.set_phase(Phase::Done);
-                    let farewell = engine.lifetime.as_deref().and_then(|l| l.config.farewell());
+                    let farewell = engine.lifetime().and_then(|l| l.config.farewell());
                     if let Some(farewell) = farewell {
                         return Poll::Ready(Some(Ok(Frame::data(farewell))));
                     }
                     continue;
                 }
                 Phase::Live => {
-                    if engine.shutdown_fired(shutdown.as_mut(), cx) {
+                    if engine.shutdown_fired(cx) {
                         engine.end_lifetime(Instant::now(), Timeout::Shutdown);
                         rearm(timer.as_mut(), engine);
                         continue;
@@ -831,14 +916,16 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
             if engine.ended {
                 return Poll::Ready(None);
             }
-            if let Some(filling) = fill.as_mut() {
+            if let Some(filling) = engine.filling() {
                 let filling = filling.as_mut().project();
                 // A failed read fills nothing: the live event goes on.
                 let lookup = ready!(filling.read.poll(cx)).unwrap_or(Lookup::Unknown);
                 let held = filling.held.take();
-                *fill = None;
+                if let Some(more) = engine.more.as_deref_mut() {
+                    more.fill = None;
+                }
                 let passed = engine.after_fill(lookup, held);
-                if let Some(data) = start_fill(engine, fill, passed) {
+                if let Some(data) = engine.start_fill(passed) {
                     engine.last_sent = Instant::now();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -850,12 +937,13 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
                     // lifetime alone needs no clock per frame: its deadline passed only when
                     // the timer did.
                     let elapsed = matches!(&*timer, Timer::On { sleep } if sleep.is_elapsed());
-                    let now = if engine.heartbeat.is_some() || engine.idle.is_some() || elapsed {
+                    let now = if engine.heartbeat.is_some() || engine.idle().is_some() || elapsed {
                         Instant::now()
                     } else {
-                        engine.last_inner
+                        // A time already past, as good as now for a deadline that has not come.
+                        engine.last_sent
                     };
-                    engine.last_inner = now;
+                    engine.inner_gave(now);
                     let data = match frame.into_data() {
                         Ok(data) => data,
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
@@ -865,7 +953,7 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
                     if engine.phase() != phase {
                         rearm(timer.as_mut(), engine);
                     }
-                    if let Some(data) = start_fill(engine, fill, passed) {
+                    if let Some(data) = engine.start_fill(passed) {
                         engine.last_sent = now;
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
@@ -887,15 +975,13 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
             loop {
                 ready!(sleep.as_mut().poll(cx));
                 let now = Instant::now();
-                if let Some(timeout) = engine.idle {
-                    if deadline(engine.last_inner, timeout) <= now {
-                        telemetry::timed_out(Timeout::Idle);
-                        engine.ended = true;
-                        engine.idle_timed_out = true;
-                        return Poll::Ready(None);
-                    }
+                if engine.idle_due(now) {
+                    telemetry::timed_out(Timeout::Idle);
+                    engine.ended = true;
+                    engine.idle_timed_out = true;
+                    return Poll::Ready(None);
                 }
-                match engine.lifetime.as_deref() {
+                match engine.lifetime() {
                     Some(l) if l.phase == Phase::Live && l.deadline <= now => {
                         engine.end_lifetime(now, Timeout::Lifetime);
                     }
@@ -941,13 +1027,15 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
                 Phase::Done => true,
                 Phase::Farewell => core
                     .engine
-                    .lifetime
-                    .as_deref()
+                    .lifetime()
                     .is_none_or(|l| !l.config.has_farewell()),
                 Phase::Live | Phase::Ending => {
                     core.engine.ended
-                        || (core.engine.first.is_none()
-                            && core.fill.is_none()
+                        || (core
+                            .engine
+                            .more
+                            .as_deref()
+                            .is_none_or(|more| more.first.is_none() && more.fill.is_none())
                             && core.engine.frames.is_end_stream(inner))
                 }
             },
@@ -976,23 +1064,6 @@ fn rearm<St: ReplayStore>(timer: Pin<&mut Timer>, engine: &Engine<St>) {
     if let (TimerProj::On { sleep }, Some(due)) = (timer.project(), engine.next_due()) {
         sleep.reset(due);
     }
-}
-
-/// Starts replay's read when a frame held an event back; the bytes to send now, if any.
-fn start_fill<St: ReplayStore>(
-    engine: &mut Engine<St>,
-    fill: &mut Option<Pin<Box<Filling<St::Read>>>>,
-    passed: Passed,
-) -> Option<Bytes> {
-    if let Some(held) = passed.held {
-        if let Some(replay) = engine.replay.as_deref_mut() {
-            *fill = Some(Box::pin(Filling {
-                read: replay.gap_read(),
-                held: Some(held),
-            }));
-        }
-    }
-    (!passed.bytes.is_empty()).then_some(passed.bytes)
 }
 
 /// `Default`, `Debug` and `Body` for a layer's public body around an [`EngineBody`] in its field

@@ -45,6 +45,7 @@ use super::{Event, LimitError, Limits, Piece, Scanner};
 /// ```
 #[derive(Debug)]
 pub struct Parser {
+    limits: Limits,
     scanner: Scanner,
     /// Chunks pushed and not yet fully parsed; the front one is parsed from `pos`.
     input: VecDeque<Bytes>,
@@ -140,6 +141,7 @@ impl Parser {
     /// A parser for a new stream bounded by `limits`.
     pub fn with_limits(limits: Limits) -> Self {
         Self {
+            limits,
             scanner: Scanner::with_limits(limits),
             input: VecDeque::new(),
             pos: 0,
@@ -165,6 +167,7 @@ impl Parser {
     /// `None` means every queued byte has been parsed; push more and call again.
     pub fn next_event(&mut self) -> Option<Result<Event, ParseError>> {
         let Self {
+            limits,
             scanner,
             input,
             pos,
@@ -210,7 +213,7 @@ impl Parser {
                     if *span == Span::None {
                         *span = Span::At(start);
                     }
-                    let kept = scanner.limits().kept_lines();
+                    let kept = limits.kept_lines();
                     block.take_line(chunk, &chunk[start..end], kept, reconnection_time);
                 }
                 Piece::Line {
@@ -221,7 +224,7 @@ impl Parser {
                     line.extend_from_slice(&chunk[start..end]);
                     *span = Span::Split;
                     let joined = line.split().freeze();
-                    let kept = scanner.limits().kept_lines();
+                    let kept = limits.kept_lines();
                     block.take_line(&joined, &joined, kept, reconnection_time);
                 }
                 Piece::Dispatch { end } => {
@@ -252,7 +255,7 @@ impl Parser {
         self.block = Block::default();
         self.span = Span::None;
         self.last_raw = None;
-        self.scanner = Scanner::with_limits(self.scanner.limits());
+        self.scanner = Scanner::with_limits(self.limits);
         discarded
     }
 

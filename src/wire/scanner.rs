@@ -33,19 +33,57 @@ use super::{BomStep, LeadingBom, LimitError, Limits};
 /// [`Parser`]: super::Parser
 #[derive(Clone, Debug)]
 pub struct Scanner {
-    limits: Limits,
+    // Counted in 32 bits (see `Bound`): every idle stream carries a scanner, and this keeps it
+    // at 24 bytes.
+    max_line: Bound,
+    max_event: Bound,
     bom: LeadingBom,
     /// The previous chunk ended with a CR that ended a line: an LF first in this chunk belongs to it.
     pending_cr: bool,
-    /// Bytes of the unfinished line that arrived in earlier chunks.
-    line_len: usize,
-    /// Bytes of the current event since the last boundary, line endings included.
-    event_len: usize,
+    /// Bytes of the unfinished line that arrived in earlier chunks (saturating).
+    line_len: u32,
+    /// Bytes of the current event since the last boundary, line endings included (saturating).
+    event_len: u32,
     /// The last complete line was blank (or there was none yet).
     after_blank_line: bool,
     /// Which limit was broken, if any; the error is rebuilt from `limits`, which keeps every
     /// idle stream's scanner a few bytes smaller.
     failed: Option<Broken>,
+}
+
+/// A bound on a length counted in 32 bits: `u32::MAX` is no bound. A bound of 4 GiB or more
+/// (but not unbounded) counts as `u32::MAX - 1`, one the saturating counters can still exceed:
+/// it is enforced a little early, never late.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Bound(u32);
+
+impl Bound {
+    const fn new(limit: usize) -> Self {
+        if limit == usize::MAX {
+            Self(u32::MAX)
+        } else if limit >= u32::MAX as usize {
+            Self(u32::MAX - 1)
+        } else {
+            Self(limit as u32)
+        }
+    }
+
+    const fn get(self) -> usize {
+        if self.0 == u32::MAX {
+            usize::MAX
+        } else {
+            self.0 as usize
+        }
+    }
+
+    fn exceeded_by(self, len: u32) -> bool {
+        len > self.0
+    }
+}
+
+/// `len` bytes more on a saturating 32-bit counter.
+fn grow(counter: &mut u32, len: usize) {
+    *counter = counter.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,9 +155,13 @@ impl Scanner {
     }
 
     /// A scanner that fails with a [`LimitError`] once a line or event exceeds `limits`.
+    ///
+    /// Lengths are counted in 32 bits: a bound of 4 GiB or more (other than `usize::MAX`, no
+    /// bound) is enforced at 4 GiB.
     pub const fn with_limits(limits: Limits) -> Self {
         Self {
-            limits,
+            max_line: Bound::new(limits.line_len()),
+            max_event: Bound::new(limits.event_len()),
             bom: LeadingBom::new(),
             pending_cr: false,
             line_len: 0,
@@ -129,9 +171,12 @@ impl Scanner {
         }
     }
 
-    /// The limits this scanner enforces.
+    /// The line and event bounds this scanner enforces (a scanner keeps no lines: the kept-lines
+    /// count is the default).
     pub fn limits(&self) -> Limits {
-        self.limits
+        Limits::default()
+            .max_line_len(self.max_line.get())
+            .max_event_len(self.max_event.get())
     }
 
     /// True between events: nothing has been seen, or the last thing seen was a blank line.
@@ -151,9 +196,9 @@ impl Scanner {
         self.bom.is_untouched()
     }
 
-    /// Bytes of the current event seen so far (zero at a boundary).
+    /// Bytes of the current event seen so far (zero at a boundary; at most `u32::MAX`).
     pub fn event_len(&self) -> usize {
-        self.event_len
+        self.event_len as usize
     }
 
     /// The pieces of `chunk`, in order. Every chunk must be fed, in order, and fully: drop the
@@ -211,8 +256,8 @@ impl Scanner {
             match self.bom.step(chunk) {
                 BomStep::NeedMore => {
                     *pos = chunk.len();
-                    self.line_len += chunk.len();
-                    self.event_len += chunk.len();
+                    grow(&mut self.line_len, chunk.len());
+                    grow(&mut self.event_len, chunk.len());
                     return (!chunk.is_empty()).then_some(Ok(Piece::Partial { start: 0 }));
                 }
                 BomStep::Found { end } => {
@@ -234,8 +279,8 @@ impl Scanner {
         let rest = chunk.get(start..).filter(|rest| !rest.is_empty())?;
         let Some(found) = memchr2(b'\n', b'\r', rest) else {
             *pos = chunk.len();
-            self.line_len += rest.len();
-            self.event_len += rest.len();
+            grow(&mut self.line_len, rest.len());
+            grow(&mut self.event_len, rest.len());
             return Some(self.check_limits().map(|()| Piece::Partial { start }));
         };
         let ending_len = if rest[found] == b'\n' {
@@ -258,8 +303,8 @@ impl Scanner {
             self.after_blank_line = true;
             return Some(Ok(Piece::Dispatch { end: *pos }));
         }
-        self.line_len += found;
-        self.event_len += found + ending_len;
+        grow(&mut self.line_len, found);
+        grow(&mut self.event_len, found + ending_len);
         let checked = self.check_limits();
         self.line_len = 0;
         self.after_blank_line = false;
@@ -271,9 +316,9 @@ impl Scanner {
     }
 
     fn check_limits(&mut self) -> Result<(), LimitError> {
-        let broken = if self.line_len > self.limits.line_len() {
+        let broken = if self.max_line.exceeded_by(self.line_len) {
             Broken::Line
-        } else if self.event_len > self.limits.event_len() {
+        } else if self.max_event.exceeded_by(self.event_len) {
             Broken::Event
         } else {
             return Ok(());
@@ -285,10 +330,10 @@ impl Scanner {
     fn error(&self, broken: Broken) -> LimitError {
         match broken {
             Broken::Line => LimitError::LineTooLong {
-                limit: self.limits.line_len(),
+                limit: self.max_line.get(),
             },
             Broken::Event => LimitError::EventTooLarge {
-                limit: self.limits.event_len(),
+                limit: self.max_event.get(),
             },
         }
     }
@@ -435,6 +480,31 @@ mod tests {
                 continued: true
             }]
         );
+    }
+
+    /// Lengths are counted in 32 bits: no bound stays no bound, a bound of 4 GiB or more is
+    /// enforced at 4 GiB (early, never late), and smaller bounds are exact.
+    #[test]
+    fn bounds_are_counted_in_32_bits() {
+        let unbounded = Scanner::new().limits();
+        assert_eq!(unbounded.line_len(), usize::MAX);
+        assert_eq!(unbounded.event_len(), usize::MAX);
+        let huge = Scanner::with_limits(
+            Limits::default()
+                .max_line_len(usize::MAX - 1)
+                .max_event_len(u32::MAX as usize),
+        )
+        .limits();
+        assert_eq!(huge.line_len(), u32::MAX as usize - 1);
+        assert_eq!(huge.event_len(), u32::MAX as usize - 1);
+        let mut s = Scanner::with_limits(Limits::default().max_line_len(4).max_event_len(10));
+        assert_eq!(s.scan(b"abcd\n").unwrap(), None);
+        assert_eq!(s.scan(b"abcde"), Err(LimitError::LineTooLong { limit: 4 }));
+        // A saturated counter still exceeds the largest bound.
+        let mut counter = u32::MAX - 1;
+        grow(&mut counter, usize::MAX);
+        assert!(Bound::new(usize::MAX - 1).exceeded_by(counter));
+        assert!(!Bound::new(usize::MAX).exceeded_by(counter));
     }
 
     #[test]
