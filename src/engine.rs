@@ -31,7 +31,7 @@ use crate::metadata::MetadataConfig;
 use crate::replay::{Admit, Lookup, ReplayStage, ReplayStore, StoreError};
 use crate::telemetry::{self, Timeout};
 use crate::timeout::deadline;
-use crate::wire::{Event, Parser, Piece, Scanner};
+use crate::wire::{Event, Limits, Parser, Piece, RawEvents, Scanner};
 
 /// The stages an engine runs, as configured on the layers (or the stack builder). Cheap to clone
 /// into every response.
@@ -137,7 +137,26 @@ pin_project! {
 enum Wire {
     Blind,
     Scanner(Scanner),
+    /// Replay only records: each event's raw bytes and id, found on the scanner's pieces.
+    Recording(Option<Box<Recording>>),
     Parser(Option<Box<Parsing>>),
+}
+
+/// A bounded scanner and the raw events found with it.
+#[derive(Debug)]
+struct Recording {
+    scanner: Scanner,
+    events: RawEvents,
+}
+
+impl Default for Recording {
+    fn default() -> Self {
+        Self {
+            // The parser's bounds: the event held across chunks stays bounded.
+            scanner: Scanner::with_limits(Limits::default()),
+            events: RawEvents::default(),
+        }
+    }
 }
 
 /// The parser, and the events parsed from the current frame that no stage changed: sent as the
@@ -312,7 +331,16 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
         let needs_boundaries = heartbeat.is_some() || lifetime.is_some() || cursor.is_some();
         #[cfg(not(feature = "subscriptions"))]
         let needs_boundaries = heartbeat.is_some() || lifetime.is_some();
-        let wire = if needs_fields {
+        #[cfg(feature = "subscriptions")]
+        let follows_cursor = cursor.is_some();
+        #[cfg(not(feature = "subscriptions"))]
+        let follows_cursor = false;
+        let only_records = !metadata.as_ref().is_some_and(|m| m.rewrites())
+            && replay.as_ref().is_some_and(ReplayStage::only_records)
+            && !follows_cursor;
+        let wire = if only_records {
+            Wire::Recording(None)
+        } else if needs_fields {
             Wire::Parser(None)
         } else if needs_boundaries {
             Wire::Scanner(Scanner::new())
@@ -505,7 +533,7 @@ impl<St: ReplayStore> Engine<St> {
     fn parser(&mut self) -> Option<&mut Parser> {
         match &mut self.wire {
             Wire::Parser(parsing) => Some(&mut parsing.get_or_insert_with(Box::default).parser),
-            Wire::Blind | Wire::Scanner(_) => None,
+            Wire::Blind | Wire::Scanner(_) | Wire::Recording(_) => None,
         }
     }
 
@@ -521,6 +549,9 @@ impl<St: ReplayStore> Engine<St> {
             // Nothing is ever inserted.
             Wire::Blind => true,
             Wire::Scanner(scanner) => scanner.is_at_boundary(),
+            Wire::Recording(recording) => recording
+                .as_ref()
+                .is_none_or(|recording| recording.scanner.is_at_boundary()),
             Wire::Parser(parser) => {
                 self.rewrites() || parser.as_ref().is_none_or(|p| !p.parser.is_mid_event())
             }
@@ -652,6 +683,34 @@ impl<St: ReplayStore> Engine<St> {
                     }
                     None => data,
                 });
+            }
+            Wire::Recording(recording) => {
+                let recording = recording.get_or_insert_with(Box::default);
+                let mut replay = self
+                    .more
+                    .as_deref_mut()
+                    .and_then(|m| m.replay.as_deref_mut());
+                let fed = recording
+                    .events
+                    .feed(&mut recording.scanner, &data, ending, |event| {
+                        if let Some(replay) = replay.as_deref_mut() {
+                            replay.record_raw(event);
+                        }
+                    });
+                if let Some(replay) = replay {
+                    replay.settle(!recording.scanner.is_at_boundary());
+                }
+                return match fed {
+                    Ok(Some(end)) => {
+                        self.set_phase(Phase::Farewell);
+                        passed(data.slice(..end))
+                    }
+                    Ok(None) => passed(data),
+                    Err(_) => {
+                        self.on_parse_error();
+                        passed(data)
+                    }
+                };
             }
             Wire::Parser(parsing) => &mut parsing.get_or_insert_with(Box::default).parser,
         };
@@ -802,7 +861,7 @@ impl<St: ReplayStore> Engine<St> {
     fn unchanged(&mut self) -> Option<&mut Vec<Event>> {
         match &mut self.wire {
             Wire::Parser(Some(parsing)) => Some(&mut parsing.unchanged),
-            Wire::Parser(None) | Wire::Blind | Wire::Scanner(_) => None,
+            Wire::Parser(None) | Wire::Blind | Wire::Scanner(_) | Wire::Recording(_) => None,
         }
     }
 

@@ -121,6 +121,14 @@ impl<St: ReplayStore> Recorder<St> {
         self.batch.extend(stored);
     }
 
+    /// Records an event found as raw bytes (it has data and an id, and no stage changes it).
+    pub(crate) fn record_raw(&mut self, event: crate::wire::RawEvent) {
+        if self.recording {
+            self.batch
+                .extend(stored_raw(event.bytes, event.chunk_len, &event.id));
+        }
+    }
+
     /// Hands the events recorded so far to the store.
     pub(crate) fn flush(&mut self) {
         if !self.batch.is_empty() {
@@ -209,6 +217,17 @@ impl<St: ReplayStore> ReplayStage<St> {
     /// True when the stage may drop or change events.
     pub(crate) fn rewrites(&self) -> bool {
         self.reframe
+    }
+
+    /// True when the stage only records the events as they are: their raw bytes and ids are
+    /// all it needs, not parsed events.
+    pub(crate) fn only_records(&self) -> bool {
+        self.recorder.recording && !self.reframe
+    }
+
+    /// Records an event found as raw bytes (see [`Recorder::record_raw`]).
+    pub(crate) fn record_raw(&mut self, event: crate::wire::RawEvent) {
+        self.recorder.record_raw(event);
     }
 
     pub(crate) fn stop_recording(&mut self) {
@@ -324,6 +343,18 @@ fn stored_raw(raw: Bytes, chunk_len: usize, id: &Bytes) -> Option<StoredEvent> {
     let offset = (id.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
     if offset + id.len() > raw.len() {
         return None;
+    }
+    if raw.starts_with(b"\xEF\xBB\xBF") {
+        // A byte order mark that is content here would be taken for the stream's own (and
+        // dropped) if this event were the first a client gets: a blank line first keeps it.
+        let mut guarded = BytesMut::with_capacity(raw.len() + 1);
+        guarded.extend_from_slice(b"\n");
+        guarded.extend_from_slice(&raw);
+        let bytes = guarded.freeze();
+        return Some(StoredEvent {
+            id: bytes.slice(offset + 1..offset + 1 + id.len()),
+            bytes,
+        });
     }
     let bytes = if raw.len() * 2 >= chunk_len {
         raw

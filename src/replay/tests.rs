@@ -342,6 +342,42 @@ async fn a_bom_after_replayed_events_is_dropped() {
     assert_eq!(ids(&blocks), ["2", "3"]);
 }
 
+/// An event whose first line starts with a byte order mark (content there: the stream's own
+/// came first) is replayed as the same event, even first in a response, where a client would
+/// take the mark for the stream's and drop it; in one chunk or spread over many.
+#[tokio::test]
+async fn a_bom_inside_a_recorded_event_stays_content_when_replayed_first() {
+    for chunk in [usize::MAX, 5, 1] {
+        let layer = ReplayLayer::new();
+        let upstream = service_fn(move |_req: Request<()>| async move {
+            let stream: &[u8] = b"id: 1\ndata: a\n\n\xEF\xBB\xBFdata: hidden\ndata: b\nid: 2\n\n";
+            let chunks: Vec<&[u8]> = stream.chunks(chunk.min(stream.len())).collect();
+            let body = Script::new().chunks(&chunks).into_body();
+            let response = Response::builder()
+                .header(http::header::CONTENT_TYPE, "text/event-stream")
+                .body(body)
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        });
+        let (_, live) = fetch(layer.layer(upstream), request(None)).await;
+        let hang = service_fn(|_req: Request<()>| async {
+            let response = Response::builder()
+                .header(http::header::CONTENT_TYPE, "text/event-stream")
+                .body(Script::new().into_body())
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        });
+        let (_, replayed) = fetch(layer.layer(hang), request(Some("1"))).await;
+        assert_eq!(ids(&replayed), ["2"], "chunks of {chunk}");
+        assert_eq!(
+            replayed[0].data().as_deref(),
+            Some("b"),
+            "chunks of {chunk}"
+        );
+        assert_eq!(replayed[0], live[1], "chunks of {chunk}");
+    }
+}
+
 #[tokio::test]
 async fn non_streams_and_unkeyed_requests_pass_untouched() {
     let layer = ReplayLayer::new();

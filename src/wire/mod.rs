@@ -54,6 +54,7 @@ mod event;
 mod ids;
 pub(crate) mod media;
 mod parser;
+mod raw;
 mod reader;
 mod scanner;
 
@@ -71,6 +72,7 @@ pub use scanner::{Piece, Pieces, Scanner};
 pub(crate) use bom::{BomFilter, BomStep, LeadingBom};
 #[cfg(feature = "subscriptions")]
 pub(crate) use ids::LastEventIds;
+pub(crate) use raw::{RawEvent, RawEvents};
 #[cfg(test)]
 pub(crate) use scanner::scanned;
 

@@ -1,0 +1,290 @@
+//! A stream's message events with ids, as the bytes the stream carried them in, found on the
+//! scanner's pieces: what a recorder needs, without building events. Only an event that spans
+//! chunks is copied (once, whole).
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use super::{LimitError, Piece, Scanner};
+
+/// A message event (it has `data`) with a non-empty id, as the stream carried it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RawEvent {
+    /// From the event's first line to the end of its blank line.
+    pub(crate) bytes: Bytes,
+    /// The value of its last `id` field: a slice of `bytes`.
+    pub(crate) id: Bytes,
+    /// The length of the chunk `bytes` is a slice of (`bytes`' own length when it was copied).
+    pub(crate) chunk_len: usize,
+}
+
+/// Finds the [`RawEvent`]s of a stream fed chunk by chunk through one scanner, following the
+/// parser's rules for the `data` and `id` fields (an `id` value with NUL is ignored; the last
+/// `id` of a block is its id).
+#[derive(Debug, Default)]
+pub(crate) struct RawEvents {
+    /// The current block's bytes from earlier chunks (empty when it started in this one).
+    held: BytesMut,
+    /// The current block has a line.
+    started: bool,
+    has_data: bool,
+    /// The value of the block's last `id` field without NUL, relative to the block's start.
+    id: Option<Range<usize>>,
+    /// The previous chunk ended inside a line that starts here, relative to the block's start.
+    open_line: Option<usize>,
+}
+
+impl RawEvents {
+    /// Scans `chunk` with `scanner` (which sees every chunk of the stream, in order, through
+    /// this method only), handing each raw event to `found`. With `stop_at_boundary`, stops
+    /// after the first blank line and returns the offset just past it.
+    pub(crate) fn feed(
+        &mut self,
+        scanner: &mut Scanner,
+        chunk: &Bytes,
+        stop_at_boundary: bool,
+        mut found: impl FnMut(RawEvent),
+    ) -> Result<Option<usize>, LimitError> {
+        // Where the current block's bytes start in this chunk, once it has started.
+        let mut block_start = self.started.then_some(0);
+        let mut pos = 0;
+        while let Some(piece) = scanner.next_piece(chunk, &mut pos) {
+            match piece? {
+                Piece::Bom { .. } => {
+                    // Bytes held as the start of a line were the byte order mark.
+                    self.held.clear();
+                    self.started = false;
+                    self.open_line = None;
+                    block_start = None;
+                }
+                Piece::Partial { start } => {
+                    let block = *block_start.get_or_insert(start);
+                    self.started = true;
+                    if self.open_line.is_none() {
+                        self.open_line = Some(self.held.len() + start - block);
+                    }
+                }
+                Piece::Line {
+                    start,
+                    end,
+                    continued,
+                } => {
+                    let block = *block_start.get_or_insert(start);
+                    self.started = true;
+                    let line_start = match self.open_line.take() {
+                        Some(line_start) if continued => line_start,
+                        _ => self.held.len() + start - block,
+                    };
+                    self.field(chunk, block, line_start, end);
+                }
+                Piece::Dispatch { end } => {
+                    self.open_line = None;
+                    if let Some(block) = block_start.take() {
+                        if let Some(event) = self.dispatch(chunk, block, end) {
+                            found(event);
+                        }
+                    }
+                    if stop_at_boundary {
+                        return Ok(Some(end));
+                    }
+                }
+            }
+        }
+        if let Some(block) = block_start {
+            self.held.extend_from_slice(&chunk[block..]);
+        }
+        Ok(None)
+    }
+
+    /// A complete line, from `line_start` (relative to the block) to `chunk[..end]`.
+    fn field(&mut self, chunk: &Bytes, block: usize, line_start: usize, end: usize) {
+        // The line in two parts: what was held from earlier chunks, and this chunk's.
+        let held = &self.held[line_start.min(self.held.len())..];
+        let here = &chunk[block + line_start.saturating_sub(self.held.len())..end];
+        let at = |i: usize| held.get(i).or_else(|| here.get(i - held.len())).copied();
+        let len = held.len() + here.len();
+        let colon = memchr::memchr(b':', held)
+            .or_else(|| memchr::memchr(b':', here).map(|i| i + held.len()))
+            .unwrap_or(len);
+        let name_is =
+            |name: &[u8]| colon == name.len() && (0..colon).all(|i| at(i) == Some(name[i]));
+        if name_is(b"data") {
+            self.has_data = true;
+        } else if name_is(b"id") {
+            let mut value = (colon + 1).min(len);
+            if at(value) == Some(b' ') {
+                value += 1;
+            }
+            let has_nul = (value..len).any(|i| at(i) == Some(0));
+            if !has_nul {
+                self.id = Some(line_start + value..line_start + len);
+            }
+        }
+    }
+
+    /// The blank line ending at `chunk[..end]`: the block's raw event, if it is one.
+    fn dispatch(&mut self, chunk: &Bytes, block: usize, end: usize) -> Option<RawEvent> {
+        let (has_data, id) = (self.has_data, self.id.take());
+        self.started = false;
+        self.has_data = false;
+        let id = id.filter(|id| has_data && !id.is_empty());
+        let Some(id) = id else {
+            self.held.clear();
+            return None;
+        };
+        let (bytes, chunk_len) = if self.held.is_empty() {
+            (chunk.slice(block..end), chunk.len())
+        } else {
+            self.held.extend_from_slice(&chunk[block..end]);
+            let bytes = self.held.split().freeze();
+            let len = bytes.len();
+            (bytes, len)
+        };
+        Some(RawEvent {
+            id: bytes.slice(id),
+            bytes,
+            chunk_len,
+        })
+    }
+
+    /// True while a block has started and not ended.
+    #[cfg(test)]
+    fn is_mid_block(&self) -> bool {
+        self.started
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Limits, Parser};
+
+    /// The raw events of `chunks`, and the recordable events the parser finds in them.
+    fn both(chunks: &[&[u8]]) -> (Vec<RawEvent>, Vec<crate::wire::Event>) {
+        let (mut scanner, mut raw, mut parser) = (
+            Scanner::with_limits(Limits::default()),
+            RawEvents::default(),
+            Parser::new(),
+        );
+        let (mut found, mut parsed) = (Vec::new(), Vec::new());
+        for chunk in chunks {
+            let chunk = Bytes::copy_from_slice(chunk);
+            raw.feed(&mut scanner, &chunk, false, |event| found.push(event))
+                .unwrap();
+            parser.push(chunk);
+            while let Some(event) = parser.next_event() {
+                let event = event.unwrap();
+                if event.is_message() && event.id().is_some_and(|id| !id.is_empty()) {
+                    parsed.push(event);
+                }
+            }
+        }
+        (found, parsed)
+    }
+
+    /// Each raw event parses, alone, as the very event the parser found, with its id.
+    fn assert_agree(chunks: &[&[u8]], what: &str) {
+        let (found, parsed) = both(chunks);
+        assert_eq!(
+            found.len(),
+            parsed.len(),
+            "{what}: {found:?} against {parsed:?}"
+        );
+        for (raw, event) in found.iter().zip(&parsed) {
+            assert_eq!(Some(&raw.id[..]), event.id(), "{what}");
+            // After a blank line, as in its stream: a byte order mark first in the event is
+            // content there, not the stream's own (the recorder guards it the same way).
+            let mut alone = Parser::new();
+            alone.push(Bytes::from_static(b"\n"));
+            alone.push(raw.bytes.clone());
+            let again = alone.next_event().expect("one event").unwrap();
+            assert_eq!(&again, event, "{what}: {:?}", raw.bytes);
+            assert!(alone.next_event().is_none(), "{what}");
+        }
+    }
+
+    #[test]
+    fn agrees_with_the_parser_on_every_split() {
+        let streams: [&[u8]; 9] = [
+            b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n",
+            b"\xEF\xBB\xBFid: 7\r\ndata: x\r\n\r\nid:8\rdata\r\r",
+            b"id: with\0nul\ndata: a\n\nid: 3\ndata\n\n",
+            b"id: 4\n\nid\ndata: empty id\n\ndata: no id\n\nid: 5\ndata: never ends",
+            b"data: a\nidx: 9\nid : 9\n\nID: 9\ndata\n\n: id: 9\n\n",
+            b"id:  two spaces\ndata\n\nid:\ndata\n\nid: 1\nid: last\ndata: x\n\n",
+            b"data: id: 1\n\nid: \xE2\x80\xA6\ndata:\n\n",
+            b"\n\n\nevent: tick\n: note\nretry: 5\nid: 6\ndatum: no\ndata: yes\n\n\r\n",
+            b"id: 1\r\ndata: a\r\r\nid: 2\ndata: b\r\n\r\n",
+        ];
+        for stream in streams {
+            let what = String::from_utf8_lossy(stream);
+            for split in 0..=stream.len() {
+                let (a, b) = stream.split_at(split);
+                assert_agree(&[a, b], &format!("{what:?} split at {split}"));
+            }
+            let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+            assert_agree(&bytes, &format!("{what:?} byte by byte"));
+        }
+    }
+
+    #[test]
+    fn an_event_in_one_chunk_is_a_slice_of_it_and_one_across_chunks_is_its_own() {
+        let (found, _) = both(&[b"data: a\nid: 1\n\nid: 2\ndat", b"a: b\n\n"]);
+        assert_eq!(found.len(), 2);
+        assert_eq!(&found[0].bytes[..], b"data: a\nid: 1\n\n");
+        assert_eq!(found[0].chunk_len, 24);
+        assert_eq!(&found[1].bytes[..], b"id: 2\ndata: b\n\n");
+        assert_eq!(found[1].chunk_len, found[1].bytes.len());
+    }
+
+    #[test]
+    fn stops_at_the_first_boundary_when_asked() {
+        let mut scanner = Scanner::new();
+        let mut raw = RawEvents::default();
+        let chunk = Bytes::from_static(b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n");
+        let mut found = Vec::new();
+        let end = raw
+            .feed(&mut scanner, &chunk, true, |e| found.push(e))
+            .unwrap();
+        assert_eq!(end, Some(15));
+        assert_eq!(found.len(), 1);
+    }
+
+    #[test]
+    fn a_block_past_the_limits_is_an_error_and_holds_no_more() {
+        let mut scanner = Scanner::with_limits(Limits::default().max_event_len(64));
+        let mut raw = RawEvents::default();
+        let chunk = Bytes::from(format!("id: 1\ndata: {}", "x".repeat(40)));
+        assert!(raw.feed(&mut scanner, &chunk, false, |_| {}).is_ok());
+        assert!(raw.is_mid_block());
+        let more = Bytes::from("y".repeat(40));
+        assert!(raw.feed(&mut scanner, &more, false, |_| {}).is_err());
+        assert!(raw.held.len() <= 64);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn agrees_with_the_parser_on_random_streams_and_chunkings(
+            tokens in proptest::collection::vec(proptest::sample::select(vec![
+                &b"\n"[..], b"\r", b"\r\n", b":", b" ", b"id", b"id: ", b"data", b"data: ",
+                b"\0", b"\xEF\xBB\xBF", b"7", b"x", b"event", b"\n\n",
+            ]), 0..60),
+            cuts in proptest::collection::vec(0usize..400, 0..8),
+        ) {
+            let stream: Vec<u8> = tokens.concat();
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= stream.len()).collect();
+            cuts.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut at = 0;
+            for cut in cuts {
+                chunks.push(&stream[at..cut]);
+                at = cut;
+            }
+            chunks.push(&stream[at..]);
+            assert_agree(&chunks, &format!("{:?} in {:?}", String::from_utf8_lossy(&stream), chunks));
+        }
+    }
+}
