@@ -31,7 +31,9 @@ use crate::metadata::MetadataConfig;
 use crate::replay::{Admit, Lookup, ReplayStage, ReplayStore, StoreError};
 use crate::telemetry::{self, Timeout};
 use crate::timeout::deadline;
-use crate::wire::{Event, Limits, Parser, Piece, RawEvents, Scanner};
+use crate::wire::{
+    event_of_lines, Event, Fed, Limits, Parser, Piece, RawBlock, RawEvents, Scanner,
+};
 
 /// The stages an engine runs, as configured on the layers (or the stack builder). Cheap to clone
 /// into every response.
@@ -137,24 +139,28 @@ pin_project! {
 enum Wire {
     Blind,
     Scanner(Scanner),
-    /// Replay only records: each event's raw bytes and id, found on the scanner's pieces.
-    Recording(Option<Box<Recording>>),
+    /// The blocks as the stream carried them, found on the scanner's pieces: for replay that
+    /// only records, and for metadata framing (only a block with a metadata field is parsed).
+    Raw(Option<Box<RawWire>>),
     Parser(Option<Box<Parsing>>),
 }
 
-/// A bounded scanner and the raw events found with it.
+/// A bounded scanner, the raw blocks found with it, and the current frame's blocks while
+/// metadata framing rebuilds a frame.
 #[derive(Debug)]
-struct Recording {
+struct RawWire {
     scanner: Scanner,
     events: RawEvents,
+    blocks: Vec<RawBlock>,
 }
 
-impl Default for Recording {
+impl Default for RawWire {
     fn default() -> Self {
         Self {
-            // The parser's bounds: the event held across chunks stays bounded.
+            // The parser's bounds: the block held across chunks stays bounded.
             scanner: Scanner::with_limits(Limits::default()),
             events: RawEvents::default(),
+            blocks: Vec::new(),
         }
     }
 }
@@ -335,11 +341,14 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
         let follows_cursor = cursor.is_some();
         #[cfg(not(feature = "subscriptions"))]
         let follows_cursor = false;
-        let only_records = !metadata.as_ref().is_some_and(|m| m.rewrites())
-            && replay.as_ref().is_some_and(ReplayStage::only_records)
-            && !follows_cursor;
-        let wire = if only_records {
-            Wire::Recording(None)
+        // Raw blocks serve recording and metadata framing; replay that drops or changes events
+        // (a resuming client, assigned ids) and the cursor need the parser.
+        let raw_blocks = !follows_cursor
+            && replay.as_ref().is_none_or(|r| !r.rewrites())
+            && (metadata.as_ref().is_some_and(|m| m.rewrites())
+                || replay.as_ref().is_some_and(ReplayStage::only_records));
+        let wire = if raw_blocks {
+            Wire::Raw(None)
         } else if needs_fields {
             Wire::Parser(None)
         } else if needs_boundaries {
@@ -467,6 +476,8 @@ impl<B: Default, St: ReplayStore> Default for EngineBody<B, St> {
 /// Frames the events of `stored` (bytes of whole events, as a store keeps them) for the client.
 fn frame_stored(metadata: &MetadataConfig, stored: &Bytes, out: &mut BytesMut) {
     let mut parser = Parser::new();
+    // After a blank line, as in its stream: a byte order mark first in it is content.
+    parser.push(Bytes::from_static(b"\n"));
     parser.push(stored.clone());
     while let Some(Ok(mut event)) = parser.next_event() {
         metadata.frame(&mut event);
@@ -533,7 +544,7 @@ impl<St: ReplayStore> Engine<St> {
     fn parser(&mut self) -> Option<&mut Parser> {
         match &mut self.wire {
             Wire::Parser(parsing) => Some(&mut parsing.get_or_insert_with(Box::default).parser),
-            Wire::Blind | Wire::Scanner(_) | Wire::Recording(_) => None,
+            Wire::Blind | Wire::Scanner(_) | Wire::Raw(_) => None,
         }
     }
 
@@ -549,9 +560,10 @@ impl<St: ReplayStore> Engine<St> {
             // Nothing is ever inserted.
             Wire::Blind => true,
             Wire::Scanner(scanner) => scanner.is_at_boundary(),
-            Wire::Recording(recording) => recording
-                .as_ref()
-                .is_none_or(|recording| recording.scanner.is_at_boundary()),
+            // Framing sends whole blocks only.
+            Wire::Raw(raw) => {
+                self.rewrites() || raw.as_ref().is_none_or(|raw| raw.scanner.is_at_boundary())
+            }
             Wire::Parser(parser) => {
                 self.rewrites() || parser.as_ref().is_none_or(|p| !p.parser.is_mid_event())
             }
@@ -684,33 +696,100 @@ impl<St: ReplayStore> Engine<St> {
                     None => data,
                 });
             }
-            Wire::Recording(recording) => {
-                let recording = recording.get_or_insert_with(Box::default);
-                let mut replay = self
-                    .more
-                    .as_deref_mut()
-                    .and_then(|m| m.replay.as_deref_mut());
-                let fed = recording
-                    .events
-                    .feed(&mut recording.scanner, &data, ending, |event| {
-                        if let Some(replay) = replay.as_deref_mut() {
-                            replay.record_raw(event);
-                        }
-                    });
-                if let Some(replay) = replay {
-                    replay.settle(!recording.scanner.is_at_boundary());
-                }
-                return match fed {
-                    Ok(Some(end)) => {
-                        self.set_phase(Phase::Farewell);
-                        passed(data.slice(..end))
-                    }
-                    Ok(None) => passed(data),
-                    Err(_) => {
-                        self.on_parse_error();
-                        passed(data)
-                    }
+            Wire::Raw(raw) => {
+                let raw = raw.get_or_insert_with(Box::default);
+                let (mut replay, metadata) = match self.more.as_deref_mut() {
+                    Some(more) => (
+                        more.replay.as_deref_mut(),
+                        more.metadata.as_deref().filter(|m| m.rewrites()),
+                    ),
+                    None => (None, None),
                 };
+                let mut marked = false;
+                let blocks = &mut raw.blocks;
+                let fed = raw.events.feed(
+                    &mut raw.scanner,
+                    &data,
+                    ending,
+                    metadata.map(MetadataConfig::prefix),
+                    |block| {
+                        if let Some(replay) = replay.as_deref_mut() {
+                            replay.record_raw(&block);
+                        }
+                        if metadata.is_some() {
+                            marked |= block.marked;
+                            blocks.push(block);
+                        }
+                    },
+                );
+                if let Some(replay) = replay {
+                    replay.settle(!raw.scanner.is_at_boundary());
+                }
+                let (fed, failed) = match fed {
+                    Ok(fed) => (fed, false),
+                    // Past the bounds: raw, the stream still flows (only recording stops);
+                    // framed, the blocks before go out framed, then the stream ends.
+                    Err(_) if metadata.is_none() => {
+                        self.on_parse_error();
+                        return passed(data);
+                    }
+                    Err(_) => (
+                        Fed {
+                            ended_inside: true,
+                            ..Fed::default()
+                        },
+                        true,
+                    ),
+                };
+                let whole = match fed.stopped_at {
+                    Some(end) => data.slice(..end),
+                    None => data,
+                };
+                let framed = match metadata {
+                    // Every block as it came, and the frame whole blocks: the frame itself.
+                    Some(_)
+                        if !marked
+                            && !fed.began_inside
+                            && !fed.ended_inside
+                            && !raw.blocks.is_empty() =>
+                    {
+                        raw.blocks.clear();
+                        whole
+                    }
+                    Some(metadata) => {
+                        let mut out = BytesMut::new();
+                        for block in raw.blocks.drain(..) {
+                            let kept = Limits::default().kept_lines();
+                            let framed = block
+                                .marked
+                                .then(|| event_of_lines(&block.bytes, &block.lines, kept))
+                                .flatten()
+                                .and_then(|mut event| metadata.frame(&mut event).then_some(event));
+                            match framed {
+                                Some(event) => event.encode_into(&mut out),
+                                None => {
+                                    if block.bytes.starts_with(b"\xEF\xBB\xBF") {
+                                        // Content here; first in the client's stream it would
+                                        // pass for the stream's own mark and be dropped.
+                                        out.extend_from_slice(b"\n");
+                                    }
+                                    out.extend_from_slice(&block.bytes)
+                                }
+                            }
+                        }
+                        out.freeze()
+                    }
+                    None => whole,
+                };
+                // A burst of blocks must not keep its room for the rest of the stream.
+                raw.blocks.shrink_to(16);
+                if fed.stopped_at.is_some() {
+                    self.set_phase(Phase::Farewell);
+                }
+                if failed {
+                    self.on_parse_error();
+                }
+                return passed(framed);
             }
             Wire::Parser(parsing) => &mut parsing.get_or_insert_with(Box::default).parser,
         };
@@ -861,7 +940,7 @@ impl<St: ReplayStore> Engine<St> {
     fn unchanged(&mut self) -> Option<&mut Vec<Event>> {
         match &mut self.wire {
             Wire::Parser(Some(parsing)) => Some(&mut parsing.unchanged),
-            Wire::Parser(None) | Wire::Blind | Wire::Scanner(_) | Wire::Recording(_) => None,
+            Wire::Parser(None) | Wire::Blind | Wire::Scanner(_) | Wire::Raw(_) => None,
         }
     }
 

@@ -193,6 +193,11 @@ impl CommentMetadataLayer {
 }
 
 impl MetadataConfig {
+    /// The prefix that marks metadata fields.
+    pub(crate) fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
     /// True when events are changed: metadata fields rendered or stripped.
     pub(crate) fn rewrites(&self) -> bool {
         self.metadata != Metadata::Keep

@@ -121,11 +121,11 @@ impl<St: ReplayStore> Recorder<St> {
         self.batch.extend(stored);
     }
 
-    /// Records an event found as raw bytes (it has data and an id, and no stage changes it).
-    pub(crate) fn record_raw(&mut self, event: crate::wire::RawEvent) {
-        if self.recording {
+    /// Records a block found as raw bytes, if it is a message with an id, as it is.
+    pub(crate) fn record_raw(&mut self, block: &crate::wire::RawBlock) {
+        if let (true, Some(id)) = (self.recording, &block.id) {
             self.batch
-                .extend(stored_raw(event.bytes, event.chunk_len, &event.id));
+                .extend(stored_raw(block.bytes.clone(), block.chunk_len, id));
         }
     }
 
@@ -225,9 +225,9 @@ impl<St: ReplayStore> ReplayStage<St> {
         self.recorder.recording && !self.reframe
     }
 
-    /// Records an event found as raw bytes (see [`Recorder::record_raw`]).
-    pub(crate) fn record_raw(&mut self, event: crate::wire::RawEvent) {
-        self.recorder.record_raw(event);
+    /// Records a block found as raw bytes (see [`Recorder::record_raw`]).
+    pub(crate) fn record_raw(&mut self, block: &crate::wire::RawBlock) {
+        self.recorder.record_raw(block);
     }
 
     pub(crate) fn stop_recording(&mut self) {

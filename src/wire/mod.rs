@@ -65,6 +65,7 @@ pub use media::{
     accepts_event_stream, asks_for_event_stream, is_encoded, is_event_stream, is_event_stream_type,
     is_plain_event_stream, EVENT_STREAM_UTF8,
 };
+pub(crate) use parser::event_of_lines;
 pub use parser::{ParseError, Parser};
 pub use reader::{EventReader, ReadError};
 pub use scanner::{Piece, Pieces, Scanner};
@@ -72,7 +73,7 @@ pub use scanner::{Piece, Pieces, Scanner};
 pub(crate) use bom::{BomFilter, BomStep, LeadingBom};
 #[cfg(feature = "subscriptions")]
 pub(crate) use ids::LastEventIds;
-pub(crate) use raw::{RawEvent, RawEvents};
+pub(crate) use raw::{Fed, RawBlock, RawEvents};
 #[cfg(test)]
 pub(crate) use scanner::scanned;
 

@@ -300,6 +300,27 @@ impl Parser {
     }
 }
 
+/// The event of a block's complete lines (ranges of `block`, line endings left out), by the
+/// parser's own field rules: for a reader that found the lines itself, so that nothing is
+/// scanned twice. `None` for a block without lines.
+pub(crate) fn event_of_lines(
+    block: &Bytes,
+    lines: &[std::ops::Range<usize>],
+    kept_lines: usize,
+) -> Option<Event> {
+    let mut fields = Block::default();
+    let mut reconnection_time = None;
+    for line in lines {
+        fields.take_line(
+            block,
+            &block[line.clone()],
+            kept_lines,
+            &mut reconnection_time,
+        );
+    }
+    fields.dispatch(&mut Bytes::new())
+}
+
 impl Block {
     /// Interprets one complete, non-blank line; `line` is a slice of `owner`.
     fn take_line(

@@ -1,6 +1,7 @@
-//! A stream's message events with ids, as the bytes the stream carried them in, found on the
-//! scanner's pieces: what a recorder needs, without building events. Only an event that spans
-//! chunks is copied (once, whole).
+//! A stream's blocks as the bytes the stream carried them in, with what a recorder and the
+//! comment-metadata stage need to know of them (the id of a message, a metadata field), found on
+//! the scanner's pieces without building events. Only a block that spans chunks is copied (once,
+//! whole).
 
 use std::ops::Range;
 
@@ -8,20 +9,37 @@ use bytes::{Bytes, BytesMut};
 
 use super::{LimitError, Piece, Scanner};
 
-/// A message event (it has `data`) with a non-empty id, as the stream carried it.
+/// A block (an event, or lines without data) as the stream carried it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct RawEvent {
-    /// From the event's first line to the end of its blank line.
+pub(crate) struct RawBlock {
+    /// From the block's first line to the end of its blank line.
     pub(crate) bytes: Bytes,
-    /// The value of its last `id` field: a slice of `bytes`.
-    pub(crate) id: Bytes,
+    /// The value of its last `id` field (a slice of `bytes`), when the block is a message (it
+    /// has `data`) with a non-empty id: what a recorder keeps.
+    pub(crate) id: Option<Bytes>,
     /// The length of the chunk `bytes` is a slice of (`bytes`' own length when it was copied).
     pub(crate) chunk_len: usize,
+    /// A field of the block is named with the marking prefix given to [`RawEvents::feed`].
+    pub(crate) marked: bool,
+    /// A marked block's lines (ranges of `bytes`, without line endings), to build its event
+    /// from without scanning it again.
+    pub(crate) lines: Vec<Range<usize>>,
 }
 
-/// Finds the [`RawEvent`]s of a stream fed chunk by chunk through one scanner, following the
-/// parser's rules for the `data` and `id` fields (an `id` value with NUL is ignored; the last
-/// `id` of a block is its id).
+/// How a chunk fed to [`RawEvents`] lies against the blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Fed {
+    /// Stopped after the first blank line, which ends here.
+    pub(crate) stopped_at: Option<usize>,
+    /// The chunk began inside a block of earlier chunks.
+    pub(crate) began_inside: bool,
+    /// The chunk ended inside a block (its bytes are held until it ends).
+    pub(crate) ended_inside: bool,
+}
+
+/// Finds the [`RawBlock`]s of a stream fed chunk by chunk through one scanner, following the
+/// parser's rules for fields (an `id` value with NUL is ignored; the last `id` of a block is its
+/// id; a comment is no field).
 #[derive(Debug, Default)]
 pub(crate) struct RawEvents {
     /// The current block's bytes from earlier chunks (empty when it started in this one).
@@ -29,31 +47,40 @@ pub(crate) struct RawEvents {
     /// The current block has a line.
     started: bool,
     has_data: bool,
+    marked: bool,
     /// The value of the block's last `id` field without NUL, relative to the block's start.
     id: Option<Range<usize>>,
     /// The previous chunk ended inside a line that starts here, relative to the block's start.
     open_line: Option<usize>,
+    /// While marking: the block's lines, relative to its start.
+    lines: Vec<Range<usize>>,
 }
 
 impl RawEvents {
     /// Scans `chunk` with `scanner` (which sees every chunk of the stream, in order, through
-    /// this method only), handing each raw event to `found`. With `stop_at_boundary`, stops
-    /// after the first blank line and returns the offset just past it.
+    /// this method only), handing each block that ends in it to `found`. `mark`: the field name
+    /// prefix that marks a block. With `stop_at_boundary`, stops after the first blank line.
     pub(crate) fn feed(
         &mut self,
         scanner: &mut Scanner,
         chunk: &Bytes,
         stop_at_boundary: bool,
-        mut found: impl FnMut(RawEvent),
-    ) -> Result<Option<usize>, LimitError> {
+        mark: Option<&[u8]>,
+        mut found: impl FnMut(RawBlock),
+    ) -> Result<Fed, LimitError> {
         // Where the current block's bytes start in this chunk, once it has started.
         let mut block_start = self.started.then_some(0);
+        let mut fed = Fed {
+            began_inside: self.started,
+            ..Fed::default()
+        };
         let mut pos = 0;
         while let Some(piece) = scanner.next_piece(chunk, &mut pos) {
             match piece? {
                 Piece::Bom { .. } => {
                     // Bytes held as the start of a line were the byte order mark.
                     self.held.clear();
+                    self.lines.clear();
                     self.started = false;
                     self.open_line = None;
                     block_start = None;
@@ -76,29 +103,36 @@ impl RawEvents {
                         Some(line_start) if continued => line_start,
                         _ => self.held.len() + start - block,
                     };
-                    self.field(chunk, block, line_start, end);
+                    self.field(chunk, block, line_start, end, mark);
                 }
                 Piece::Dispatch { end } => {
                     self.open_line = None;
                     if let Some(block) = block_start.take() {
-                        if let Some(event) = self.dispatch(chunk, block, end) {
-                            found(event);
-                        }
+                        found(self.dispatch(chunk, block, end));
                     }
                     if stop_at_boundary {
-                        return Ok(Some(end));
+                        fed.stopped_at = Some(end);
+                        return Ok(fed);
                     }
                 }
             }
         }
         if let Some(block) = block_start {
             self.held.extend_from_slice(&chunk[block..]);
+            fed.ended_inside = true;
         }
-        Ok(None)
+        Ok(fed)
     }
 
     /// A complete line, from `line_start` (relative to the block) to `chunk[..end]`.
-    fn field(&mut self, chunk: &Bytes, block: usize, line_start: usize, end: usize) {
+    fn field(
+        &mut self,
+        chunk: &Bytes,
+        block: usize,
+        line_start: usize,
+        end: usize,
+        mark: Option<&[u8]>,
+    ) {
         // The line in two parts: what was held from earlier chunks, and this chunk's.
         let held = &self.held[line_start.min(self.held.len())..];
         let here = &chunk[block + line_start.saturating_sub(self.held.len())..end];
@@ -107,6 +141,9 @@ impl RawEvents {
         let colon = memchr::memchr(b':', held)
             .or_else(|| memchr::memchr(b':', here).map(|i| i + held.len()))
             .unwrap_or(len);
+        if mark.is_some() {
+            self.lines.push(line_start..line_start + len);
+        }
         let name_is =
             |name: &[u8]| colon == name.len() && (0..colon).all(|i| at(i) == Some(name[i]));
         if name_is(b"data") {
@@ -120,19 +157,22 @@ impl RawEvents {
             if !has_nul {
                 self.id = Some(line_start + value..line_start + len);
             }
+        } else if let Some(prefix) = mark {
+            // A field (not a comment, not one the spec knows) named with the prefix.
+            self.marked |= colon > 0
+                && !name_is(b"event")
+                && !name_is(b"retry")
+                && colon >= prefix.len()
+                && (0..prefix.len()).all(|i| at(i) == Some(prefix[i]));
         }
     }
 
-    /// The blank line ending at `chunk[..end]`: the block's raw event, if it is one.
-    fn dispatch(&mut self, chunk: &Bytes, block: usize, end: usize) -> Option<RawEvent> {
-        let (has_data, id) = (self.has_data, self.id.take());
+    /// The blank line ending at `chunk[..end]` ends the block that started at `block`.
+    fn dispatch(&mut self, chunk: &Bytes, block: usize, end: usize) -> RawBlock {
+        let (has_data, id, marked) = (self.has_data, self.id.take(), self.marked);
         self.started = false;
         self.has_data = false;
-        let id = id.filter(|id| has_data && !id.is_empty());
-        let Some(id) = id else {
-            self.held.clear();
-            return None;
-        };
+        self.marked = false;
         let (bytes, chunk_len) = if self.held.is_empty() {
             (chunk.slice(block..end), chunk.len())
         } else {
@@ -141,11 +181,21 @@ impl RawEvents {
             let len = bytes.len();
             (bytes, len)
         };
-        Some(RawEvent {
-            id: bytes.slice(id),
+        let lines = if marked {
+            std::mem::take(&mut self.lines)
+        } else {
+            self.lines.clear();
+            Vec::new()
+        };
+        RawBlock {
+            id: id
+                .filter(|id| has_data && !id.is_empty())
+                .map(|id| bytes.slice(id)),
             bytes,
             chunk_len,
-        })
+            marked,
+            lines,
+        }
     }
 
     /// True while a block has started and not ended.
@@ -160,8 +210,8 @@ mod tests {
     use super::*;
     use crate::wire::{Limits, Parser};
 
-    /// The raw events of `chunks`, and the recordable events the parser finds in them.
-    fn both(chunks: &[&[u8]]) -> (Vec<RawEvent>, Vec<crate::wire::Event>) {
+    /// The recordable raw blocks of `chunks`, and the recordable events the parser finds.
+    fn both(chunks: &[&[u8]]) -> (Vec<RawBlock>, Vec<crate::wire::Event>) {
         let (mut scanner, mut raw, mut parser) = (
             Scanner::with_limits(Limits::default()),
             RawEvents::default(),
@@ -170,8 +220,12 @@ mod tests {
         let (mut found, mut parsed) = (Vec::new(), Vec::new());
         for chunk in chunks {
             let chunk = Bytes::copy_from_slice(chunk);
-            raw.feed(&mut scanner, &chunk, false, |event| found.push(event))
-                .unwrap();
+            raw.feed(&mut scanner, &chunk, false, None, |block| {
+                if block.id.is_some() {
+                    found.push(block)
+                }
+            })
+            .unwrap();
             parser.push(chunk);
             while let Some(event) = parser.next_event() {
                 let event = event.unwrap();
@@ -192,7 +246,7 @@ mod tests {
             "{what}: {found:?} against {parsed:?}"
         );
         for (raw, event) in found.iter().zip(&parsed) {
-            assert_eq!(Some(&raw.id[..]), event.id(), "{what}");
+            assert_eq!(raw.id.as_deref(), event.id(), "{what}");
             // After a blank line, as in its stream: a byte order mark first in the event is
             // content there, not the stream's own (the recorder guards it the same way).
             let mut alone = Parser::new();
@@ -244,10 +298,10 @@ mod tests {
         let mut raw = RawEvents::default();
         let chunk = Bytes::from_static(b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n");
         let mut found = Vec::new();
-        let end = raw
-            .feed(&mut scanner, &chunk, true, |e| found.push(e))
+        let fed = raw
+            .feed(&mut scanner, &chunk, true, None, |b| found.push(b))
             .unwrap();
-        assert_eq!(end, Some(15));
+        assert_eq!(fed.stopped_at, Some(15));
         assert_eq!(found.len(), 1);
     }
 
@@ -256,10 +310,11 @@ mod tests {
         let mut scanner = Scanner::with_limits(Limits::default().max_event_len(64));
         let mut raw = RawEvents::default();
         let chunk = Bytes::from(format!("id: 1\ndata: {}", "x".repeat(40)));
-        assert!(raw.feed(&mut scanner, &chunk, false, |_| {}).is_ok());
+        let fed = raw.feed(&mut scanner, &chunk, false, None, |_| {}).unwrap();
+        assert!(fed.ended_inside && !fed.began_inside);
         assert!(raw.is_mid_block());
         let more = Bytes::from("y".repeat(40));
-        assert!(raw.feed(&mut scanner, &more, false, |_| {}).is_err());
+        assert!(raw.feed(&mut scanner, &more, false, None, |_| {}).is_err());
         assert!(raw.held.len() <= 64);
     }
 
