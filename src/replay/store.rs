@@ -260,9 +260,6 @@ struct Shared {
     streams: Mutex<Streams>,
     /// The last id number assigned.
     assigned: AtomicU64,
-    /// When the store's size is next reported to telemetry (at most once a second).
-    #[cfg(feature = "metrics")]
-    next_report: Mutex<Instant>,
 }
 
 /// Every key's stream, their order of last use and the bytes they are counted for.
@@ -277,6 +274,10 @@ struct Streams {
     /// No key goes idle before this: the least recent key's last use plus the idle time (keys
     /// are only ever used later, so it stays a lower bound until that key goes).
     no_expiry_before: Option<Instant>,
+    /// When the store's size is next reported to telemetry (at most once a second; `None`:
+    /// at once).
+    #[cfg(feature = "metrics")]
+    next_report: Option<Instant>,
 }
 
 struct Stream {
@@ -334,8 +335,6 @@ impl MemoryStore {
                 prefix,
                 streams: Mutex::new(Streams::default()),
                 assigned: AtomicU64::new(0),
-                #[cfg(feature = "metrics")]
-                next_report: Mutex::new(Instant::now()),
             }),
         }
     }
@@ -374,24 +373,19 @@ impl MemoryStore {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-
-    /// True at most once a second: time to set the size gauges.
-    #[cfg(feature = "metrics")]
-    fn report_due(&self, now: Instant) -> bool {
-        let mut next = self
-            .shared
-            .next_report
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let due = now >= *next;
-        if due {
-            *next = now + Duration::from_secs(1);
-        }
-        due
-    }
 }
 
 impl Streams {
+    /// True when the store's size is due to be reported.
+    #[cfg(feature = "metrics")]
+    fn report_due(&mut self, now: Instant) -> bool {
+        let due = self.next_report.is_none_or(|next| now >= next);
+        if due {
+            self.next_report = Some(now + Duration::from_secs(1));
+        }
+        due
+    }
+
     /// Forgets the keys unused for the idle time (the least recently used come first).
     fn expire(&mut self, limits: &MemoryLimits, now: Instant) {
         if self.no_expiry_before.is_some_and(|at| now < at) {
@@ -458,18 +452,12 @@ impl Streams {
         }
     }
 
-    /// Makes `key` held and the most recently used, within the key bound (and, as far as other
-    /// keys can give way, the byte bound); `None` when the key alone does not fit the budget.
-    fn hold(&mut self, key: &Bytes, limits: &MemoryLimits, now: Instant) -> Option<&mut Stream> {
-        self.expire(limits, now);
-        if self.map.contains_key(key) {
-            let stream = self.map.get_mut(key)?;
-            Self::touch_stream(&mut self.recency, &mut self.clock, stream, now);
-            return Some(stream);
-        }
+    /// Makes the stream of a new `key`, evicting others as the budget needs; false when the key
+    /// alone is over the budget.
+    fn admit(&mut self, key: &Bytes, limits: &MemoryLimits, now: Instant) -> bool {
         let cost = key_cost(key);
         if cost > limits.max_bytes {
-            return None;
+            return false;
         }
         while self.map.len() >= limits.max_keys || self.bytes + cost > limits.max_bytes {
             if !self.evict_one(key) {
@@ -482,15 +470,19 @@ impl Streams {
         if self.no_expiry_before.is_none() {
             self.no_expiry_before = now.checked_add(limits.key_idle);
         }
-        Some(self.map.entry(key.clone()).or_insert(Stream {
-            events: VecDeque::new(),
-            index: HashMap::default(),
-            first_seq: 0,
-            bytes: 0,
-            cost,
-            last_used: now,
-            tick: self.clock,
-        }))
+        self.map.insert(
+            key.clone(),
+            Stream {
+                events: VecDeque::new(),
+                index: HashMap::default(),
+                first_seq: 0,
+                bytes: 0,
+                cost,
+                last_used: now,
+                tick: self.clock,
+            },
+        );
+        true
     }
 
     /// Applies `f` to the stream of `key` and keeps the byte count in step with its cost.
@@ -613,23 +605,36 @@ impl ReplayStore for MemoryStore {
         }
         let mut guard = self.lock();
         let streams = &mut *guard;
-        if streams.hold(key, limits, now).is_none() {
-            return;
-        }
+        streams.expire(limits, now);
         // The size gauges, when due: the other keys' events now, this key's after its first new
         // event.
         #[cfg(feature = "metrics")]
-        let mut report = self.report_due(now).then(|| {
+        let mut report = streams.report_due(now).then(|| {
             let others: usize = streams
                 .map
                 .iter()
                 .filter(|(k, _)| *k != key)
                 .map(|(_, s)| s.events.len())
                 .sum();
-            (streams.map.len(), others)
+            // This key counts whether it is held yet or is about to be.
+            let keys = streams.map.len() + usize::from(!streams.map.contains_key(key));
+            (keys, others)
         });
-        let Some(stream) = streams.map.get_mut(key) else {
-            return;
+        // One lookup of the key for the whole batch.
+        let stream = match streams.map.get_mut(key) {
+            Some(stream) => {
+                Streams::touch_stream(&mut streams.recency, &mut streams.clock, stream, now);
+                stream
+            }
+            None => {
+                if !streams.admit(key, limits, now) {
+                    return;
+                }
+                match streams.map.get_mut(key) {
+                    Some(stream) => stream,
+                    None => return,
+                }
+            }
         };
         let before = stream.cost;
         for event in events {

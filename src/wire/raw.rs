@@ -133,37 +133,42 @@ impl RawEvents {
         end: usize,
         mark: Option<&[u8]>,
     ) {
-        // The line in two parts: what was held from earlier chunks, and this chunk's.
-        let held = &self.held[line_start.min(self.held.len())..];
-        let here = &chunk[block + line_start.saturating_sub(self.held.len())..end];
-        let at = |i: usize| held.get(i).or_else(|| here.get(i - held.len())).copied();
-        let len = held.len() + here.len();
-        let colon = memchr::memchr(b':', held)
-            .or_else(|| memchr::memchr(b':', here).map(|i| i + held.len()))
-            .unwrap_or(len);
-        if mark.is_some() {
-            self.lines.push(line_start..line_start + len);
+        let held = self.held.len();
+        let here = &chunk[block + line_start.saturating_sub(held)..end];
+        if line_start >= held {
+            return self.take_line(here, line_start, mark);
         }
-        let name_is =
-            |name: &[u8]| colon == name.len() && (0..colon).all(|i| at(i) == Some(name[i]));
-        if name_is(b"data") {
-            self.has_data = true;
-        } else if name_is(b"id") {
-            let mut value = (colon + 1).min(len);
-            if at(value) == Some(b' ') {
-                value += 1;
+        // A line begun in an earlier chunk, joined (the parser copies it too); bounded by the
+        // scanner's line limit.
+        let mut line = Vec::with_capacity(held - line_start + here.len());
+        line.extend_from_slice(&self.held[line_start..]);
+        line.extend_from_slice(here);
+        self.take_line(&line, line_start, mark);
+    }
+
+    /// One complete line of the block, starting at `line_start` (relative to the block).
+    fn take_line(&mut self, line: &[u8], line_start: usize, mark: Option<&[u8]>) {
+        if mark.is_some() {
+            self.lines.push(line_start..line_start + line.len());
+        }
+        match line {
+            b"data" | [b'd', b'a', b't', b'a', b':', ..] => self.has_data = true,
+            b"id" | [b'i', b'd', b':', ..] => {
+                let value = match line {
+                    [b'i', b'd', b':', b' ', ..] => 4,
+                    [b'i', b'd', b':', ..] => 3,
+                    _ => 2,
+                };
+                // An id holding NUL is ignored.
+                if memchr::memchr(0, &line[value..]).is_none() {
+                    self.id = Some(line_start + value..line_start + line.len());
+                }
             }
-            let has_nul = (value..len).any(|i| at(i) == Some(0));
-            if !has_nul {
-                self.id = Some(line_start + value..line_start + len);
+            _ => {
+                if let Some(prefix) = mark {
+                    self.marked |= is_marked(line, prefix);
+                }
             }
-        } else if let Some(prefix) = mark {
-            // A field (not a comment, not one the spec knows) named with the prefix.
-            self.marked |= colon > 0
-                && !name_is(b"event")
-                && !name_is(b"retry")
-                && colon >= prefix.len()
-                && (0..prefix.len()).all(|i| at(i) == Some(prefix[i]));
         }
     }
 
@@ -203,6 +208,16 @@ impl RawEvents {
     fn is_mid_block(&self) -> bool {
         self.started
     }
+}
+
+/// A field line (not a comment, not a field the spec knows; `data` and `id` are taken before)
+/// whose name starts with `prefix`.
+fn is_marked(line: &[u8], prefix: &[u8]) -> bool {
+    if line.first() == Some(&b':') || !line.starts_with(prefix) {
+        return false;
+    }
+    let name = &line[..memchr::memchr(b':', line).unwrap_or(line.len())];
+    name.len() >= prefix.len() && name != b"event" && name != b"retry"
 }
 
 #[cfg(test)]
@@ -318,6 +333,50 @@ mod tests {
         assert!(raw.held.len() <= 64);
     }
 
+    /// Marks, per block, as the raw blocks and the parser (any unknown field named with the
+    /// prefix) see them.
+    fn marks(chunks: &[&[u8]], prefix: &[u8]) -> (Vec<bool>, Vec<bool>) {
+        let (mut scanner, mut raw, mut parser) = (
+            Scanner::with_limits(Limits::default()),
+            RawEvents::default(),
+            Parser::new(),
+        );
+        let (mut found, mut parsed) = (Vec::new(), Vec::new());
+        for chunk in chunks {
+            let chunk = Bytes::copy_from_slice(chunk);
+            raw.feed(&mut scanner, &chunk, false, Some(prefix), |block| {
+                found.push(block.marked)
+            })
+            .unwrap();
+            parser.push(chunk);
+            while let Some(event) = parser.next_event() {
+                let event = event.unwrap();
+                parsed.push(
+                    event
+                        .unknown_fields()
+                        .iter()
+                        .any(|(name, _)| name.starts_with(prefix)),
+                );
+            }
+        }
+        (found, parsed)
+    }
+
+    #[test]
+    fn marks_blocks_with_a_prefixed_field_as_the_parser_sees_them() {
+        let stream: &[u8] = b"meta-a: 1\ndata: x\n\n: meta-b: comment\ndata: y\n\nmeta-\n\nmeta:x\n\nevent: meta-c\ndata\n\nx-meta-d: 1\n\n";
+        for split in 0..=stream.len() {
+            let (a, b) = stream.split_at(split);
+            let (found, parsed) = marks(&[a, b], b"meta-");
+            assert_eq!(found, parsed, "split at {split}");
+            assert_eq!(found, [true, false, true, false, false, false]);
+        }
+        // Any unknown field, with an empty prefix; never a comment nor a known field.
+        let (found, parsed) = marks(&[b"data: 1\nid: 2\nevent: e\nretry: 1\n: c\n\nx\n\n"], b"");
+        assert_eq!(found, parsed);
+        assert_eq!(found, [false, true]);
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
 
@@ -325,7 +384,7 @@ mod tests {
         fn agrees_with_the_parser_on_random_streams_and_chunkings(
             tokens in proptest::collection::vec(proptest::sample::select(vec![
                 &b"\n"[..], b"\r", b"\r\n", b":", b" ", b"id", b"id: ", b"data", b"data: ",
-                b"\0", b"\xEF\xBB\xBF", b"7", b"x", b"event", b"\n\n",
+                b"\0", b"\xEF\xBB\xBF", b"7", b"x", b"event", b"\n\n", b"meta-", b"meta",
             ]), 0..60),
             cuts in proptest::collection::vec(0usize..400, 0..8),
         ) {
@@ -340,6 +399,8 @@ mod tests {
             }
             chunks.push(&stream[at..]);
             assert_agree(&chunks, &format!("{:?} in {:?}", String::from_utf8_lossy(&stream), chunks));
+            let (found, parsed) = marks(&chunks, b"meta-");
+            proptest::prop_assert_eq!(found, parsed);
         }
     }
 }
