@@ -72,7 +72,7 @@ pub(crate) struct Recorder<St> {
     ids: Ids,
     recording: bool,
     /// Events recorded from the current frame, handed to the store together.
-    batch: Vec<StoredEvent>,
+    batch: Vec<Pending>,
 }
 
 impl<St: ReplayStore> Recorder<St> {
@@ -110,12 +110,15 @@ impl<St: ReplayStore> Recorder<St> {
             return;
         }
         let stored = match (raw, event.id_bytes()) {
-            (Some((raw, chunk_len)), Some(id)) => stored_raw(raw, chunk_len, id),
+            (Some((raw, chunk_len)), Some(id)) => Pending::new(raw, chunk_len, id),
             _ => None,
         };
         // Else re-encoded, the id a slice of the encoding: one allocation per recorded event.
         let stored = stored.or_else(|| match event.encode_with_id() {
-            (bytes, Some(id)) => Some(StoredEvent { id, bytes }),
+            (bytes, Some(id)) => {
+                let len = bytes.len();
+                Pending::new(bytes, len, &id)
+            }
             (_, None) => None,
         });
         self.batch.extend(stored);
@@ -125,14 +128,19 @@ impl<St: ReplayStore> Recorder<St> {
     pub(crate) fn record_raw(&mut self, block: &crate::wire::RawBlock) {
         if let (true, Some(id)) = (self.recording, &block.id) {
             self.batch
-                .extend(stored_raw(block.bytes.clone(), block.chunk_len, id));
+                .extend(Pending::new(block.bytes.clone(), block.chunk_len, id));
         }
     }
 
     /// Hands the events recorded so far to the store.
     pub(crate) fn flush(&mut self) {
         if !self.batch.is_empty() {
-            self.store.append_all(&self.key, self.batch.drain(..));
+            // The small events of the frame copied into one buffer of their own: one
+            // allocation per frame, and nothing kept that the store does not count.
+            let copied = self.batch.iter().map(Pending::copied_len).sum();
+            let mut own = BytesMut::with_capacity(copied);
+            let events = self.batch.drain(..).map(|pending| pending.stored(&mut own));
+            self.store.append_all(&self.key, events);
             // A burst of events must not keep its room for the rest of the stream.
             self.batch.shrink_to(16);
         }
@@ -336,33 +344,74 @@ pub(super) fn stream_body<B, St: ReplayStore>(
     EngineBody::stream(inner, stages, true, headers, start)
 }
 
-/// An unchanged event's own bytes to store, with its id as a slice of them: the slice of the
-/// chunk when the event is most of it, else a copy (a small slice would keep a big chunk alive
-/// beyond what the store counts). `None` when the id is not within the bytes.
-fn stored_raw(raw: Bytes, chunk_len: usize, id: &Bytes) -> Option<StoredEvent> {
-    let offset = (id.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
-    if offset + id.len() > raw.len() {
-        return None;
+/// An event on its way to the store: its bytes (still a slice of its frame), where its id is in
+/// them, and what the store gets.
+struct Pending {
+    bytes: Bytes,
+    id: std::ops::Range<usize>,
+    keep: Keep,
+}
+
+enum Keep {
+    /// The slice itself: the event is most of its frame.
+    Slice,
+    /// A copy: a small slice would keep a big frame alive beyond what the store counts.
+    Copy,
+    /// A copy after a blank line: the event starts with a byte order mark, content here, that
+    /// a client would take for the stream's own (and drop) if the event came first.
+    Guarded,
+}
+
+impl Pending {
+    /// `raw`: an unchanged event's own bytes, a slice of a chunk of `chunk_len` bytes; `id` a
+    /// slice of them. `None` when the id is not within the bytes.
+    fn new(raw: Bytes, chunk_len: usize, id: &Bytes) -> Option<Self> {
+        let offset = (id.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
+        if offset + id.len() > raw.len() {
+            return None;
+        }
+        let keep = if raw.starts_with(b"\xEF\xBB\xBF") {
+            Keep::Guarded
+        } else if raw.len() * 2 >= chunk_len {
+            Keep::Slice
+        } else {
+            Keep::Copy
+        };
+        Some(Self {
+            id: offset..offset + id.len(),
+            bytes: raw,
+            keep,
+        })
     }
-    if raw.starts_with(b"\xEF\xBB\xBF") {
-        // A byte order mark that is content here would be taken for the stream's own (and
-        // dropped) if this event were the first a client gets: a blank line first keeps it.
-        let mut guarded = BytesMut::with_capacity(raw.len() + 1);
-        guarded.extend_from_slice(b"\n");
-        guarded.extend_from_slice(&raw);
-        let bytes = guarded.freeze();
-        return Some(StoredEvent {
-            id: bytes.slice(offset + 1..offset + 1 + id.len()),
+
+    /// The bytes it takes in the frame's buffer of copies.
+    fn copied_len(&self) -> usize {
+        match self.keep {
+            Keep::Slice => 0,
+            Keep::Copy => self.bytes.len(),
+            Keep::Guarded => self.bytes.len() + 1,
+        }
+    }
+
+    /// The event as stored, a copy split off `own` (sized by [`copied_len`]) when it is one.
+    ///
+    /// [`copied_len`]: Self::copied_len
+    fn stored(self, own: &mut BytesMut) -> StoredEvent {
+        let (bytes, shift) = match self.keep {
+            Keep::Slice => (self.bytes, 0),
+            Keep::Copy => {
+                own.extend_from_slice(&self.bytes);
+                (own.split().freeze(), 0)
+            }
+            Keep::Guarded => {
+                own.extend_from_slice(b"\n");
+                own.extend_from_slice(&self.bytes);
+                (own.split().freeze(), 1)
+            }
+        };
+        StoredEvent {
+            id: bytes.slice(self.id.start + shift..self.id.end + shift),
             bytes,
-        });
+        }
     }
-    let bytes = if raw.len() * 2 >= chunk_len {
-        raw
-    } else {
-        Bytes::copy_from_slice(&raw)
-    };
-    Some(StoredEvent {
-        id: bytes.slice(offset..offset + id.len()),
-        bytes,
-    })
 }

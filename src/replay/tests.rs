@@ -378,6 +378,57 @@ async fn a_bom_inside_a_recorded_event_stays_content_when_replayed_first() {
     }
 }
 
+/// Small events are copied for the store (a slice would keep their whole frame alive), all of a
+/// frame's into one buffer of their own: one allocation per frame, holding only those events.
+#[tokio::test]
+async fn the_small_events_of_a_frame_are_copied_into_one_buffer() {
+    let layer = ReplayLayer::new();
+    let frame = Bytes::from(format!(
+        "id: 1\ndata: a\n\nid: 2\ndata: b\n\n:{}\n\nid: 3\ndata: c\n\n",
+        "x".repeat(500)
+    ));
+    let sent = frame.clone();
+    let upstream = service_fn(move |_req: Request<()>| {
+        let body = Script::new().chunk(sent.clone()).into_body();
+        let response = Response::builder()
+            .header(http::header::CONTENT_TYPE, "text/event-stream")
+            .body(body)
+            .unwrap();
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    fetch(layer.layer(upstream), request(None)).await;
+    let key = Bytes::from_static(b"/feed?topic=a");
+    let Lookup::Found(stored) = layer
+        .store()
+        .read(&key, ReadFrom::Oldest, 10)
+        .await
+        .unwrap()
+    else {
+        panic!("recorded");
+    };
+    let bytes: Vec<&[u8]> = stored.iter().map(|e| &e.bytes[..]).collect();
+    assert_eq!(
+        bytes,
+        [
+            &b"id: 1\ndata: a\n\n"[..],
+            b"id: 2\ndata: b\n\n",
+            b"id: 3\ndata: c\n\n"
+        ]
+    );
+    let in_frame = frame.as_ptr_range();
+    for pair in stored.windows(2) {
+        let end = pair[0].bytes.as_ptr_range().end;
+        assert_eq!(end, pair[1].bytes.as_ptr(), "one buffer, in order");
+    }
+    for event in &stored {
+        assert!(
+            !in_frame.contains(&event.bytes.as_ptr()),
+            "a copy, not the frame"
+        );
+        assert!(event.bytes.as_ptr_range().contains(&event.id.as_ptr()));
+    }
+}
+
 #[tokio::test]
 async fn non_streams_and_unkeyed_requests_pass_untouched() {
     let layer = ReplayLayer::new();
