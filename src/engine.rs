@@ -714,7 +714,7 @@ impl<St: ReplayStore> Engine<St> {
                     metadata.map(MetadataConfig::prefix),
                     |block| {
                         if let Some(replay) = replay.as_deref_mut() {
-                            replay.record_raw(&block);
+                            replay.record_raw(&block, &data);
                         }
                         if metadata.is_some() {
                             marked |= block.marked;
@@ -723,7 +723,7 @@ impl<St: ReplayStore> Engine<St> {
                     },
                 );
                 if let Some(replay) = replay {
-                    replay.settle(!raw.scanner.is_at_boundary());
+                    replay.settle(!raw.scanner.is_at_boundary(), Some(&data));
                 }
                 let (fed, failed) = match fed {
                     Ok(fed) => (fed, false),
@@ -741,7 +741,8 @@ impl<St: ReplayStore> Engine<St> {
                         true,
                     ),
                 };
-                let whole = match fed.stopped_at {
+                let stopped_at = fed.stopped_at;
+                let whole = move |data: Bytes| match stopped_at {
                     Some(end) => data.slice(..end),
                     None => data,
                 };
@@ -754,32 +755,33 @@ impl<St: ReplayStore> Engine<St> {
                             && !raw.blocks.is_empty() =>
                     {
                         raw.blocks.clear();
-                        whole
+                        whole(data)
                     }
                     Some(metadata) => {
                         let mut out = BytesMut::new();
                         for block in raw.blocks.drain(..) {
                             let kept = Limits::default().kept_lines();
+                            let bytes = block.bytes(&data);
                             let framed = block
                                 .marked
-                                .then(|| event_of_lines(&block.bytes, &block.lines, kept))
+                                .then(|| event_of_lines(&block.to_bytes(&data), &block.lines, kept))
                                 .flatten()
                                 .and_then(|mut event| metadata.frame(&mut event).then_some(event));
                             match framed {
                                 Some(event) => event.encode_into(&mut out),
                                 None => {
-                                    if block.bytes.starts_with(b"\xEF\xBB\xBF") {
+                                    if bytes.starts_with(b"\xEF\xBB\xBF") {
                                         // Content here; first in the client's stream it would
                                         // pass for the stream's own mark and be dropped.
                                         out.extend_from_slice(b"\n");
                                     }
-                                    out.extend_from_slice(&block.bytes)
+                                    out.extend_from_slice(bytes)
                                 }
                             }
                         }
                         out.freeze()
                     }
-                    None => whole,
+                    None => whole(data),
                 };
                 // A burst of blocks must not keep its room for the rest of the stream.
                 raw.blocks.shrink_to(16);
@@ -867,7 +869,7 @@ impl<St: ReplayStore> Engine<St> {
         }
         let mid_event = self.parser().is_some_and(|parser| parser.is_mid_event());
         if let Some(replay) = self.replay_mut() {
-            replay.settle(mid_event);
+            replay.settle(mid_event, None);
         }
         None
     }

@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{lost_event, Config, Ids, Lookup, Plan, ReadFrom, ReplayStore, StoredEvent};
 use crate::engine::{EngineBody, Stages, Start};
-use crate::wire::Event;
+use crate::wire::{Event, RawBlock, RawSpan};
 
 pin_project_lite::pin_project! {
     /// The response body of [`Replay`](super::Replay): replayed events first, then the live
@@ -124,22 +124,31 @@ impl<St: ReplayStore> Recorder<St> {
         self.batch.extend(stored);
     }
 
-    /// Records a block found as raw bytes, if it is a message with an id, as it is.
-    pub(crate) fn record_raw(&mut self, block: &crate::wire::RawBlock) {
-        if let (true, Some(id)) = (self.recording, &block.id) {
-            self.batch
-                .extend(Pending::new(block.bytes.clone(), block.chunk_len, id));
+    /// Records a block found as raw bytes in `chunk`, if it is a message with an id, as it
+    /// is. The chunk is flushed with it, before the next one.
+    pub(crate) fn record_raw(&mut self, block: &RawBlock, chunk: &Bytes) {
+        if self.recording {
+            self.batch.extend(Pending::of_block(block, chunk));
         }
     }
 
     /// Hands the events recorded so far to the store.
     pub(crate) fn flush(&mut self) {
+        self.flush_chunk(None);
+    }
+
+    /// Hands the events recorded so far to the store; `chunk`: the chunk raw blocks were
+    /// recorded from.
+    pub(crate) fn flush_chunk(&mut self, chunk: Option<&Bytes>) {
         if !self.batch.is_empty() {
             // The small events of the frame copied into one buffer of their own: one
             // allocation per frame, and nothing kept that the store does not count.
             let copied = self.batch.iter().map(Pending::copied_len).sum();
             let mut own = BytesMut::with_capacity(copied);
-            let events = self.batch.drain(..).map(|pending| pending.stored(&mut own));
+            let events = self
+                .batch
+                .drain(..)
+                .filter_map(|pending| pending.stored(&mut own, chunk));
             self.store.append_all(&self.key, events);
             // A burst of events must not keep its room for the rest of the stream.
             self.batch.shrink_to(16);
@@ -234,8 +243,8 @@ impl<St: ReplayStore> ReplayStage<St> {
     }
 
     /// Records a block found as raw bytes (see [`Recorder::record_raw`]).
-    pub(crate) fn record_raw(&mut self, block: &crate::wire::RawBlock) {
-        self.recorder.record_raw(block);
+    pub(crate) fn record_raw(&mut self, block: &RawBlock, chunk: &Bytes) {
+        self.recorder.record_raw(block, chunk);
     }
 
     pub(crate) fn stop_recording(&mut self) {
@@ -313,8 +322,10 @@ impl<St: ReplayStore> ReplayStage<St> {
 
     /// At the end of a frame's events: what was recorded goes to the store; re-framing stops
     /// once nothing needs it, at a boundary.
-    pub(crate) fn settle(&mut self, mid_event: bool) {
-        self.flush();
+    ///
+    /// `chunk`: the chunk raw blocks were recorded from, if any.
+    pub(crate) fn settle(&mut self, mid_event: bool, chunk: Option<&Bytes>) {
+        self.recorder.flush_chunk(chunk);
         let delivered = self
             .resume
             .as_ref()
@@ -344,12 +355,18 @@ pub(super) fn stream_body<B, St: ReplayStore>(
     EngineBody::stream(inner, stages, true, headers, start)
 }
 
-/// An event on its way to the store: its bytes (still a slice of its frame), where its id is in
-/// them, and what the store gets.
+/// An event on its way to the store: where its bytes are (still in its frame), where its id is
+/// in them, and what the store gets.
 struct Pending {
-    bytes: Bytes,
+    source: Source,
     id: std::ops::Range<usize>,
     keep: Keep,
+}
+
+enum Source {
+    Bytes(Bytes),
+    /// A range of the chunk the recorder is flushed with: nothing counted until then.
+    Chunk(std::ops::Range<usize>),
 }
 
 enum Keep {
@@ -362,6 +379,19 @@ enum Keep {
     Guarded,
 }
 
+impl Keep {
+    /// For an event of `len` bytes starting with `start`, in a buffer of `buffer_len` bytes.
+    fn of(start: &[u8], len: usize, buffer_len: usize) -> Self {
+        if start.starts_with(b"\xEF\xBB\xBF") {
+            Self::Guarded
+        } else if len * 2 >= buffer_len {
+            Self::Slice
+        } else {
+            Self::Copy
+        }
+    }
+}
+
 impl Pending {
     /// `raw`: an unchanged event's own bytes, a slice of a chunk of `chunk_len` bytes; `id` a
     /// slice of them. `None` when the id is not within the bytes.
@@ -370,48 +400,66 @@ impl Pending {
         if offset + id.len() > raw.len() {
             return None;
         }
-        let keep = if raw.starts_with(b"\xEF\xBB\xBF") {
-            Keep::Guarded
-        } else if raw.len() * 2 >= chunk_len {
-            Keep::Slice
-        } else {
-            Keep::Copy
-        };
         Some(Self {
             id: offset..offset + id.len(),
-            bytes: raw,
-            keep,
+            keep: Keep::of(&raw, raw.len(), chunk_len),
+            source: Source::Bytes(raw),
         })
+    }
+
+    /// A raw block of `chunk` that is a message with an id.
+    fn of_block(block: &RawBlock, chunk: &Bytes) -> Option<Self> {
+        let id = block.id.clone()?;
+        let bytes = block.bytes(chunk);
+        let keep = Keep::of(bytes, bytes.len(), block.buffer_len(chunk));
+        let source = match (&block.span, &keep) {
+            (RawSpan::Chunk(range), Keep::Slice) => Source::Bytes(chunk.slice(range.clone())),
+            (RawSpan::Chunk(range), _) => Source::Chunk(range.clone()),
+            (RawSpan::Own(bytes), _) => Source::Bytes(bytes.clone()),
+        };
+        Some(Self { source, id, keep })
+    }
+
+    fn len(&self) -> usize {
+        match &self.source {
+            Source::Bytes(bytes) => bytes.len(),
+            Source::Chunk(range) => range.len(),
+        }
     }
 
     /// The bytes it takes in the frame's buffer of copies.
     fn copied_len(&self) -> usize {
         match self.keep {
             Keep::Slice => 0,
-            Keep::Copy => self.bytes.len(),
-            Keep::Guarded => self.bytes.len() + 1,
+            Keep::Copy => self.len(),
+            Keep::Guarded => self.len() + 1,
         }
     }
 
     /// The event as stored, a copy split off `own` (sized by [`copied_len`]) when it is one.
+    /// `chunk`: the chunk a [`Source::Chunk`] is a range of.
     ///
     /// [`copied_len`]: Self::copied_len
-    fn stored(self, own: &mut BytesMut) -> StoredEvent {
-        let (bytes, shift) = match self.keep {
-            Keep::Slice => (self.bytes, 0),
-            Keep::Copy => {
-                own.extend_from_slice(&self.bytes);
-                (own.split().freeze(), 0)
-            }
-            Keep::Guarded => {
-                own.extend_from_slice(b"\n");
-                own.extend_from_slice(&self.bytes);
-                (own.split().freeze(), 1)
+    fn stored(self, own: &mut BytesMut, chunk: Option<&Bytes>) -> Option<StoredEvent> {
+        let (bytes, shift) = match (self.keep, self.source) {
+            (Keep::Slice, Source::Bytes(bytes)) => (bytes, 0),
+            (Keep::Slice, Source::Chunk(range)) => (chunk?.slice(range), 0),
+            (keep, source) => {
+                let raw = match &source {
+                    Source::Bytes(bytes) => &bytes[..],
+                    Source::Chunk(range) => chunk?.get(range.clone())?,
+                };
+                let shift = usize::from(matches!(keep, Keep::Guarded));
+                if shift == 1 {
+                    own.extend_from_slice(b"\n");
+                }
+                own.extend_from_slice(raw);
+                (own.split().freeze(), shift)
             }
         };
-        StoredEvent {
+        Some(StoredEvent {
             id: bytes.slice(self.id.start + shift..self.id.end + shift),
             bytes,
-        }
+        })
     }
 }

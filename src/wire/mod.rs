@@ -73,7 +73,7 @@ pub use scanner::{Piece, Pieces, Scanner};
 pub(crate) use bom::{BomFilter, BomStep, LeadingBom};
 #[cfg(feature = "subscriptions")]
 pub(crate) use ids::LastEventIds;
-pub(crate) use raw::{Fed, RawBlock, RawEvents};
+pub(crate) use raw::{Fed, RawBlock, RawEvents, Span as RawSpan};
 #[cfg(test)]
 pub(crate) use scanner::scanned;
 

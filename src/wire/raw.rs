@@ -9,21 +9,56 @@ use bytes::{Bytes, BytesMut};
 
 use super::{LimitError, Piece, Scanner};
 
-/// A block (an event, or lines without data) as the stream carried it.
+/// A block (an event, or lines without data) as the stream carried it: where its bytes are,
+/// and what is known of it. Nothing is counted or copied for a block within one chunk: its
+/// reader takes the bytes it needs from the chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct RawBlock {
     /// From the block's first line to the end of its blank line.
-    pub(crate) bytes: Bytes,
-    /// The value of its last `id` field (a slice of `bytes`), when the block is a message (it
+    pub(crate) span: Span,
+    /// Where the value of its last `id` field is in its bytes, when the block is a message (it
     /// has `data`) with a non-empty id: what a recorder keeps.
-    pub(crate) id: Option<Bytes>,
-    /// The length of the chunk `bytes` is a slice of (`bytes`' own length when it was copied).
-    pub(crate) chunk_len: usize,
+    pub(crate) id: Option<Range<usize>>,
     /// A field of the block is named with the marking prefix given to [`RawEvents::feed`].
     pub(crate) marked: bool,
-    /// A marked block's lines (ranges of `bytes`, without line endings), to build its event
+    /// A marked block's lines (ranges of its bytes, without line endings), to build its event
     /// from without scanning it again.
     pub(crate) lines: Vec<Range<usize>>,
+}
+
+/// Where a block's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Span {
+    /// In the chunk it ended in.
+    Chunk(Range<usize>),
+    /// Its own copy: it spanned chunks.
+    Own(Bytes),
+}
+
+impl RawBlock {
+    /// The block's bytes; `chunk` is the chunk it ended in.
+    pub(crate) fn bytes<'a>(&'a self, chunk: &'a [u8]) -> &'a [u8] {
+        match &self.span {
+            Span::Chunk(range) => &chunk[range.clone()],
+            Span::Own(bytes) => bytes,
+        }
+    }
+
+    /// The block's bytes as a `Bytes` (a slice of `chunk`, or its own).
+    pub(crate) fn to_bytes(&self, chunk: &Bytes) -> Bytes {
+        match &self.span {
+            Span::Chunk(range) => chunk.slice(range.clone()),
+            Span::Own(bytes) => bytes.clone(),
+        }
+    }
+
+    /// The length of the buffer the block's bytes are in: its chunk's, or its own.
+    pub(crate) fn buffer_len(&self, chunk: &[u8]) -> usize {
+        match &self.span {
+            Span::Chunk(_) => chunk.len(),
+            Span::Own(bytes) => bytes.len(),
+        }
+    }
 }
 
 /// How a chunk fed to [`RawEvents`] lies against the blocks.
@@ -178,13 +213,11 @@ impl RawEvents {
         self.started = false;
         self.has_data = false;
         self.marked = false;
-        let (bytes, chunk_len) = if self.held.is_empty() {
-            (chunk.slice(block..end), chunk.len())
+        let span = if self.held.is_empty() {
+            Span::Chunk(block..end)
         } else {
             self.held.extend_from_slice(&chunk[block..end]);
-            let bytes = self.held.split().freeze();
-            let len = bytes.len();
-            (bytes, len)
+            Span::Own(self.held.split().freeze())
         };
         let lines = if marked {
             std::mem::take(&mut self.lines)
@@ -193,11 +226,8 @@ impl RawEvents {
             Vec::new()
         };
         RawBlock {
-            id: id
-                .filter(|id| has_data && !id.is_empty())
-                .map(|id| bytes.slice(id)),
-            bytes,
-            chunk_len,
+            span,
+            id: id.filter(|id| has_data && !id.is_empty()),
             marked,
             lines,
         }
@@ -225,8 +255,16 @@ mod tests {
     use super::*;
     use crate::wire::{Limits, Parser};
 
+    /// A recordable block's bytes and id, as a recorder takes them.
+    #[derive(Debug)]
+    struct Found {
+        bytes: Bytes,
+        id: Bytes,
+        buffer_len: usize,
+    }
+
     /// The recordable raw blocks of `chunks`, and the recordable events the parser finds.
-    fn both(chunks: &[&[u8]]) -> (Vec<RawBlock>, Vec<crate::wire::Event>) {
+    fn both(chunks: &[&[u8]]) -> (Vec<Found>, Vec<crate::wire::Event>) {
         let (mut scanner, mut raw, mut parser) = (
             Scanner::with_limits(Limits::default()),
             RawEvents::default(),
@@ -236,8 +274,13 @@ mod tests {
         for chunk in chunks {
             let chunk = Bytes::copy_from_slice(chunk);
             raw.feed(&mut scanner, &chunk, false, None, |block| {
-                if block.id.is_some() {
-                    found.push(block)
+                if let Some(id) = &block.id {
+                    let bytes = block.to_bytes(&chunk);
+                    found.push(Found {
+                        id: bytes.slice(id.clone()),
+                        buffer_len: block.buffer_len(&chunk),
+                        bytes,
+                    })
                 }
             })
             .unwrap();
@@ -261,7 +304,7 @@ mod tests {
             "{what}: {found:?} against {parsed:?}"
         );
         for (raw, event) in found.iter().zip(&parsed) {
-            assert_eq!(raw.id.as_deref(), event.id(), "{what}");
+            assert_eq!(Some(&raw.id[..]), event.id(), "{what}");
             // After a blank line, as in its stream: a byte order mark first in the event is
             // content there, not the stream's own (the recorder guards it the same way).
             let mut alone = Parser::new();
@@ -302,9 +345,9 @@ mod tests {
         let (found, _) = both(&[b"data: a\nid: 1\n\nid: 2\ndat", b"a: b\n\n"]);
         assert_eq!(found.len(), 2);
         assert_eq!(&found[0].bytes[..], b"data: a\nid: 1\n\n");
-        assert_eq!(found[0].chunk_len, 24);
+        assert_eq!(found[0].buffer_len, 24);
         assert_eq!(&found[1].bytes[..], b"id: 2\ndata: b\n\n");
-        assert_eq!(found[1].chunk_len, found[1].bytes.len());
+        assert_eq!(found[1].buffer_len, found[1].bytes.len());
     }
 
     #[test]
