@@ -1,6 +1,5 @@
 //! Where replayed events live: the [`ReplayStore`] trait and the in-memory [`MemoryStore`].
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::future::{ready, Future, Ready};
@@ -283,7 +282,7 @@ struct Streams {
 struct Stream {
     events: VecDeque<Retained>,
     /// id -> sequence number of the event that carries it.
-    index: HashMap<Bytes, u64>,
+    index: IdIndex,
     /// Sequence number of `events[0]`.
     first_seq: u64,
     /// Encoded bytes of the retained events (the per-key bound).
@@ -293,6 +292,104 @@ struct Stream {
     last_used: Instant,
     /// Its place in [`Streams::recency`].
     tick: u64,
+}
+
+use std::collections::hash_map::Entry;
+
+/// Ids to sequence numbers. Keyed by the id's hash, so that no id is copied or counted again
+/// for the index; a hit is checked against the retained event's id. An id whose hash another
+/// retained id holds already goes to `collided` (with a seeded 64-bit hash, practically never).
+#[derive(Default)]
+struct IdIndex<S = foldhash::fast::RandomState> {
+    ids: S,
+    by_hash: std::collections::HashMap<u64, u64, std::hash::BuildHasherDefault<HashIsKey>>,
+    collided: HashMap<Bytes, u64>,
+}
+
+/// The hasher of a map keyed by hashes already: the key is its own hash.
+#[derive(Default)]
+struct HashIsKey(u64);
+
+impl std::hash::Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; anything else is folded in all the same.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+}
+
+impl<S: std::hash::BuildHasher> IdIndex<S> {
+    fn hash(&self, id: &[u8]) -> u64 {
+        self.ids.hash_one(id)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_hash.len() + self.collided.len()
+    }
+
+    /// The sequence number of the retained event with `id`.
+    fn get(&self, id: &[u8], events: &VecDeque<Retained>, first_seq: u64) -> Option<u64> {
+        let holds = |seq: u64| {
+            events
+                .get(seq.wrapping_sub(first_seq) as usize)
+                .is_some_and(|retained| retained.event.id == id)
+        };
+        match self.by_hash.get(&self.hash(id)) {
+            Some(&seq) if holds(seq) => Some(seq),
+            _ if self.collided.is_empty() => None,
+            _ => self.collided.get(id).copied(),
+        }
+    }
+
+    /// Indexes `id` at `seq`; false when an event with `id` is retained already.
+    fn insert(
+        &mut self,
+        id: &Bytes,
+        seq: u64,
+        events: &VecDeque<Retained>,
+        first_seq: u64,
+    ) -> bool {
+        let hash = self.hash(id);
+        let in_collided = !self.collided.is_empty() && self.collided.contains_key(&id[..]);
+        match self.by_hash.entry(hash) {
+            _ if in_collided => false,
+            Entry::Vacant(slot) => {
+                slot.insert(seq);
+                true
+            }
+            Entry::Occupied(held) => {
+                let other = *held.get();
+                let same = events
+                    .get(other.wrapping_sub(first_seq) as usize)
+                    .is_some_and(|retained| retained.event.id == *id);
+                if same {
+                    return false;
+                }
+                self.collided.insert(id.clone(), seq);
+                true
+            }
+        }
+    }
+
+    /// Forgets `id`, indexed at `seq`.
+    fn remove(&mut self, id: &[u8], seq: u64) {
+        let hash = self.hash(id);
+        if self.by_hash.get(&hash) == Some(&seq) {
+            self.by_hash.remove(&hash);
+        } else {
+            self.collided.remove(id);
+        }
+    }
 }
 
 struct Retained {
@@ -474,7 +571,7 @@ impl Streams {
             key.clone(),
             Stream {
                 events: VecDeque::new(),
-                index: HashMap::default(),
+                index: IdIndex::default(),
                 first_seq: 0,
                 bytes: 0,
                 cost,
@@ -531,7 +628,7 @@ impl Stream {
         };
         self.bytes -= gone.event.bytes.len();
         self.cost -= event_cost(&gone.event);
-        self.index.remove(&gone.event.id);
+        self.index.remove(&gone.event.id, self.first_seq);
         self.first_seq += 1;
         true
     }
@@ -539,10 +636,12 @@ impl Stream {
     /// Retains `event`, unless an event with its id is retained already (false).
     fn push(&mut self, event: StoredEvent, now: Instant) -> bool {
         let seq = self.first_seq + self.events.len() as u64;
-        match self.index.entry(event.id.clone()) {
-            Entry::Occupied(_) => return false,
-            Entry::Vacant(slot) => slot.insert(seq),
-        };
+        if !self
+            .index
+            .insert(&event.id, seq, &self.events, self.first_seq)
+        {
+            return false;
+        }
         self.bytes += event.bytes.len();
         self.cost += event_cost(&event);
         self.events.push_back(Retained { event, at: now });
@@ -576,8 +675,9 @@ impl ReplayStore for MemoryStore {
                     let from = stream.events.len().saturating_sub(limit);
                     Lookup::Found(stream.collect(from, limit))
                 }
-                ReadFrom::After(id) => match stream.index.get(id) {
-                    Some(&seq) => {
+                ReadFrom::After(id) => match stream.index.get(id, &stream.events, stream.first_seq)
+                {
+                    Some(seq) => {
                         let position = (seq - stream.first_seq) as usize;
                         Lookup::Found(stream.collect(position + 1, limit))
                     }
@@ -681,6 +781,56 @@ impl ReplayStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every id on one hash (a seeded 64-bit hash practically never collides; this hasher
+    /// always does): every id is found, a duplicate is refused, and they go in any order.
+    #[test]
+    fn the_id_index_keeps_ids_whose_hashes_collide() {
+        #[derive(Default)]
+        struct Constant;
+        impl std::hash::Hasher for Constant {
+            fn finish(&self) -> u64 {
+                7
+            }
+            fn write(&mut self, _bytes: &[u8]) {}
+        }
+        let retained = |id: &'static str| Retained {
+            event: StoredEvent {
+                id: Bytes::from_static(id.as_bytes()),
+                bytes: Bytes::new(),
+            },
+            at: Instant::now(),
+        };
+        let mut events: VecDeque<Retained> = ["a", "b", "c"].map(retained).into();
+        let mut index = IdIndex::<std::hash::BuildHasherDefault<Constant>>::default();
+        for (seq, id) in [b"a", b"b", b"c"].into_iter().enumerate() {
+            assert!(index.insert(&Bytes::from_static(id), seq as u64, &events, 0));
+        }
+        assert_eq!(index.collided.len(), 2);
+        for (seq, id) in [b"a", b"b", b"c"].into_iter().enumerate() {
+            assert!(!index.insert(&Bytes::from_static(id), 9, &events, 0));
+            assert_eq!(index.get(id, &events, 0), Some(seq as u64));
+        }
+        assert_eq!(index.get(b"x", &events, 0), None);
+        // The holder of the hash goes first; the others are still found, then go too.
+        for (seq, id) in [b"a", b"b", b"c"].into_iter().enumerate() {
+            index.remove(id, seq as u64);
+            events.pop_front();
+            assert_eq!(index.get(id, &events, seq as u64 + 1), None);
+            if let Some(next) = events.front() {
+                let next_id = next.event.id.clone();
+                assert_eq!(
+                    index.get(&next_id, &events, seq as u64 + 1),
+                    Some(seq as u64 + 1)
+                );
+            }
+        }
+        assert_eq!(index.len(), 0);
+        // A new id on the freed hash, while nothing collides any more.
+        events.push_back(retained("d"));
+        assert!(index.insert(&Bytes::from_static(b"d"), 3, &events, 3));
+        assert_eq!(index.get(b"d", &events, 3), Some(3));
+    }
 
     fn event(id: &str) -> StoredEvent {
         StoredEvent {
@@ -825,6 +975,11 @@ mod tests {
             .map
             .values()
             .all(|s| s.index.len() == s.events.len()));
+        assert!(store
+            .lock()
+            .map
+            .values()
+            .all(|s| s.index.collided.is_empty()));
     }
 
     #[tokio::test]
