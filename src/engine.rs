@@ -206,6 +206,9 @@ pub(crate) struct Engine<St: ReplayStore> {
     ended: bool,
     /// The idle timeout ended the stream, not yet reported as an error.
     idle_timed_out: bool,
+    /// No stage reads or adds bytes, or ends at a boundary: frames pass as they come, only
+    /// their time is noted (the idle timeout alone).
+    only_times: bool,
     more: Option<Box<More<St>>>,
 }
 
@@ -407,8 +410,18 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
             changed: false,
             ended: false,
             idle_timed_out: false,
+            only_times: false,
             more,
         };
+        engine.only_times = matches!(engine.wire, Wire::Blind)
+            && engine.heartbeat.is_none()
+            && engine.more.as_deref().is_some_and(|more| {
+                more.first.is_none()
+                    && more.lifetime.is_none()
+                    && more.metadata.is_none()
+                    && more.replay.is_none()
+                    && more.fill.is_none()
+            });
         let timer = match engine.next_due() {
             Some(due) if stages.is_timed() => Timer::On {
                 sleep: tokio::time::sleep_until(due),
@@ -1033,6 +1046,17 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
         if let Some(first) = engine.take_first() {
             return Poll::Ready(Some(Ok(Frame::data(first))));
         }
+        if engine.only_times && !engine.ended {
+            // The frames themselves, untouched; the timer below moves lazily.
+            if let Poll::Ready(frame) = inner.as_mut().poll_frame(cx) {
+                match &frame {
+                    Some(Ok(_)) => engine.inner_gave(Instant::now()),
+                    Some(Err(_)) => {}
+                    None => engine.ended = true,
+                }
+                return Poll::Ready(frame);
+            }
+        }
         loop {
             match engine.phase() {
                 Phase::Done => return Poll::Ready(None),
@@ -1071,7 +1095,13 @@ impl<B: Body<Data = Bytes>, St: ReplayStore> Body for EngineBody<B, St> {
                 }
                 continue;
             }
-            match engine.frames.poll_frame(inner.as_mut(), cx) {
+            // Timing alone, the inner body was polled above and is quiet.
+            let polled = if engine.only_times {
+                Poll::Pending
+            } else {
+                engine.frames.poll_frame(inner.as_mut(), cx)
+            };
+            match polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     // Only the time is noted: the timer is moved lazily, when it fires. The
                     // lifetime alone needs no clock per frame: its deadline passed only when

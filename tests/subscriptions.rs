@@ -422,7 +422,10 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    assert!(renewed > 100 && renewed <= 1_000, "a poll renews it: {renewed}");
+    assert!(
+        renewed > 100 && renewed <= 1_000,
+        "a poll renews it: {renewed}"
+    );
     let full = store.create(Subscription::new("news"), caps).await.unwrap();
     assert_eq!(full, Created::Full);
     let freed = Subscription::new("news");
