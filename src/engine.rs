@@ -32,7 +32,7 @@ use crate::replay::{Admit, Lookup, ReplayStage, ReplayStore, StoreError};
 use crate::telemetry::{self, Timeout};
 use crate::timeout::deadline;
 use crate::wire::{
-    event_of_lines, Event, Fed, Limits, Parser, Piece, RawBlock, RawEvents, Scanner,
+    event_of_lines, Event, Fed, Limits, Parser, Piece, RawBlock, RawEvents, RawSpan, Scanner,
 };
 
 /// The stages an engine runs, as configured on the layers (or the stack builder). Cheap to clone
@@ -145,13 +145,11 @@ enum Wire {
     Parser(Option<Box<Parsing>>),
 }
 
-/// A bounded scanner, the raw blocks found with it, and the current frame's blocks while
-/// metadata framing rebuilds a frame.
+/// A bounded scanner and the raw blocks found with it.
 #[derive(Debug)]
 struct RawWire {
     scanner: Scanner,
     events: RawEvents,
-    blocks: Vec<RawBlock>,
 }
 
 impl Default for RawWire {
@@ -160,7 +158,6 @@ impl Default for RawWire {
             // The parser's bounds: the block held across chunks stays bounded.
             scanner: Scanner::with_limits(Limits::default()),
             events: RawEvents::default(),
-            blocks: Vec::new(),
         }
     }
 }
@@ -498,6 +495,49 @@ fn frame_stored(metadata: &MetadataConfig, stored: &Bytes, out: &mut BytesMut) {
     }
 }
 
+/// Splices `block` (of `chunk`) into the client's bytes when it goes out changed: framed, after
+/// a guarding blank line (it starts with a byte order mark, content here, which a client would
+/// drop if it came first), or whole when it began in an earlier chunk. `spliced`: the bytes so
+/// far and the offset of `chunk` they cover.
+fn splice_block(
+    metadata: &MetadataConfig,
+    block: &RawBlock,
+    chunk: &Bytes,
+    spliced: &mut Option<(BytesMut, usize)>,
+) {
+    let bytes = block.bytes(chunk);
+    let guarded = bytes.starts_with(b"\xEF\xBB\xBF");
+    let framed = block
+        .marked
+        .then(|| {
+            event_of_lines(
+                &block.to_bytes(chunk),
+                &block.lines,
+                Limits::default().kept_lines(),
+            )
+        })
+        .flatten()
+        .and_then(|mut event| metadata.frame(&mut event).then_some(event));
+    let start = match &block.span {
+        // As it is in the chunk.
+        RawSpan::Chunk(_) if framed.is_none() && !guarded => return,
+        RawSpan::Chunk(range) => range.start,
+        RawSpan::Own(_) => 0,
+    };
+    let (out, copied) = spliced.get_or_insert_with(|| (BytesMut::new(), 0));
+    out.extend_from_slice(&chunk[*copied..start]);
+    match framed {
+        Some(event) => event.encode_into(out),
+        None => {
+            if guarded {
+                out.extend_from_slice(b"\n");
+            }
+            out.extend_from_slice(bytes);
+        }
+    }
+    *copied = block.ends_at;
+}
+
 /// What a frame of the inner body became.
 struct Passed {
     /// What the client gets now (possibly nothing).
@@ -718,8 +758,10 @@ impl<St: ReplayStore> Engine<St> {
                     ),
                     None => (None, None),
                 };
-                let mut marked = false;
-                let blocks = &mut raw.blocks;
+                // Framing: the chunk, with what changed spliced in (framed blocks, blocks begun
+                // in earlier chunks), up to the last whole block.
+                let mut spliced = None;
+                let mut blocks_end = None;
                 let fed = raw.events.feed(
                     &mut raw.scanner,
                     &data,
@@ -729,9 +771,9 @@ impl<St: ReplayStore> Engine<St> {
                         if let Some(replay) = replay.as_deref_mut() {
                             replay.record_raw(&block, &data);
                         }
-                        if metadata.is_some() {
-                            marked |= block.marked;
-                            blocks.push(block);
+                        if let Some(metadata) = metadata {
+                            blocks_end = Some(block.ends_at);
+                            splice_block(metadata, &block, &data, &mut spliced);
                         }
                     },
                 );
@@ -746,65 +788,37 @@ impl<St: ReplayStore> Engine<St> {
                         self.on_parse_error();
                         return passed(data);
                     }
-                    Err(_) => (
-                        Fed {
-                            ended_inside: true,
-                            ..Fed::default()
-                        },
-                        true,
-                    ),
+                    Err(_) => (Fed::default(), true),
                 };
-                let stopped_at = fed.stopped_at;
-                let whole = move |data: Bytes| match stopped_at {
-                    Some(end) => data.slice(..end),
-                    None => data,
-                };
-                let framed = match metadata {
-                    // Every block as it came, and the frame whole blocks: the frame itself.
-                    Some(_)
-                        if !marked
-                            && !fed.began_inside
-                            && !fed.ended_inside
-                            && !raw.blocks.is_empty() =>
-                    {
-                        raw.blocks.clear();
-                        whole(data)
+                let out = if metadata.is_none() {
+                    match fed.stopped_at {
+                        Some(end) => data.slice(..end),
+                        None => data,
                     }
-                    Some(metadata) => {
-                        let mut out = BytesMut::new();
-                        for block in raw.blocks.drain(..) {
-                            let kept = Limits::default().kept_lines();
-                            let bytes = block.bytes(&data);
-                            let framed = block
-                                .marked
-                                .then(|| event_of_lines(&block.to_bytes(&data), &block.lines, kept))
-                                .flatten()
-                                .and_then(|mut event| metadata.frame(&mut event).then_some(event));
-                            match framed {
-                                Some(event) => event.encode_into(&mut out),
-                                None => {
-                                    if bytes.starts_with(b"\xEF\xBB\xBF") {
-                                        // Content here; first in the client's stream it would
-                                        // pass for the stream's own mark and be dropped.
-                                        out.extend_from_slice(b"\n");
-                                    }
-                                    out.extend_from_slice(bytes)
-                                }
-                            }
+                } else {
+                    // Whole blocks only: nothing when none ended here (a block in flight waits,
+                    // bytes between blocks alone are dropped).
+                    let end = match blocks_end {
+                        None => 0,
+                        Some(end) if failed => end,
+                        Some(_) => fed.stopped_at.or(fed.held_from).unwrap_or(data.len()),
+                    };
+                    match spliced {
+                        None if end == data.len() => data,
+                        None => data.slice(..end),
+                        Some((mut out, copied)) => {
+                            out.extend_from_slice(&data[copied..end.max(copied)]);
+                            out.freeze()
                         }
-                        out.freeze()
                     }
-                    None => whole(data),
                 };
-                // A burst of blocks must not keep its room for the rest of the stream.
-                raw.blocks.shrink_to(16);
                 if fed.stopped_at.is_some() {
                     self.set_phase(Phase::Farewell);
                 }
                 if failed {
                     self.on_parse_error();
                 }
-                return passed(framed);
+                return passed(out);
             }
             Wire::Parser(parsing) => &mut parsing.get_or_insert_with(Box::default).parser,
         };

@@ -259,3 +259,48 @@ proptest! {
         }
     }
 }
+
+/// Framing sends whole blocks only, spliced into the upstream's frame where they changed: for
+/// every way to cut the stream in three, each frame the client gets is whole blocks, and the
+/// events are those of the stream sent whole.
+#[tokio::test]
+async fn framed_output_is_whole_blocks_however_the_stream_is_cut() {
+    let layer = CommentMetadataLayer::new().metadata_as_comment(true);
+    let stream: &[u8] =
+        b"id: 1\ndata: a\n\nmeta-k: v\ndata: b\n\n: note\n\n\xEF\xBB\xBFx: 1\ndata: c\n\nmeta-z: 2\r\ndata: d\r\n\r\n";
+    let events = |bytes: &[u8]| {
+        let mut parser = Parser::new();
+        parser.push(Bytes::copy_from_slice(b"\n"));
+        parser.push(Bytes::copy_from_slice(bytes));
+        let mut out = Vec::new();
+        while let Some(event) = parser.next_event() {
+            out.push(event.unwrap());
+        }
+        out
+    };
+    let whole = through(&layer, &[], one(stream)).await;
+    let expected = events(&whole);
+    assert_eq!(expected.len(), 5);
+    assert_eq!(expected[1].comments()[0], "k=v".as_bytes());
+    for a in 0..=stream.len() {
+        for b in (a..=stream.len()).step_by(3) {
+            let chunks = vec![
+                Bytes::copy_from_slice(&stream[..a]),
+                Bytes::copy_from_slice(&stream[a..b]),
+                Bytes::copy_from_slice(&stream[b..]),
+            ];
+            let response = layer
+                .layer(upstream(&[], chunks))
+                .oneshot(Request::new(()))
+                .await
+                .unwrap();
+            let frames = crate::test_util::frames(response.into_body()).await;
+            let mut scanner = crate::wire::Scanner::new();
+            for frame in &frames {
+                scanner.scan(frame).unwrap();
+                assert!(scanner.is_at_boundary(), "cut at {a}, {b}: {frame:?}");
+            }
+            assert_eq!(events(&frames.concat()), expected, "cut at {a}, {b}");
+        }
+    }
+}

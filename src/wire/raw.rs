@@ -16,6 +16,8 @@ use super::{LimitError, Piece, Scanner};
 pub(crate) struct RawBlock {
     /// From the block's first line to the end of its blank line.
     pub(crate) span: Span,
+    /// Where it ends in the chunk it ended in.
+    pub(crate) ends_at: usize,
     /// Where the value of its last `id` field is in its bytes, when the block is a message (it
     /// has `data`) with a non-empty id: what a recorder keeps.
     pub(crate) id: Option<Range<usize>>,
@@ -70,6 +72,8 @@ pub(crate) struct Fed {
     pub(crate) began_inside: bool,
     /// The chunk ended inside a block (its bytes are held until it ends).
     pub(crate) ended_inside: bool,
+    /// Where that block starts in the chunk (0 when it began in an earlier one).
+    pub(crate) held_from: Option<usize>,
 }
 
 /// Finds the [`RawBlock`]s of a stream fed chunk by chunk through one scanner, following the
@@ -155,6 +159,7 @@ impl RawEvents {
         if let Some(block) = block_start {
             self.held.extend_from_slice(&chunk[block..]);
             fed.ended_inside = true;
+            fed.held_from = Some(block);
         }
         Ok(fed)
     }
@@ -227,6 +232,7 @@ impl RawEvents {
         };
         RawBlock {
             span,
+            ends_at: end,
             id: id.filter(|id| has_data && !id.is_empty()),
             marked,
             lines,
