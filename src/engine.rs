@@ -703,6 +703,8 @@ impl<St: ReplayStore> Engine<St> {
         }
         let ending = self.phase() == Phase::Ending;
         let rewrites = self.rewrites();
+        // `now` is the clock's reading (not a stand-in) when a timed stage needed one.
+        let clock_read = self.heartbeat.is_some() || self.idle().is_some();
         let passed = |bytes| Passed { bytes, held: None };
         let parser = match &mut self.wire {
             Wire::Blind => return passed(data),
@@ -778,7 +780,11 @@ impl<St: ReplayStore> Engine<St> {
                     },
                 );
                 if let Some(replay) = replay {
-                    replay.settle(!raw.scanner.is_at_boundary(), Some(&data));
+                    replay.settle(
+                        !raw.scanner.is_at_boundary(),
+                        Some(&data),
+                        clock_read.then_some(now),
+                    );
                 }
                 let (fed, failed) = match fed {
                     Ok(fed) => (fed, false),
@@ -896,7 +902,7 @@ impl<St: ReplayStore> Engine<St> {
         }
         let mid_event = self.parser().is_some_and(|parser| parser.is_mid_event());
         if let Some(replay) = self.replay_mut() {
-            replay.settle(mid_event, None);
+            replay.settle(mid_event, None, None);
         }
         None
     }

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
 
 use super::{lost_event, Config, Ids, Lookup, Plan, ReadFrom, ReplayStore, StoredEvent};
 use crate::engine::{EngineBody, Stages, Start};
@@ -134,12 +135,12 @@ impl<St: ReplayStore> Recorder<St> {
 
     /// Hands the events recorded so far to the store.
     pub(crate) fn flush(&mut self) {
-        self.flush_chunk(None);
+        self.flush_chunk(None, None);
     }
 
     /// Hands the events recorded so far to the store; `chunk`: the chunk raw blocks were
-    /// recorded from.
-    pub(crate) fn flush_chunk(&mut self, chunk: Option<&Bytes>) {
+    /// recorded from; `now`: the time, when the caller has read the clock.
+    pub(crate) fn flush_chunk(&mut self, chunk: Option<&Bytes>, now: Option<Instant>) {
         if !self.batch.is_empty() {
             // The small events of the frame copied into one buffer of their own: one
             // allocation per frame, and nothing kept that the store does not count.
@@ -149,7 +150,10 @@ impl<St: ReplayStore> Recorder<St> {
                 .batch
                 .drain(..)
                 .filter_map(|pending| pending.stored(&mut own, chunk));
-            self.store.append_all(&self.key, events);
+            match now {
+                Some(now) => self.store.append_all_at(&self.key, events, now),
+                None => self.store.append_all(&self.key, events),
+            }
             // A burst of events must not keep its room for the rest of the stream.
             self.batch.shrink_to(16);
         }
@@ -324,8 +328,8 @@ impl<St: ReplayStore> ReplayStage<St> {
     /// once nothing needs it, at a boundary.
     ///
     /// `chunk`: the chunk raw blocks were recorded from, if any.
-    pub(crate) fn settle(&mut self, mid_event: bool, chunk: Option<&Bytes>) {
-        self.recorder.flush_chunk(chunk);
+    pub(crate) fn settle(&mut self, mid_event: bool, chunk: Option<&Bytes>, now: Option<Instant>) {
+        self.recorder.flush_chunk(chunk, now);
         let delivered = self
             .resume
             .as_ref()

@@ -93,6 +93,17 @@ pub trait ReplayStore: Clone + Send + Sync + 'static {
         }
     }
 
+    /// [`append_all`](ReplayStore::append_all) at `now`, the caller's reading of the clock: a
+    /// store that notes when events came (the memory store, for ages and idle keys) need not
+    /// read it again. By default the time is not used.
+    fn append_all_at(&self, key: &Bytes, events: impl Iterator<Item = StoredEvent>, now: Instant)
+    where
+        Self: Sized,
+    {
+        let _ = now;
+        self.append_all(key, events);
+    }
+
     /// A new id for an event of `key`: unique for this store, increasing per key.
     fn next_id(&self, key: &Bytes) -> Bytes;
 
@@ -695,9 +706,12 @@ impl ReplayStore for MemoryStore {
         self.append_all(key, std::iter::once(event));
     }
 
-    /// One lock, one clock reading and one key lookup for all of `events`.
     fn append_all(&self, key: &Bytes, events: impl Iterator<Item = StoredEvent>) {
-        let now = Instant::now();
+        self.append_all_at(key, events, Instant::now());
+    }
+
+    /// One lock and one key lookup for all of `events`.
+    fn append_all_at(&self, key: &Bytes, events: impl Iterator<Item = StoredEvent>, now: Instant) {
         let limits = &self.shared.limits;
         let mut events = events.peekable();
         if events.peek().is_none() {
