@@ -128,7 +128,7 @@ pin_project! {
     struct Filling<R> {
         #[pin]
         read: R,
-        held: Option<Event>,
+        held: Option<Box<Event>>,
     }
 }
 
@@ -542,8 +542,9 @@ fn splice_block(
 struct Passed {
     /// What the client gets now (possibly nothing).
     bytes: Bytes,
-    /// The first new live event, held back until replay has filled the gap before it.
-    held: Option<Event>,
+    /// The first new live event, held back until replay has filled the gap before it (boxed:
+    /// rare, and every frame's answer would carry its room).
+    held: Option<Box<Event>>,
 }
 
 impl<St: ReplayStore> Engine<St> {
@@ -860,7 +861,7 @@ impl<St: ReplayStore> Engine<St> {
             // line ending).
             return Passed {
                 bytes: Bytes::new(),
-                held,
+                held: held.map(Box::new),
             };
         }
         if held.is_none() && !self.changed && whole_start && whole_end {
@@ -871,7 +872,7 @@ impl<St: ReplayStore> Engine<St> {
         self.flush_unchanged(&mut out);
         Passed {
             bytes: out.freeze(),
-            held,
+            held: held.map(Box::new),
         }
     }
 
@@ -997,7 +998,7 @@ impl<St: ReplayStore> Engine<St> {
 
     /// Replay filled the gap before `held`: the events it found, then `held`, then whatever
     /// else the parser has queued.
-    fn after_fill(&mut self, lookup: Lookup, held: Option<Event>) -> Passed {
+    fn after_fill(&mut self, lookup: Lookup, held: Option<Box<Event>>) -> Passed {
         let mut out = BytesMut::new();
         if let Some(More {
             replay: Some(replay),
@@ -1006,7 +1007,7 @@ impl<St: ReplayStore> Engine<St> {
         }) = self.more.as_deref_mut()
         {
             let mut found = BytesMut::new();
-            replay.fill(lookup, held.as_ref(), &mut found);
+            replay.fill(lookup, held.as_deref(), &mut found);
             match metadata {
                 Some(metadata) if metadata.rewrites() && !found.is_empty() => {
                     frame_stored(metadata, &found.freeze(), &mut out)
@@ -1019,13 +1020,13 @@ impl<St: ReplayStore> Engine<St> {
             let changed = self
                 .replay_mut()
                 .is_some_and(|replay| replay.release(&mut held, None));
-            self.finish_event(held, changed, &mut out);
+            self.finish_event(*held, changed, &mut out);
         }
         let held = self.drain(&mut out);
         self.flush_unchanged(&mut out);
         Passed {
             bytes: out.freeze(),
-            held,
+            held: held.map(Box::new),
         }
     }
 

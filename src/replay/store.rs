@@ -394,12 +394,13 @@ impl<S: std::hash::BuildHasher> IdIndex<S> {
 
     /// Forgets `id`, indexed at `seq`.
     fn remove(&mut self, id: &[u8], seq: u64) {
-        let hash = self.hash(id);
-        if self.by_hash.get(&hash) == Some(&seq) {
-            self.by_hash.remove(&hash);
-        } else {
-            self.collided.remove(id);
+        if let Entry::Occupied(held) = self.by_hash.entry(self.hash(id)) {
+            if *held.get() == seq {
+                held.remove();
+                return;
+            }
         }
+        self.collided.remove(id);
     }
 }
 
