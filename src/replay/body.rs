@@ -327,7 +327,8 @@ impl<St: ReplayStore> ReplayStage<St> {
     /// At the end of a frame's events: what was recorded goes to the store; re-framing stops
     /// once nothing needs it, at a boundary.
     ///
-    /// `chunk`: the chunk raw blocks were recorded from, if any.
+    /// `chunk`: the chunk raw blocks were recorded from, if any; `now`: the frame's reading of
+    /// the clock, when the caller read it.
     pub(crate) fn settle(&mut self, mid_event: bool, chunk: Option<&Bytes>, now: Option<Instant>) {
         self.recorder.flush_chunk(chunk, now);
         let delivered = self
