@@ -506,7 +506,7 @@ fn splice_block(
     spliced: &mut Option<(BytesMut, usize)>,
 ) {
     let bytes = block.bytes(chunk);
-    let guarded = bytes.starts_with(b"\xEF\xBB\xBF");
+    let guarded = crate::wire::starts_with_bom(bytes);
     let framed = block
         .marked
         .then(|| {

@@ -387,7 +387,7 @@ enum Keep {
 impl Keep {
     /// For an event of `len` bytes starting with `start`, in a buffer of `buffer_len` bytes.
     fn of(start: &[u8], len: usize, buffer_len: usize) -> Self {
-        if start.starts_with(b"\xEF\xBB\xBF") {
+        if crate::wire::starts_with_bom(start) {
             Self::Guarded
         } else if len * 2 >= buffer_len {
             Self::Slice

@@ -3,6 +3,13 @@
 /// UTF-8 encoding of U+FEFF.
 pub(crate) const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
 
+/// True when `block` starts with a byte order mark. Inside a stream that mark is content; first
+/// in a client's stream it would be taken for the stream's own and dropped, so a block like this
+/// goes out or is stored after a blank line.
+pub(crate) fn starts_with_bom(block: &[u8]) -> bool {
+    block.starts_with(&BOM)
+}
+
 /// How far the start of a stream has been matched against [`BOM`].
 ///
 /// Only the first three bytes of a stream can be a BOM, but they may arrive in three chunks, so the

@@ -70,7 +70,7 @@ pub use parser::{ParseError, Parser};
 pub use reader::{EventReader, ReadError};
 pub use scanner::{Piece, Pieces, Scanner};
 
-pub(crate) use bom::{BomFilter, BomStep, LeadingBom};
+pub(crate) use bom::{starts_with_bom, BomFilter, BomStep, LeadingBom};
 #[cfg(feature = "subscriptions")]
 pub(crate) use ids::LastEventIds;
 pub(crate) use raw::{Fed, RawBlock, RawEvents, Span as RawSpan};

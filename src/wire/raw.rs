@@ -68,11 +68,8 @@ impl RawBlock {
 pub(crate) struct Fed {
     /// Stopped after the first blank line, which ends here.
     pub(crate) stopped_at: Option<usize>,
-    /// The chunk began inside a block of earlier chunks.
-    pub(crate) began_inside: bool,
-    /// The chunk ended inside a block (its bytes are held until it ends).
-    pub(crate) ended_inside: bool,
-    /// Where that block starts in the chunk (0 when it began in an earlier one).
+    /// The chunk ended inside a block (its bytes are held until it ends), which starts here in
+    /// the chunk (0 when it began in an earlier one).
     pub(crate) held_from: Option<usize>,
 }
 
@@ -109,10 +106,7 @@ impl RawEvents {
     ) -> Result<Fed, LimitError> {
         // Where the current block's bytes start in this chunk, once it has started.
         let mut block_start = self.started.then_some(0);
-        let mut fed = Fed {
-            began_inside: self.started,
-            ..Fed::default()
-        };
+        let mut fed = Fed::default();
         let mut pos = 0;
         while let Some(piece) = scanner.next_piece(chunk, &mut pos) {
             match piece? {
@@ -158,7 +152,6 @@ impl RawEvents {
         }
         if let Some(block) = block_start {
             self.held.extend_from_slice(&chunk[block..]);
-            fed.ended_inside = true;
             fed.held_from = Some(block);
         }
         Ok(fed)
@@ -269,8 +262,14 @@ mod tests {
         buffer_len: usize,
     }
 
-    /// The recordable raw blocks of `chunks`, and the recordable events the parser finds.
-    fn both(chunks: &[&[u8]]) -> (Vec<Found>, Vec<crate::wire::Event>) {
+    /// What `on_block` takes of each raw block of `chunks` (marked with `mark`), and what
+    /// `on_event` takes of each event the parser finds in them.
+    fn side_by_side<T, U>(
+        chunks: &[&[u8]],
+        mark: Option<&[u8]>,
+        mut on_block: impl FnMut(&RawBlock, &Bytes) -> Option<T>,
+        mut on_event: impl FnMut(crate::wire::Event) -> Option<U>,
+    ) -> (Vec<T>, Vec<U>) {
         let (mut scanner, mut raw, mut parser) = (
             Scanner::with_limits(Limits::default()),
             RawEvents::default(),
@@ -279,26 +278,36 @@ mod tests {
         let (mut found, mut parsed) = (Vec::new(), Vec::new());
         for chunk in chunks {
             let chunk = Bytes::copy_from_slice(chunk);
-            raw.feed(&mut scanner, &chunk, false, None, |block| {
-                if let Some(id) = &block.id {
-                    let bytes = block.to_bytes(&chunk);
-                    found.push(Found {
-                        id: bytes.slice(id.clone()),
-                        buffer_len: block.buffer_len(&chunk),
-                        bytes,
-                    })
-                }
+            raw.feed(&mut scanner, &chunk, false, mark, |block| {
+                found.extend(on_block(&block, &chunk))
             })
             .unwrap();
             parser.push(chunk);
             while let Some(event) = parser.next_event() {
-                let event = event.unwrap();
-                if event.is_message() && event.id().is_some_and(|id| !id.is_empty()) {
-                    parsed.push(event);
-                }
+                parsed.extend(on_event(event.unwrap()));
             }
         }
         (found, parsed)
+    }
+
+    /// The recordable raw blocks of `chunks`, and the recordable events the parser finds.
+    fn both(chunks: &[&[u8]]) -> (Vec<Found>, Vec<crate::wire::Event>) {
+        side_by_side(
+            chunks,
+            None,
+            |block, chunk| {
+                let id = block.id.clone()?;
+                let bytes = block.to_bytes(chunk);
+                Some(Found {
+                    id: bytes.slice(id),
+                    buffer_len: block.buffer_len(chunk),
+                    bytes,
+                })
+            },
+            |event| {
+                (event.is_message() && event.id().is_some_and(|id| !id.is_empty())).then_some(event)
+            },
+        )
     }
 
     /// Each raw event parses, alone, as the very event the parser found, with its id.
@@ -375,7 +384,7 @@ mod tests {
         let mut raw = RawEvents::default();
         let chunk = Bytes::from(format!("id: 1\ndata: {}", "x".repeat(40)));
         let fed = raw.feed(&mut scanner, &chunk, false, None, |_| {}).unwrap();
-        assert!(fed.ended_inside && !fed.began_inside);
+        assert_eq!(fed.held_from, Some(0));
         assert!(raw.is_mid_block());
         let more = Bytes::from("y".repeat(40));
         assert!(raw.feed(&mut scanner, &more, false, None, |_| {}).is_err());
@@ -385,30 +394,19 @@ mod tests {
     /// Marks, per block, as the raw blocks and the parser (any unknown field named with the
     /// prefix) see them.
     fn marks(chunks: &[&[u8]], prefix: &[u8]) -> (Vec<bool>, Vec<bool>) {
-        let (mut scanner, mut raw, mut parser) = (
-            Scanner::with_limits(Limits::default()),
-            RawEvents::default(),
-            Parser::new(),
-        );
-        let (mut found, mut parsed) = (Vec::new(), Vec::new());
-        for chunk in chunks {
-            let chunk = Bytes::copy_from_slice(chunk);
-            raw.feed(&mut scanner, &chunk, false, Some(prefix), |block| {
-                found.push(block.marked)
-            })
-            .unwrap();
-            parser.push(chunk);
-            while let Some(event) = parser.next_event() {
-                let event = event.unwrap();
-                parsed.push(
+        side_by_side(
+            chunks,
+            Some(prefix),
+            |block, _| Some(block.marked),
+            |event| {
+                Some(
                     event
                         .unknown_fields()
                         .iter()
                         .any(|(name, _)| name.starts_with(prefix)),
-                );
-            }
-        }
-        (found, parsed)
+                )
+            },
+        )
     }
 
     #[test]
