@@ -446,6 +446,10 @@ impl Pending {
     ///
     /// [`copied_len`]: Self::copied_len
     fn stored(self, own: &mut BytesMut, chunk: Option<&Bytes>) -> Option<StoredEvent> {
+        debug_assert!(
+            chunk.is_some() || matches!(self.source, Source::Bytes(_)),
+            "a range of a chunk is flushed with that chunk"
+        );
         let (bytes, shift) = match (self.keep, self.source) {
             (Keep::Slice, Source::Bytes(bytes)) => (bytes, 0),
             (Keep::Slice, Source::Chunk(range)) => (chunk?.slice(range), 0),
