@@ -41,9 +41,10 @@
 //! `x-api-key`, `x-auth-token`) are never rendered, even when listed, unless named again in
 //! [`allow_sensitive_header`](CommentMetadataLayer::allow_sensitive_header).
 //!
-//! Re-framing parses every event and encodes it again (line endings become LF); events that hold
-//! no metadata come out with the same meaning. Responses that are not event streams pass
-//! through untouched.
+//! Re-framing sends whole events only: an event that spans frames goes out when it ends. An
+//! event with a metadata field is parsed and encoded again (its line endings become LF); every
+//! other event goes out as the upstream's own bytes, not parsed at all. Responses that are not
+//! event streams pass through untouched.
 //!
 //! # Example
 //!
