@@ -43,8 +43,9 @@
 //!
 //! Re-framing sends whole events only: an event that spans frames goes out when it ends. An
 //! event with a metadata field is parsed and encoded again (its line endings become LF); every
-//! other event goes out as the upstream's own bytes, not parsed at all. Responses that are not
-//! event streams pass through untouched.
+//! other event goes out as the upstream's own bytes, not parsed at all (in a stack, while replay
+//! re-frames a resuming client's stream, its events are encoded again too). Responses that are
+//! not event streams pass through untouched.
 //!
 //! # Example
 //!
