@@ -129,6 +129,9 @@ pub struct SseCompressionLayer {
 struct Config {
     /// Per encoding (by `Encoding::index`): offered, and at which level.
     levels: [Option<u32>; 4],
+    /// Every frame of the inner body ends at an event boundary (the stack's engine below makes
+    /// it so): a flush per frame, no scan of its own.
+    frames_are_events: bool,
 }
 
 impl Default for SseCompressionLayer {
@@ -143,6 +146,7 @@ impl SseCompressionLayer {
         Self {
             config: Config {
                 levels: [Some(6), Some(6), Some(3), Some(3)],
+                frames_are_events: false,
             },
         }
     }
@@ -158,6 +162,13 @@ impl SseCompressionLayer {
     /// offers it.
     pub fn level(mut self, encoding: Encoding, level: u32) -> Self {
         self.config.levels[encoding.index()] = Some(level);
+        self
+    }
+
+    /// Flushes after every frame instead of finding event boundaries: for the stack, whose
+    /// engine below sends whole events per frame (its one scan serves both).
+    pub(crate) fn frames_are_events(mut self) -> Self {
+        self.config.frames_are_events = true;
         self
     }
 }
@@ -241,13 +252,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let encoding = self.config.negotiate(request.headers());
+        if self.config.frames_are_events && encoding.is_some() {
+            request.extensions_mut().insert(crate::future::WholeEvents);
+        }
         let exchange = Exchange::of(&request);
         ResponseFuture {
             future: self.inner.call(request),
             choice: encoding.map(|e| (e, self.config.levels[e.index()].unwrap_or_default())),
             exchange,
+            frames_are_events: self.config.frames_are_events,
         }
     }
 }
@@ -259,6 +274,7 @@ pin_project! {
         future: F,
         choice: Option<(Encoding, u32)>,
         exchange: Exchange,
+        frames_are_events: bool,
     }
 }
 
@@ -316,7 +332,7 @@ where
                 state: Box::new(StreamState {
                     compressor: Some(compressor),
                     counters: telemetry::CompressionCounters::new(encoding.token()),
-                    scanner: Scanner::new(),
+                    scanner: (!*this.frames_are_events).then(Scanner::new),
                     first: Some(first),
                     stashed: None,
                 }),
@@ -427,8 +443,9 @@ struct StreamState {
     /// `None` once the compressed stream is finished.
     compressor: Option<Compressor>,
     counters: telemetry::CompressionCounters,
-    /// Where events end, so each one is flushed as soon as it is complete.
-    scanner: Scanner,
+    /// Where events end, so each one is flushed as soon as it is complete (`None`: every frame
+    /// ends one).
+    scanner: Option<Scanner>,
     first: Option<Bytes>,
     /// Trailers wait until the compressed stream's end has gone out.
     stashed: Option<Box<Frame<Bytes>>>,
@@ -497,7 +514,11 @@ impl StreamState {
                 }
             };
             // An unbounded scanner holds nothing, so it cannot fail.
-            match self.scanner.scan(&data).ok().flatten() {
+            let boundary = match self.scanner.as_mut() {
+                Some(scanner) => scanner.scan(&data).ok().flatten(),
+                None => Some(data.len()),
+            };
+            match boundary {
                 Some(end) => {
                     compressor.write(&data[..end]);
                     compressor.flush();

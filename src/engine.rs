@@ -46,6 +46,9 @@ pub(crate) struct Stages {
     pub(crate) lifetime: Option<Arc<LifetimeConfig>>,
     /// Upstream silence after which the stream ends, cleanly.
     pub(crate) idle: Option<Duration>,
+    /// Every frame out ends at an event boundary (events in flight wait for their end): set by
+    /// the stack under its compression, which then flushes per frame instead of scanning again.
+    pub(crate) whole_blocks: bool,
 }
 
 impl Stages {
@@ -56,6 +59,7 @@ impl Stages {
             || self.metadata.is_some()
             || self.heartbeat.is_some()
             || self.lifetime.is_some()
+            || self.whole_blocks
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -206,6 +210,8 @@ pub(crate) struct Engine<St: ReplayStore> {
     /// No stage reads or adds bytes, or ends at a boundary: frames pass as they come, only
     /// their time is noted (the idle timeout alone).
     only_times: bool,
+    /// Frames out end at event boundaries (see [`Stages::whole_blocks`]).
+    whole_blocks: bool,
     more: Option<Box<More<St>>>,
 }
 
@@ -343,10 +349,12 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
         let follows_cursor = false;
         // Raw blocks serve recording and metadata framing; replay that drops or changes events
         // (a resuming client, assigned ids) and the cursor need the parser.
+        let whole_blocks = plain && stages.whole_blocks;
         let raw_blocks = !follows_cursor
             && replay.as_ref().is_none_or(|r| !r.rewrites())
             && (metadata.as_ref().is_some_and(|m| m.rewrites())
-                || replay.as_ref().is_some_and(ReplayStage::only_records));
+                || replay.as_ref().is_some_and(ReplayStage::only_records)
+                || whole_blocks);
         let wire = if raw_blocks {
             Wire::Raw(None)
         } else if needs_fields {
@@ -408,6 +416,7 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
             ended: false,
             idle_timed_out: false,
             only_times: false,
+            whole_blocks,
             more,
         };
         engine.only_times = matches!(engine.wire, Wire::Blind)
@@ -500,7 +509,7 @@ fn frame_stored(metadata: &MetadataConfig, stored: &Bytes, out: &mut BytesMut) {
 /// drop if it came first), or whole when it began in an earlier chunk. `spliced`: the bytes so
 /// far and the offset of `chunk` they cover.
 fn splice_block(
-    metadata: &MetadataConfig,
+    metadata: Option<&MetadataConfig>,
     block: &RawBlock,
     chunk: &Bytes,
     spliced: &mut Option<(BytesMut, usize)>,
@@ -517,7 +526,7 @@ fn splice_block(
             )
         })
         .flatten()
-        .and_then(|mut event| metadata.frame(&mut event).then_some(event));
+        .and_then(|mut event| metadata?.frame(&mut event).then_some(event));
     let start = match &block.span {
         // As it is in the chunk.
         RawSpan::Chunk(_) if framed.is_none() && !guarded => return,
@@ -602,9 +611,12 @@ impl<St: ReplayStore> Engine<St> {
         }
     }
 
-    /// True when some stage may change events: the client then gets re-encoded events.
+    /// True when some stage may change events, or frames must end at boundaries: the client
+    /// then gets whole events only.
     fn rewrites(&self) -> bool {
-        self.metadata().is_some_and(|m| m.rewrites()) || self.replay().is_some_and(|r| r.rewrites())
+        self.whole_blocks
+            || self.metadata().is_some_and(|m| m.rewrites())
+            || self.replay().is_some_and(|r| r.rewrites())
     }
 
     /// True when the client's stream is between events: only there may a block go in. The
@@ -706,6 +718,7 @@ impl<St: ReplayStore> Engine<St> {
         let rewrites = self.rewrites();
         // `now` is the clock's reading (not a stand-in) when a timed stage needed one.
         let clock_read = self.heartbeat.is_some() || self.idle().is_some();
+        let whole_blocks = self.whole_blocks;
         let passed = |bytes| Passed { bytes, held: None };
         let parser = match &mut self.wire {
             Wire::Blind => return passed(data),
@@ -761,8 +774,10 @@ impl<St: ReplayStore> Engine<St> {
                     ),
                     None => (None, None),
                 };
-                // Framing: the chunk, with what changed spliced in (framed blocks, blocks begun
-                // in earlier chunks), up to the last whole block.
+                // Framing (metadata, or whole blocks asked for): the chunk, with what changed
+                // spliced in (framed blocks, blocks begun in earlier chunks), up to the last
+                // whole block.
+                let framing = metadata.is_some() || whole_blocks;
                 let mut spliced = None;
                 let mut blocks_end = None;
                 let fed = raw.events.feed(
@@ -774,7 +789,7 @@ impl<St: ReplayStore> Engine<St> {
                         if let Some(replay) = replay.as_deref_mut() {
                             replay.record_raw(&block, &data);
                         }
-                        if let Some(metadata) = metadata {
+                        if framing {
                             blocks_end = Some(block.ends_at);
                             splice_block(metadata, &block, &data, &mut spliced);
                         }
@@ -791,13 +806,33 @@ impl<St: ReplayStore> Engine<St> {
                     Ok(fed) => (fed, false),
                     // Past the bounds: raw, the stream still flows (only recording stops);
                     // framed, the blocks before go out framed, then the stream ends.
-                    Err(_) if metadata.is_none() => {
+                    Err(_) if !framing => {
                         self.on_parse_error();
                         return passed(data);
                     }
+                    // Whole blocks only for compression: past the bounds the stream flows on
+                    // as it comes, the block in flight with what was held of it.
+                    Err(_) if metadata.is_none() => {
+                        let held = raw.events.take_held();
+                        let out = match spliced {
+                            Some((mut out, copied)) => {
+                                out.extend_from_slice(&data[copied..]);
+                                out.freeze()
+                            }
+                            None if held.is_empty() => data,
+                            None => {
+                                let mut out = BytesMut::from(&held[..]);
+                                out.extend_from_slice(&data);
+                                out.freeze()
+                            }
+                        };
+                        self.whole_blocks = false;
+                        self.on_parse_error();
+                        return passed(out);
+                    }
                     Err(_) => (Fed::default(), true),
                 };
-                let out = if metadata.is_none() {
+                let out = if !framing {
                     match fed.stopped_at {
                         Some(end) => data.slice(..end),
                         None => data,

@@ -11,7 +11,7 @@ use std::task::{ready, Context, Poll};
 use http::Response;
 use pin_project_lite::pin_project;
 
-pub(crate) use sealed::{Exchange, OnResponse};
+pub(crate) use sealed::{Exchange, OnResponse, WholeEvents};
 
 mod sealed {
     use http::{HeaderMap, Method, Request};
@@ -27,14 +27,26 @@ mod sealed {
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct Exchange {
         head: bool,
+        whole_events: bool,
     }
+
+    /// Marks a request whose response the stack's compression will compress, flushing per frame:
+    /// the engine below then sends whole events per frame, and its one scan serves both.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct WholeEvents;
 
     impl Exchange {
         /// The exchange of `request`.
         pub(crate) fn of<B>(request: &Request<B>) -> Self {
             Self {
                 head: request.method() == Method::HEAD,
+                whole_events: request.extensions().get::<WholeEvents>().is_some(),
             }
+        }
+
+        /// True when frames of the response must end at event boundaries ([`WholeEvents`]).
+        pub(crate) fn wants_whole_events(self) -> bool {
+            self.whole_events
         }
 
         /// True for a `HEAD` request: the response must carry no body.

@@ -170,7 +170,9 @@ impl<St, K, L> SseStack<St, K, L> {
         self
     }
 
-    /// Compresses event streams by `Accept-Encoding`, flushed after every event.
+    /// Compresses event streams by `Accept-Encoding`, flushed after every event. Built into the
+    /// stack, it does not scan the stream again: for a response it compresses, the engine sends
+    /// whole events per frame and compression flushes per frame.
     #[cfg(feature = "compression")]
     #[cfg_attr(docsrs, doc(cfg(feature = "compression")))]
     pub fn compression(mut self, compression: impl Part<SseCompressionLayer>) -> Self {
@@ -325,7 +327,11 @@ where
         let replayed = self.replay.layer(fanned);
         let around = self.around_replay.layer(replayed);
         #[cfg(feature = "compression")]
-        let around = Toggled(self.compression).layer(around);
+        let around = Toggled(
+            self.compression
+                .map(crate::compression::SseCompressionLayer::frames_are_events),
+        )
+        .layer(around);
         self.headers.layer(self.passthrough.layer(around))
     }
 }
@@ -651,6 +657,70 @@ mod tests {
         };
         assert_eq!(parse(&outputs[0]), parse(&outputs[1]));
         assert_eq!(parse(&outputs[0]), parse(&outputs[2]));
+    }
+
+    /// With compression in the stack, still one scan: the engine sends whole events per frame
+    /// and compression flushes per frame instead of finding boundaries again. The client
+    /// decompresses the same events, and a client that asks for no encoding gets what the stack
+    /// without compression sends.
+    #[cfg(feature = "compression")]
+    #[tokio::test]
+    async fn with_compression_still_one_scan() {
+        use std::io::Read;
+        let parse = |bytes: &[u8]| {
+            let mut parser = crate::wire::Parser::new();
+            parser.push(Bytes::copy_from_slice(bytes));
+            std::iter::from_fn(|| parser.next_event())
+                .map(|e| format!("{:?}", e.unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let plain = frames(
+            full(MemoryStore::new())
+                .layer(upstream(Script::new().chunk(STREAM)))
+                .oneshot(Request::get("/events").body(()).unwrap())
+                .await
+                .unwrap()
+                .into_body(),
+        )
+        .await
+        .concat();
+        for (name, script) in [
+            ("whole", Script::new().chunk(STREAM)),
+            ("split", Script::new().chunks(STREAM.chunks(7))),
+            ("byte by byte", Script::new().byte_by_byte(STREAM)),
+        ] {
+            let service = full(MemoryStore::new())
+                .compression(crate::compression::SseCompressionLayer::new())
+                .layer(upstream(script));
+            scanned::take();
+            let request = Request::get("/events")
+                .header(http::header::ACCEPT_ENCODING, "gzip")
+                .body(())
+                .unwrap();
+            let response = service.oneshot(request).await.unwrap();
+            assert_eq!(response.headers()[http::header::CONTENT_ENCODING], "gzip");
+            let compressed = frames(response.into_body()).await.concat();
+            assert_eq!(scanned::take(), STREAM.len() - 3, "{name}: bytes scanned");
+            let mut text = Vec::new();
+            flate2::read::GzDecoder::new(&compressed[..])
+                .read_to_end(&mut text)
+                .unwrap();
+            // The initial comment is the passthrough's, outside compression: an encoded stream
+            // gets none.
+            assert_eq!(parse(&text), parse(&plain)[1..], "{name}");
+        }
+        // Asked for no encoding, the client gets what the stack without compression sends.
+        let response = full(MemoryStore::new())
+            .compression(crate::compression::SseCompressionLayer::new())
+            .layer(upstream(Script::new().chunks(STREAM.chunks(7))))
+            .oneshot(Request::get("/events").body(()).unwrap())
+            .await
+            .unwrap();
+        assert!(response
+            .headers()
+            .get(http::header::CONTENT_ENCODING)
+            .is_none());
+        assert_eq!(frames(response.into_body()).await.concat(), plain);
     }
 
     /// The same layers stacked by hand scan the stream once per layer that reads it: the

@@ -1126,7 +1126,16 @@ where
                 StateProj::Calling { future } => {
                     let response = ready!(future.poll(cx))?;
                     let plan = this.plan.take();
-                    let stages = &this.config.stages;
+                    let whole;
+                    let stages = if this.exchange.wants_whole_events() {
+                        whole = Stages {
+                            whole_blocks: true,
+                            ..this.config.stages.clone()
+                        };
+                        &whole
+                    } else {
+                        &this.config.stages
+                    };
                     return Poll::Ready(Ok(match plan {
                         Some(plan) if is_plain_event_stream(response.headers()) => {
                             let (mut parts, inner) = response.into_parts();

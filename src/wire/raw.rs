@@ -232,6 +232,11 @@ impl RawEvents {
         }
     }
 
+    /// The bytes held of the block in flight (from earlier chunks), which the reader then owns.
+    pub(crate) fn take_held(&mut self) -> Bytes {
+        self.held.split().freeze()
+    }
+
     /// True while a block has started and not ended.
     #[cfg(test)]
     fn is_mid_block(&self) -> bool {
