@@ -45,10 +45,13 @@ impl InnerFrames {
     }
 
     /// The layer sends bytes before the inner body's first byte: drop its leading BOM, if any.
-    pub(crate) fn drop_leading_bom(&mut self) {
+    /// True when it will be dropped here: a reader of the frames then sees a stream already
+    /// past its start (a mark that follows is content).
+    pub(crate) fn drop_leading_bom(&mut self) -> bool {
         if !self.seen_data {
             self.bom = BomFilter::dropping();
         }
+        !self.seen_data
     }
 
     /// The next frame of the inner body, filtered.

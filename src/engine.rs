@@ -212,6 +212,9 @@ pub(crate) struct Engine<St: ReplayStore> {
     only_times: bool,
     /// Frames out end at event boundaries (see [`Stages::whole_blocks`]).
     whole_blocks: bool,
+    /// The inner body's leading mark is dropped before the wire: readers made later start past
+    /// the stream's start.
+    past_bom: bool,
     more: Option<Box<More<St>>>,
 }
 
@@ -327,9 +330,9 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
             }
         }
         let mut frames = InnerFrames::new();
-        if !first.is_empty() {
-            frames.drop_leading_bom();
-        }
+        // The inner body's leading mark is dropped before the wire sees it: a mark that
+        // follows is content to the wire.
+        let past_bom = !first.is_empty() && frames.drop_leading_bom();
         let needs_fields = metadata.as_ref().is_some_and(|m| m.rewrites())
             || replay.as_ref().is_some_and(ReplayStage::reads_events);
         #[cfg(feature = "subscriptions")]
@@ -360,7 +363,11 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
         } else if needs_fields {
             Wire::Parser(None)
         } else if needs_boundaries {
-            Wire::Scanner(Scanner::new())
+            let mut scanner = Scanner::new();
+            if past_bom {
+                scanner.past_leading_bom();
+            }
+            Wire::Scanner(scanner)
         } else {
             Wire::Blind
         };
@@ -417,6 +424,7 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
             idle_timed_out: false,
             only_times: false,
             whole_blocks,
+            past_bom,
             more,
         };
         engine.only_times = matches!(engine.wire, Wire::Blind)
@@ -606,7 +614,13 @@ impl<St: ReplayStore> Engine<St> {
 
     fn parser(&mut self) -> Option<&mut Parser> {
         match &mut self.wire {
-            Wire::Parser(parsing) => Some(&mut parsing.get_or_insert_with(Box::default).parser),
+            Wire::Parser(parsing) => {
+                let past_bom = self.past_bom;
+                let parsing = parsing.get_or_insert_with(|| {
+                    Self::fresh(past_bom, |p: &mut Parsing| p.parser.past_leading_bom())
+                });
+                Some(&mut parsing.parser)
+            }
             Wire::Blind | Wire::Scanner(_) | Wire::Raw(_) => None,
         }
     }
@@ -766,7 +780,10 @@ impl<St: ReplayStore> Engine<St> {
                 });
             }
             Wire::Raw(raw) => {
-                let raw = raw.get_or_insert_with(Box::default);
+                let past_bom = self.past_bom;
+                let raw = raw.get_or_insert_with(|| {
+                    Self::fresh(past_bom, |r: &mut RawWire| r.scanner.past_leading_bom())
+                });
                 let (mut replay, metadata) = match self.more.as_deref_mut() {
                     Some(more) => (
                         more.replay.as_deref_mut(),
@@ -862,7 +879,13 @@ impl<St: ReplayStore> Engine<St> {
                 }
                 return passed(out);
             }
-            Wire::Parser(parsing) => &mut parsing.get_or_insert_with(Box::default).parser,
+            Wire::Parser(parsing) => {
+                let past_bom = self.past_bom;
+                let parsing = parsing.get_or_insert_with(|| {
+                    Self::fresh(past_bom, |p: &mut Parsing| p.parser.past_leading_bom())
+                });
+                &mut parsing.parser
+            }
         };
         if !rewrites {
             // Nothing changes: the events are parsed for recording only.
@@ -1079,10 +1102,27 @@ impl<St: ReplayStore> Engine<St> {
     }
 
     /// A block of the engine's own goes out: a leading BOM of the inner body is no longer
-    /// leading.
+    /// leading, and the wire (which sees what follows it) is past the stream's start.
     fn own_bytes(&mut self, now: Instant) {
-        self.frames.drop_leading_bom();
+        if self.frames.drop_leading_bom() {
+            self.past_bom = true;
+            match &mut self.wire {
+                Wire::Scanner(scanner) => scanner.past_leading_bom(),
+                Wire::Raw(Some(raw)) => raw.scanner.past_leading_bom(),
+                Wire::Parser(Some(parsing)) => parsing.parser.past_leading_bom(),
+                Wire::Blind | Wire::Raw(None) | Wire::Parser(None) => {}
+            }
+        }
         self.last_sent = now;
+    }
+
+    /// A new wire reader, past the stream's start when the inner body's mark is dropped.
+    fn fresh<T: Default>(past_bom: bool, past: impl FnOnce(&mut T)) -> Box<T> {
+        let mut fresh = Box::<T>::default();
+        if past_bom {
+            past(&mut fresh);
+        }
+        fresh
     }
 }
 

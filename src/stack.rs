@@ -723,6 +723,55 @@ mod tests {
         assert_eq!(frames(response.into_body()).await.concat(), plain);
     }
 
+    /// The stack's own bytes go first, so the upstream's leading byte order mark is dropped; a
+    /// second mark right after it is content (the first line's field is `\u{feff}data`, no
+    /// message), with compression or without, however the stream is cut.
+    #[cfg(feature = "compression")]
+    #[tokio::test]
+    async fn a_mark_after_the_dropped_leading_one_is_content() {
+        use std::io::Read;
+        let stream: &[u8] = b"\xEF\xBB\xBF\xEF\xBB\xBFdata:1\n\nta:2\n\n";
+        let minute = Duration::from_secs(60);
+        for compressed in [false, true] {
+            for cut in [1, 2, 4, stream.len()] {
+                let mut stack = SseStack::new()
+                    .retry(minute)
+                    .metadata(CommentMetadataLayer::new().metadata_as_comment(true))
+                    .heartbeat(minute)
+                    .replay(ReplayLayer::with_store(MemoryStore::new()));
+                if compressed {
+                    stack = stack.compression(crate::compression::SseCompressionLayer::new());
+                }
+                let service = stack.layer(upstream(Script::new().chunks(stream.chunks(cut))));
+                let request = Request::get("/events")
+                    .header(http::header::ACCEPT_ENCODING, "gzip")
+                    .body(())
+                    .unwrap();
+                let response = service.oneshot(request).await.unwrap();
+                let body = frames(response.into_body()).await.concat();
+                let mut text = Vec::new();
+                if compressed {
+                    flate2::read::GzDecoder::new(&body[..])
+                        .read_to_end(&mut text)
+                        .unwrap();
+                } else {
+                    text = body;
+                }
+                let mut parser = crate::wire::Parser::new();
+                parser.push(Bytes::from(text.clone()));
+                let messages = std::iter::from_fn(|| parser.next_event())
+                    .filter(|event| event.as_ref().unwrap().is_message())
+                    .count();
+                assert_eq!(
+                    messages,
+                    0,
+                    "compressed {compressed}, cut {cut}: {:?}",
+                    String::from_utf8_lossy(&text)
+                );
+            }
+        }
+    }
+
     /// The same layers stacked by hand scan the stream once per layer that reads it: the
     /// builder is what makes one pass.
     #[tokio::test]

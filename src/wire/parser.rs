@@ -241,6 +241,11 @@ impl Parser {
         }
     }
 
+    /// See [`Scanner::past_leading_bom`].
+    pub(crate) fn past_leading_bom(&mut self) {
+        self.scanner.past_leading_bom();
+    }
+
     /// The stream ended: an incomplete event is discarded, and its `id` is not applied.
     ///
     /// Returns true when something was discarded (an unfinished line or event). Call it after

@@ -171,6 +171,14 @@ impl Scanner {
         }
     }
 
+    /// The stream's start was taken care of before this scanner (its leading byte order mark
+    /// dropped): a mark in the first bytes it sees is content.
+    pub(crate) fn past_leading_bom(&mut self) {
+        if self.bom.is_untouched() {
+            self.bom = LeadingBom::Decided;
+        }
+    }
+
     /// The line and event bounds this scanner enforces (a scanner keeps no lines: the kept-lines
     /// count is the default).
     pub fn limits(&self) -> Limits {

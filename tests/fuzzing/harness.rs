@@ -194,6 +194,22 @@ pub(crate) fn check(input: &[u8]) {
                 gunzipped(SseCompressionLayer::new().layer(up())).await,
             ),
             (
+                "SseStack with compression (gzip)",
+                gunzipped(
+                    tower_sse::SseStack::new()
+                        .retry(minute)
+                        .metadata(CommentMetadataLayer::new().metadata_as_comment(true))
+                        .heartbeat(minute)
+                        .lifetime(LifetimeLayer::new().max_lifetime(minute))
+                        .replay(ReplayLayer::with_store(MemoryStore::new()))
+                        .idle_timeout(minute)
+                        .response_timeout(minute)
+                        .compression(SseCompressionLayer::new())
+                        .layer(up()),
+                )
+                .await,
+            ),
+            (
                 "full stack",
                 through(
                     ServiceBuilder::new()
