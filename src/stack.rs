@@ -603,6 +603,15 @@ mod tests {
             .replay(ReplayLayer::with_store(store))
     }
 
+    /// The events a client parses from `bytes`, as text to compare.
+    fn parse(bytes: &[u8]) -> Vec<String> {
+        let mut parser = crate::wire::Parser::new();
+        parser.push(Bytes::copy_from_slice(bytes));
+        std::iter::from_fn(|| parser.next_event())
+            .map(|e| format!("{:?}", e.unwrap()))
+            .collect()
+    }
+
     /// Through the whole stack, every byte of the upstream body is scanned once, however it is
     /// cut into frames; the stack's own bytes (comment, retry block) are never scanned.
     #[tokio::test]
@@ -648,13 +657,6 @@ mod tests {
             "an incomplete event is never sent: {text}"
         );
         // Whatever the cut, the client parses the same events.
-        let parse = |bytes: &[u8]| {
-            let mut parser = crate::wire::Parser::new();
-            parser.push(Bytes::copy_from_slice(bytes));
-            std::iter::from_fn(|| parser.next_event())
-                .map(|e| format!("{:?}", e.unwrap()))
-                .collect::<Vec<_>>()
-        };
         assert_eq!(parse(&outputs[0]), parse(&outputs[1]));
         assert_eq!(parse(&outputs[0]), parse(&outputs[2]));
     }
@@ -667,13 +669,6 @@ mod tests {
     #[tokio::test]
     async fn with_compression_still_one_scan() {
         use std::io::Read;
-        let parse = |bytes: &[u8]| {
-            let mut parser = crate::wire::Parser::new();
-            parser.push(Bytes::copy_from_slice(bytes));
-            std::iter::from_fn(|| parser.next_event())
-                .map(|e| format!("{:?}", e.unwrap()))
-                .collect::<Vec<_>>()
-        };
         let plain = frames(
             full(MemoryStore::new())
                 .layer(upstream(Script::new().chunk(STREAM)))
