@@ -813,11 +813,7 @@ impl<St: ReplayStore> Engine<St> {
                     },
                 );
                 if let Some(replay) = replay {
-                    replay.settle(
-                        !raw.scanner.is_at_boundary(),
-                        Some(&data),
-                        clock_read.then_some(now),
-                    );
+                    replay.settle(Some(&data), clock_read.then_some(now));
                 }
                 let (fed, failed) = match fed {
                     Ok(fed) => (fed, false),
@@ -959,9 +955,8 @@ impl<St: ReplayStore> Engine<St> {
                 self.set_phase(Phase::Farewell);
             }
         }
-        let mid_event = self.parser().is_some_and(|parser| parser.is_mid_event());
         if let Some(replay) = self.replay_mut() {
-            replay.settle(mid_event, None, None);
+            replay.settle(None, None);
         }
         None
     }

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use super::{lost_event, Config, Ids, Lookup, Plan, ReadFrom, ReplayStore, StoredEvent};
+use super::{
+    lost_event, CarriedEvents, Config, Ids, Lookup, Plan, Position, ReadFrom, ReplayStore,
+    StoredEvent,
+};
 use crate::engine::{EngineBody, Stages, Start};
 use crate::wire::{Event, RawBlock, RawSpan};
 
@@ -46,9 +49,6 @@ crate::engine::engine_body_impls!(ReplayBody<B, St: ReplayStore>);
 /// The replay stage of the stream engine: drops what the client has, assigns ids, records,
 /// and fills the gap between what was replayed and the first live event.
 pub(crate) struct ReplayStage<St> {
-    /// Events are re-encoded one by one (to drop duplicates or set ids) rather than forwarded
-    /// frame by frame. Switched off at an event boundary once neither is needed.
-    reframe: bool,
     /// What a resuming client already has; `None` for a new client (boxed: most are new).
     resume: Option<Box<Resume>>,
     recorder: Recorder<St>,
@@ -74,6 +74,8 @@ pub(crate) struct Recorder<St> {
     recording: bool,
     /// Events recorded from the current frame, handed to the store together.
     batch: Vec<Pending>,
+    /// Where this connection's recording stands in the key's history.
+    position: Position,
 }
 
 impl<St: ReplayStore> Recorder<St> {
@@ -84,6 +86,7 @@ impl<St: ReplayStore> Recorder<St> {
             ids,
             recording: true,
             batch: Vec::new(),
+            position: Position::default(),
         }
     }
 
@@ -142,21 +145,51 @@ impl<St: ReplayStore> Recorder<St> {
     /// recorded from; `now`: the time, when the caller has read the clock.
     pub(crate) fn flush_chunk(&mut self, chunk: Option<&Bytes>, now: Option<Instant>) {
         if !self.batch.is_empty() {
-            // The small events of the frame copied into one buffer of their own: one
-            // allocation per frame, and nothing kept that the store does not count.
-            let copied = self.batch.iter().map(Pending::copied_len).sum();
-            let mut own = BytesMut::with_capacity(copied);
-            let events = self
-                .batch
-                .drain(..)
-                .filter_map(|pending| pending.stored(&mut own, chunk));
-            match now {
-                Some(now) => self.store.append_all_at(&self.key, events, now),
-                None => self.store.append_all(&self.key, events),
-            }
+            let mut carried = Carried {
+                pending: &mut self.batch,
+                chunk,
+                own: BytesMut::new(),
+            };
+            let now = now.unwrap_or_else(Instant::now);
+            self.store
+                .append_carried(&self.key, &mut self.position, &mut carried, now);
+            self.batch.clear();
             // A burst of events must not keep its room for the rest of the stream.
             self.batch.shrink_to(16);
         }
+    }
+}
+
+/// A frame's recorded events on their way to the store: ids read where they are, bytes copied
+/// only for the events the store keeps.
+struct Carried<'a> {
+    pending: &'a mut [Pending],
+    /// The chunk a [`Source::Chunk`] is a range of.
+    chunk: Option<&'a Bytes>,
+    /// The copies of the small events kept, in one buffer per frame: one allocation, and
+    /// nothing kept that the store does not count.
+    own: BytesMut,
+}
+
+impl CarriedEvents for Carried<'_> {
+    fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn id(&self, index: usize) -> &[u8] {
+        self.pending
+            .get(index)
+            .map_or(&[][..], |pending| pending.id(self.chunk))
+    }
+
+    fn take(&mut self, index: usize) -> Option<StoredEvent> {
+        let (pending, rest) = self.pending.get_mut(index..)?.split_first_mut()?;
+        if pending.copied_len() > 0 && self.own.capacity() == 0 {
+            // Room for the copies of what is left of the frame, made at the first one kept.
+            let left = pending.copied_len() + rest.iter().map(Pending::copied_len).sum::<usize>();
+            self.own.reserve(left);
+        }
+        pending.stored(&mut self.own, self.chunk)
     }
 }
 
@@ -202,7 +235,6 @@ impl<St: ReplayStore> ReplayStage<St> {
             first.extend_from_slice(&event.bytes);
             delivered.insert(event.id);
         }
-        let reframe = !delivered.is_empty() || ids != Ids::Keep;
         let replay_limit = config.replay_limit();
         // A recorder inside (the hub) has stored everything up to what this client will receive
         // live, so the gap is filled at once instead of before the next live event.
@@ -218,7 +250,6 @@ impl<St: ReplayStore> ReplayStage<St> {
         });
         Opening {
             stage: Self {
-                reframe,
                 resume,
                 recorder: Recorder {
                     recording: !recorded,
@@ -230,20 +261,31 @@ impl<St: ReplayStore> ReplayStage<St> {
         }
     }
 
+    /// True when events are re-encoded one by one (to drop what the client has, or to set
+    /// ids) rather than forwarded frame by frame: for the life of the stream, since what a
+    /// resuming client has is dropped for as long.
+    fn reframe(&self) -> bool {
+        self.recorder.ids != Ids::Keep
+            || self
+                .resume
+                .as_ref()
+                .is_some_and(|r| !r.delivered.is_empty())
+    }
+
     /// True when the stage needs the events' fields: to record them or to change them.
     pub(crate) fn reads_events(&self) -> bool {
-        self.recorder.recording || self.reframe
+        self.recorder.recording || self.reframe()
     }
 
     /// True when the stage may drop or change events.
     pub(crate) fn rewrites(&self) -> bool {
-        self.reframe
+        self.reframe()
     }
 
     /// True when the stage only records the events as they are: their raw bytes and ids are
     /// all it needs, not parsed events.
     pub(crate) fn only_records(&self) -> bool {
-        self.recorder.recording && !self.reframe
+        self.recorder.recording && !self.reframe()
     }
 
     /// Records a block found as raw bytes (see [`Recorder::record_raw`]).
@@ -262,7 +304,7 @@ impl<St: ReplayStore> ReplayStage<St> {
 
     /// Decides on a live event, recording what goes on (`raw` as [`Recorder::record`] takes it).
     pub(crate) fn admit(&mut self, event: &mut Event, raw: Option<(Bytes, usize)>) -> Admit {
-        if !self.reframe {
+        if !self.reframe() {
             self.recorder.record(event, raw);
             return Admit::Pass { changed: false };
         }
@@ -324,20 +366,12 @@ impl<St: ReplayStore> ReplayStage<St> {
         }
     }
 
-    /// At the end of a frame's events: what was recorded goes to the store; re-framing stops
-    /// once nothing needs it, at a boundary.
+    /// At the end of a frame's events: what was recorded goes to the store.
     ///
     /// `chunk`: the chunk raw blocks were recorded from, if any; `now`: the frame's reading of
     /// the clock, when the caller read it.
-    pub(crate) fn settle(&mut self, mid_event: bool, chunk: Option<&Bytes>, now: Option<Instant>) {
+    pub(crate) fn settle(&mut self, chunk: Option<&Bytes>, now: Option<Instant>) {
         self.recorder.flush_chunk(chunk, now);
-        let delivered = self
-            .resume
-            .as_ref()
-            .is_some_and(|r| !r.delivered.is_empty());
-        if !delivered && self.recorder.ids == Ids::Keep && !mid_event {
-            self.reframe = false;
-        }
     }
 }
 
@@ -425,6 +459,17 @@ impl Pending {
         Some(Self { source, id, keep })
     }
 
+    /// Its id; `chunk`: the chunk a [`Source::Chunk`] is a range of.
+    fn id<'a>(&'a self, chunk: Option<&'a Bytes>) -> &'a [u8] {
+        let bytes = match &self.source {
+            Source::Bytes(bytes) => Some(&bytes[..]),
+            Source::Chunk(range) => chunk.and_then(|chunk| chunk.get(range.clone())),
+        };
+        bytes
+            .and_then(|bytes| bytes.get(self.id.clone()))
+            .unwrap_or_default()
+    }
+
     fn len(&self) -> usize {
         match &self.source {
             Source::Bytes(bytes) => bytes.len(),
@@ -442,19 +487,20 @@ impl Pending {
     }
 
     /// The event as stored, a copy split off `own` (sized by [`copied_len`]) when it is one.
-    /// `chunk`: the chunk a [`Source::Chunk`] is a range of.
+    /// `chunk`: the chunk a [`Source::Chunk`] is a range of. A slice of its own is moved out:
+    /// taken once.
     ///
     /// [`copied_len`]: Self::copied_len
-    fn stored(self, own: &mut BytesMut, chunk: Option<&Bytes>) -> Option<StoredEvent> {
+    fn stored(&mut self, own: &mut BytesMut, chunk: Option<&Bytes>) -> Option<StoredEvent> {
         debug_assert!(
             chunk.is_some() || matches!(self.source, Source::Bytes(_)),
             "a range of a chunk is flushed with that chunk"
         );
-        let (bytes, shift) = match (self.keep, self.source) {
-            (Keep::Slice, Source::Bytes(bytes)) => (bytes, 0),
-            (Keep::Slice, Source::Chunk(range)) => (chunk?.slice(range), 0),
+        let (bytes, shift) = match (&self.keep, &mut self.source) {
+            (Keep::Slice, Source::Bytes(bytes)) => (std::mem::take(bytes), 0),
+            (Keep::Slice, Source::Chunk(range)) => (chunk?.slice(range.clone()), 0),
             (keep, source) => {
-                let raw = match &source {
+                let raw = match source {
                     Source::Bytes(bytes) => &bytes[..],
                     Source::Chunk(range) => chunk?.get(range.clone())?,
                 };
@@ -466,8 +512,9 @@ impl Pending {
                 (own.split().freeze(), shift)
             }
         };
-        Some(StoredEvent {
-            id: bytes.slice(self.id.start + shift..self.id.end + shift),
+        let id = self.id.start + shift..self.id.end + shift;
+        (id.end <= bytes.len()).then(|| StoredEvent {
+            id: bytes.slice(id),
             bytes,
         })
     }

@@ -67,6 +67,15 @@
 //! reconnecting one; with independent upstream connections a lagging recorder can still leave a
 //! gap, which a hub that keeps one upstream subscription per key closes.
 //!
+//! Without a hub, every connection on a key records what it carries. The store keeps one
+//! history per key and is told where each connection's recording stands
+//! ([`ReplayStore::append_carried`]): a connection whose next event follows its previous one in
+//! the history carries what another recorded already (one comparison of ids, nothing copied),
+//! and a connection that fell behind the retained history (a slow client's) appends nothing, so
+//! no stale event comes after the newest and reaches a resuming client twice. A connection's
+//! first frame has no place yet: its events are looked up by id, and those not retained are
+//! appended.
+//!
 //! The layer knows the client has its own last event and whatever was replayed; it cannot know
 //! about older events. An upstream that ignores `Last-Event-ID` and resends events from before
 //! the client's id will get them through; such an upstream belongs behind a hub that keeps one
@@ -142,7 +151,8 @@ pub(crate) use redis_store::timed;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_store::{RedisConfig, RedisStats, RedisStore};
 pub use store::{
-    Lookup, MemoryLimits, MemoryStore, ReadFrom, ReplayStore, StoreError, StoredEvent,
+    CarriedEvents, Lookup, MemoryLimits, MemoryStore, Position, ReadFrom, ReplayStore, StoreError,
+    StoredEvent,
 };
 
 use crate::engine::{EngineBody, Stages, Start};

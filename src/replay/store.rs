@@ -23,6 +23,43 @@ pub struct StoredEvent {
     pub bytes: Bytes,
 }
 
+/// Where one connection's recording stands in its key's history, kept by the recorder from one
+/// batch to the next (see [`ReplayStore::append_carried`]). A store sets it; `Default` is
+/// "nowhere yet".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Position(u64);
+
+impl Position {
+    /// A position a store encodes as it likes (0 is "nowhere yet").
+    pub const fn new(raw: u64) -> Self {
+        Self(raw)
+    }
+
+    /// The value the store set.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// The events one connection carried in a frame, in order, handed to
+/// [`ReplayStore::append_carried`]: each id is there at once, an event's bytes are built only
+/// when the store keeps it.
+pub trait CarriedEvents {
+    /// How many events there are.
+    fn len(&self) -> usize;
+
+    /// True when there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The id of event `index`.
+    fn id(&self, index: usize) -> &[u8];
+
+    /// Event `index` as stored, its bytes built now. Taken at most once; `None` after that.
+    fn take(&mut self, index: usize) -> Option<StoredEvent>;
+}
+
 /// Where a read starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadFrom<'a> {
@@ -102,6 +139,30 @@ pub trait ReplayStore: Clone + Send + Sync + 'static {
     {
         let _ = now;
         self.append_all(key, events);
+    }
+
+    /// Records the events one connection carried, in order, after the event `position` marks
+    /// (the connection's previous batch left it there; `Default` for its first).
+    ///
+    /// Without the fan-out hub every connection on a key records the same events. A store that
+    /// keeps one ordered history per key uses the position to tell what a connection carries
+    /// from what is new: an event that follows the connection's previous one in the history is
+    /// recorded already (found without copying it), and a connection that fell behind the
+    /// retained history (a slow client's) appends nothing stale after the newest event. By
+    /// default every event goes to [`append_all_at`](ReplayStore::append_all_at) and the
+    /// position is not used.
+    fn append_carried(
+        &self,
+        key: &Bytes,
+        position: &mut Position,
+        events: &mut dyn CarriedEvents,
+        now: Instant,
+    ) where
+        Self: Sized,
+    {
+        let _ = position;
+        let count = events.len();
+        self.append_all_at(key, (0..count).filter_map(|index| events.take(index)), now);
     }
 
     /// A new id for an event of `key`: unique for this store, increasing per key.
@@ -281,6 +342,9 @@ struct Streams {
     clock: u64,
     /// The sum of every stream's `cost`.
     bytes: usize,
+    /// The sequence number a new key's first event gets: past every number a forgotten key
+    /// used, so that a [`Position`] of a forgotten key never names an event of its successor.
+    next_first_seq: u64,
     /// No key goes idle before this: the least recent key's last use plus the idle time (keys
     /// are only ever used later, so it stays a lower bound until that key goes).
     no_expiry_before: Option<Instant>,
@@ -294,7 +358,8 @@ struct Stream {
     events: VecDeque<Retained>,
     /// id -> sequence number of the event that carries it.
     index: IdIndex,
-    /// Sequence number of `events[0]`.
+    /// Sequence number of `events[0]` (numbers are unique in the store, see
+    /// [`Streams::next_first_seq`]).
     first_seq: u64,
     /// Encoded bytes of the retained events (the per-key bound).
     bytes: usize,
@@ -350,12 +415,23 @@ impl<S: std::hash::BuildHasher> IdIndex<S> {
 
     /// The sequence number of the retained event with `id`.
     fn get(&self, id: &[u8], events: &VecDeque<Retained>, first_seq: u64) -> Option<u64> {
+        self.get_hashed(self.hash(id), id, events, first_seq)
+    }
+
+    /// [`get`](Self::get) with the id's hash at hand.
+    fn get_hashed(
+        &self,
+        hash: u64,
+        id: &[u8],
+        events: &VecDeque<Retained>,
+        first_seq: u64,
+    ) -> Option<u64> {
         let holds = |seq: u64| {
             events
                 .get(seq.wrapping_sub(first_seq) as usize)
                 .is_some_and(|retained| retained.event.id == id)
         };
-        match self.by_hash.get(&self.hash(id)) {
+        match self.by_hash.get(&hash) {
             Some(&seq) if holds(seq) => Some(seq),
             _ if self.collided.is_empty() => None,
             _ => self.collided.get(id).copied(),
@@ -363,6 +439,7 @@ impl<S: std::hash::BuildHasher> IdIndex<S> {
     }
 
     /// Indexes `id` at `seq`; false when an event with `id` is retained already.
+    #[cfg(test)]
     fn insert(
         &mut self,
         id: &Bytes,
@@ -370,13 +447,29 @@ impl<S: std::hash::BuildHasher> IdIndex<S> {
         events: &VecDeque<Retained>,
         first_seq: u64,
     ) -> bool {
-        let hash = self.hash(id);
-        let in_collided = !self.collided.is_empty() && self.collided.contains_key(&id[..]);
+        self.insert_hashed(self.hash(id), id, seq, events, first_seq)
+            .is_ok()
+    }
+
+    /// [`insert`](Self::insert) with the id's hash at hand.
+    fn insert_hashed(
+        &mut self,
+        hash: u64,
+        id: &Bytes,
+        seq: u64,
+        events: &VecDeque<Retained>,
+        first_seq: u64,
+    ) -> Result<(), u64> {
+        if let Some(&held) = (!self.collided.is_empty())
+            .then(|| self.collided.get(&id[..]))
+            .flatten()
+        {
+            return Err(held);
+        }
         match self.by_hash.entry(hash) {
-            _ if in_collided => false,
             Entry::Vacant(slot) => {
                 slot.insert(seq);
-                true
+                Ok(())
             }
             Entry::Occupied(held) => {
                 let other = *held.get();
@@ -384,29 +477,62 @@ impl<S: std::hash::BuildHasher> IdIndex<S> {
                     .get(other.wrapping_sub(first_seq) as usize)
                     .is_some_and(|retained| retained.event.id == *id);
                 if same {
-                    return false;
+                    return Err(other);
                 }
                 self.collided.insert(id.clone(), seq);
-                true
+                Ok(())
             }
         }
     }
 
     /// Forgets `id`, indexed at `seq`.
-    fn remove(&mut self, id: &[u8], seq: u64) {
-        if let Entry::Occupied(held) = self.by_hash.entry(self.hash(id)) {
+    fn remove(&mut self, hash: u64, id: &[u8], seq: u64) {
+        if let Entry::Occupied(held) = self.by_hash.entry(hash) {
             if *held.get() == seq {
                 held.remove();
                 return;
             }
         }
-        self.collided.remove(id);
+        if !self.collided.is_empty() {
+            self.collided.remove(id);
+        }
     }
 }
 
 struct Retained {
     event: StoredEvent,
     at: Instant,
+    /// Its id's hash in the index, kept so that trimming does not hash the id again.
+    hash: u64,
+}
+
+/// Where a connection's batch stands in a key's history.
+#[derive(Clone, Copy)]
+enum Place {
+    /// Its events come after the newest (or nothing is retained): new ones are appended.
+    Newest,
+    /// Its last event is retained with this sequence number.
+    After(u64),
+    /// Its last event is no longer retained, others are: it is behind the history.
+    Behind,
+}
+
+/// The store's size, reported to telemetry after the first event a write retains, when due.
+struct SizeReport {
+    /// The number of keys, and the events retained by the other keys.
+    #[cfg(feature = "metrics")]
+    due: Option<(usize, usize)>,
+}
+
+impl SizeReport {
+    fn pushed(&mut self, stream: &Stream) {
+        #[cfg(feature = "metrics")]
+        if let Some((keys, others)) = self.due.take() {
+            crate::telemetry::store_size(keys, others + stream.events.len());
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = stream;
+    }
 }
 
 impl fmt::Debug for MemoryStore {
@@ -446,6 +572,59 @@ impl MemoryStore {
                 assigned: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Runs `write` on the stream of `key` (made if new) under one lock and one lookup of the
+    /// key, then keeps the store's byte count and budget in step. `write` gets the limits, a
+    /// test of whether an event fits the budget at all, and the size report.
+    fn write(
+        &self,
+        key: &Bytes,
+        now: Instant,
+        write: impl FnOnce(&mut Stream, &MemoryLimits, &dyn Fn(&StoredEvent) -> bool, &mut SizeReport),
+    ) {
+        let limits = &self.shared.limits;
+        let mut guard = self.lock();
+        let streams = &mut *guard;
+        streams.expire(limits, now);
+        // The size gauges, when due: the other keys' events now, this key's after its first new
+        // event.
+        let mut report = SizeReport {
+            #[cfg(feature = "metrics")]
+            due: streams.report_due(now).then(|| {
+                let others: usize = streams
+                    .map
+                    .iter()
+                    .filter(|(k, _)| *k != key)
+                    .map(|(_, s)| s.events.len())
+                    .sum();
+                // This key counts whether it is held yet or is about to be.
+                let keys = streams.map.len() + usize::from(!streams.map.contains_key(key));
+                (keys, others)
+            }),
+        };
+        let stream = match streams.map.get_mut(key) {
+            Some(stream) => {
+                Streams::touch_stream(&mut streams.recency, &mut streams.clock, stream, now);
+                stream
+            }
+            None => {
+                if !streams.admit(key, limits, now) {
+                    return;
+                }
+                match streams.map.get_mut(key) {
+                    Some(stream) => stream,
+                    None => return,
+                }
+            }
+        };
+        // Bigger than the whole budget: never recorded (a replay then finds its id unknown).
+        let fits = |event: &StoredEvent| key_cost(key) + event_cost(event) <= limits.max_bytes;
+        let before = stream.cost;
+        write(stream, limits, &fits, &mut report);
+        let after = stream.cost;
+        streams.bytes = streams.bytes - before + after;
+        streams.fit(key, limits);
     }
 
     /// The number of keys held (keys idle past [`MemoryLimits::key_idle`] are forgotten first).
@@ -517,6 +696,7 @@ impl Streams {
         if let Some(stream) = self.map.remove(key) {
             self.recency.remove(&stream.tick);
             self.bytes -= stream.cost;
+            self.next_first_seq = self.next_first_seq.max(stream.end_seq());
         }
     }
 
@@ -584,7 +764,7 @@ impl Streams {
             Stream {
                 events: VecDeque::new(),
                 index: IdIndex::default(),
-                first_seq: 0,
+                first_seq: self.next_first_seq,
                 bytes: 0,
                 cost,
                 last_used: now,
@@ -640,24 +820,126 @@ impl Stream {
         };
         self.bytes -= gone.event.bytes.len();
         self.cost -= event_cost(&gone.event);
-        self.index.remove(&gone.event.id, self.first_seq);
+        self.index.remove(gone.hash, &gone.event.id, self.first_seq);
         self.first_seq += 1;
         true
     }
 
     /// Retains `event`, unless an event with its id is retained already (false).
     fn push(&mut self, event: StoredEvent, now: Instant) -> bool {
-        let seq = self.first_seq + self.events.len() as u64;
-        if !self
-            .index
-            .insert(&event.id, seq, &self.events, self.first_seq)
-        {
-            return false;
-        }
+        self.push_hashed(self.index.hash(&event.id), event, now)
+            .is_ok()
+    }
+
+    /// [`push`](Self::push) with the id's hash at hand; `Err` with the sequence number of the
+    /// retained event with its id.
+    fn push_hashed(&mut self, hash: u64, event: StoredEvent, now: Instant) -> Result<(), u64> {
+        let seq = self.end_seq();
+        self.index
+            .insert_hashed(hash, &event.id, seq, &self.events, self.first_seq)?;
         self.bytes += event.bytes.len();
         self.cost += event_cost(&event);
-        self.events.push_back(Retained { event, at: now });
-        true
+        self.events.push_back(Retained {
+            event,
+            at: now,
+            hash,
+        });
+        Ok(())
+    }
+
+    /// The sequence number the next event gets.
+    fn end_seq(&self) -> u64 {
+        self.first_seq + self.events.len() as u64
+    }
+
+    /// The retained event with sequence number `seq`.
+    fn at(&self, seq: u64) -> Option<&Retained> {
+        self.events
+            .get(usize::try_from(seq.checked_sub(self.first_seq)?).ok()?)
+    }
+
+    /// Where a connection's batch starts, from where its previous batch left it.
+    fn place(&self, position: Position) -> Place {
+        match position.get().checked_sub(1) {
+            Some(seq) if self.at(seq).is_some() => Place::After(seq),
+            // Its previous event was trimmed (or it has none), and another connection's events
+            // are retained: it carries what was recorded before, or is far behind.
+            Some(_) if !self.events.is_empty() => Place::Behind,
+            _ => Place::Newest,
+        }
+    }
+
+    /// Records what one connection carried (see [`ReplayStore::append_carried`]).
+    fn carry(
+        &mut self,
+        events: &mut dyn CarriedEvents,
+        position: &mut Position,
+        fits: &dyn Fn(&StoredEvent) -> bool,
+        limits: &MemoryLimits,
+        now: Instant,
+        report: &mut SizeReport,
+    ) {
+        let mut place = self.place(*position);
+        let count = events.len();
+        if let Place::Behind = place {
+            // A batch shorter than the history, with neither end in it, lies wholly before it
+            // (the connection's events follow one another as the history's do): two lookups
+            // for the batch, not one per event.
+            let retained = |id: &[u8]| self.index.get(id, &self.events, self.first_seq).is_some();
+            if count < self.events.len()
+                && !retained(events.id(0))
+                && !retained(events.id(count - 1))
+            {
+                return;
+            }
+        }
+        for index in 0..count {
+            let id = events.id(index);
+            // The connection's previous event is followed by this one: recorded already, by the
+            // connection ahead; no hashing, no copy.
+            if let Place::After(seq) = place {
+                if self.at(seq + 1).is_some_and(|next| next.event.id == id) {
+                    place = Place::After(seq + 1);
+                    continue;
+                }
+            }
+            let hash = self.index.hash(id);
+            // After the newest event, the next one is new unless the connection's events differ
+            // from the history's: the index is looked up once, when the event goes in.
+            let at_newest = matches!(place, Place::After(seq) if seq + 1 == self.end_seq());
+            let found = || {
+                self.index
+                    .get_hashed(hash, id, &self.events, self.first_seq)
+            };
+            if let Some(seq) = (!at_newest).then(found).flatten() {
+                place = Place::After(seq);
+                continue;
+            }
+            if let Place::Behind = place {
+                // Older than the retained history: recorded and trimmed before. Appended now it
+                // would follow the newest event, and a resuming client would get it again.
+                continue;
+            }
+            let Some(event) = events.take(index).filter(|event| fits(event)) else {
+                continue;
+            };
+            let seq = self.end_seq();
+            match self.push_hashed(hash, event, now) {
+                Ok(()) => {
+                    self.trim(limits, now);
+                    report.pushed(self);
+                    place = match self.at(seq) {
+                        Some(_) => Place::After(seq),
+                        None => Place::Newest,
+                    };
+                }
+                // Retained already after all.
+                Err(held) => place = Place::After(held),
+            }
+        }
+        if let Place::After(seq) = place {
+            *position = Position::new(seq + 1);
+        }
     }
 
     fn collect(&self, from: usize, limit: usize) -> Vec<StoredEvent> {
@@ -713,63 +995,36 @@ impl ReplayStore for MemoryStore {
 
     /// One lock and one key lookup for all of `events`.
     fn append_all_at(&self, key: &Bytes, events: impl Iterator<Item = StoredEvent>, now: Instant) {
-        let limits = &self.shared.limits;
         let mut events = events.peekable();
         if events.peek().is_none() {
             return;
         }
-        let mut guard = self.lock();
-        let streams = &mut *guard;
-        streams.expire(limits, now);
-        // The size gauges, when due: the other keys' events now, this key's after its first new
-        // event.
-        #[cfg(feature = "metrics")]
-        let mut report = streams.report_due(now).then(|| {
-            let others: usize = streams
-                .map
-                .iter()
-                .filter(|(k, _)| *k != key)
-                .map(|(_, s)| s.events.len())
-                .sum();
-            // This key counts whether it is held yet or is about to be.
-            let keys = streams.map.len() + usize::from(!streams.map.contains_key(key));
-            (keys, others)
+        self.write(key, now, |stream, limits, fits, report| {
+            for event in events.filter(|event| fits(event)) {
+                // Several connections on one key see the same events: each is stored once.
+                if stream.push(event, now) {
+                    stream.trim(limits, now);
+                    report.pushed(stream);
+                }
+            }
         });
-        // One lookup of the key for the whole batch.
-        let stream = match streams.map.get_mut(key) {
-            Some(stream) => {
-                Streams::touch_stream(&mut streams.recency, &mut streams.clock, stream, now);
-                stream
-            }
-            None => {
-                if !streams.admit(key, limits, now) {
-                    return;
-                }
-                match streams.map.get_mut(key) {
-                    Some(stream) => stream,
-                    None => return,
-                }
-            }
-        };
-        let before = stream.cost;
-        for event in events {
-            if key_cost(key) + event_cost(&event) > limits.max_bytes {
-                // Bigger than the whole budget: never recorded (a replay then finds its id
-                // unknown).
-                continue;
-            }
-            // Several connections on one key see the same events: each is stored once.
-            if stream.push(event, now) {
-                stream.trim(limits, now);
-                #[cfg(feature = "metrics")]
-                if let Some((keys, others)) = report.take() {
-                    crate::telemetry::store_size(keys, others + stream.events.len());
-                }
-            }
+    }
+
+    /// One lock and one key lookup for the batch; an event that follows the connection's
+    /// previous one in the history costs one comparison of ids.
+    fn append_carried(
+        &self,
+        key: &Bytes,
+        position: &mut Position,
+        events: &mut dyn CarriedEvents,
+        now: Instant,
+    ) {
+        if events.is_empty() {
+            return;
         }
-        let after = stream.cost;
-        streams.bytes = streams.bytes - before + after;
-        streams.fit(key, limits);
+        self.write(key, now, |stream, limits, fits, report| {
+            stream.carry(events, position, fits, limits, now, report);
+        });
     }
 
     fn trim(&self, key: &Bytes, keep: usize) {
@@ -815,6 +1070,7 @@ mod tests {
                 bytes: Bytes::new(),
             },
             at: Instant::now(),
+            hash: 7,
         };
         let mut events: VecDeque<Retained> = ["a", "b", "c"].map(retained).into();
         let mut index = IdIndex::<std::hash::BuildHasherDefault<Constant>>::default();
@@ -829,7 +1085,7 @@ mod tests {
         assert_eq!(index.get(b"x", &events, 0), None);
         // The holder of the hash goes first; the others are still found, then go too.
         for (seq, id) in [b"a", b"b", b"c"].into_iter().enumerate() {
-            index.remove(id, seq as u64);
+            index.remove(index.hash(id), id, seq as u64);
             events.pop_front();
             assert_eq!(index.get(id, &events, seq as u64 + 1), None);
             if let Some(next) = events.front() {
@@ -908,6 +1164,134 @@ mod tests {
         assert_eq!(
             read(&store, &other, ReadFrom::Oldest, 10).await,
             Vec::<String>::new()
+        );
+    }
+
+    /// One connection's batch, counting the events the store takes (copies).
+    struct Batch {
+        events: Vec<StoredEvent>,
+        taken: usize,
+    }
+
+    impl Batch {
+        fn of(ids: &[&str]) -> Self {
+            Self {
+                events: ids.iter().map(|id| event(id)).collect(),
+                taken: 0,
+            }
+        }
+    }
+
+    impl CarriedEvents for Batch {
+        fn len(&self) -> usize {
+            self.events.len()
+        }
+
+        fn id(&self, index: usize) -> &[u8] {
+            &self.events[index].id
+        }
+
+        fn take(&mut self, index: usize) -> Option<StoredEvent> {
+            self.taken += 1;
+            Some(self.events[index].clone())
+        }
+    }
+
+    /// Carries `ids` for the connection at `position`; the number of events the store took.
+    fn carry(store: &MemoryStore, key: &Bytes, position: &mut Position, ids: &[&str]) -> usize {
+        let mut batch = Batch::of(ids);
+        store.append_carried(key, position, &mut batch, Instant::now());
+        batch.taken
+    }
+
+    #[tokio::test]
+    async fn a_connection_carrying_recorded_events_has_nothing_copied() {
+        let store = MemoryStore::new();
+        let key = Bytes::from_static(b"k");
+        let (mut ahead, mut behind) = (Position::default(), Position::default());
+        assert_eq!(carry(&store, &key, &mut ahead, &["1", "2", "3"]), 3);
+        // The second connection finds its first event by id, then each next one where it
+        // expects it: no copies.
+        assert_eq!(carry(&store, &key, &mut behind, &["1", "2"]), 0);
+        assert_eq!(carry(&store, &key, &mut behind, &["3"]), 0);
+        // Past the newest it records, and the first connection then follows it.
+        assert_eq!(carry(&store, &key, &mut behind, &["4", "5"]), 2);
+        assert_eq!(carry(&store, &key, &mut ahead, &["4", "5", "6"]), 1);
+        assert_eq!(
+            read(&store, &key, ReadFrom::Oldest, 10).await,
+            ["1", "2", "3", "4", "5", "6"]
+        );
+        // A connection whose events differ from what follows its last one records them after
+        // the newest, as `append` does.
+        assert_eq!(carry(&store, &key, &mut behind, &["x"]), 1);
+        assert_eq!(read(&store, &key, ReadFrom::After(b"6"), 10).await, ["x"]);
+        // An event retained already, carried at the newest: stored once, and the connection
+        // goes on from where it is.
+        carry(&store, &key, &mut behind, &["5"]);
+        assert_eq!(carry(&store, &key, &mut behind, &["6", "x", "y"]), 1);
+        assert_eq!(
+            read(&store, &key, ReadFrom::Oldest, 10).await,
+            ["1", "2", "3", "4", "5", "6", "x", "y"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_behind_the_history_appends_nothing_stale() {
+        let store = MemoryStore::with_limits(MemoryLimits::default().events_per_key(3));
+        let key = Bytes::from_static(b"k");
+        let (mut fast, mut slow) = (Position::default(), Position::default());
+        assert_eq!(carry(&store, &key, &mut fast, &["1"]), 1);
+        assert_eq!(carry(&store, &key, &mut slow, &["1"]), 0);
+        for id in 2..=10 {
+            carry(&store, &key, &mut fast, &[&id.to_string()]);
+        }
+        // The slow client's events were recorded and trimmed: appended again, they would come
+        // after 10, and a client resuming from 10 would get 2 again. One by one, in a batch
+        // shorter than the history and in one as long.
+        assert_eq!(carry(&store, &key, &mut slow, &["2"]), 0);
+        assert_eq!(carry(&store, &key, &mut slow, &["3", "4"]), 0);
+        assert_eq!(carry(&store, &key, &mut slow, &["5", "6", "7"]), 0);
+        assert_eq!(
+            read(&store, &key, ReadFrom::After(b"10"), 10).await,
+            Vec::<String>::new()
+        );
+        // Back within the history it follows it, and records past the newest.
+        assert_eq!(carry(&store, &key, &mut slow, &["8", "9", "10", "11"]), 1);
+        assert_eq!(
+            read(&store, &key, ReadFrom::Oldest, 10).await,
+            ["9", "10", "11"]
+        );
+        // A batch that reaches from before the history to past it records its new events.
+        let mut lagging = Position::default();
+        carry(&store, &key, &mut lagging, &["9"]);
+        for id in 12..=20 {
+            carry(&store, &key, &mut fast, &[&id.to_string()]);
+        }
+        let batch: Vec<String> = (10..=23).map(|id| id.to_string()).collect();
+        let batch: Vec<&str> = batch.iter().map(String::as_str).collect();
+        assert_eq!(carry(&store, &key, &mut lagging, &batch), 3);
+        assert_eq!(
+            read(&store, &key, ReadFrom::Oldest, 10).await,
+            ["21", "22", "23"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_key_numbers_its_events_anew() {
+        let store = MemoryStore::with_limits(MemoryLimits::default().max_keys(1));
+        let key = Bytes::from_static(b"k");
+        let mut old = Position::default();
+        carry(&store, &key, &mut old, &["1", "2"]);
+        store.append(&Bytes::from_static(b"other"), event("x"));
+        assert_eq!(store.len(b"k"), 0);
+        let mut new = Position::default();
+        carry(&store, &key, &mut new, &["a", "b", "c"]);
+        // The old position names nothing of the new history: its connection is behind it.
+        assert!(old.get() <= store.lock().map[&key].first_seq);
+        assert_eq!(carry(&store, &key, &mut old, &["3"]), 0);
+        assert_eq!(
+            read(&store, &key, ReadFrom::Oldest, 10).await,
+            ["a", "b", "c"]
         );
     }
 
