@@ -14,23 +14,54 @@ use tokio::sync::{mpsc, watch};
 
 use super::store::{Lookup, ReadFrom, ReplayStore, StoreError, StoredEvent};
 
-/// Records an event unless its id is already retained: the id key (`SET NX`) is the dedupe and
-/// the index from the SSE id to the stream entry. Both keys share a hash tag (cluster-safe).
+/// Drops the oldest entries of stream `KEYS[1]` past `ARGV[1]` entries, with their ids in the
+/// index `KEYS[2]`: no id outlives the entry it names. (A Lua chunk shared by the scripts.)
+const TRIM_OLDEST: &str = r"
+local function trim_oldest(stream, index, keep)
+  local excess = redis.call('XLEN', stream) - keep
+  if excess <= 0 then return end
+  for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', excess)) do
+    local fields = entry[2]
+    for f = 1, #fields, 2 do
+      if fields[f] == 'i' then redis.call('HDEL', index, fields[f + 1]) end
+    end
+    redis.call('XDEL', stream, entry[1])
+  end
+end
+";
+
+/// Records an event unless its id is already retained: the index (a hash from SSE id to stream
+/// entry) is the dedupe. Keeps at most `ARGV[3]` entries, and both keys expire together. Both
+/// keys share a hash tag (cluster-safe).
 const APPEND: &str = r"
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'i', ARGV[1], 'b', ARGV[2])
-redis.call('SET', KEYS[2], entry, 'EX', ARGV[4])
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+local entry = redis.call('XADD', KEYS[1], '*', 'i', ARGV[1], 'b', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+trim_oldest(KEYS[1], KEYS[2], tonumber(ARGV[3]))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+";
+
+/// Keeps the newest `ARGV[1]` entries (none: both keys go).
+const TRIM: &str = r"
+if tonumber(ARGV[1]) == 0 then return redis.call('DEL', KEYS[1], KEYS[2]) end
+trim_oldest(KEYS[1], KEYS[2], tonumber(ARGV[1]))
 return 1
 ";
 
 /// The entries after the one an SSE id names; nil when the id is unknown or trimmed away.
 const READ_AFTER: &str = r"
-local entry = redis.call('GET', KEYS[2])
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
 if not entry then return false end
 if #redis.call('XRANGE', KEYS[1], entry, entry) == 0 then return false end
-return redis.call('XRANGE', KEYS[1], '(' .. entry, '+', 'COUNT', ARGV[1])
+return redis.call('XRANGE', KEYS[1], '(' .. entry, '+', 'COUNT', ARGV[2])
 ";
+
+/// A script with the shared chunk before it.
+fn script(body: &str) -> String {
+    format!("{TRIM_OLDEST}{body}")
+}
 
 /// Settings of a [`RedisStore`].
 #[derive(Clone, Debug)]
@@ -63,8 +94,8 @@ impl RedisConfig {
         self
     }
 
-    /// Keeps about `events` events per stream (default 1,000; `XADD MAXLEN ~`, so Redis may keep
-    /// up to a hundred more until its next trim).
+    /// Keeps at most `events` events per stream (default 1,000), and their ids: the oldest go
+    /// with each append past it.
     pub fn max_len(mut self, events: usize) -> Self {
         self.max_len = events.max(1);
         self
@@ -128,15 +159,48 @@ struct Shared {
     connection: watch::Receiver<Option<ConnectionManager>>,
     /// Distinguishes the ids this store assigns from those of other instances.
     instance: u32,
+    scripts: Scripts,
+}
+
+/// The store's Lua scripts.
+struct Scripts {
+    append: Lua,
+    trim: Lua,
+    read_after: redis::Script,
+}
+
+/// A script sent in pipelines: `EVALSHA` by its hash, its source once after a Redis restart.
+struct Lua {
+    source: String,
+    hash: String,
+}
+
+impl Lua {
+    fn new(body: &str) -> Self {
+        let source = script(body);
+        let hash = redis::Script::new(&source).get_hash().to_owned();
+        Self { source, hash }
+    }
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self {
+            append: Lua::new(APPEND),
+            trim: Lua::new(TRIM),
+            read_after: redis::Script::new(READ_AFTER),
+        }
+    }
 }
 
 /// A [`ReplayStore`] in Redis Streams (feature `redis`): every gateway instance that points at
 /// the same Redis replays what any of them recorded, so a client may reconnect to any instance.
 ///
-/// Per stream key, one Redis stream (`XADD ... MAXLEN ~`, with a TTL renewed by each append)
-/// holds the encoded events, and one small key per event id maps the SSE id to its stream entry.
-/// That makes a lookup O(1) for any id, the upstream's own included, and it dedupes: several
-/// instances that record the same upstream event store it once. Reads are one round trip (a
+/// Per stream key, one Redis stream holds the encoded events, and one hash maps each SSE id to
+/// its stream entry: a lookup is O(1) for any id, the upstream's own included, and it dedupes
+/// (several instances that record the same upstream event store it once). Both keys are trimmed
+/// together to [`max_len`](RedisConfig::max_len) entries by each append (an id never outlives its
+/// entry) and expire together, [`ttl`](RedisConfig::ttl) after the last append. Reads are one round trip (a
 /// short Lua script: `GET` the entry, `XRANGE` after it).
 ///
 /// The live stream never waits for Redis. Appends go into a bounded queue, and a background task
@@ -193,6 +257,7 @@ impl RedisStore {
                 writes,
                 connection,
                 instance: (crate::jitter::unit() * f64::from(u32::MAX)) as u32,
+                scripts: Scripts::default(),
             }),
         };
         tokio::spawn(connect(client, store.shared.config.timeout, publish));
@@ -262,14 +327,11 @@ impl Shared {
         name
     }
 
-    /// `<prefix>{<key>}:i:<id>`, the entry an SSE id names.
-    fn id_key(&self, key: &[u8], id: &[u8]) -> String {
-        let mut name = String::with_capacity(self.config.prefix.len() + key.len() + id.len() + 6);
-        name.push_str(&self.config.prefix);
-        name.push('{');
-        escape(key, &mut name);
-        name.push_str("}:i:");
-        escape(id, &mut name);
+    /// `<prefix>{<key>}:i`, the index from SSE ids to stream entries.
+    fn index_key(&self, key: &[u8]) -> String {
+        let mut name = self.stream_key(key);
+        name.pop();
+        name.push('i');
         name
     }
 
@@ -348,37 +410,34 @@ async fn send_batch(shared: &Shared, batch: &[Command]) -> Result<(), StoreError
     };
     let config = &shared.config;
     let ttl = config.ttl.as_secs().max(1);
-    let append_hash = redis::Script::new(APPEND).get_hash().to_owned();
+    let scripts = &shared.scripts;
     let pipeline = |with_source: bool| {
         let mut pipe = redis::pipe();
         for command in batch {
+            let (script, key) = match command {
+                Command::Append { key, .. } => (&scripts.append, key),
+                Command::Trim { key, .. } => (&scripts.trim, key),
+            };
+            let call = if with_source {
+                pipe.cmd("EVAL").arg(&script.source)
+            } else {
+                pipe.cmd("EVALSHA").arg(&script.hash)
+            };
+            call.arg(2)
+                .arg(shared.stream_key(key))
+                .arg(shared.index_key(key));
             match command {
-                Command::Append { key, event } => {
-                    let call = if with_source {
-                        pipe.cmd("EVAL").arg(APPEND)
-                    } else {
-                        pipe.cmd("EVALSHA").arg(&append_hash)
-                    };
-                    call.arg(2)
-                        .arg(shared.stream_key(key))
-                        .arg(shared.id_key(key, &event.id))
-                        .arg(&event.id[..])
+                Command::Append { event, .. } => {
+                    call.arg(&event.id[..])
                         .arg(&event.bytes[..])
                         .arg(config.max_len)
-                        .arg(ttl)
-                        .ignore();
+                        .arg(ttl);
                 }
-                Command::Trim { key, keep: 0 } => {
-                    pipe.cmd("DEL").arg(shared.stream_key(key)).ignore();
-                }
-                Command::Trim { key, keep } => {
-                    pipe.cmd("XTRIM")
-                        .arg(shared.stream_key(key))
-                        .arg("MAXLEN")
-                        .arg(*keep)
-                        .ignore();
+                Command::Trim { keep, .. } => {
+                    call.arg(*keep);
                 }
             }
+            call.ignore();
         }
         pipe
     };
@@ -450,7 +509,7 @@ fn entries(value: Value) -> Result<Vec<StoredEvent>, StoreError> {
 enum From {
     Oldest,
     Newest,
-    After(String),
+    After { index: String, id: Bytes },
 }
 
 async fn read(
@@ -500,10 +559,9 @@ async fn read(
                 other => other,
             })
         }
-        From::After(id_key) => {
-            let script = redis::Script::new(READ_AFTER);
-            let mut invocation = script.key(&stream);
-            invocation.key(id_key).arg(count);
+        From::After { index, id } => {
+            let mut invocation = shared.scripts.read_after.key(&stream);
+            invocation.key(index).arg(&id[..]).arg(count);
             timed(
                 shared.config.timeout,
                 invocation.invoke_async::<Value>(&mut connection),
@@ -532,7 +590,10 @@ impl ReplayStore for RedisStore {
         let from = match from {
             ReadFrom::Oldest => From::Oldest,
             ReadFrom::Newest => From::Newest,
-            ReadFrom::After(id) => From::After(shared.id_key(key, id)),
+            ReadFrom::After(id) => From::After {
+                index: shared.index_key(key),
+                id: Bytes::copy_from_slice(id),
+            },
         };
         Box::pin(read(shared.clone(), stream, from, limit))
     }
