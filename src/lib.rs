@@ -104,7 +104,8 @@
 //!   `Last-Event-ID`, a fan-out subscription opened or closed (with the reason), a
 //!   subscription channel opened or refused, channels closed by a suspension.
 //! - `info`: a fan-out client too slow.
-//! - `warn`: a replay or subscription store failure.
+//! - `warn`: a replay or subscription store failure (Redis unreachable, a write sent again,
+//!   writes dropped).
 //! - `trace`: every frame, heartbeat and compressed frame.
 //!
 //! With the `metrics` feature, the same decisions go to the [`metrics`](https://docs.rs/metrics)
@@ -125,6 +126,9 @@
 //! | `sse_replay_unknown_ids_total` | counter | | replay |
 //! | `sse_replay_store_failures_total` | counter | | replay |
 //! | `sse_replay_store_keys`, `sse_replay_store_events` | gauge | | `MemoryStore`, at most once a second |
+//! | `sse_replay_store_write_failures_total` | counter | | `RedisStore`: batches of appends that failed and are sent again |
+//! | `sse_replay_store_dropped_total` | counter | | `RedisStore`: appends dropped from Redis's copy (queue full; still in the local tier) |
+//! | `sse_replay_store_local_reads_total` | counter | `reason`: `failed` (Redis failed), `unknown` (Redis did not know the id), `more` (the local tier knew more) | `RedisStore` |
 //! | `sse_fanout_subscriptions`, `sse_fanout_clients` | gauge | | fan-out |
 //! | `sse_fanout_events_total` | counter | | fan-out: upstream events shared |
 //! | `sse_fanout_slow_clients_total` | counter | `policy`: `disconnect`, `skip` | fan-out |

@@ -150,6 +150,32 @@ pub(crate) fn store_failed(error: &dyn std::fmt::Display) {
     }
 }
 
+/// A batch of appends a networked store could not write (it sends them again).
+#[cfg(feature = "redis")]
+pub(crate) fn store_write_failed() {
+    metric! {
+        metrics::counter!("sse_replay_store_write_failures_total").increment(1);
+    }
+}
+
+/// Appends a networked store dropped: its queue was full.
+#[cfg(feature = "redis")]
+pub(crate) fn store_writes_dropped(events: u64) {
+    metric! {
+        metrics::counter!("sse_replay_store_dropped_total").increment(events);
+    }
+    let _ = events;
+}
+
+/// A read a networked store answered from its local tier (`reason`: `failed`, `unknown`, `more`).
+#[cfg(feature = "redis")]
+pub(crate) fn store_local_read(reason: &'static str) {
+    tracing::debug!(target: "tower_sse", reason, "replay store: read answered by the local tier");
+    metric! {
+        metrics::counter!("sse_replay_store_local_reads_total", "reason" => reason).increment(1);
+    }
+}
+
 #[cfg(feature = "metrics")]
 pub(crate) fn store_size(keys: usize, events: usize) {
     metrics::gauge!("sse_replay_store_keys").set(keys as f64);

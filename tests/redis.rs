@@ -13,7 +13,7 @@ use tower_sse::replay::{
 };
 
 use support::redis::RedisServer;
-use support::{proxy, read_ids, serve, subscribe, until, Upstream, GUARD};
+use support::{proxy, read_ids, serve, subscribe, subscribe_with_headers, until, Upstream, GUARD};
 
 fn event(id: &str) -> StoredEvent {
     StoredEvent {
@@ -267,14 +267,32 @@ async fn a_client_resumes_on_another_instance_without_gap_or_duplicate() {
     assert_eq!(ids(all), ["1", "2", "3", "4", "5", "6", "7"]);
 }
 
+/// Redis killed mid-stream and restarted empty: the live stream never stops; a client that
+/// reconnects to the recording instance during the outage gets every event it missed, exactly
+/// once, from the instance's local tier; the appends that failed reach Redis once it is back, in
+/// order, so another instance replays them too. (Before, every reconnect during an outage skipped
+/// what was recorded meanwhile, and those events never reached Redis.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_going_away_never_stops_the_live_stream_and_recording_resumes() {
-    let Some(mut server) = RedisServer::start() else {
-        return;
-    };
+async fn redis_going_away_loses_nothing_and_recording_catches_up() {
+    if let Some(server) = RedisServer::start() {
+        outage(server).await;
+    }
+}
+
+/// The same with Redis keeping an append-only file: it comes back with what it had, and what
+/// was recorded during the outage follows without a hole (before, a client resuming on another
+/// instance got `last-event-id` and then a hole of every event recorded while Redis was down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_with_its_aof_gets_the_outage_without_a_hole() {
+    if let Some(server) = RedisServer::start_with_aof() {
+        outage(server).await;
+    }
+}
+
+async fn outage(mut server: RedisServer) {
     let (upstream_addr, upstream) = Upstream::serve().await;
     let config = RedisConfig::default().timeout(Duration::from_millis(200));
-    let store = store(&server, config).await;
+    let store = store(&server, config.clone()).await;
     let fanout = FanoutLayer::new();
     let service = ServiceBuilder::new()
         .layer(ReplayLayer::with_store(store.clone()))
@@ -290,58 +308,47 @@ async fn redis_going_away_never_stops_the_live_stream_and_recording_resumes() {
     assert_eq!(read_ids(&mut client, 1).await, [1]);
     wait_appended(&store, 1).await;
 
-    // Redis dies: every live event still arrives; recording is skipped and counted.
+    // Redis dies: every live event still arrives; the writes that fail are sent again.
     server.kill();
     for id in 2..=20 {
         upstream.send(id, "redis down").await;
     }
     let expected: Vec<usize> = (2..=20).collect();
     assert_eq!(read_ids(&mut client, 19).await, expected);
-    until("failed appends to be counted", || store.stats().dropped > 0).await;
-    // A reconnecting client gets the live stream; the failed lookup replays nothing.
-    let mut resumed = subscribe(addr, Some("1")).await;
+    until("a failed write to be sent again", || {
+        store.stats().retried > 0
+    })
+    .await;
+    // A client reconnecting to this instance gets what it missed from the local tier.
+    let (headers, mut resumed) = subscribe_with_headers(addr, Some("5")).await;
+    assert_eq!(headers["sse-resumed-from"], "last-event-id");
+    assert_eq!(
+        read_ids(&mut resumed, 15).await,
+        (6..=20).collect::<Vec<_>>()
+    );
     upstream.send(21, "still live").await;
     assert_eq!(read_ids(&mut resumed, 1).await, [21]);
     assert_eq!(read_ids(&mut client, 1).await, [21]);
-    assert!(store.stats().failed_reads > 0);
+    let stats = store.stats();
+    assert!(stats.failed_reads > 0 && stats.local_reads > 0, "{stats:?}");
+    assert_eq!(stats.dropped, 0);
 
-    // Redis comes back (empty: it kept nothing on disk): recording resumes.
+    // Redis comes back empty (it kept nothing on disk): the writes waiting are made, in order.
     server.restart();
-    let mut id = 22;
-    tokio::time::timeout(GUARD, async {
-        loop {
-            upstream.send(id, "redis back").await;
-            assert_eq!(read_ids(&mut client, 1).await, [id]);
-            let lookup = store
-                .read(&Bytes::from_static(b"/topic"), ReadFrom::Oldest, 100)
-                .await;
-            if let Ok(Lookup::Found(events)) = lookup {
-                if !events.is_empty() {
-                    break;
-                }
-            }
-            id += 1;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("recording resumes once Redis is back");
-    // And a client can resume from what was recorded since.
-    let first_recorded = match store
-        .read(&Bytes::from_static(b"/topic"), ReadFrom::Oldest, 1)
-        .await
-        .unwrap()
-    {
-        Lookup::Found(events) => String::from_utf8(events[0].id.to_vec()).unwrap(),
-        Lookup::Unknown => unreachable!(),
-    };
-    upstream.send(id + 1, "after").await;
-    assert_eq!(read_ids(&mut client, 1).await, [id + 1]);
-    wait_appended(&store, 3).await;
-    let mut resumed = subscribe(addr, Some(&first_recorded)).await;
-    let first: usize = first_recorded.parse().unwrap();
-    let replayed = read_ids(&mut resumed, id + 1 - first).await;
-    assert_eq!(replayed, (first + 1..=id + 1).collect::<Vec<_>>());
+    upstream.send(22, "redis back").await;
+    assert_eq!(read_ids(&mut client, 1).await, [22]);
+    wait_appended(&store, 22).await;
+    // Another instance, with nothing of its own, replays them from Redis.
+    let other = self::store(&server, config).await;
+    let (upstream_addr, _other_upstream) = Upstream::serve().await;
+    let other_addr = gateway(upstream_addr, other.clone()).await;
+    let (headers, mut elsewhere) = subscribe_with_headers(other_addr, Some("10")).await;
+    assert_eq!(headers["sse-resumed-from"], "last-event-id");
+    assert_eq!(
+        read_ids(&mut elsewhere, 12).await,
+        (11..=22).collect::<Vec<_>>()
+    );
+    assert_eq!(other.stats().local_reads, 0, "answered by Redis");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

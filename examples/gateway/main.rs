@@ -397,6 +397,15 @@ async fn serve_gateway<S, B, St, Sub>(
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
+    // Warnings by default (Redis failing, writes dropped, a store that cannot keep up);
+    // `RUST_LOG=tower_sse=debug` and the like for more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     #[cfg(unix)]
     let open_files = limits::raise_open_files_limit();
     let metrics = ops::install_recorder()?;

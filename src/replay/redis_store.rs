@@ -12,7 +12,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Value};
 use tokio::sync::{mpsc, watch};
 
-use super::store::{Lookup, ReadFrom, ReplayStore, StoreError, StoredEvent};
+use super::store::{
+    CarriedEvents, Lookup, MemoryLimits, MemoryStore, Position, ReadFrom, ReplayStore, StoreError,
+    StoredEvent,
+};
 
 /// Drops the oldest entries of stream `KEYS[1]` past `ARGV[1]` entries, with their ids in the
 /// index `KEYS[2]`: no id outlives the entry it names. (A Lua chunk shared by the scripts.)
@@ -72,6 +75,8 @@ pub struct RedisConfig {
     pub(crate) timeout: Duration,
     queue: usize,
     batch: usize,
+    /// `None`: the default, sized from `max_len`.
+    local: Option<MemoryLimits>,
 }
 
 impl Default for RedisConfig {
@@ -83,6 +88,7 @@ impl Default for RedisConfig {
             timeout: Duration::from_millis(500),
             queue: 10_000,
             batch: 256,
+            local: None,
         }
     }
 }
@@ -107,15 +113,17 @@ impl RedisConfig {
         self
     }
 
-    /// Gives up on a Redis call after `timeout` (default 500 ms): a read that times out replays
-    /// nothing, a batch of appends that times out is not recorded.
+    /// Gives up on a Redis call after `timeout` (default 500 ms): a read that times out is
+    /// answered by the local tier when it can be, a batch of appends that times out is sent
+    /// again.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
-    /// Queues at most `events` appends waiting for Redis (default 10,000); beyond it, appends
-    /// are dropped (and counted) rather than held in memory.
+    /// Queues at most `events` appends waiting for Redis (default 10,000): while Redis is down
+    /// they wait here and go out in order once it is back. Beyond it, appends are dropped
+    /// (counted, logged, and still in the local tier) rather than held in memory.
     pub fn queue(mut self, events: usize) -> Self {
         self.queue = events.max(1);
         self
@@ -126,24 +134,49 @@ impl RedisConfig {
         self.batch = events.max(1);
         self
     }
+
+    /// Bounds the local tier: the events this instance recorded, kept in its memory too, that
+    /// replay reads when Redis fails, or knows less than this instance does (default: the
+    /// [`MemoryLimits`] defaults with [`max_len`](Self::max_len) events per key and 16 MiB in
+    /// all).
+    pub fn local(mut self, limits: MemoryLimits) -> Self {
+        self.local = Some(limits);
+        self
+    }
+
+    fn local_limits(&self) -> MemoryLimits {
+        self.local.unwrap_or_else(|| {
+            MemoryLimits::default()
+                .events_per_key(self.max_len)
+                .max_bytes(16 * 1024 * 1024)
+        })
+    }
 }
 
 /// What a [`RedisStore`] has done, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RedisStats {
     /// Appends Redis confirmed (new or already retained).
     pub appended: u64,
-    /// Appends dropped without reaching Redis: the queue was full, or Redis failed or timed out.
+    /// Appends that never reached Redis: the queue was full while Redis was down or slow (they
+    /// are still in the local tier, within its bounds).
     pub dropped: u64,
+    /// Batches of appends that failed or timed out and were sent again.
+    pub retried: u64,
     /// Reads that failed or timed out.
     pub failed_reads: u64,
+    /// Reads answered by the local tier: Redis failed, or knew less than this instance.
+    pub local_reads: u64,
 }
 
 #[derive(Default)]
 struct Counters {
     appended: AtomicU64,
     dropped: AtomicU64,
+    retried: AtomicU64,
     failed_reads: AtomicU64,
+    local_reads: AtomicU64,
     sequence: AtomicU64,
 }
 
@@ -160,6 +193,8 @@ struct Shared {
     /// Distinguishes the ids this store assigns from those of other instances.
     instance: u32,
     scripts: Scripts,
+    /// What this instance recorded, in its own memory too.
+    local: MemoryStore,
 }
 
 /// The store's Lua scripts.
@@ -203,12 +238,19 @@ impl Default for Scripts {
 /// entry) and expire together, [`ttl`](RedisConfig::ttl) after the last append. Reads are one round trip (a
 /// short Lua script: `GET` the entry, `XRANGE` after it).
 ///
-/// The live stream never waits for Redis. Appends go into a bounded queue, and a background task
-/// writes them in pipelined batches. When Redis is down, slow or the queue is full, recording is
-/// skipped: a `tracing` warning is logged and [`stats`](RedisStore::stats) counts it. Reads that
-/// fail or time out make the replay layer apply its store-failure policy. The connection is
-/// multiplexed and reconnects by itself. The store can be created while Redis is down and starts
-/// recording once Redis is up.
+/// The live stream never waits for Redis. Every append goes to a local tier first (a
+/// [`MemoryStore`] in this instance, bounded by [`RedisConfig::local`]), then into a bounded
+/// queue that a background task writes to Redis in pipelined batches. A batch that fails is sent
+/// again, with backoff, before anything after it, so appends reach Redis in order once it is
+/// back (resending is harmless: an id is stored once). Only a full queue drops appends from
+/// Redis's copy; [`stats`](RedisStore::stats) and the metrics count every drop, retry and local
+/// read, and a `tracing` warning says when Redis fails. A read goes to Redis; the local tier
+/// answers instead when Redis fails or times out, does not know the id, or holds fewer events
+/// after it than this instance recorded (a Redis that came back empty or missed writes): a
+/// client reconnecting to the instance that recorded its stream loses nothing to an outage. A
+/// read neither can answer makes the replay layer apply its store-failure policy. The connection
+/// is multiplexed and reconnects by itself. The store can be created while Redis is down and
+/// starts writing once Redis is up.
 ///
 /// Client input never shapes a Redis command: stream keys and ids are bulk arguments, and in key
 /// names they are percent-encoded (`{`, `}`, `:` and every byte outside `A-Za-z0-9-._~/`), under
@@ -248,6 +290,7 @@ impl RedisStore {
     /// keeps reconnecting; must be called within a tokio runtime. Fails only on a malformed URL.
     pub fn open(url: &str, config: RedisConfig) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::new)?;
+        let config_local = config.local_limits();
         let (writes, commands) = mpsc::channel(config.queue);
         let (publish, connection) = watch::channel(None);
         let store = Self {
@@ -258,6 +301,7 @@ impl RedisStore {
                 connection,
                 instance: (crate::jitter::unit() * f64::from(u32::MAX)) as u32,
                 scripts: Scripts::default(),
+                local: MemoryStore::with_limits(config_local),
             }),
         };
         tokio::spawn(connect(client, store.shared.config.timeout, publish));
@@ -299,8 +343,32 @@ impl RedisStore {
         RedisStats {
             appended: counters.appended.load(Ordering::Relaxed),
             dropped: counters.dropped.load(Ordering::Relaxed),
+            retried: counters.retried.load(Ordering::Relaxed),
             failed_reads: counters.failed_reads.load(Ordering::Relaxed),
+            local_reads: counters.local_reads.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// The events a local tier takes, kept for Redis too.
+struct Taken<'a> {
+    events: &'a mut dyn CarriedEvents,
+    kept: Vec<StoredEvent>,
+}
+
+impl CarriedEvents for Taken<'_> {
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    fn id(&self, index: usize) -> &[u8] {
+        self.events.id(index)
+    }
+
+    fn take(&mut self, index: usize) -> Option<StoredEvent> {
+        let event = self.events.take(index)?;
+        self.kept.push(event.clone());
+        Some(event)
     }
 }
 
@@ -338,6 +406,32 @@ impl Shared {
     fn connection(&self) -> Option<ConnectionManager> {
         self.connection.borrow().clone()
     }
+
+    /// Queues appends for the writer; past the queue's bound they are dropped and counted.
+    fn queue(&self, key: &Bytes, events: Vec<StoredEvent>) {
+        let mut dropped = 0;
+        for event in events {
+            let command = Command::Append {
+                key: key.clone(),
+                event,
+            };
+            if self.writes.try_send(command).is_err() {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            let before = self.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+            crate::telemetry::store_writes_dropped(dropped);
+            // A warning per thousand drops: a full queue drops at the event rate.
+            if before / 1_000 != (before + dropped) / 1_000 || before == 0 {
+                tracing::warn!(
+                    target: "tower_sse",
+                    dropped = before + dropped,
+                    "replay store: Redis write queue full; events kept only in this instance's memory"
+                );
+            }
+        }
+    }
 }
 
 /// Connects, retrying with backoff until Redis answers; then the connection manager reconnects
@@ -360,7 +454,7 @@ async fn connect(
                 return;
             }
             Err(error) => {
-                tracing::warn!(%error, "replay store: cannot connect to Redis; retrying");
+                tracing::warn!(target: "tower_sse", %error, "replay store: cannot connect to Redis; retrying");
                 if publish.is_closed() {
                     return;
                 }
@@ -371,18 +465,21 @@ async fn connect(
     }
 }
 
-/// Writes queued appends in pipelined batches until the store is dropped.
+/// Writes queued appends in pipelined batches until the store is dropped. A batch that fails
+/// is sent again (with backoff) before anything queued after it: appends reach Redis in order,
+/// and resending is harmless (an id retained already is not stored twice). While it waits, the
+/// queue fills, and appends past its bound are dropped and counted.
 async fn write(shared: std::sync::Weak<Shared>, mut commands: mpsc::Receiver<Command>) {
     let mut batch = Vec::new();
     loop {
         let Some(first) = commands.recv().await else {
             return;
         };
-        let Some(shared) = shared.upgrade() else {
+        batch.push(first);
+        let Some(limit) = shared.upgrade().map(|shared| shared.config.batch) else {
             return;
         };
-        batch.push(first);
-        while batch.len() < shared.config.batch {
+        while batch.len() < limit {
             match commands.try_recv() {
                 Ok(command) => batch.push(command),
                 Err(_) => break,
@@ -392,14 +489,31 @@ async fn write(shared: std::sync::Weak<Shared>, mut commands: mpsc::Receiver<Com
             .iter()
             .filter(|c| matches!(c, Command::Append { .. }))
             .count() as u64;
-        let counters = &shared.counters;
-        match send_batch(&shared, &batch).await {
-            Ok(()) => counters.appended.fetch_add(appends, Ordering::Relaxed),
-            Err(error) => {
-                tracing::warn!(%error, events = appends, "replay store: Redis write failed; events not recorded");
-                counters.dropped.fetch_add(appends, Ordering::Relaxed)
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let counters = &shared.counters;
+            match send_batch(&shared, &batch).await {
+                Ok(()) => {
+                    counters.appended.fetch_add(appends, Ordering::Relaxed);
+                    break;
+                }
+                Err(error) => {
+                    let retried = counters.retried.fetch_add(1, Ordering::Relaxed);
+                    // Once per outage and then every hundredth attempt: a down Redis fails
+                    // every few seconds.
+                    if delay == Duration::from_millis(50) || retried % 100 == 0 {
+                        tracing::warn!(target: "tower_sse", %error, events = appends, "replay store: Redis write failed; sending again");
+                    }
+                    crate::telemetry::store_write_failed();
+                }
             }
-        };
+            drop(shared);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
         batch.clear();
     }
 }
@@ -515,7 +629,7 @@ enum From {
 async fn read(
     shared: Arc<Shared>,
     stream: String,
-    from: From,
+    from: &From,
     limit: usize,
 ) -> Result<Lookup, StoreError> {
     let Some(mut connection) = shared.connection() else {
@@ -576,7 +690,7 @@ async fn read(
     };
     if let Err(error) = &lookup {
         shared.counters.failed_reads.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%error, "replay store: Redis read failed; nothing replayed");
+        tracing::warn!(target: "tower_sse", %error, "replay store: Redis read failed");
     }
     lookup
 }
@@ -595,24 +709,64 @@ impl ReplayStore for RedisStore {
                 id: Bytes::copy_from_slice(id),
             },
         };
-        Box::pin(read(shared.clone(), stream, from, limit))
+        let (shared, key) = (shared.clone(), key.clone());
+        Box::pin(async move {
+            let remote = read(shared.clone(), stream, &from, limit).await;
+            let local_from = match &from {
+                From::Oldest => ReadFrom::Oldest,
+                From::Newest => ReadFrom::Newest,
+                From::After { id, .. } => ReadFrom::After(id),
+            };
+            let local = shared.local.read(&key, local_from, limit).await;
+            let after = matches!(from, From::After { .. });
+            let (lookup, reason) = prefer_local(remote, local, after);
+            if let Some(reason) = reason {
+                shared.counters.local_reads.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::store_local_read(reason);
+            }
+            lookup
+        })
     }
 
     fn append(&self, key: &Bytes, event: StoredEvent) {
-        let command = Command::Append {
-            key: key.clone(),
-            event,
+        self.append_all_at(key, std::iter::once(event), tokio::time::Instant::now());
+    }
+
+    fn append_all(&self, key: &Bytes, events: impl Iterator<Item = StoredEvent>) {
+        self.append_all_at(key, events, tokio::time::Instant::now());
+    }
+
+    /// Into the local tier, then queued for Redis.
+    fn append_all_at(
+        &self,
+        key: &Bytes,
+        events: impl Iterator<Item = StoredEvent>,
+        now: tokio::time::Instant,
+    ) {
+        let events: Vec<StoredEvent> = events.collect();
+        self.shared
+            .local
+            .append_all_at(key, events.iter().cloned(), now);
+        self.shared.queue(key, events);
+    }
+
+    /// The local tier keeps one history per key as the memory store does; what it takes as new
+    /// is queued for Redis.
+    fn append_carried(
+        &self,
+        key: &Bytes,
+        position: &mut Position,
+        events: &mut dyn CarriedEvents,
+        now: tokio::time::Instant,
+    ) {
+        let mut taken = Taken {
+            events,
+            kept: Vec::new(),
         };
-        if self.shared.writes.try_send(command).is_err() {
-            let dropped = self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            // One warning per thousand drops: a full queue drops at the event rate.
-            if dropped % 1_000 == 0 {
-                tracing::warn!(
-                    dropped = dropped + 1,
-                    "replay store: Redis write queue full; events not recorded"
-                );
-            }
-        }
+        self.shared
+            .local
+            .append_carried(key, position, &mut taken, now);
+        self.shared.queue(key, taken.kept);
     }
 
     fn next_id(&self, _key: &Bytes) -> Bytes {
@@ -633,8 +787,31 @@ impl ReplayStore for RedisStore {
             key: key.clone(),
             keep,
         };
+        self.shared.local.trim(key, keep);
         if self.shared.writes.try_send(command).is_err() {
-            tracing::warn!("replay store: Redis write queue full; trim skipped");
+            tracing::warn!(target: "tower_sse", "replay store: Redis write queue full; trim skipped");
         }
+    }
+}
+
+/// Redis's answer, or the local tier's when Redis failed, did not know the id, or knows fewer
+/// events after it than this instance recorded (appends lost while Redis was down, or a Redis
+/// that came back empty). With why the local tier answered. `after`: a read after an id, which
+/// the local tier answers (even with nothing) only when it knows the id.
+fn prefer_local(
+    remote: Result<Lookup, StoreError>,
+    local: Result<Lookup, StoreError>,
+    after: bool,
+) -> (Result<Lookup, StoreError>, Option<&'static str>) {
+    let Ok(Lookup::Found(local)) = local else {
+        return (remote, None);
+    };
+    match remote {
+        Err(_) if after || !local.is_empty() => (Ok(Lookup::Found(local)), Some("failed")),
+        Ok(Lookup::Unknown) => (Ok(Lookup::Found(local)), Some("unknown")),
+        Ok(Lookup::Found(remote)) if local.len() > remote.len() => {
+            (Ok(Lookup::Found(local)), Some("more"))
+        }
+        remote => (remote, None),
     }
 }

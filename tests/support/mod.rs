@@ -116,6 +116,14 @@ pub fn proxy(
 
 /// An SSE client on its own connection.
 pub async fn subscribe(addr: SocketAddr, last_event_id: Option<&str>) -> EventReader<Incoming> {
+    subscribe_with_headers(addr, last_event_id).await.1
+}
+
+/// [`subscribe`], with the response's headers.
+pub async fn subscribe_with_headers(
+    addr: SocketAddr,
+    last_event_id: Option<&str>,
+) -> (http::HeaderMap, EventReader<Incoming>) {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -132,7 +140,8 @@ pub async fn subscribe(addr: SocketAddr, last_event_id: Option<&str>) -> EventRe
     .await
     .unwrap()
     .unwrap();
-    EventReader::new(response.into_body())
+    let (parts, body) = response.into_parts();
+    (parts.headers, EventReader::new(body))
 }
 
 pub async fn read_ids(reader: &mut EventReader<Incoming>, n: usize) -> Vec<usize> {

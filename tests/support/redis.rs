@@ -11,6 +11,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Persists every write to an append-only file (fsync always), kept across restarts.
+    aof: bool,
 }
 
 const BINARY: &str = "redis-server";
@@ -28,6 +30,15 @@ impl RedisServer {
     /// A fresh server, or `None` (with a message) when `redis-server` is missing and `CI` is
     /// unset. Under CI a missing binary fails the test: CI installs it.
     pub fn start() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    /// [`start`](Self::start), with an append-only file that survives restarts and kills.
+    pub fn start_with_aof() -> Option<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> Option<Self> {
         if !binary_exists() {
             assert!(
                 std::env::var_os("CI").is_none(),
@@ -52,9 +63,15 @@ impl RedisServer {
             child: None,
             port,
             dir,
+            aof,
         };
         server.restart();
         Some(server)
+    }
+
+    /// True when the server keeps its data across restarts.
+    pub fn keeps_data(&self) -> bool {
+        self.aof
     }
 
     pub fn url(&self) -> String {
@@ -85,7 +102,12 @@ impl RedisServer {
         self.kill();
         let child = Command::new(BINARY)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--save", "", "--protected-mode", "no"])
+            .args(if self.aof {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
