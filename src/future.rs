@@ -11,7 +11,9 @@ use std::task::{ready, Context, Poll};
 use http::Response;
 use pin_project_lite::pin_project;
 
-pub(crate) use sealed::{Exchange, OnResponse, WholeEvents};
+#[cfg(feature = "compression")]
+pub(crate) use sealed::WholeEvents;
+pub(crate) use sealed::{Exchange, OnResponse};
 
 mod sealed {
     use http::{HeaderMap, Method, Request};

@@ -121,7 +121,7 @@
 //! | `sse_heartbeats_total` | counter | | heartbeat |
 //! | `sse_timeouts_total` | counter | `kind`: `idle`, `response`, `lifetime`, `shutdown` | timeouts, lifetime |
 //! | `sse_rejected_total` | counter | `reason`: `not_acceptable` | headers (`406`) |
-//! | `sse_replay_requests_total` | counter | `resumed`: `new`, `last-event-id`, `earliest`, `live`, `upstream` | replay |
+//! | `sse_replay_requests_total` | counter | `resumed`: `new`, `snapshot`, `last-event-id`, `partial`, `earliest`, `live`, `upstream` | replay |
 //! | `sse_replay_events_total` | counter | | replay: events replayed |
 //! | `sse_replay_unknown_ids_total` | counter | | replay |
 //! | `sse_replay_store_failures_total` | counter | | replay |

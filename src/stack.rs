@@ -642,7 +642,7 @@ mod tests {
                 )
                 .await
                 .unwrap();
-            let crate::replay::Lookup::Found(events) = recorded else {
+            let Some(events) = recorded.into_events() else {
                 panic!("{name}: nothing recorded")
             };
             let ids: Vec<_> = events.iter().map(|e| e.id.clone()).collect();

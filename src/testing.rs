@@ -48,10 +48,11 @@
 //! stream.expect_nothing_for(Duration::from_secs(10)).await;
 //! drop(stream);
 //!
-//! // A browser reconnecting after event 1 gets 2 from the replay buffer.
+//! // A browser reconnecting after event 1 gets 2 from the replay buffer. Nothing recorded the
+//! // stream while it was away, and this upstream is not declared to resume: `partial`.
 //! let response = app.oneshot(reconnect::<Body>("/events", "1")).await.unwrap();
 //! let mut stream = TestStream::new(response);
-//! stream.assert_header("sse-resumed-from", "last-event-id");
+//! stream.assert_header("sse-resumed-from", "partial");
 //! assert_eq!(stream.next_event().await.id(), Some(&b"2"[..]));
 //! assert_eq!(upstream.requests()[1].headers()["last-event-id"], "2");
 //! # }

@@ -438,6 +438,15 @@ async fn replay_resumes_a_reconnecting_client_without_gap_or_duplicate() {
     let expired = get(&url, &[("last-event-id", "gone")]).await;
     assert_eq!(expired.headers()["sse-resumed-from"], "earliest");
     let mut expired = EventReader::new(expired.into_body());
+    // The page learns it too: the gateway's history-lost event comes first.
+    let lost = loop {
+        let event = next(&mut expired).await;
+        if event.is_message() {
+            break event;
+        }
+    };
+    assert_eq!(lost.event_type(), Some(&b"history-lost"[..]));
+    assert_eq!(lost.data().as_deref(), Some("earliest"));
     assert_eq!(read_ids(&mut expired, 3).await, ["1", "2", "3"]);
 }
 

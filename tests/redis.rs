@@ -35,6 +35,7 @@ fn ids(lookup: Lookup) -> Vec<String> {
             .map(|e| String::from_utf8(e.id.to_vec()).unwrap())
             .collect(),
         Lookup::Unknown => panic!("expected events, the id is unknown"),
+        Lookup::Interrupted { .. } => panic!("expected events recorded without interruption"),
     }
 }
 

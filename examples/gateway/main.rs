@@ -118,6 +118,18 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 0)]
     replay: usize,
 
+    /// The upstream resumes after the `Last-Event-ID` it is sent, as the spec asks of servers.
+    /// Without it, a client whose stream nothing recorded for a while (it was alone, and went
+    /// away) is told events may be missing (`sse-resumed-from: partial` and the history-lost
+    /// event). The demo source resumes.
+    #[arg(long)]
+    upstream_resumes: bool,
+
+    /// The type of the event sent when replay cannot promise a reconnecting client misses
+    /// nothing (data: `earliest`, `live`, `partial` or `upstream`); empty: none.
+    #[arg(long, value_name = "NAME", default_value = "history-lost")]
+    history_lost_event: String,
+
     /// Share one upstream subscription per stream (path, query, credentials) among its clients, with
     /// a bounded queue per client; a client that falls behind is disconnected and, with
     /// `--replay`, resumes from the replay buffer when it reconnects.
@@ -380,7 +392,16 @@ async fn serve_gateway<S, B, St, Sub>(
             .lifetime(lifetime)
             .idle_timeout(positive(args.idle_timeout))
             .response_timeout(positive(args.response_timeout))
-            .replay(replay.key(key))
+            .replay({
+                let replay = replay
+                    .key(key)
+                    .upstream_resumes(args.upstream_resumes || args.upstream.is_none());
+                if args.history_lost_event.is_empty() {
+                    replay
+                } else {
+                    replay.history_lost_event(args.history_lost_event.clone())
+                }
+            })
             .fanout(args.fanout.then(|| {
                 FanoutLayer::new()
                     .linger(Duration::from_secs_f64(args.linger))

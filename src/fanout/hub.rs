@@ -649,7 +649,8 @@ pub(super) async fn run<S, ReqBody, ResBody, St>(
     let mut pump = Pump {
         parser: Parser::with_limits(config.limits),
         out: BytesMut::new(),
-        recorder: store.map(|store| Recorder::new(store, topic.key.clone(), config.ids)),
+        recorder: store
+            .map(|store| Recorder::new(store, topic.key.clone(), config.ids, true, None)),
         events: 0,
     };
     // Boxed, so that it can be dropped before the linger that follows an upstream end.
@@ -764,7 +765,7 @@ fn close_if_idle(hub: &Hub, topic: &Arc<Topic>) -> bool {
 }
 
 /// Turns upstream chunks into frames of whole events, recorded and with ids as configured.
-struct Pump<St> {
+struct Pump<St: ReplayStore> {
     parser: Parser,
     out: BytesMut,
     recorder: Option<Recorder<St>>,

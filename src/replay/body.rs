@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use super::{
-    lost_event, CarriedEvents, Config, Ids, Lookup, Plan, Position, ReadFrom, ReplayStore,
+    lost_event, CarriedEvents, Config, Ids, Lookup, Plan, Position, ReadFrom, ReplayStore, Resumed,
     StoredEvent,
 };
 use crate::engine::{EngineBody, Stages, Start};
@@ -48,7 +48,7 @@ crate::engine::engine_body_impls!(ReplayBody<B, St: ReplayStore>);
 
 /// The replay stage of the stream engine: drops what the client has, assigns ids, records,
 /// and fills the gap between what was replayed and the first live event.
-pub(crate) struct ReplayStage<St> {
+pub(crate) struct ReplayStage<St: ReplayStore> {
     /// What a resuming client already has; `None` for a new client (boxed: most are new).
     resume: Option<Box<Resume>>,
     recorder: Recorder<St>,
@@ -67,7 +67,7 @@ struct Resume {
 
 /// Records a stream's events into a replay store, with ids as configured: the one recorder of
 /// the replay layer and the fan-out hub.
-pub(crate) struct Recorder<St> {
+pub(crate) struct Recorder<St: ReplayStore> {
     store: St,
     key: Bytes,
     ids: Ids,
@@ -79,14 +79,33 @@ pub(crate) struct Recorder<St> {
 }
 
 impl<St: ReplayStore> Recorder<St> {
-    pub(crate) fn new(store: St, key: Bytes, ids: Ids) -> Self {
+    /// A recorder of `key`; `recording`: false when another records the stream (a hub inside),
+    /// and this one only stamps ids. `continues_after`: see
+    /// [`ReplayStore::recorder_started`].
+    pub(crate) fn new(
+        store: St,
+        key: Bytes,
+        ids: Ids,
+        recording: bool,
+        continues_after: Option<&[u8]>,
+    ) -> Self {
+        if recording {
+            store.recorder_started(&key, continues_after);
+        }
         Self {
             store,
             key,
             ids,
-            recording: true,
+            recording,
             batch: Vec::new(),
             position: Position::default(),
+        }
+    }
+
+    /// Records nothing more: the store learns that this connection no longer records.
+    pub(crate) fn stop(&mut self) {
+        if std::mem::take(&mut self.recording) {
+            self.store.recorder_stopped(&self.key);
         }
     }
 
@@ -160,6 +179,14 @@ impl<St: ReplayStore> Recorder<St> {
     }
 }
 
+impl<St: ReplayStore> Drop for Recorder<St> {
+    fn drop(&mut self) {
+        // What was recorded of the last frame goes in, then the store learns recording stopped.
+        self.flush();
+        self.stop();
+    }
+}
+
 /// A frame's recorded events on their way to the store: ids read where they are, bytes copied
 /// only for the events the store keeps.
 struct Carried<'a> {
@@ -220,6 +247,17 @@ impl<St: ReplayStore> ReplayStage<St> {
             first.extend_from_slice(&lost);
         }
         let ids = if recorded { Ids::Keep } else { config.ids };
+        // The id an upstream known to resume was asked to resume after: the last one replayed,
+        // or the client's own.
+        let continues_after = matches!(plan.resumed, Resumed::LastEventId | Resumed::Partial)
+            .then(|| {
+                plan.replay
+                    .last()
+                    .map(|e| e.id.clone())
+                    .or(plan.client_id.clone())
+            })
+            .flatten()
+            .filter(|_| config.upstream_resumes && config.ids != Ids::AssignAlways);
         // No allocation for a new client, which has nothing to drop.
         let capacity = plan.replay.len() + usize::from(plan.client_id.is_some());
         let mut delivered = HashSet::with_capacity(capacity);
@@ -251,10 +289,13 @@ impl<St: ReplayStore> ReplayStage<St> {
         Opening {
             stage: Self {
                 resume,
-                recorder: Recorder {
-                    recording: !recorded,
-                    ..Recorder::new(store, plan.key, ids)
-                },
+                recorder: Recorder::new(
+                    store,
+                    plan.key,
+                    ids,
+                    !recorded,
+                    continues_after.as_deref(),
+                ),
             },
             first: (!first.is_empty()).then(|| first.freeze()),
             fill,
@@ -294,7 +335,7 @@ impl<St: ReplayStore> ReplayStage<St> {
     }
 
     pub(crate) fn stop_recording(&mut self) {
-        self.recorder.recording = false;
+        self.recorder.stop();
     }
 
     /// Hands the events recorded so far to the store.
@@ -353,7 +394,7 @@ impl<St: ReplayStore> ReplayStage<St> {
             return;
         };
         resume.fill_after = None;
-        let Lookup::Found(events) = lookup else {
+        let Some(events) = lookup.into_events() else {
             return;
         };
         for stored in events {

@@ -22,10 +22,20 @@
 //! everything retained (a "snapshot"; the upstream is then asked to resume after it).
 //!
 //! Every replayed response says where it resumed in a `sse-resumed-from` header: `new` (no id
-//! was sent), `snapshot` (no id was sent; retained events came first), `last-event-id` (found; what followed was replayed), `earliest` (unknown id; replayed
-//! from the oldest retained event), `live` (unknown id; nothing old was sent) or `upstream` (the
-//! id went to the inner service untouched). With
-//! [`history_lost_event`](ReplayLayer::history_lost_event) a named event tells the page itself.
+//! was sent), `snapshot` (no id was sent; retained events came first), `last-event-id` (found;
+//! what followed was replayed, and nothing is missing), `partial` (found and replayed, but
+//! nothing recorded the stream for a while after it, and the upstream is not known to resume:
+//! events sent meanwhile may be missing), `earliest` (unknown id; replayed from the oldest
+//! retained event), `live` (unknown id; nothing old was sent) or `upstream` (the id went to the
+//! inner service untouched). With [`history_lost_event`](ReplayLayer::history_lost_event) a named
+//! event tells the page itself whenever the layer cannot promise the client misses nothing
+//! (`partial`, `earliest`, `live`, and `upstream` unless the upstream is
+//! [known to resume](ReplayLayer::upstream_resumes)).
+//!
+//! A store that tracks recorders ([`ReplayStore::recorder_started`]; the memory store does, and
+//! the Redis store for what its instance recorded) knows when nobody recorded a key: a lone
+//! client that went away, without the fan-out hub. While another client or the hub records the
+//! stream, a reconnecting client gets `last-event-id`.
 //!
 //! # Who shares a history
 //!
@@ -114,9 +124,12 @@
 //!
 //! // A client that saw event 1 reconnects: it gets 2 and 3 from the store. This upstream
 //! // ignores Last-Event-ID and sends 1, 2, 3 again: the client has them, so they are dropped.
+//! // Nothing recorded the stream since the first client left, and this upstream is not
+//! // declared to resume (`upstream_resumes`): events sent meanwhile may be missing, and the
+//! // answer says so.
 //! let request = Request::builder().header("last-event-id", "1").body(()).unwrap();
 //! let response = service.oneshot(request).await.unwrap();
-//! assert_eq!(response.headers()["sse-resumed-from"], "last-event-id");
+//! assert_eq!(response.headers()["sse-resumed-from"], "partial");
 //! let body = response.into_body().collect().await.unwrap().to_bytes();
 //! assert_eq!(body, "id: 2\ndata: b\n\nid: 3\ndata: c\n\n");
 //! # }
@@ -525,6 +538,8 @@ struct Config {
     unknown: UnknownId,
     store_failure: UnknownId,
     lost_event: Option<String>,
+    /// The inner service resumes after a `Last-Event-ID` it is sent.
+    upstream_resumes: bool,
     ids: Ids,
     max_replay: usize,
     max_id_len: usize,
@@ -546,6 +561,7 @@ impl Config {
             unknown,
             store_failure,
             lost_event: None,
+            upstream_resumes: false,
             ids: Ids::Keep,
             max_replay: 1_000,
             max_id_len: DEFAULT_MAX_ID_LEN,
@@ -631,10 +647,29 @@ impl<St, K> ReplayLayer<St, K> {
         self
     }
 
-    /// Sends an event of type `name` (data `earliest` or `live`) when a client's id was unknown
-    /// and history was skipped, so page code learns it (`EventSource` hides headers).
+    /// Sends an event of type `name` when the layer cannot prove the client misses nothing, so
+    /// page code learns it (`EventSource` hides headers). Its data is the `sse-resumed-from`
+    /// value: `earliest` or `live` (the client's id was unknown), `partial` (recording stopped
+    /// for a while after the client's id), `upstream` (the id went to an inner service that is
+    /// not known to resume, see [`upstream_resumes`](Self::upstream_resumes)).
     pub fn history_lost_event(mut self, name: impl Into<String>) -> Self {
         Arc::make_mut(&mut self.config).lost_event = Some(name.into());
+        self
+    }
+
+    /// Declares that the inner service resumes after the `Last-Event-ID` it is sent, as the
+    /// spec asks of servers (default: not known, so not counted on).
+    ///
+    /// It decides what the layer can promise when its own history is not enough: when nothing
+    /// recorded the stream for a while after the client's id (a lone client that went away,
+    /// without the fan-out hub), the events retained are replayed and the inner service is
+    /// asked to resume after them. With an upstream that resumes, the client then misses
+    /// nothing (`sse-resumed-from: last-event-id`); otherwise the answer says `partial` and the
+    /// [history-lost event](Self::history_lost_event) is sent. Likewise an id passed to the
+    /// inner service untouched (the store failed, or [`UnknownId::PassUpstream`]) comes with
+    /// the history-lost event unless the upstream resumes.
+    pub fn upstream_resumes(mut self, resumes: bool) -> Self {
+        Arc::make_mut(&mut self.config).upstream_resumes = resumes;
         self
     }
 
@@ -742,6 +777,8 @@ enum Resumed {
     /// A new client, given retained events first by the [`FirstMessage`] policy.
     Snapshot,
     LastEventId,
+    /// Found, but recording stopped for a while after the client's id.
+    Partial,
     Earliest,
     Live,
     Upstream,
@@ -753,6 +790,7 @@ impl Resumed {
             Self::New => "new",
             Self::Snapshot => "snapshot",
             Self::LastEventId => "last-event-id",
+            Self::Partial => "partial",
             Self::Earliest => "earliest",
             Self::Live => "live",
             Self::Upstream => "upstream",
@@ -1020,9 +1058,27 @@ fn apply_read(
     result: Result<Lookup, StoreError>,
     headers: &mut http::HeaderMap,
 ) -> Next {
+    // Only a read after the client's id can miss what came after it.
+    let result = match result {
+        Ok(Lookup::Interrupted { events, .. }) if step != Step::AfterId => {
+            Ok(Lookup::Found(events))
+        }
+        result => result,
+    };
     let policy = match (step, result) {
         (Step::AfterId, Ok(Lookup::Found(events))) => {
             plan.resumed = Resumed::LastEventId;
+            plan.replay = events;
+            None
+        }
+        (Step::AfterId, Ok(Lookup::Interrupted { events, resumable })) => {
+            // Asked to resume after what is replayed, an upstream that resumes sends the rest.
+            if resumable && config.upstream_resumes {
+                plan.resumed = Resumed::LastEventId;
+            } else {
+                plan.resumed = Resumed::Partial;
+                plan.lost = Some("partial");
+            }
             plan.replay = events;
             None
         }
@@ -1068,13 +1124,21 @@ fn apply_read(
             plan.lost = Some("live");
             headers.remove(LAST_EVENT_ID);
         }
-        Some(_) => plan.resumed = Resumed::Upstream,
+        Some(_) => {
+            plan.resumed = Resumed::Upstream;
+            if !config.upstream_resumes {
+                plan.lost = Some("upstream");
+            }
+        }
         None => {}
     }
     if config.ids == Ids::AssignAlways {
         // The client's ids are the store's, which the inner service never saw.
         headers.remove(LAST_EVENT_ID);
-    } else if matches!(plan.resumed, Resumed::LastEventId | Resumed::Snapshot) {
+    } else if matches!(
+        plan.resumed,
+        Resumed::LastEventId | Resumed::Partial | Resumed::Snapshot
+    ) {
         // Resume the inner service right after what was replayed. From the oldest (an unknown
         // id), the client's own id stays: an upstream that knows it can fill the gap, and what
         // was replayed already is dropped from its answer.

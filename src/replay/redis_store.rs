@@ -782,6 +782,14 @@ impl ReplayStore for RedisStore {
         Bytes::from(format!("{millis}-{:08x}-{n}", self.shared.instance))
     }
 
+    fn recorder_started(&self, key: &Bytes, continues_after: Option<&[u8]>) {
+        self.shared.local.recorder_started(key, continues_after);
+    }
+
+    fn recorder_stopped(&self, key: &Bytes) {
+        self.shared.local.recorder_stopped(key);
+    }
+
     fn trim(&self, key: &Bytes, keep: usize) {
         let command = Command::Trim {
             key: key.clone(),
@@ -803,15 +811,24 @@ fn prefer_local(
     local: Result<Lookup, StoreError>,
     after: bool,
 ) -> (Result<Lookup, StoreError>, Option<&'static str>) {
-    let Ok(Lookup::Found(local)) = local else {
-        return (remote, None);
+    let (local_len, interrupted) = match &local {
+        Ok(Lookup::Found(events)) => (events.len(), None),
+        Ok(Lookup::Interrupted { events, resumable }) => (events.len(), Some(*resumable)),
+        _ => return (remote, None),
     };
     match remote {
-        Err(_) if after || !local.is_empty() => (Ok(Lookup::Found(local)), Some("failed")),
-        Ok(Lookup::Unknown) => (Ok(Lookup::Found(local)), Some("unknown")),
-        Ok(Lookup::Found(remote)) if local.len() > remote.len() => {
-            (Ok(Lookup::Found(local)), Some("more"))
-        }
+        Err(_) if after || local_len > 0 => (local, Some("failed")),
+        Ok(Lookup::Unknown) => (local, Some("unknown")),
+        Ok(Lookup::Found(remote)) if local_len > remote.len() => (local, Some("more")),
+        // Redis knows no more than this instance, which stopped recording for a while: the
+        // interruption stands (another instance recording meanwhile would have added events).
+        Ok(Lookup::Found(events)) if interrupted.is_some() && local_len == events.len() => (
+            Ok(Lookup::Interrupted {
+                events,
+                resumable: interrupted.unwrap_or(false),
+            }),
+            None,
+        ),
         remote => (remote, None),
     }
 }

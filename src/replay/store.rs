@@ -76,8 +76,27 @@ pub enum ReadFrom<'a> {
 pub enum Lookup {
     /// The starting point is retained; these events follow it, oldest first (at most the limit).
     Found(Vec<StoredEvent>),
+    /// The starting point is retained and these events follow it, but recording stopped after
+    /// it for a while (no connection carried the stream): events sent meanwhile may be missing.
+    Interrupted {
+        /// The events retained after the starting point, oldest first (at most the limit).
+        events: Vec<StoredEvent>,
+        /// Recording stopped only after the last of `events` (nothing was recorded since): an
+        /// upstream that resumes from the last one sends what is missing.
+        resumable: bool,
+    },
     /// The id is not retained (never seen, or trimmed away).
     Unknown,
+}
+
+impl Lookup {
+    /// The events found after the starting point, whether or not recording was interrupted.
+    pub fn into_events(self) -> Option<Vec<StoredEvent>> {
+        match self {
+            Self::Found(events) | Self::Interrupted { events, .. } => Some(events),
+            Self::Unknown => None,
+        }
+    }
 }
 
 /// A store failed; the replay layer then serves the live stream without replay.
@@ -163,6 +182,21 @@ pub trait ReplayStore: Clone + Send + Sync + 'static {
         let _ = position;
         let count = events.len();
         self.append_all_at(key, (0..count).filter_map(|index| events.take(index)), now);
+    }
+
+    /// A connection starts recording `key`. With [`recorder_stopped`](Self::recorder_stopped),
+    /// a store can tell when nothing recorded a key for a while, and answer a read that spans
+    /// that time with [`Lookup::Interrupted`]. `continues_after`: the id the connection's
+    /// upstream resumes after (it was sent as `Last-Event-ID` to an upstream known to resume):
+    /// when that is the newest event retained, recording goes on from it without a gap. By
+    /// default nothing is tracked.
+    fn recorder_started(&self, key: &Bytes, continues_after: Option<&[u8]>) {
+        let _ = (key, continues_after);
+    }
+
+    /// A connection that recorded `key` stopped (its stream ended or its client went away).
+    fn recorder_stopped(&self, key: &Bytes) {
+        let _ = key;
     }
 
     /// A new id for an event of `key`: unique for this store, increasing per key.
@@ -368,6 +402,11 @@ struct Stream {
     last_used: Instant,
     /// Its place in [`Streams::recency`].
     tick: u64,
+    /// Connections recording it now.
+    recorders: u32,
+    /// Where recording stopped (the sequence number the next event would have had when the
+    /// last recorder went), oldest first; those before `first_seq` are dropped with their events.
+    paused_at: VecDeque<u64>,
 }
 
 use std::collections::hash_map::Entry;
@@ -517,21 +556,16 @@ enum Place {
     Behind,
 }
 
-/// The store's size, reported to telemetry after the first event a write retains, when due.
+/// Whether a write retained an event (the store's size is then reported, when due).
+#[derive(Default)]
 struct SizeReport {
-    /// The number of keys, and the events retained by the other keys.
-    #[cfg(feature = "metrics")]
-    due: Option<(usize, usize)>,
+    pushed: bool,
 }
 
 impl SizeReport {
     fn pushed(&mut self, stream: &Stream) {
-        #[cfg(feature = "metrics")]
-        if let Some((keys, others)) = self.due.take() {
-            crate::telemetry::store_size(keys, others + stream.events.len());
-        }
-        #[cfg(not(feature = "metrics"))]
         let _ = stream;
+        self.pushed = true;
     }
 }
 
@@ -587,22 +621,7 @@ impl MemoryStore {
         let mut guard = self.lock();
         let streams = &mut *guard;
         streams.expire(limits, now);
-        // The size gauges, when due: the other keys' events now, this key's after its first new
-        // event.
-        let mut report = SizeReport {
-            #[cfg(feature = "metrics")]
-            due: streams.report_due(now).then(|| {
-                let others: usize = streams
-                    .map
-                    .iter()
-                    .filter(|(k, _)| *k != key)
-                    .map(|(_, s)| s.events.len())
-                    .sum();
-                // This key counts whether it is held yet or is about to be.
-                let keys = streams.map.len() + usize::from(!streams.map.contains_key(key));
-                (keys, others)
-            }),
-        };
+        let mut report = SizeReport::default();
         let stream = match streams.map.get_mut(key) {
             Some(stream) => {
                 Streams::touch_stream(&mut streams.recency, &mut streams.clock, stream, now);
@@ -625,6 +644,12 @@ impl MemoryStore {
         let after = stream.cost;
         streams.bytes = streams.bytes - before + after;
         streams.fit(key, limits);
+        // The size gauges, at most once a second, after a write that retained something.
+        #[cfg(feature = "metrics")]
+        if report.pushed && streams.report_due(now) {
+            let events = streams.map.values().map(|s| s.events.len()).sum();
+            crate::telemetry::store_size(streams.map.len(), events);
+        }
     }
 
     /// The number of keys held (keys idle past [`MemoryLimits::key_idle`] are forgotten first).
@@ -769,6 +794,8 @@ impl Streams {
                 cost,
                 last_used: now,
                 tick: self.clock,
+                recorders: 0,
+                paused_at: VecDeque::new(),
             },
         );
         true
@@ -822,7 +849,44 @@ impl Stream {
         self.cost -= event_cost(&gone.event);
         self.index.remove(gone.hash, &gone.event.id, self.first_seq);
         self.first_seq += 1;
+        // A pause before the oldest event left no trace in what is retained.
+        while self
+            .paused_at
+            .front()
+            .is_some_and(|&at| at <= self.first_seq)
+        {
+            self.paused_at.pop_front();
+        }
         true
+    }
+
+    /// Recording of this key stops if `recorders` reaches zero: noted where it stopped.
+    fn recorder_stopped(&mut self) {
+        self.recorders = self.recorders.saturating_sub(1);
+        if self.recorders == 0 {
+            let at = self.end_seq();
+            if self.paused_at.back() != Some(&at) {
+                self.paused_at.push_back(at);
+            }
+        }
+    }
+
+    /// The events after the one with sequence number `seq`, and whether recording stopped
+    /// between it and now.
+    fn after(&self, seq: u64, limit: usize) -> Lookup {
+        let position = (seq - self.first_seq) as usize;
+        let events = self.collect(position + 1, limit);
+        // A pause at `p` lost what came between events `p - 1` and `p`.
+        let mut pauses = self.paused_at.iter().filter(|&&at| at > seq);
+        match pauses.next() {
+            None => Lookup::Found(events),
+            Some(&first) => Lookup::Interrupted {
+                resumable: first == self.end_seq()
+                    && pauses.next().is_none()
+                    && events.len() == self.events.len() - position - 1,
+                events,
+            },
+        }
     }
 
     /// Retains `event`, unless an event with its id is retained already (false).
@@ -971,10 +1035,7 @@ impl ReplayStore for MemoryStore {
                 }
                 ReadFrom::After(id) => match stream.index.get(id, &stream.events, stream.first_seq)
                 {
-                    Some(seq) => {
-                        let position = (seq - stream.first_seq) as usize;
-                        Lookup::Found(stream.collect(position + 1, limit))
-                    }
+                    Some(seq) => stream.after(seq, limit),
                     None => Lookup::Unknown,
                 },
             }
@@ -1025,6 +1086,26 @@ impl ReplayStore for MemoryStore {
         self.write(key, now, |stream, limits, fits, report| {
             stream.carry(events, position, fits, limits, now, report);
         });
+    }
+
+    fn recorder_started(&self, key: &Bytes, continues_after: Option<&[u8]>) {
+        let now = Instant::now();
+        self.write(key, now, |stream, _, _, _| {
+            stream.recorders = stream.recorders.saturating_add(1);
+            let newest = continues_after
+                .and_then(|id| stream.index.get(id, &stream.events, stream.first_seq))
+                .is_some_and(|seq| seq + 1 == stream.end_seq());
+            if newest && stream.paused_at.back() == Some(&stream.end_seq()) {
+                stream.paused_at.pop_back();
+            }
+        });
+    }
+
+    fn recorder_stopped(&self, key: &Bytes) {
+        let mut streams = self.lock();
+        if let Some(stream) = streams.map.get_mut(&key[..]) {
+            stream.recorder_stopped();
+        }
     }
 
     fn trim(&self, key: &Bytes, keep: usize) {
@@ -1117,6 +1198,7 @@ mod tests {
                 .map(|e| String::from_utf8_lossy(&e.id).into_owned())
                 .collect(),
             Lookup::Unknown => vec!["<unknown>".into()],
+            Lookup::Interrupted { .. } => vec!["<interrupted>".into()],
         }
     }
 

@@ -115,7 +115,7 @@ async fn a_new_client_records_and_gets_the_stream_untouched() {
 
 #[tokio::test]
 async fn a_known_id_replays_what_followed_and_resumes_the_upstream_after_it() {
-    let layer = ReplayLayer::new();
+    let layer = ReplayLayer::new().upstream_resumes(true);
     let recorder = LogUpstream::new(5);
     fetch(layer.layer(recorder.service()), request(None)).await;
 
@@ -124,6 +124,122 @@ async fn a_known_id_replays_what_followed_and_resumes_the_upstream_after_it() {
     assert_eq!(resumed, "last-event-id");
     assert_eq!(ids(&blocks), ["3", "4", "5", "6", "7"]);
     assert_eq!(upstream.seen(), [Some("5".into())]);
+}
+
+/// A lone client that went away: nothing recorded the stream meanwhile. Replay sends what is
+/// retained and asks the upstream to resume after it; unless the upstream is known to resume,
+/// the client is told events may be missing, never a silent `last-event-id`.
+#[tokio::test]
+async fn a_client_is_told_when_nothing_recorded_while_it_was_away() {
+    let layer = ReplayLayer::new().history_lost_event("history-lost");
+    fetch(layer.layer(LogUpstream::new(5).service()), request(None)).await;
+    let upstream = LogUpstream::new(7);
+    let (resumed, blocks) = fetch(layer.layer(upstream.service()), request(Some("2"))).await;
+    assert_eq!(resumed, "partial");
+    assert_eq!(blocks[0].event_type(), Some(&b"history-lost"[..]));
+    assert_eq!(blocks[0].data().as_deref(), Some("partial"));
+    assert_eq!(ids(&blocks[1..]), ["3", "4", "5", "6", "7"]);
+    assert_eq!(
+        upstream.seen(),
+        [Some("5".into())],
+        "asked to resume anyway"
+    );
+
+    // That reconnect did not know the upstream fills the gap after 5: it stays a gap.
+    let (resumed, _) = fetch(
+        layer.layer(LogUpstream::new(7).service()),
+        request(Some("1")),
+    )
+    .await;
+    assert_eq!(resumed, "partial");
+
+    // Declared to resume, the upstream sends what is missing: nothing to tell, and the history
+    // goes on without a gap.
+    let trusting = ReplayLayer::new().upstream_resumes(true);
+    fetch(trusting.layer(LogUpstream::new(5).service()), request(None)).await;
+    for from in ["2", "5", "1"] {
+        let (resumed, blocks) = fetch(
+            trusting.layer(LogUpstream::new(7).service()),
+            request(Some(from)),
+        )
+        .await;
+        assert_eq!(resumed, "last-event-id", "from {from}");
+        let first: usize = from.parse().unwrap();
+        let expected: Vec<String> = (first + 1..=7).map(|n| n.to_string()).collect();
+        assert_eq!(ids(&blocks), expected);
+    }
+
+    // While another connection records the stream, the history is whole.
+    let layer = ReplayLayer::new().history_lost_event("history-lost");
+    let key = Bytes::from_static(b"/feed?topic=a");
+    layer.store().recorder_started(&key, None);
+    fetch(layer.layer(LogUpstream::new(5).service()), request(None)).await;
+    let (resumed, blocks) = fetch(
+        layer.layer(LogUpstream::new(5).service()),
+        request(Some("2")),
+    )
+    .await;
+    assert_eq!(resumed, "last-event-id");
+    assert_eq!(ids(&blocks), ["3", "4", "5"]);
+    // Once it stops too, the gap after 5 is unknown again; a pause in the middle is never
+    // one an upstream can fill.
+    layer.store().recorder_stopped(&key);
+    fetch(
+        layer.layer(LogUpstream::new(6).service()),
+        request(Some("5")),
+    )
+    .await;
+    let trusting = layer.upstream_resumes(true);
+    let (resumed, blocks) = fetch(
+        trusting.layer(LogUpstream::new(6).service()),
+        request(Some("2")),
+    )
+    .await;
+    assert_eq!(resumed, "partial");
+    assert_eq!(blocks[0].data().as_deref(), Some("partial"));
+    assert_eq!(ids(&blocks[1..]), ["3", "4", "5", "6"]);
+}
+
+/// A store that fails every read.
+#[derive(Clone)]
+struct FailingStore;
+
+impl ReplayStore for FailingStore {
+    type Read = std::future::Ready<Result<Lookup, StoreError>>;
+
+    fn read(&self, _key: &Bytes, _from: ReadFrom<'_>, _limit: usize) -> Self::Read {
+        std::future::ready(Err(StoreError::new("down")))
+    }
+
+    fn append(&self, _key: &Bytes, _event: StoredEvent) {}
+
+    fn next_id(&self, _key: &Bytes) -> Bytes {
+        Bytes::from_static(b"0")
+    }
+
+    fn trim(&self, _key: &Bytes, _keep: usize) {}
+}
+
+/// The store failed and the id goes to the upstream: unless it is known to resume, the client
+/// is told.
+#[tokio::test]
+async fn a_failed_store_is_told_unless_the_upstream_resumes() {
+    let layer = ReplayLayer::with_store(FailingStore).history_lost_event("history-lost");
+    let upstream = LogUpstream::new(3);
+    let (resumed, blocks) = fetch(layer.layer(upstream.service()), request(Some("1"))).await;
+    assert_eq!(resumed, "upstream");
+    assert_eq!(blocks[0].data().as_deref(), Some("upstream"));
+    assert_eq!(upstream.seen(), [Some("1".into())]);
+    let layer = layer.upstream_resumes(true);
+    let (resumed, blocks) = fetch(
+        layer.layer(LogUpstream::new(3).service()),
+        request(Some("1")),
+    )
+    .await;
+    assert_eq!(resumed, "upstream");
+    assert!(blocks
+        .iter()
+        .all(|b| b.event_type() != Some(&b"history-lost"[..])));
 }
 
 #[tokio::test]
@@ -208,7 +324,10 @@ async fn unknown_ids_follow_the_policy() {
         "nothing old from the upstream either"
     );
 
-    let layer = recorded().await.on_unknown_id(UnknownId::PassUpstream);
+    let layer = recorded()
+        .await
+        .on_unknown_id(UnknownId::PassUpstream)
+        .upstream_resumes(true);
     let upstream = LogUpstream::new(5);
     let (resumed, blocks) = fetch(layer.layer(upstream.service()), request(Some("3"))).await;
     assert_eq!(resumed, "last-event-id", "3 is known");
