@@ -66,7 +66,7 @@ use crate::compression::{SseCompression, SseCompressionLayer};
 use crate::fanout::Fanout;
 use crate::headers::SseHeaders;
 use crate::passthrough::Passthrough;
-use crate::replay::{MemoryStore, PathAndQuery, Qos, Replay, ReplayStore};
+use crate::replay::{Ids, MemoryStore, PathAndQuery, Qos, Replay, ReplayStore};
 use crate::timeout::{ResponseTimeout, ResponseTimeoutLayer};
 use crate::{
     CommentMetadataLayer, FanoutLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer,
@@ -116,6 +116,8 @@ pub struct SseStack<St = MemoryStore, K = PathAndQuery, L = Identity> {
     replay: ReplayLayer<St, K>,
     replaying: bool,
     fanout: Option<FanoutLayer>,
+    /// Ids the hub assigns (`Keep`: as the fan-out layer was given).
+    ids: Ids,
     response_timeout: Option<ResponseTimeoutLayer>,
 }
 
@@ -151,6 +153,7 @@ impl SseStack {
             replay: ReplayLayer::new().qos(Qos::None),
             replaying: false,
             fanout: None,
+            ids: Ids::Keep,
             response_timeout: None,
         }
     }
@@ -244,6 +247,7 @@ impl<St, K, L> SseStack<St, K, L> {
             replay: replay.with_stages(|s| *s = stages),
             replaying,
             fanout: self.fanout,
+            ids: self.ids,
             response_timeout: self.response_timeout,
         }
     }
@@ -252,6 +256,15 @@ impl<St, K, L> SseStack<St, K, L> {
     /// are replay's, whatever the layer was given.
     pub fn fanout(mut self, fanout: impl Part<FanoutLayer>) -> Self {
         self.fanout = fanout.into_part();
+        self
+    }
+
+    /// Gives events ids from the replay store as `ids` says. The fan-out hub assigns them, once
+    /// per stream key for every connection (so a reconnecting client never gets an event twice
+    /// under two ids): with replay on, asking for ids brings the hub in, with its defaults when
+    /// [`fanout`](Self::fanout) was not given.
+    pub fn ids(mut self, ids: Ids) -> Self {
+        self.ids = ids;
         self
     }
 
@@ -267,6 +280,7 @@ impl<St, K, L> SseStack<St, K, L> {
             replay: self.replay,
             replaying: self.replaying,
             fanout: self.fanout,
+            ids: self.ids,
             response_timeout: self.response_timeout,
         }
     }
@@ -318,11 +332,21 @@ where
     fn layer(&self, service: S) -> Self::Service {
         let timed = Toggled(self.response_timeout).layer(service);
         let store = self.replaying.then(|| self.replay.store().clone());
-        let fanout = self.fanout.clone().map(|fanout| {
-            fanout
-                .key(self.replay.stream_key().clone())
-                .recording(store)
-        });
+        let assigns = self.replaying && self.ids != Ids::Keep;
+        let fanout = self
+            .fanout
+            .clone()
+            .or_else(|| assigns.then(FanoutLayer::new))
+            .map(|fanout| {
+                let fanout = fanout
+                    .key(self.replay.stream_key().clone())
+                    .recording(store);
+                if assigns {
+                    fanout.ids(self.ids)
+                } else {
+                    fanout
+                }
+            });
         let fanned = Toggled(fanout).layer(timed);
         let replayed = self.replay.layer(fanned);
         let around = self.around_replay.layer(replayed);
@@ -843,5 +867,49 @@ mod tests {
         assert_eq!(seen, expected);
         // The idle timeout ended it at 12 s, with heartbeats never counted as upstream traffic.
         assert_eq!(start.elapsed().as_secs(), 12);
+    }
+
+    /// Ids asked of the stack are assigned by the hub it brings in: once per event for every
+    /// connection, stored once, and a client reconnecting after its first event gets the two
+    /// that followed, each once (the replay layer alone gave each connection ids of its own:
+    /// `one, two, two, three, three`).
+    #[tokio::test]
+    async fn asked_for_ids_the_stack_assigns_them_once_for_every_connection() {
+        use crate::testing::{reconnect, subscribe, TestStream};
+        let (mut senders, upstream) = crate::test_util::channel_service("text/event-stream");
+        let store = MemoryStore::new();
+        let service = SseStack::new()
+            .replay(ReplayLayer::with_store(store.clone()).upstream_resumes(true))
+            .ids(Ids::AssignMissing)
+            .layer(upstream);
+        let first = service.clone().oneshot(subscribe::<()>("/events")).await;
+        let mut first = TestStream::new(first.unwrap());
+        let second = service.clone().oneshot(subscribe::<()>("/events")).await;
+        let mut second = TestStream::new(second.unwrap());
+        let mut sender = senders.recv().await.unwrap();
+        let text = Bytes::from_static(b"data: one\n\ndata: two\n\ndata: three\n\n");
+        sender.send_data(text).await.unwrap();
+        let id = |e: &crate::wire::Event| Bytes::copy_from_slice(e.id().unwrap());
+        let ids: Vec<Bytes> = first.events(3).await.iter().map(id).collect();
+        let seen: Vec<Bytes> = second.events(3).await.iter().map(id).collect();
+        assert_eq!(seen, ids, "the same ids on every connection");
+        assert!(senders.try_recv().is_err(), "one upstream subscription");
+        assert_eq!(store.len(b"/events"), 3, "each event stored once");
+
+        let again = service.oneshot(reconnect::<()>("/events", &ids[0])).await;
+        let mut again = TestStream::new(again.unwrap());
+        again.assert_header("sse-resumed-from", "last-event-id");
+        let replayed: Vec<String> = again
+            .events(2)
+            .await
+            .iter()
+            .map(|e| e.data().unwrap().into_owned())
+            .collect();
+        assert_eq!(replayed, ["two", "three"]);
+        sender
+            .send_data(Bytes::from_static(b"data: four\n\n"))
+            .await
+            .unwrap();
+        assert_eq!(again.next_event().await.data().as_deref(), Some("four"));
     }
 }

@@ -15,7 +15,8 @@
 //!
 //! Several clients on one key share one history; an event seen by several connections is stored
 //! once, by id. Only events with an id are recorded: an event without one can be neither resumed
-//! after nor told apart from its copies. To give every event an id, see [`Ids`].
+//! after nor told apart from its copies. To give every event an id, see [`Ids`]: the fan-out
+//! hub assigns them, once per key for every connection.
 //!
 //! A client that sends no id gets the live stream, or first what the
 //! [`first_message`](ReplayLayer::first_message) policy says: the newest event, the last N, or
@@ -443,8 +444,44 @@ pub enum UnknownId {
     PassUpstream,
 }
 
-/// Whose ids the events carry.
+/// What a call of `ReplayLayer::ids` needs and nothing has: ids are assigned by the fan-out
+/// hub (see [`Ids`]).
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "the replay layer alone cannot assign ids: each connection would assign its own",
+    label = "ids are assigned once per stream by the fan-out hub",
+    note = "put `FanoutLayer::new().record_into(store).ids(..)` inside the `ReplayLayer`, or build the stack with `SseStack::new().ids(..)`, which brings the hub in"
+)]
+pub trait AssignedByTheHub: sealed::Unimplemented {}
+
+mod sealed {
+    /// Implemented by nothing.
+    pub trait Unimplemented {}
+}
+
+/// Whose ids the events carry: set on the fan-out hub ([`FanoutLayer::ids`](crate::FanoutLayer::ids))
+/// or the stack ([`SseStack::ids`](crate::SseStack::ids)), which assign each event its id once
+/// for every connection on its key.
+///
+/// ```
+/// use tower_sse::replay::{Ids, ReplayLayer};
+/// use tower_sse::SseStack;
+///
+/// // The stack brings the hub in: one upstream subscription and one id per event, whoever reads.
+/// let stack = SseStack::new().replay(ReplayLayer::new()).ids(Ids::AssignMissing);
+/// # let _ = stack;
+/// ```
+///
+/// The replay layer alone refuses, at build time, with an error that says to add the hub:
+///
+/// ```compile_fail
+/// use tower_sse::replay::{Ids, ReplayLayer};
+///
+/// // error: the replay layer alone cannot assign ids: each connection would assign its own
+/// let replay = ReplayLayer::new().ids(Ids::AssignMissing);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Ids {
     /// Keep the upstream's ids; events without one are neither recorded nor resumable.
     #[default]
@@ -689,8 +726,20 @@ impl<St, K> ReplayLayer<St, K> {
         self
     }
 
-    /// Whose ids the events carry (default: the upstream's).
-    pub fn ids(mut self, ids: Ids) -> Self {
+    /// Refused at build time: ids are assigned by the fan-out hub, once per stream key for
+    /// every connection ([`FanoutLayer::ids`](crate::FanoutLayer::ids) inside this layer, or
+    /// [`SseStack::ids`](crate::SseStack::ids), which brings the hub in). The replay layer
+    /// alone would have each connection give the same event an id of its own: stored once per
+    /// client, and a reconnecting client would get events twice.
+    #[doc(hidden)]
+    pub fn ids<I: AssignedByTheHub>(self, ids: I) -> Self {
+        let _ = ids;
+        self
+    }
+
+    /// Whose ids the events carry, for a hub inside that assigns them.
+    #[cfg(test)]
+    pub(crate) fn with_ids(mut self, ids: Ids) -> Self {
         Arc::make_mut(&mut self.config).ids = ids;
         self
     }

@@ -394,7 +394,7 @@ async fn at_most_once_sends_nothing_old_for_an_unknown_id() {
 
 #[tokio::test]
 async fn assigned_ids_are_monotonic_across_clones_and_recorded() {
-    let layer = ReplayLayer::new().ids(Ids::AssignMissing);
+    let layer = ReplayLayer::new().with_ids(Ids::AssignMissing);
     let anonymous = service_fn(|_req: Request<()>| async {
         let body = Script::new()
             .chunks([&b"data: a\n\nid: up\ndata: b\n\n"[..], b"data: c\n\n"])
@@ -420,7 +420,7 @@ async fn assigned_ids_are_monotonic_across_clones_and_recorded() {
         "{second:?}"
     );
 
-    let always = ReplayLayer::new().ids(Ids::AssignAlways);
+    let always = ReplayLayer::new().with_ids(Ids::AssignAlways);
     let (_, blocks) = fetch(always.layer(anonymous), request(None)).await;
     assert!(blocks.iter().all(|b| !b.id().unwrap().starts_with(b"up")));
     assert_eq!(always.store().len(b"/feed?topic=a"), 3);
