@@ -196,6 +196,68 @@ async fn redis_holds_no_id_past_its_entry() {
     until_holds(&server, "t3:", "/k", (0, 0, 0)).await;
 }
 
+/// Appends dropped because the queue was full (Redis frozen) leave a marker in Redis: this
+/// instance still replays everything from its local tier, and another instance reading across
+/// the hole is told (`Lookup::Interrupted`), never handed a silent gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_appends_are_marked_and_another_instance_is_told() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let config = RedisConfig::default()
+        .prefix("t4:")
+        .timeout(Duration::from_millis(100))
+        .queue(2)
+        .batch(1);
+    let store = store(&server, config.clone()).await;
+    let key = Bytes::from_static(b"/k");
+    store.append(&key, event("1"));
+    wait_appended(&store, 1).await;
+    server.freeze(true);
+    // The writer takes 2 and waits on Redis; 3 and 4 fill the queue; 5 and 6 are dropped.
+    store.append(&key, event("2"));
+    until("the writer to wait on Redis", || store.stats().retried > 0).await;
+    for id in ["3", "4", "5", "6"] {
+        store.append(&key, event(id));
+    }
+    assert_eq!(store.stats().dropped, 2);
+    server.freeze(false);
+    wait_appended(&store, 4).await;
+    // The next append puts the marker first.
+    store.append(&key, event("7"));
+    wait_appended(&store, 5).await;
+
+    let all = store.read(&key, ReadFrom::After(b"1"), 10).await.unwrap();
+    assert_eq!(
+        ids(all),
+        ["2", "3", "4", "5", "6", "7"],
+        "the local tier has them"
+    );
+    let other = self::store(&server, config).await;
+    let interrupted = |lookup: Lookup| match lookup {
+        Lookup::Interrupted { events, resumable } => {
+            let ids: Vec<String> = events
+                .iter()
+                .map(|e| String::from_utf8(e.id.to_vec()).unwrap())
+                .collect();
+            (ids, resumable)
+        }
+        other => panic!("expected the hole to be reported: {other:?}"),
+    };
+    let across = other.read(&key, ReadFrom::After(b"1"), 10).await.unwrap();
+    assert_eq!(
+        interrupted(across),
+        (vec!["2".into(), "3".into(), "4".into(), "7".into()], false)
+    );
+    let from_four = other.read(&key, ReadFrom::After(b"4"), 10).await.unwrap();
+    assert_eq!(interrupted(from_four), (vec!["7".into()], false));
+    // Past the hole the history is whole again; read from the oldest, the marker is no event.
+    let past = other.read(&key, ReadFrom::After(b"7"), 10).await.unwrap();
+    assert_eq!(past, Lookup::Found(Vec::new()));
+    let oldest = other.read(&key, ReadFrom::Oldest, 10).await.unwrap();
+    assert_eq!(ids(oldest), ["1", "2", "3", "4", "7"]);
+}
+
 #[tokio::test]
 async fn assigned_ids_are_unique_across_instances() {
     let Some(server) = RedisServer::start() else {

@@ -46,6 +46,16 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 ";
 
+/// Marks where appends were dropped (the queue was full): an entry without an id, which a read
+/// across it reports as [`Lookup::Interrupted`].
+const GAP: &str = r"
+redis.call('XADD', KEYS[1], '*', 'g', '1')
+trim_oldest(KEYS[1], KEYS[2], tonumber(ARGV[1]))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+";
+
 /// Keeps the newest `ARGV[1]` entries (none: both keys go).
 const TRIM: &str = r"
 if tonumber(ARGV[1]) == 0 then return redis.call('DEL', KEYS[1], KEYS[2]) end
@@ -181,9 +191,31 @@ struct Counters {
 }
 
 enum Command {
-    Append { key: Bytes, event: StoredEvent },
-    Trim { key: Bytes, keep: usize },
+    Append {
+        key: Bytes,
+        event: StoredEvent,
+    },
+    /// Appends of `key` were dropped here.
+    Gap {
+        key: Bytes,
+    },
+    Trim {
+        key: Bytes,
+        keep: usize,
+    },
 }
+
+/// Keys whose appends were dropped, until their gap marker is queued.
+#[derive(Default)]
+struct Holes {
+    keys: std::sync::Mutex<std::collections::HashSet<Bytes>>,
+    /// Whether `keys` may hold any: the append path looks no further when not.
+    any: std::sync::atomic::AtomicBool,
+}
+
+/// At most this many keys wait for a gap marker at once (each is a key recording while Redis was
+/// down and the queue full); past it, a warning says some gaps go unmarked.
+const MAX_HOLES: usize = 10_000;
 
 struct Shared {
     config: RedisConfig,
@@ -195,11 +227,13 @@ struct Shared {
     scripts: Scripts,
     /// What this instance recorded, in its own memory too.
     local: MemoryStore,
+    holes: Holes,
 }
 
 /// The store's Lua scripts.
 struct Scripts {
     append: Lua,
+    gap: Lua,
     trim: Lua,
     read_after: redis::Script,
 }
@@ -222,6 +256,7 @@ impl Default for Scripts {
     fn default() -> Self {
         Self {
             append: Lua::new(APPEND),
+            gap: Lua::new(GAP),
             trim: Lua::new(TRIM),
             read_after: redis::Script::new(READ_AFTER),
         }
@@ -302,6 +337,7 @@ impl RedisStore {
                 instance: (crate::jitter::unit() * f64::from(u32::MAX)) as u32,
                 scripts: Scripts::default(),
                 local: MemoryStore::with_limits(config_local),
+                holes: Holes::default(),
             }),
         };
         tokio::spawn(connect(client, store.shared.config.timeout, publish));
@@ -411,12 +447,22 @@ impl Shared {
     fn queue(&self, key: &Bytes, events: Vec<StoredEvent>) {
         let mut dropped = 0;
         for event in events {
+            // Where appends were dropped, a marker goes first, so that a read across it knows.
+            if self.holes.any.load(Ordering::Relaxed) && self.holes.has(key) {
+                let gap = Command::Gap { key: key.clone() };
+                if self.writes.try_send(gap).is_err() {
+                    dropped += 1;
+                    continue;
+                }
+                self.holes.filled(key);
+            }
             let command = Command::Append {
                 key: key.clone(),
                 event,
             };
             if self.writes.try_send(command).is_err() {
                 dropped += 1;
+                self.holes.dug(key);
             }
         }
         if dropped > 0 {
@@ -427,9 +473,37 @@ impl Shared {
                 tracing::warn!(
                     target: "tower_sse",
                     dropped = before + dropped,
-                    "replay store: Redis write queue full; events kept only in this instance's memory"
+                    "replay store: Redis write queue full; events kept only in this instance's memory, the gap marked in Redis"
                 );
             }
+        }
+    }
+}
+
+impl Holes {
+    fn has(&self, key: &Bytes) -> bool {
+        self.keys.lock().is_ok_and(|keys| keys.contains(key))
+    }
+
+    fn dug(&self, key: &Bytes) {
+        let Ok(mut keys) = self.keys.lock() else {
+            return;
+        };
+        if keys.len() < MAX_HOLES {
+            keys.insert(key.clone());
+            self.any.store(true, Ordering::Relaxed);
+        } else if !keys.contains(key) {
+            tracing::warn!(
+                target: "tower_sse",
+                "replay store: appends dropped for more than {MAX_HOLES} keys; some gaps are not marked in Redis"
+            );
+        }
+    }
+
+    fn filled(&self, key: &Bytes) {
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.remove(key);
+            self.any.store(!keys.is_empty(), Ordering::Relaxed);
         }
     }
 }
@@ -530,6 +604,7 @@ async fn send_batch(shared: &Shared, batch: &[Command]) -> Result<(), StoreError
         for command in batch {
             let (script, key) = match command {
                 Command::Append { key, .. } => (&scripts.append, key),
+                Command::Gap { key } => (&scripts.gap, key),
                 Command::Trim { key, .. } => (&scripts.trim, key),
             };
             let call = if with_source {
@@ -546,6 +621,9 @@ async fn send_batch(shared: &Shared, batch: &[Command]) -> Result<(), StoreError
                         .arg(&event.bytes[..])
                         .arg(config.max_len)
                         .arg(ttl);
+                }
+                Command::Gap { .. } => {
+                    call.arg(config.max_len).arg(ttl);
                 }
                 Command::Trim { keep, .. } => {
                     call.arg(*keep);
@@ -586,12 +664,14 @@ pub(crate) async fn timed<T>(
     }
 }
 
-/// Entries of an `XRANGE` answer as stored events.
-fn entries(value: Value) -> Result<Vec<StoredEvent>, StoreError> {
+/// Entries of an `XRANGE` answer as stored events; with where appends were dropped among them:
+/// `None` nowhere, `Some(true)` only after the last event, `Some(false)` before some.
+fn entries(value: Value) -> Result<(Vec<StoredEvent>, Option<bool>), StoreError> {
     let Value::Array(entries) = value else {
         return Err(StoreError::new("unexpected XRANGE answer"));
     };
     let mut events = Vec::with_capacity(entries.len());
+    let mut gap = None;
     for entry in entries {
         let Value::Array(mut parts) = entry else {
             return Err(StoreError::new("unexpected stream entry"));
@@ -609,14 +689,18 @@ fn entries(value: Value) -> Result<Vec<StoredEvent>, StoreError> {
                 (Value::BulkString(name), Value::BulkString(value)) if name == b"b" => {
                     bytes = Some(Bytes::from(value));
                 }
+                (Value::BulkString(name), _) if name == b"g" => gap = Some(true),
                 _ => {}
             }
         }
         if let (Some(id), Some(bytes)) = (id, bytes) {
+            if gap.is_some() {
+                gap = Some(false);
+            }
             events.push(StoredEvent { id, bytes });
         }
     }
-    Ok(events)
+    Ok((events, gap))
 }
 
 /// Where a Redis read starts, with the id already turned into its key.
@@ -683,9 +767,14 @@ async fn read(
             .await
         }
     };
+    let after = matches!(from, From::After { .. });
     let lookup = match answer {
         Ok(Value::Nil) => Ok(Lookup::Unknown),
-        Ok(value) => entries(value).map(Lookup::Found),
+        Ok(value) => entries(value).map(|(events, gap)| match gap {
+            // Only a read after an id can miss what came after it.
+            Some(resumable) if after => Lookup::Interrupted { events, resumable },
+            _ => Lookup::Found(events),
+        }),
         Err(error) => Err(StoreError::new(error)),
     };
     if let Err(error) = &lookup {
@@ -820,6 +909,12 @@ fn prefer_local(
         Err(_) if after || local_len > 0 => (local, Some("failed")),
         Ok(Lookup::Unknown) => (local, Some("unknown")),
         Ok(Lookup::Found(remote)) if local_len > remote.len() => (local, Some("more")),
+        // Redis misses appends its queue dropped; this instance recorded them all.
+        Ok(Lookup::Interrupted { events, .. })
+            if interrupted.is_none() && local_len >= events.len() =>
+        {
+            (local, Some("more"))
+        }
         // Redis knows no more than this instance, which stopped recording for a while: the
         // interruption stands (another instance recording meanwhile would have added events).
         Ok(Lookup::Found(events)) if interrupted.is_some() && local_len == events.len() => (
