@@ -12,7 +12,7 @@ use tower_sse::replay::{
     Lookup, ReadFrom, RedisConfig, RedisStore, ReplayLayer, ReplayStore, StoredEvent,
 };
 
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisServer};
 use support::{proxy, read_ids, serve, subscribe, subscribe_with_headers, until, Upstream, GUARD};
 
 fn event(id: &str) -> StoredEvent {
@@ -286,9 +286,14 @@ async fn a_client_resumes_on_another_instance_without_gap_or_duplicate() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let (upstream_addr, upstream) = Upstream::serve().await;
     let store_a = store(&server, RedisConfig::default()).await;
     let store_b = store(&server, RedisConfig::default()).await;
+    resume_on_another_instance(store_a, store_b).await;
+}
+
+/// A client reads on instance A, goes, and resumes on instance B: no gap, no duplicate.
+async fn resume_on_another_instance(store_a: RedisStore, store_b: RedisStore) {
+    let (upstream_addr, upstream) = Upstream::serve().await;
     let a = gateway(upstream_addr, store_a.clone()).await;
     let b = gateway(upstream_addr, store_b.clone()).await;
 
@@ -328,6 +333,88 @@ async fn a_client_resumes_on_another_instance_without_gap_or_duplicate() {
         .await
         .unwrap();
     assert_eq!(ids(all), ["1", "2", "3", "4", "5", "6", "7"]);
+}
+
+/// A store on the cluster: connected, or the test fails.
+async fn cluster_store(cluster: &RedisCluster, config: RedisConfig) -> RedisStore {
+    let store = RedisStore::open_cluster(cluster.urls(), config).unwrap();
+    assert!(store.connected(GUARD).await, "connected to the cluster");
+    store
+}
+
+/// Replay on a real three-master Redis Cluster: stream keys spread over the masters, each
+/// written and read on its own slot; a client resumes on another instance; the master that
+/// serves a live stream is killed and restarted (empty) mid-stream: the stream flows on, a
+/// client reconnecting to the recording instance misses nothing, and once the master is back the
+/// appends it missed are written, so the other instance replays them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_on_a_cluster_resumes_anywhere_and_rides_out_a_master_restart() {
+    let Some(mut cluster) = RedisCluster::start() else {
+        return;
+    };
+    let config = RedisConfig::default().timeout(Duration::from_millis(300));
+    let first = cluster_store(&cluster, config.clone()).await;
+    let second = cluster_store(&cluster, config.clone()).await;
+    let keys: Vec<Bytes> = (0..12).map(|n| Bytes::from(format!("/k{n}"))).collect();
+    for key in &keys {
+        for id in 1..=5 {
+            first.append(key, event(&id.to_string()));
+        }
+    }
+    wait_appended(&first, 60).await;
+    for key in &keys {
+        let after = second.read(key, ReadFrom::After(b"2"), 10).await.unwrap();
+        assert_eq!(ids(after), ["3", "4", "5"], "{key:?}");
+    }
+    resume_on_another_instance(first.clone(), second.clone()).await;
+
+    // A live stream through the hub on the first instance.
+    let (upstream_addr, upstream) = Upstream::serve().await;
+    let service = ServiceBuilder::new()
+        .layer(ReplayLayer::with_store(first.clone()))
+        .layer(FanoutLayer::new().record_into(first.clone()))
+        .service(proxy(upstream_addr));
+    let addr = serve(service).await;
+    let mut client = subscribe(addr, Some("7")).await;
+    until("the upstream stream", || {
+        upstream.feeds.lock().unwrap().len() == 1
+    })
+    .await;
+    let appended = first.stats().appended;
+    upstream.send(8, "before").await;
+    assert_eq!(read_ids(&mut client, 1).await, [8]);
+    wait_appended(&first, appended + 1).await;
+
+    // The master serving the stream dies: the stream flows on, writes wait.
+    let owner = cluster.owner_of("sse:{/topic}:s");
+    owner.kill();
+    for id in 9..=15 {
+        upstream.send(id, "master down").await;
+    }
+    assert_eq!(read_ids(&mut client, 7).await, (9..=15).collect::<Vec<_>>());
+    until("a failed write to be sent again", || {
+        first.stats().retried > 0
+    })
+    .await;
+    let (headers, mut resumed) = subscribe_with_headers(addr, Some("10")).await;
+    assert_eq!(headers["sse-resumed-from"], "last-event-id");
+    assert_eq!(
+        read_ids(&mut resumed, 5).await,
+        (11..=15).collect::<Vec<_>>()
+    );
+
+    // It comes back empty; the writes that waited are made, and the other instance has them.
+    cluster.owner_of("sse:{/topic}:s").restart();
+    cluster.wait_ok();
+    upstream.send(16, "master back").await;
+    assert_eq!(read_ids(&mut client, 1).await, [16]);
+    wait_appended(&first, appended + 9).await;
+    let elsewhere = second
+        .read(&Bytes::from_static(b"/topic"), ReadFrom::After(b"10"), 100)
+        .await
+        .unwrap();
+    assert_eq!(ids(elsewhere), ["11", "12", "13", "14", "15", "16"]);
+    assert_eq!(first.stats().dropped, 0);
 }
 
 /// Redis killed mid-stream and restarted empty: the live stream never stops; a client that

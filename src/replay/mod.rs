@@ -160,7 +160,7 @@ use tower_service::Service;
 pub use body::ReplayBody;
 pub(crate) use body::{Admit, Recorder, ReplayStage};
 #[cfg(all(feature = "redis", feature = "subscriptions"))]
-pub(crate) use redis_store::timed;
+pub(crate) use redis_store::{timed, Connection as RedisConnection};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_store::{RedisConfig, RedisStats, RedisStore};

@@ -221,7 +221,7 @@ struct Shared {
     config: RedisConfig,
     counters: Counters,
     writes: mpsc::Sender<Command>,
-    connection: watch::Receiver<Option<ConnectionManager>>,
+    connection: watch::Receiver<Option<Connection>>,
     /// Distinguishes the ids this store assigns from those of other instances.
     instance: u32,
     scripts: Scripts,
@@ -325,6 +325,28 @@ impl RedisStore {
     /// keeps reconnecting; must be called within a tokio runtime. Fails only on a malformed URL.
     pub fn open(url: &str, config: RedisConfig) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::new)?;
+        Ok(Self::start(Client::Single(client), config))
+    }
+
+    /// A store on a Redis Cluster, reached through any of `nodes` (`redis://host:port/`; the
+    /// others are discovered). Every key of a stream shares its hash tag, so each script and
+    /// each pipeline stays on one slot; appends are pipelined per stream. Connects in the
+    /// background and follows the cluster's topology (failovers, resharding) by itself. Fails
+    /// only on malformed URLs.
+    pub fn open_cluster(
+        nodes: impl IntoIterator<Item = impl AsRef<str>>,
+        config: RedisConfig,
+    ) -> Result<Self, StoreError> {
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        let client = redis::cluster::ClusterClient::builder(nodes)
+            .connection_timeout(config.timeout)
+            .response_timeout(config.timeout)
+            .build()
+            .map_err(StoreError::new)?;
+        Ok(Self::start(Client::Cluster(client), config))
+    }
+
+    fn start(client: Client, config: RedisConfig) -> Self {
         let config_local = config.local_limits();
         let (writes, commands) = mpsc::channel(config.queue);
         let (publish, connection) = watch::channel(None);
@@ -342,7 +364,7 @@ impl RedisStore {
         };
         tokio::spawn(connect(client, store.shared.config.timeout, publish));
         tokio::spawn(write(Arc::downgrade(&store.shared), commands));
-        Ok(store)
+        store
     }
 
     /// Waits until the first connection to Redis is made, or `timeout` passes; true if connected.
@@ -363,7 +385,7 @@ impl RedisStore {
 
     /// The connection, once made.
     #[cfg(feature = "subscriptions")]
-    pub(crate) fn connection(&self) -> Option<ConnectionManager> {
+    pub(crate) fn connection(&self) -> Option<Connection> {
         self.shared.connection()
     }
 
@@ -439,7 +461,7 @@ impl Shared {
         name
     }
 
-    fn connection(&self) -> Option<ConnectionManager> {
+    fn connection(&self) -> Option<Connection> {
         self.connection.borrow().clone()
     }
 
@@ -508,13 +530,55 @@ impl Holes {
     }
 }
 
-/// Connects, retrying with backoff until Redis answers; then the connection manager reconnects
-/// by itself.
-async fn connect(
-    client: redis::Client,
-    timeout: Duration,
-    publish: watch::Sender<Option<ConnectionManager>>,
-) {
+/// What the store connects to.
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A connection to one Redis or to a cluster: both reconnect by themselves.
+#[derive(Clone)]
+pub(crate) enum Connection {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Connection {
+    fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// Connects, retrying with backoff until Redis answers; then the connection reconnects by itself.
+async fn connect(client: Client, timeout: Duration, publish: watch::Sender<Option<Connection>>) {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(timeout)
         .set_response_timeout(timeout)
@@ -522,7 +586,15 @@ async fn connect(
         .set_max_delay(1_000);
     let mut delay = Duration::from_millis(50);
     loop {
-        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+        let connection = match &client {
+            Client::Single(client) => {
+                ConnectionManager::new_with_config(client.clone(), config.clone())
+                    .await
+                    .map(Connection::Single)
+            }
+            Client::Cluster(client) => client.get_async_connection().await.map(Connection::Cluster),
+        };
+        match connection {
             Ok(connection) => {
                 let _ = publish.send(Some(connection));
                 return;
@@ -596,22 +668,53 @@ async fn send_batch(shared: &Shared, batch: &[Command]) -> Result<(), StoreError
     let Some(mut connection) = shared.connection() else {
         return Err(StoreError::new("not connected to Redis"));
     };
+    if !connection.is_cluster() {
+        return send_pipeline(shared, &mut connection, batch.iter()).await;
+    }
+    // A cluster takes a pipeline on one slot only: one per stream, in order within each.
+    let mut keys: Vec<&Bytes> = Vec::new();
+    for command in batch {
+        if !keys.contains(&command.key()) {
+            keys.push(command.key());
+        }
+    }
+    for key in keys {
+        let of_key = batch.iter().filter(|command| command.key() == key);
+        send_pipeline(shared, &mut connection, of_key).await?;
+    }
+    Ok(())
+}
+
+impl Command {
+    fn key(&self) -> &Bytes {
+        match self {
+            Self::Append { key, .. } | Self::Gap { key } | Self::Trim { key, .. } => key,
+        }
+    }
+}
+
+async fn send_pipeline<'a>(
+    shared: &Shared,
+    connection: &mut Connection,
+    commands: impl Iterator<Item = &'a Command> + Clone,
+) -> Result<(), StoreError> {
     let config = &shared.config;
     let ttl = config.ttl.as_secs().max(1);
     let scripts = &shared.scripts;
     let pipeline = |with_source: bool| {
         let mut pipe = redis::pipe();
-        for command in batch {
-            let (script, key) = match command {
-                Command::Append { key, .. } => (&scripts.append, key),
-                Command::Gap { key } => (&scripts.gap, key),
-                Command::Trim { key, .. } => (&scripts.trim, key),
+        for command in commands.clone() {
+            let script = match command {
+                Command::Append { .. } => &scripts.append,
+                Command::Gap { .. } => &scripts.gap,
+                Command::Trim { .. } => &scripts.trim,
             };
             let call = if with_source {
                 pipe.cmd("EVAL").arg(&script.source)
             } else {
                 pipe.cmd("EVALSHA").arg(&script.hash)
             };
+            let key = command.key();
             call.arg(2)
                 .arg(shared.stream_key(key))
                 .arg(shared.index_key(key));
@@ -635,17 +738,16 @@ async fn send_batch(shared: &Shared, batch: &[Command]) -> Result<(), StoreError
     };
     let result = timed(
         config.timeout,
-        pipeline(false).query_async::<()>(&mut connection),
+        pipeline(false).query_async::<()>(connection),
     )
     .await;
     match result {
         // The script cache is empty after a Redis restart: send the source once, which loads it.
-        Err(error) if error.kind() == ErrorKind::NoScriptError => timed(
-            config.timeout,
-            pipeline(true).query_async::<()>(&mut connection),
-        )
-        .await
-        .map_err(StoreError::new),
+        Err(error) if error.kind() == ErrorKind::NoScriptError => {
+            timed(config.timeout, pipeline(true).query_async::<()>(connection))
+                .await
+                .map_err(StoreError::new)
+        }
         other => other.map_err(StoreError::new),
     }
 }

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 
 use super::store::{
@@ -171,7 +170,7 @@ impl RedisSubscriptions {
         self.shared.store.config().timeout
     }
 
-    fn connection(&self) -> Result<ConnectionManager, StoreError> {
+    fn connection(&self) -> Result<crate::replay::RedisConnection, StoreError> {
         self.shared
             .store
             .connection()
