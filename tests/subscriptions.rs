@@ -24,7 +24,7 @@ use tower_sse::replay::{
 use tower_sse::subscriptions::{Caps, SubscriptionStore, Subscriptions};
 use tower_sse::wire::EventReader;
 
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisServer};
 use support::{proxy, read_ids, serve, until, Upstream, GUARD};
 
 /// One request on its own connection: the status, the headers and the body (for JSON calls).
@@ -312,6 +312,29 @@ async fn lifecycle_across_two_instances_sharing_redis() {
     lifecycle(&upstream, addrs[0], addrs[1], stores.pop().unwrap()).await;
 }
 
+/// The same lifecycle on a real three-master Redis Cluster: the subscriptions on one slot, the
+/// topics' histories wherever their keys hash.
+#[tokio::test]
+async fn lifecycle_across_two_instances_on_a_redis_cluster() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let (upstream_addr, upstream) = Upstream::serve().await;
+    let mut addrs = Vec::new();
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let store =
+            RedisStore::open_cluster(cluster.urls(), RedisConfig::default().prefix("subs:"))
+                .unwrap();
+        assert!(store.connected(GUARD).await);
+        let subscriptions =
+            Subscriptions::new(store.subscriptions()).poll_interval(Duration::from_millis(100));
+        stores.push(store.clone());
+        addrs.push(instance(upstream_addr, store, subscriptions).await);
+    }
+    lifecycle(&upstream, addrs[0], addrs[1], stores.pop().unwrap()).await;
+}
+
 #[tokio::test]
 async fn the_redis_store_keeps_subscriptions_and_cursors() {
     use tower_sse::subscriptions::{Created, Status, Subscription};
@@ -392,7 +415,7 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let key = format!("ops:sub:{}", left.id);
+    let key = format!("ops:{{subs}}:sub:{}", left.id);
     let ttl: i64 = redis::cmd("PTTL")
         .arg(&key)
         .query_async(&mut redis)
@@ -403,7 +426,7 @@ async fn the_redis_store_keeps_subscriptions_and_cursors() {
         "a disposable subscription expires: {ttl}"
     );
     let provisioned: i64 = redis::cmd("PTTL")
-        .arg(format!("ops:sub:{}", again_id(&store).await))
+        .arg(format!("ops:{{subs}}:sub:{}", again_id(&store).await))
         .query_async(&mut redis)
         .await
         .unwrap();
@@ -529,7 +552,7 @@ async fn the_redis_caps_hold_and_a_refusal_is_cheap() {
         .await
         .unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("caps:sub:*")
+        .arg("caps:{subs}:sub:*")
         .query_async(&mut redis)
         .await
         .unwrap();

@@ -81,18 +81,19 @@ return status
 /// [`RedisStore::subscriptions`]: on the same connection and under the same prefix as the
 /// replay history, so any instance can serve, suspend or delete any subscription.
 ///
-/// Per subscription, a hash `<prefix>sub:<id>` (topic, status, disposable, created, cursor);
-/// per topic, a sorted set `<prefix>topic:<topic>:live` of its ids, and for the whole store
-/// `<prefix>subs:live` of all ids, each scored by when the subscription expires (`+inf` for a
-/// provisioned one), so the caps are counted in O(1) and a refused create costs a constant
-/// number of commands. Topics and ids are validated before they reach a key name. Cursor moves and the removal of closed
+/// Per subscription, a hash `<prefix>{subs}:sub:<id>` (topic, status, disposable, created,
+/// cursor); per topic, a sorted set `<prefix>{subs}:topic:<topic>:live` of its ids, and for the
+/// whole store `<prefix>{subs}:live` of all ids, each scored by when the subscription expires
+/// (`+inf` for a provisioned one), so the caps are counted in O(1) and a refused create costs a
+/// constant number of commands. Topics and ids are validated before they reach a key name. Cursor moves and the removal of closed
 /// disposable subscriptions are coalesced in memory (one pending cursor per subscription) and
 /// written in pipelined batches by a background task, so a channel never waits for Redis.
 /// Disposable subscriptions expire after [`disposable_ttl`](Self::disposable_ttl) unless the
 /// instance holding their channel renews them (each status poll does).
 ///
-/// The scripts touch keys of several topics' hash slots: use a standalone Redis (or one shard),
-/// as with replication or Sentinel.
+/// On a Redis Cluster ([`RedisStore::open_cluster`]) the subscriptions live on one slot (their
+/// keys share the hash tag `{subs}`), so each script and pipeline stays on one node; the topics'
+/// event histories spread over the cluster as replay's do.
 #[derive(Clone)]
 pub struct RedisSubscriptions {
     shared: Arc<Shared>,
@@ -149,8 +150,12 @@ impl RedisSubscriptions {
         self
     }
 
+    // Every key of the subscriptions shares one hash tag, `{subs}`: a script touches a
+    // subscription and the indexes of its topic and of the store together, which a Redis
+    // Cluster allows on one slot only.
+
     fn subscription_key(&self, id: &str) -> String {
-        format!("{}sub:{id}", self.shared.store.config().prefix)
+        format!("{}{{subs}}:sub:{id}", self.shared.store.config().prefix)
     }
 
     fn topic_key(&self, topic: &str) -> String {
@@ -159,11 +164,11 @@ impl RedisSubscriptions {
 
     /// The index of every subscription of the store.
     fn all_key(&self) -> String {
-        format!("{}subs:live", self.shared.store.config().prefix)
+        format!("{}{{subs}}:live", self.shared.store.config().prefix)
     }
 
     fn topic_prefix(&self) -> String {
-        format!("{}topic:", self.shared.store.config().prefix)
+        format!("{}{{subs}}:topic:", self.shared.store.config().prefix)
     }
 
     fn timeout(&self) -> Duration {
