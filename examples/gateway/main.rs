@@ -182,6 +182,11 @@ struct Args {
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
 
+    /// `--redis` names nodes of a Redis Cluster, comma-separated (any of them; the others are
+    /// discovered).
+    #[arg(long, requires = "redis")]
+    redis_cluster: bool,
+
     /// Prefix of every Redis key this gateway writes.
     #[arg(
         long,
@@ -448,7 +453,12 @@ async fn main() -> Result<(), BoxError> {
         let config = RedisConfig::default()
             .prefix(args.redis_prefix.clone())
             .max_len(events);
-        let store = RedisStore::open(url, config).map_err(|e| format!("--redis {url}: {e}"))?;
+        let store = if args.redis_cluster {
+            RedisStore::open_cluster(url.split(','), config)
+        } else {
+            RedisStore::open(url, config)
+        }
+        .map_err(|e| format!("--redis {url}: {e}"))?;
         println!("  replay history in Redis at {url} ({events} events per stream)");
         if !store.connected(Duration::from_secs(2)).await {
             println!("  Redis is not answering yet: streams flow, recording starts when it does");
