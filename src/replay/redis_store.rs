@@ -228,6 +228,30 @@ struct Shared {
     /// What this instance recorded, in its own memory too.
     local: MemoryStore,
     holes: Holes,
+    /// Redis failed the last call made to it: until this time, reads the local tier can answer
+    /// skip it (the writer keeps trying, and clears this once Redis answers).
+    down: Down,
+}
+
+/// When Redis was last seen failing, for a second: reads do not wait on a Redis that is down.
+#[derive(Default)]
+struct Down(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl Down {
+    /// How long a failure keeps reads off Redis.
+    const FOR: Duration = Duration::from_secs(1);
+
+    fn set(&self, down: bool) {
+        if let Ok(mut until) = self.0.lock() {
+            *until = down.then(|| std::time::Instant::now() + Self::FOR);
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|until| until.is_some_and(|until| std::time::Instant::now() < until))
+    }
 }
 
 /// The store's Lua scripts.
@@ -360,6 +384,7 @@ impl RedisStore {
                 scripts: Scripts::default(),
                 local: MemoryStore::with_limits(config_local),
                 holes: Holes::default(),
+                down: Down::default(),
             }),
         };
         tokio::spawn(connect(client, store.shared.config.timeout, publish));
@@ -644,9 +669,11 @@ async fn write(shared: std::sync::Weak<Shared>, mut commands: mpsc::Receiver<Com
             match send_batch(&shared, &batch).await {
                 Ok(()) => {
                     counters.appended.fetch_add(appends, Ordering::Relaxed);
+                    shared.down.set(false);
                     break;
                 }
                 Err(error) => {
+                    shared.down.set(true);
                     let retried = counters.retried.fetch_add(1, Ordering::Relaxed);
                     // Once per outage and then every hundredth attempt: a down Redis fails
                     // every few seconds.
@@ -902,7 +929,6 @@ impl ReplayStore for RedisStore {
         };
         let (shared, key) = (shared.clone(), key.clone());
         Box::pin(async move {
-            let remote = read(shared.clone(), stream, &from, limit).await;
             let local_from = match &from {
                 From::Oldest => ReadFrom::Oldest,
                 From::Newest => ReadFrom::Newest,
@@ -910,6 +936,19 @@ impl ReplayStore for RedisStore {
             };
             let local = shared.local.read(&key, local_from, limit).await;
             let after = matches!(from, From::After { .. });
+            // While Redis is down, what this instance knows answers at once.
+            let knows = match &local {
+                Ok(Lookup::Found(events)) => after || !events.is_empty(),
+                Ok(Lookup::Interrupted { .. }) => true,
+                _ => false,
+            };
+            let remote = if knows && shared.down.is_down() {
+                Err(StoreError::new("Redis is down"))
+            } else {
+                let remote = read(shared.clone(), stream, &from, limit).await;
+                shared.down.set(remote.is_err());
+                remote
+            };
             let (lookup, reason) = prefer_local(remote, local, after);
             if let Some(reason) = reason {
                 shared.counters.local_reads.fetch_add(1, Ordering::Relaxed);
