@@ -7,9 +7,10 @@ gateway's own demo source at 50 events/s (it resumes after a Last-Event-ID, but 
 not told so), and the proxy under test with `--redis --fanout --replay 1000` plus ARGS. A client
 keeps one stream open throughout (the hub's subscription stays up); another reconnects every
 0.4 s with the id of the last event it got. Redis is killed for 3 s, then restarted empty.
-Prints, per phase (before, during the outage, after), the reconnects, the events each one
-missed (ids skipped between its previous and its new stream), duplicates, and the
-`sse-resumed-from` values and history-lost events seen. Everything stays on loopback and ends by
+Prints, per phase (before, during the outage, after), the reconnects (and how many got no event
+within their 0.4 s), the events missed (ids skipped between one reconnect's last event and the
+next one's first, counted in the phase of the later one), duplicates, the median time to a
+reconnect's first event, and the `sse-resumed-from` values and history-lost events seen. Everything stays on loopback and ends by
 itself (about 10 s).
 """
 import re
@@ -92,7 +93,8 @@ proxy, proxy_port = start_gateway(
 time.sleep(1)
 
 phase = "before"
-stats = {name: {"reconnects": 0, "missed": 0, "dups": 0, "resumed": {}, "lost": 0}
+stats = {name: {"reconnects": 0, "missed": 0, "dups": 0, "resumed": {}, "lost": 0,
+                "empty": 0, "first_ms": []}
          for name in ("before", "outage", "after")}
 keeper = threading.Thread(target=read_stream, args=(proxy_port, None, 9.0, lambda k, v: None))
 keeper.start()
@@ -117,9 +119,12 @@ while time.monotonic() < deadline:
     seen = []
     info = stats[phase]
     info["reconnects"] += 1
+    started = time.monotonic()
 
-    def on_event(kind, value, info=info, seen=seen):
+    def on_event(kind, value, info=info, seen=seen, started=started):
         if kind == "id":
+            if not seen:
+                info["first_ms"].append((time.monotonic() - started) * 1000)
             seen.append(value)
         elif kind == "resumed":
             info["resumed"][value] = info["resumed"].get(value, 0) + 1
@@ -132,12 +137,17 @@ while time.monotonic() < deadline:
         info["dups"] += sum(1 for n in seen if n <= last) + len(seen) - len(set(seen))
     if seen:
         last = seen[-1]
+    else:
+        info["empty"] += 1
 
 keeper.join()
 for process in (proxy, upstream, redis):
     process.kill()
 shutil.rmtree(redis_dir, ignore_errors=True)
 for name, info in stats.items():
-    print(f"{name:>7}: {info['reconnects']} reconnects, {info['missed']} events missed, "
-          f"{info['dups']} duplicates, resumed-from {info['resumed']}, "
+    first = sorted(info["first_ms"])
+    median = f"{first[len(first) // 2]:.0f} ms" if first else "-"
+    print(f"{name:>7}: {info['reconnects']} reconnects ({info['empty']} got no event in 0.4 s), "
+          f"{info['missed']} events missed, {info['dups']} duplicates, first event after "
+          f"{median} (median), resumed-from {info['resumed']}, "
           f"{info['lost']} history-lost events")
