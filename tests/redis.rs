@@ -479,8 +479,9 @@ async fn outage(mut server: RedisServer) {
     upstream.send(21, "still live").await;
     assert_eq!(read_ids(&mut resumed, 1).await, [21]);
     assert_eq!(read_ids(&mut client, 1).await, [21]);
+    // Answered by the local tier, without waiting on the Redis the writer found down.
     let stats = store.stats();
-    assert!(stats.failed_reads > 0 && stats.local_reads > 0, "{stats:?}");
+    assert!(stats.local_reads > 0, "{stats:?}");
     assert_eq!(stats.dropped, 0);
 
     // Redis comes back empty (it kept nothing on disk): the writes waiting are made, in order.
