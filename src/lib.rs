@@ -145,10 +145,10 @@
 //! - `redis`: `replay::RedisStore`, replay history in Redis Streams shared by several instances
 //!   (pulls redis).
 //! - `metrics`: metrics through the `metrics` facade (see Operations).
-//! - `subscriptions`: [`subscriptions`], provisioned subscriptions with a JSON management API
+//! - `subscriptions`: [`subscriptions`](https://docs.rs/tower-sse/latest/tower_sse/subscriptions/), provisioned subscriptions with a JSON management API
 //!   and server-side cursors (pulls serde, serde_json and http-body-util); in Redis with
 //!   `redis` too.
-//! - `test-util`: the [`testing`] kit for your own tests (requests as browsers send them,
+//! - `test-util`: the [`testing`](https://docs.rs/tower-sse/latest/tower_sse/testing/) kit for your own tests (requests as browsers send them,
 //!   assertions on what a client sees, scripted upstreams).
 //! - `full`: every feature.
 //!
@@ -251,7 +251,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[cfg(test)]
 mod test_util;
 
-/// The README's Rust examples, compiled and run as doc tests.
-#[cfg(doctest)]
+/// The README's Rust examples, compiled and run as doc tests (they use every feature).
+#[cfg(all(
+    doctest,
+    feature = "test-util",
+    feature = "compression",
+    feature = "redis",
+    feature = "subscriptions"
+))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

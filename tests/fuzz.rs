@@ -9,6 +9,11 @@ use proptest::prelude::*;
 #[test]
 fn the_saved_corpus_passes() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-corpus");
+    // The published crate leaves the corpus out; the repository (and CI) always has it.
+    if !dir.exists() && std::env::var_os("CI").is_none() {
+        eprintln!("SKIPPED: no fuzz corpus here (it is in the repository, not the package)");
+        return;
+    }
     let mut inputs = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

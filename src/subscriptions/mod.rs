@@ -94,7 +94,7 @@
 //! # Stores
 //!
 //! [`MemorySubscriptions`] (the default) keeps subscriptions in this process. With the `redis`
-//! feature, [`RedisStore::subscriptions`](crate::replay::RedisStore::subscriptions) keeps them,
+//! feature, [`RedisStore::subscriptions`](https://docs.rs/tower-sse/latest/tower_sse/replay/struct.RedisStore.html#method.subscriptions) keeps them,
 //! and their cursors, in the same Redis as the replay history, so any instance can serve any
 //! subscription; a suspension made on one instance closes channels on the others within the
 //! [`poll_interval`](Subscriptions::poll_interval).
