@@ -84,6 +84,7 @@ use crate::wire::{is_encoded, is_event_stream, Scanner};
 
 /// A content coding this layer can produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Encoding {
     /// `gzip` (RFC 1952).
     Gzip,

@@ -34,8 +34,7 @@ fn ids(lookup: Lookup) -> Vec<String> {
             .iter()
             .map(|e| String::from_utf8(e.id.to_vec()).unwrap())
             .collect(),
-        Lookup::Unknown => panic!("expected events, the id is unknown"),
-        Lookup::Interrupted { .. } => panic!("expected events recorded without interruption"),
+        other => panic!("expected events recorded without interruption: {other:?}"),
     }
 }
 

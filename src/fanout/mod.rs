@@ -181,6 +181,7 @@ use hub::{Client, Declined, HeadState, Hub, Subscription};
 
 /// What happens to a client that does not keep up; see the [module docs](self#slow-clients).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SlowClient {
     /// Cut the client off (its body ends with [`ClientTooSlow`]); it reconnects and resumes.
     #[default]

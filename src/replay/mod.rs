@@ -419,6 +419,7 @@ where
 
 /// Delivery guarantees, as presets; see the [module docs](self) for the table.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Qos {
     /// No recording, no replay.
     None,
@@ -435,6 +436,7 @@ pub enum Qos {
 
 /// What to do with a `Last-Event-ID` the store does not know (or no longer retains).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum UnknownId {
     /// Replay from the oldest retained event (`sse-resumed-from: earliest`).
     FromOldest,
@@ -518,6 +520,7 @@ pub(crate) struct AlreadyRecorded;
 /// What a client that sends no `Last-Event-ID` gets before the live stream (Nchan's and Axway's
 /// "snapshot"). The response says `sse-resumed-from: snapshot` when something was sent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FirstMessage {
     /// Nothing old: the live stream only (default).
     #[default]

@@ -73,6 +73,7 @@ pub enum ReadFrom<'a> {
 
 /// The answer to a read.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Lookup {
     /// The starting point is retained; these events follow it, oldest first (at most the limit).
     Found(Vec<StoredEvent>),

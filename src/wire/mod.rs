@@ -173,6 +173,7 @@ impl Default for Limits {
 
 /// A line or event exceeded its [`Limits`]; the stream cannot be read further.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LimitError {
     /// A line was longer than [`Limits::line_len`] bytes.
     LineTooLong {

@@ -43,6 +43,7 @@ pub struct EventReader<B> {
 
 /// Why an [`EventReader`] stopped early.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ReadError<E> {
     /// The body itself failed.
     Body(E),
