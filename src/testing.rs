@@ -70,6 +70,7 @@ use bytes::Bytes;
 use http::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
 
 use crate::wire::{Event, Limits, Parser};
 
@@ -104,6 +105,8 @@ pub struct TestStream<B> {
     recent: VecDeque<u8>,
     ended: bool,
     trailers: Option<HeaderMap>,
+    /// How long a wait may take on tokio's clock before it fails.
+    deadline: Duration,
 }
 
 impl<B> fmt::Debug for TestStream<B> {
@@ -117,6 +120,10 @@ impl<B> fmt::Debug for TestStream<B> {
 }
 
 const RECENT: usize = 512;
+
+/// How long a [`TestStream`] waits by default (tokio's clock): longer than any usual heartbeat
+/// interval, and no real time at all under a paused clock.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 
 impl<B> TestStream<B>
 where
@@ -134,7 +141,18 @@ where
             recent: VecDeque::new(),
             ended: false,
             trailers: None,
+            deadline: DEFAULT_DEADLINE,
         }
+    }
+
+    /// How long each wait ([`next_event`](Self::next_event), [`events`](Self::events),
+    /// [`until_end`](Self::until_end), ...) may take on tokio's clock before it panics with what
+    /// arrived (default [`DEFAULT_DEADLINE`], 60 s). Under `start_paused`, a wait whose event
+    /// never comes fails after that much virtual time instead of spinning through heartbeats
+    /// forever.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     /// The response status.
@@ -164,7 +182,136 @@ where
 
     /// The next dispatched block of any kind (message, comment, id or retry only), or `None`
     /// at the end of the stream.
-    pub async fn next_block(&mut self) -> Option<Event> {
+    #[track_caller]
+    pub fn next_block(&mut self) -> impl Future<Output = Option<Event>> + '_ {
+        let caller = std::panic::Location::caller();
+        async move {
+            let until = Instant::now() + self.deadline;
+            match self.block_until(until).await {
+                Ok(block) => block,
+                Err(_) => self.late(caller, "a block"),
+            }
+        }
+    }
+
+    /// The next message (a block with data), skipping comments and id- or retry-only blocks.
+    #[track_caller]
+    pub fn next_event(&mut self) -> impl Future<Output = Event> + '_ {
+        let caller = std::panic::Location::caller();
+        async move {
+            let until = Instant::now() + self.deadline;
+            self.event_until(caller, until).await
+        }
+    }
+
+    async fn event_until(
+        &mut self,
+        caller: &'static std::panic::Location<'static>,
+        until: Instant,
+    ) -> Event {
+        loop {
+            match self.block_until(until).await {
+                Ok(Some(event)) if event.is_message() => return event,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!(
+                    "{caller}: expected an event, the stream ended\n  received last: {}",
+                    self.recent_text()
+                ),
+                Err(_) => self.late(caller, "an event"),
+            }
+        }
+    }
+
+    /// The text of the next comment-only block (a heartbeat, say). Panics if a message comes
+    /// first: that is usually the point of the test.
+    #[track_caller]
+    pub fn next_comment(&mut self) -> impl Future<Output = String> + '_ {
+        let caller = std::panic::Location::caller();
+        async move {
+            let until = Instant::now() + self.deadline;
+            loop {
+                match self.block_until(until).await {
+                    Ok(Some(event)) if event.is_message() => panic!(
+                        "{caller}: expected a comment, got {event:?}\n  received last: {}",
+                        self.recent_text()
+                    ),
+                    Ok(Some(event)) if !event.comments().is_empty() => {
+                        return String::from_utf8_lossy(&event.comments()[0]).into_owned();
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!(
+                        "{caller}: expected a comment, the stream ended\n  received last: {}",
+                        self.recent_text()
+                    ),
+                    Err(_) => self.late(caller, "a comment"),
+                }
+            }
+        }
+    }
+
+    /// The next `n` messages, all within one deadline.
+    #[track_caller]
+    pub fn events(&mut self, n: usize) -> impl Future<Output = Vec<Event>> + '_ {
+        let caller = std::panic::Location::caller();
+        async move {
+            let until = Instant::now() + self.deadline;
+            let mut events = Vec::with_capacity(n);
+            for _ in 0..n {
+                events.push(self.event_until(caller, until).await);
+            }
+            events
+        }
+    }
+
+    /// Every remaining message, until the stream ends (within the deadline).
+    #[track_caller]
+    pub fn until_end(&mut self) -> impl Future<Output = Vec<Event>> + '_ {
+        let caller = std::panic::Location::caller();
+        async move {
+            let until = Instant::now() + self.deadline;
+            let mut events = Vec::new();
+            loop {
+                match self.block_until(until).await {
+                    Ok(Some(event)) if event.is_message() => events.push(event),
+                    Ok(Some(_)) => {}
+                    Ok(None) => return events,
+                    Err(_) => self.late(caller, "the end of the stream"),
+                }
+            }
+        }
+    }
+
+    /// Whatever messages arrive within `duration` of tokio's clock (fewer if the stream ends
+    /// first); never fails.
+    pub async fn collect_for(&mut self, duration: Duration) -> Vec<Event> {
+        let until = Instant::now() + duration;
+        let mut events = Vec::new();
+        while let Ok(Some(block)) = self.block_until(until).await {
+            if block.is_message() {
+                events.push(block);
+            }
+        }
+        events
+    }
+
+    /// The next block, or `Err` once `until` passes.
+    async fn block_until(
+        &mut self,
+        until: Instant,
+    ) -> Result<Option<Event>, tokio::time::error::Elapsed> {
+        tokio::time::timeout_at(until, self.read_block()).await
+    }
+
+    /// Fails a wait that outlived the deadline.
+    fn late(&self, caller: &std::panic::Location<'_>, expected: &str) -> ! {
+        panic!(
+            "{caller}: expected {expected} within {:?} of tokio's clock, none came\n  received last: {}",
+            self.deadline,
+            self.recent_text()
+        )
+    }
+
+    async fn read_block(&mut self) -> Option<Event> {
         loop {
             if let Some(event) = self.parser.next_event() {
                 return Some(event.expect("an unbounded parser cannot fail"));
@@ -194,76 +341,13 @@ where
         }
     }
 
-    /// The next message (a block with data), skipping comments and id- or retry-only blocks.
-    #[track_caller]
-    pub fn next_event(&mut self) -> impl Future<Output = Event> + '_ {
-        let caller = std::panic::Location::caller();
-        async move {
-            loop {
-                match self.next_block().await {
-                    Some(event) if event.is_message() => return event,
-                    Some(_) => {}
-                    None => panic!(
-                        "{caller}: expected an event, the stream ended\n  received last: {}",
-                        self.recent_text()
-                    ),
-                }
-            }
-        }
-    }
-
-    /// The text of the next comment-only block (a heartbeat, say). Panics if a message comes
-    /// first: that is usually the point of the test.
-    #[track_caller]
-    pub fn next_comment(&mut self) -> impl Future<Output = String> + '_ {
-        let caller = std::panic::Location::caller();
-        async move {
-            loop {
-                match self.next_block().await {
-                    Some(event) if event.is_message() => panic!(
-                        "{caller}: expected a comment, got {event:?}\n  received last: {}",
-                        self.recent_text()
-                    ),
-                    Some(event) if !event.comments().is_empty() => {
-                        return String::from_utf8_lossy(&event.comments()[0]).into_owned();
-                    }
-                    Some(_) => {}
-                    None => panic!(
-                        "{caller}: expected a comment, the stream ended\n  received last: {}",
-                        self.recent_text()
-                    ),
-                }
-            }
-        }
-    }
-
-    /// The next `n` messages.
-    pub async fn events(&mut self, n: usize) -> Vec<Event> {
-        let mut events = Vec::with_capacity(n);
-        for _ in 0..n {
-            events.push(self.next_event().await);
-        }
-        events
-    }
-
-    /// Every remaining message, until the stream ends.
-    pub async fn until_end(&mut self) -> Vec<Event> {
-        let mut events = Vec::new();
-        while let Some(event) = self.next_block().await {
-            if event.is_message() {
-                events.push(event);
-            }
-        }
-        events
-    }
-
     /// Asserts that nothing at all (no block, no end) arrives for `duration` of tokio's clock;
     /// under a paused clock this takes no real time.
     #[track_caller]
     pub fn expect_nothing_for(&mut self, duration: Duration) -> impl Future<Output = ()> + '_ {
         let caller = std::panic::Location::caller();
         async move {
-            if let Ok(block) = tokio::time::timeout(duration, self.next_block()).await {
+            if let Ok(block) = tokio::time::timeout(duration, self.read_block()).await {
                 panic!(
                     "{caller}: expected nothing for {duration:?}, got {block:?}\n  received last: {}",
                     self.recent_text()
@@ -272,12 +356,21 @@ where
         }
     }
 
-    /// Asserts that the stream ends with no further message.
+    /// Asserts that the stream ends (within the deadline) with no further message.
     #[track_caller]
     pub fn assert_ends(&mut self) -> impl Future<Output = ()> + '_ {
         let caller = std::panic::Location::caller();
         async move {
-            let rest = self.until_end().await;
+            let until = Instant::now() + self.deadline;
+            let mut rest = Vec::new();
+            loop {
+                match self.block_until(until).await {
+                    Ok(Some(event)) if event.is_message() => rest.push(event),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => self.late(caller, "the end of the stream"),
+                }
+            }
             assert!(
                 rest.is_empty(),
                 "{caller}: expected the end, got {rest:?}\n  received last: {}",

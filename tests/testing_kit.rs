@@ -141,3 +141,58 @@ async fn encoded_upstream_streams_are_left_alone() {
         tokio::time::timeout(60 * SECOND, http_body_util::BodyExt::frame(&mut body)).await;
     assert!(nothing.is_err(), "no heartbeat inside a compressed body");
 }
+
+/// A heartbeat stream whose event never comes.
+async fn quiet_stream(
+) -> TestStream<impl http_body::Body<Data = Bytes, Error = impl std::fmt::Display>> {
+    let upstream = ScriptedService::event_stream(Script::new().hang());
+    let service = HeartbeatLayer::new(Duration::from_secs(15)).layer(upstream);
+    TestStream::new(service.oneshot(subscribe::<()>("/")).await.unwrap())
+}
+
+/// Under a paused clock, a wait for an event that never comes fails after the deadline (60 s
+/// of virtual time), saying what arrived (the heartbeats), instead of spinning forever.
+#[tokio::test(start_paused = true)]
+#[should_panic(expected = "expected an event within 60s of tokio's clock, none came")]
+async fn a_wait_whose_event_never_comes_fails_at_the_deadline() {
+    let mut stream = quiet_stream().await;
+    stream.next_event().await;
+}
+
+#[tokio::test(start_paused = true)]
+#[should_panic(expected = "expected an event within 5s of tokio's clock, none came")]
+async fn the_deadline_is_configurable_and_covers_a_whole_wait() {
+    let upstream = ScriptedService::event_stream(
+        Script::new()
+            .chunk("data: 1\n\n")
+            .pause(Duration::from_secs(4))
+            .chunk("data: 2\n\n")
+            .pause(Duration::from_secs(4))
+            .chunk("data: 3\n\n"),
+    );
+    let response = upstream.oneshot(subscribe::<()>("/")).await.unwrap();
+    let mut stream = TestStream::new(response).deadline(Duration::from_secs(5));
+    // Each event comes within 5 s of the one before, but not all three within 5 s.
+    stream.events(3).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn collect_for_takes_what_arrives_in_time_and_never_fails() {
+    let upstream = ScriptedService::event_stream(
+        Script::new()
+            .chunk("id: 1\ndata: a\n\n")
+            .pause(Duration::from_secs(2))
+            .chunk("id: 2\nevent: tick\ndata: b\n\n")
+            .pause(Duration::from_secs(10))
+            .chunk("id: 3\ndata: c\n\n"),
+    );
+    let response = upstream.oneshot(subscribe::<()>("/")).await.unwrap();
+    let mut stream = TestStream::new(response);
+    let events = stream.collect_for(Duration::from_secs(5)).await;
+    let ids: Vec<_> = events.iter().map(|e| e.id_str()).collect();
+    assert_eq!(ids, [Some("1"), Some("2")]);
+    assert_eq!(events[1].event_type_str(), Some("tick"));
+    // Nothing in time is no failure either; then the rest, to the end.
+    assert!(stream.collect_for(Duration::from_secs(1)).await.is_empty());
+    assert_eq!(stream.until_end().await[0].id_str(), Some("3"));
+}

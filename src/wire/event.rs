@@ -137,6 +137,25 @@ impl Event {
         self.event.as_deref()
     }
 
+    /// [`id`](Self::id) as text, when it is UTF-8: assertions read `Some("2")`.
+    ///
+    /// ```
+    /// use tower_sse::wire::Event;
+    ///
+    /// let event = Event::builder().id("2").event("tick").data("x").build().unwrap();
+    /// assert_eq!(event.id_str(), Some("2"));
+    /// assert_eq!(event.event_type_str(), Some("tick"));
+    /// ```
+    pub fn id_str(&self) -> Option<&str> {
+        self.id().and_then(|id| std::str::from_utf8(id).ok())
+    }
+
+    /// [`event_type`](Self::event_type) as text, when it is UTF-8.
+    pub fn event_type_str(&self) -> Option<&str> {
+        self.event_type()
+            .and_then(|event| std::str::from_utf8(event).ok())
+    }
+
     /// The data as a client decodes it (invalid UTF-8 becomes U+FFFD), lines joined with LF.
     pub fn data(&self) -> Option<Cow<'_, str>> {
         self.data.as_deref().map(String::from_utf8_lossy)
