@@ -19,6 +19,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio_stream::{wrappers::IntervalStream, Stream, StreamExt};
 use tower::ServiceBuilder;
+use tower_sse::lifetime::{LifetimeLayer, Shutdown};
 use tower_sse::{PassthroughLayer, SseHeadersLayer};
 
 #[derive(Debug, Serialize)]
@@ -63,8 +64,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("axum app on http://{}", listener.local_addr()?);
     println!("  curl -N http://127.0.0.1:3001/events");
     println!("  curl -i http://127.0.0.1:3001/api/status");
-    // No `with_graceful_shutdown` here: open event streams would keep it waiting (axum #2673).
-    axum::serve(listener, app()).await?;
+    // Graceful shutdown would wait on open event streams forever (axum #2673): the lifetime
+    // layer ends each at its next event boundary when Ctrl-C fires the shutdown signal.
+    let shutdown = Shutdown::new();
+    let app = app().layer(LifetimeLayer::new().shutdown(&shutdown));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.after(tokio::signal::ctrl_c()))
+        .await?;
     Ok(())
 }
 

@@ -83,12 +83,15 @@ use crate::engine::{engine_body, EngineBody, Stages, Start};
 use crate::future::{head_response_future, Exchange, OnResponse};
 use crate::jitter;
 use crate::wire::Event;
+use std::future::Future;
 
 /// A signal that ends every open event stream of the [`LifetimeLayer`]s it was given to, each
 /// at its next event boundary.
 ///
 /// Cheap to clone; every clone fires the same signal. Fire it when the server starts its graceful
-/// shutdown:
+/// shutdown: [`after`](Shutdown::after) turns the future you already wait on (`ctrl_c()`, a
+/// `CancellationToken::cancelled()`) into one that fires it too, so open event streams end and
+/// the graceful shutdown completes instead of waiting on them forever:
 ///
 /// ```no_run
 /// # async fn run(app: axum::Router, listener: tokio::net::TcpListener) {
@@ -97,10 +100,7 @@ use crate::wire::Event;
 /// let shutdown = Shutdown::new();
 /// let app = app.layer(LifetimeLayer::new().shutdown(&shutdown));
 /// axum::serve(listener, app)
-///     .with_graceful_shutdown(async move {
-///         let _ = tokio::signal::ctrl_c().await;
-///         shutdown.trigger();
-///     })
+///     .with_graceful_shutdown(shutdown.after(tokio::signal::ctrl_c()))
 ///     .await
 ///     .unwrap();
 /// # }
@@ -121,6 +121,32 @@ impl Shutdown {
     pub fn trigger(&self) {
         self.triggered.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
+    }
+
+    /// A future that waits for `signal` (whatever it outputs), then fires this shutdown: hand it
+    /// to a server's graceful shutdown (axum's `with_graceful_shutdown`, or wherever you await
+    /// the signal) in place of `signal`, with no task to spawn.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_sse::lifetime::Shutdown;
+    ///
+    /// let shutdown = Shutdown::new();
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// let graceful = shutdown.after(stopped);
+    /// assert!(!shutdown.is_triggered());
+    /// stop.send(()).unwrap();
+    /// graceful.await;
+    /// assert!(shutdown.is_triggered());
+    /// # }
+    /// ```
+    pub fn after(&self, signal: impl Future) -> impl Future<Output = ()> {
+        let shutdown = self.clone();
+        async move {
+            signal.await;
+            shutdown.trigger();
+        }
     }
 
     /// True once [`trigger`](Shutdown::trigger) was called.

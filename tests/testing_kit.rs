@@ -196,3 +196,19 @@ async fn collect_for_takes_what_arrives_in_time_and_never_fails() {
     assert!(stream.collect_for(Duration::from_secs(1)).await.is_empty());
     assert_eq!(stream.until_end().await[0].id_str(), Some("3"));
 }
+
+/// The future a server awaits for its graceful shutdown fires the shutdown signal too: open
+/// streams end at their boundary, with no task spawned to bridge the two.
+#[tokio::test(start_paused = true)]
+async fn a_signal_future_fires_the_shutdown() {
+    let shutdown = Shutdown::new();
+    let upstream = ScriptedService::event_stream(Script::new().chunk("id: 1\ndata: a\n\n").hang());
+    let service = LifetimeLayer::new().shutdown(&shutdown).layer(upstream);
+    let mut stream = TestStream::new(service.oneshot(subscribe::<()>("/")).await.unwrap());
+    assert_eq!(stream.next_event().await.id_str(), Some("1"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let graceful = shutdown.after(stopped);
+    stop.send(()).unwrap();
+    graceful.await;
+    stream.assert_ends().await;
+}
