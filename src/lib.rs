@@ -95,6 +95,17 @@
 //! # let _ = stack;
 //! ```
 //!
+//! # With tower-http
+//!
+//! tower-http's `TraceLayer`, `CorsLayer` and `TimeoutLayer` go anywhere around or inside these
+//! layers in one `ServiceBuilder` (the bodies implement `Default` for tower-http's own answers).
+//! tower-http's `TimeoutLayer` times the response head only; [`timeout::IdleTimeoutLayer`] bounds
+//! the silence within a stream and ends it at an event boundary, where tower-http's
+//! `ResponseBodyTimeoutLayer` would fail the body mid-event. tower-http's `CompressionLayer`
+//! leaves event streams alone; `SseCompressionLayer` (feature `compression`) compresses them,
+//! flushing after every event. The README's "With tower-http" section has the table and an
+//! example, which `tests/compat.rs` runs in both orders.
+//!
 //! # Operations
 //!
 //! Every layer reports its decisions as `tracing` events with target `tower_sse`. They are
