@@ -2,9 +2,12 @@
 //!
 //! tower-sse gives any `Service<http::Request<_>>` (an axum app, a hyper reverse proxy, a tonic
 //! server) the things a good SSE gateway does, as layers you stack with `ServiceBuilder`.
-//! Every layer wraps arbitrary response bodies (proxied ones included), recognises event streams
-//! by their Content-Type with one shared predicate, and lets everything else (JSON, gRPC with
-//! trailers) through untouched.
+//! Every layer wraps arbitrary response bodies (proxied ones included) and lets everything that is
+//! not an event stream (JSON, gRPC with trailers) through untouched. Two shared tests decide, in
+//! [`wire`]: [`wire::is_event_stream`] (the Content-Type's essence, as browsers test it) for
+//! every layer, and [`wire::is_encoded`] (a content coding other than `identity`) for the layers
+//! that read or write the body, which leave a compressed stream alone
+//! ([`wire::is_plain_event_stream`] is the two together).
 //!
 //! | layer | what it does |
 //! |---|---|

@@ -1,6 +1,6 @@
 //! Conformance with clients nobody here wrote: headless Chromium's `EventSource` and the npm
-//! `eventsource` package read every vector of `sse-spec.md` straight from an upstream and
-//! through the recommended stacks, in several chunkings; what they report must be the same both
+//! `eventsource` package read every vector of the parsing rules (`docs/sse-parsing.md`)
+//! straight from an upstream and through the recommended stacks, in several chunkings; what they report must be the same both
 //! ways (and Chromium must agree with our own parser). Then reconnects with replay, heartbeats,
 //! compression and provisioned subscriptions (resumed from their cursor by a new EventSource,
 //! closed for good when suspended), as a browser lives them.
@@ -42,7 +42,8 @@ type Body = BoxBody<Bytes, BoxError>;
 
 const SUITE_GUARD: Duration = Duration::from_secs(120);
 
-/// Every edge case of `sse-spec.md` (and a few more), as the upstream sends them.
+/// Every edge case of the parsing rules (`docs/sse-parsing.md`, and a few more), as the upstream
+/// sends them.
 fn vectors() -> Vec<(&'static str, Vec<u8>)> {
     // Just within the default line limit of the layers that parse (1 MiB).
     let mut big = b"data: ".to_vec();

@@ -55,7 +55,8 @@
 //!
 //! # QoS
 //!
-//! The seeds' QoS levels (Gravitee SSE Advanced) map to presets of the layer:
+//! Five delivery levels, as SSE gateways name them (Gravitee's SSE Advanced among them), are
+//! presets of the layer:
 //!
 //! | [`Qos`] | known id | unknown or expired id | store failure | guarantees |
 //! |---|---|---|---|---|

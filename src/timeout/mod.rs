@@ -18,6 +18,13 @@
 //! upstream left half-sent is discarded by the client, as the spec says; it never sees part of
 //! one.
 //!
+//! tower-http's `ResponseBodyTimeoutLayer` also times the gaps between body frames, but for every
+//! body, and on expiry it fails the body: the server aborts the connection wherever the stream
+//! was, mid-event included. [`IdleTimeoutLayer`] applies to event streams only (anything else
+//! passes untouched), ends the stream cleanly at an event boundary, and re-arms its timer lazily
+//! (a frame notes the time; the timer is moved only when it fires), so a busy stream costs no
+//! timer work per frame.
+//!
 //! # Example
 //!
 //! ```

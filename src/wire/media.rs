@@ -1,4 +1,5 @@
-//! The one "is this an SSE exchange?" predicate, and `Accept` negotiation.
+//! Whether an exchange is an event stream and whether its body is encoded (the two tests every
+//! layer shares), and `Accept` negotiation.
 
 use http::header::{ACCEPT, CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue};
