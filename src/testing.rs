@@ -267,16 +267,19 @@ where
     #[track_caller]
     pub fn until_end(&mut self) -> impl Future<Output = Vec<Event>> + '_ {
         let caller = std::panic::Location::caller();
-        async move {
-            let until = Instant::now() + self.deadline;
-            let mut events = Vec::new();
-            loop {
-                match self.block_until(until).await {
-                    Ok(Some(event)) if event.is_message() => events.push(event),
-                    Ok(Some(_)) => {}
-                    Ok(None) => return events,
-                    Err(_) => self.late(caller, "the end of the stream"),
-                }
+        async move { self.rest(caller).await }
+    }
+
+    /// The messages left before the end, within the deadline.
+    async fn rest(&mut self, caller: &'static std::panic::Location<'static>) -> Vec<Event> {
+        let until = Instant::now() + self.deadline;
+        let mut events = Vec::new();
+        loop {
+            match self.block_until(until).await {
+                Ok(Some(event)) if event.is_message() => events.push(event),
+                Ok(Some(_)) => {}
+                Ok(None) => return events,
+                Err(_) => self.late(caller, "the end of the stream"),
             }
         }
     }
@@ -361,16 +364,7 @@ where
     pub fn assert_ends(&mut self) -> impl Future<Output = ()> + '_ {
         let caller = std::panic::Location::caller();
         async move {
-            let until = Instant::now() + self.deadline;
-            let mut rest = Vec::new();
-            loop {
-                match self.block_until(until).await {
-                    Ok(Some(event)) if event.is_message() => rest.push(event),
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
-                    Err(_) => self.late(caller, "the end of the stream"),
-                }
-            }
+            let rest = self.rest(caller).await;
             assert!(
                 rest.is_empty(),
                 "{caller}: expected the end, got {rest:?}\n  received last: {}",

@@ -297,19 +297,8 @@ async fn lifecycle_across_two_instances_sharing_redis() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let (upstream_addr, upstream) = Upstream::serve().await;
-    let mut addrs = Vec::new();
-    let mut stores = Vec::new();
-    for _ in 0..2 {
-        let store =
-            RedisStore::open(&server.url(), RedisConfig::default().prefix("subs:")).unwrap();
-        assert!(store.connected(GUARD).await);
-        let subscriptions =
-            Subscriptions::new(store.subscriptions()).poll_interval(Duration::from_millis(100));
-        stores.push(store.clone());
-        addrs.push(instance(upstream_addr, store, subscriptions).await);
-    }
-    lifecycle(&upstream, addrs[0], addrs[1], stores.pop().unwrap()).await;
+    let config = RedisConfig::default().prefix("subs:");
+    lifecycle_on_two_instances(|| RedisStore::open(&server.url(), config.clone()).unwrap()).await;
 }
 
 /// The same lifecycle on a real three-master Redis Cluster: the subscriptions on one slot, the
@@ -319,13 +308,20 @@ async fn lifecycle_across_two_instances_on_a_redis_cluster() {
     let Some(cluster) = RedisCluster::start() else {
         return;
     };
+    let config = RedisConfig::default().prefix("subs:");
+    lifecycle_on_two_instances(|| {
+        RedisStore::open_cluster(cluster.urls(), config.clone()).unwrap()
+    })
+    .await;
+}
+
+/// The lifecycle across two instances, each with a store from `open`.
+async fn lifecycle_on_two_instances(open: impl Fn() -> RedisStore) {
     let (upstream_addr, upstream) = Upstream::serve().await;
     let mut addrs = Vec::new();
     let mut stores = Vec::new();
     for _ in 0..2 {
-        let store =
-            RedisStore::open_cluster(cluster.urls(), RedisConfig::default().prefix("subs:"))
-                .unwrap();
+        let store = open();
         assert!(store.connected(GUARD).await);
         let subscriptions =
             Subscriptions::new(store.subscriptions()).poll_interval(Duration::from_millis(100));
