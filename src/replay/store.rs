@@ -557,19 +557,6 @@ enum Place {
     Behind,
 }
 
-/// Whether a write retained an event (the store's size is then reported, when due).
-#[derive(Default)]
-struct SizeReport {
-    pushed: bool,
-}
-
-impl SizeReport {
-    fn pushed(&mut self, stream: &Stream) {
-        let _ = stream;
-        self.pushed = true;
-    }
-}
-
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let streams = self.lock();
@@ -610,19 +597,18 @@ impl MemoryStore {
     }
 
     /// Runs `write` on the stream of `key` (made if new) under one lock and one lookup of the
-    /// key, then keeps the store's byte count and budget in step. `write` gets the limits, a
-    /// test of whether an event fits the budget at all, and the size report.
+    /// key, then keeps the store's byte count and budget in step. `write` gets the limits and a
+    /// test of whether an event fits the budget at all.
     fn write(
         &self,
         key: &Bytes,
         now: Instant,
-        write: impl FnOnce(&mut Stream, &MemoryLimits, &dyn Fn(&StoredEvent) -> bool, &mut SizeReport),
+        write: impl FnOnce(&mut Stream, &MemoryLimits, &dyn Fn(&StoredEvent) -> bool),
     ) {
         let limits = &self.shared.limits;
         let mut guard = self.lock();
         let streams = &mut *guard;
         streams.expire(limits, now);
-        let mut report = SizeReport::default();
         let stream = match streams.map.get_mut(key) {
             Some(stream) => {
                 Streams::touch_stream(&mut streams.recency, &mut streams.clock, stream, now);
@@ -641,13 +627,18 @@ impl MemoryStore {
         // Bigger than the whole budget: never recorded (a replay then finds its id unknown).
         let fits = |event: &StoredEvent| key_cost(key) + event_cost(event) <= limits.max_bytes;
         let before = stream.cost;
-        write(stream, limits, &fits, &mut report);
+        #[cfg(feature = "metrics")]
+        let end_before = stream.end_seq();
+        write(stream, limits, &fits);
+        // Every event retained moves the end on.
+        #[cfg(feature = "metrics")]
+        let retained = stream.end_seq() != end_before;
         let after = stream.cost;
         streams.bytes = streams.bytes - before + after;
         streams.fit(key, limits);
         // The size gauges, at most once a second, after a write that retained something.
         #[cfg(feature = "metrics")]
-        if report.pushed && streams.report_due(now) {
+        if retained && streams.report_due(now) {
             let events = streams.map.values().map(|s| s.events.len()).sum();
             crate::telemetry::store_size(streams.map.len(), events);
         }
@@ -942,7 +933,6 @@ impl Stream {
         fits: &dyn Fn(&StoredEvent) -> bool,
         limits: &MemoryLimits,
         now: Instant,
-        report: &mut SizeReport,
     ) {
         let mut place = self.place(*position);
         let count = events.len();
@@ -992,7 +982,6 @@ impl Stream {
             match self.push_hashed(hash, event, now) {
                 Ok(()) => {
                     self.trim(limits, now);
-                    report.pushed(self);
                     place = match self.at(seq) {
                         Some(_) => Place::After(seq),
                         None => Place::Newest,
@@ -1061,12 +1050,11 @@ impl ReplayStore for MemoryStore {
         if events.peek().is_none() {
             return;
         }
-        self.write(key, now, |stream, limits, fits, report| {
+        self.write(key, now, |stream, limits, fits| {
             for event in events.filter(|event| fits(event)) {
                 // Several connections on one key see the same events: each is stored once.
                 if stream.push(event, now) {
                     stream.trim(limits, now);
-                    report.pushed(stream);
                 }
             }
         });
@@ -1084,14 +1072,14 @@ impl ReplayStore for MemoryStore {
         if events.is_empty() {
             return;
         }
-        self.write(key, now, |stream, limits, fits, report| {
-            stream.carry(events, position, fits, limits, now, report);
+        self.write(key, now, |stream, limits, fits| {
+            stream.carry(events, position, fits, limits, now);
         });
     }
 
     fn recorder_started(&self, key: &Bytes, continues_after: Option<&[u8]>) {
         let now = Instant::now();
-        self.write(key, now, |stream, _, _, _| {
+        self.write(key, now, |stream, _, _| {
             stream.recorders = stream.recorders.saturating_add(1);
             let newest = continues_after
                 .and_then(|id| stream.index.get(id, &stream.events, stream.first_seq))
