@@ -44,8 +44,8 @@ use tower_sse::compression::SseCompressionLayer;
 use tower_sse::subscriptions::{Caps, Created, Subscription, SubscriptionStore, Subscriptions};
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
-    CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReplayLayer, RetryLayer,
-    SseHeadersLayer,
+    CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReconnectDelayLayer,
+    ReplayLayer, SseHeadersLayer,
 };
 
 /// 4,096 distinct 1 KiB events, served in a cycle, one per poll.
@@ -177,7 +177,11 @@ fn paths(runtime: &tokio::runtime::Runtime) -> Vec<(&'static str, Polled)> {
         ),
         (
             "layer/retry",
-            poller(runtime, RetryLayer::new(minute).layer(upstream()), get()),
+            poller(
+                runtime,
+                ReconnectDelayLayer::new(minute).layer(upstream()),
+                get(),
+            ),
         ),
         (
             "layer/comment metadata",
@@ -236,7 +240,7 @@ fn paths(runtime: &tokio::runtime::Runtime) -> Vec<(&'static str, Polled)> {
                 runtime,
                 tower_sse::SseStack::new()
                     .initial_comment("ok")
-                    .retry(Duration::from_secs(2))
+                    .reconnect_delay(Duration::from_secs(2))
                     .metadata(CommentMetadataLayer::new().metadata_as_comment(true))
                     .heartbeat(Duration::from_secs(15))
                     .lifetime(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)))
@@ -254,7 +258,7 @@ fn paths(runtime: &tokio::runtime::Runtime) -> Vec<(&'static str, Polled)> {
                 ServiceBuilder::new()
                     .layer(SseHeadersLayer::new())
                     .layer(PassthroughLayer::new().initial_comment("ok"))
-                    .layer(RetryLayer::new(Duration::from_secs(2)))
+                    .layer(ReconnectDelayLayer::new(Duration::from_secs(2)))
                     .layer(CommentMetadataLayer::new().metadata_as_comment(true))
                     .layer(HeartbeatLayer::new(Duration::from_secs(15)))
                     .layer(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)))

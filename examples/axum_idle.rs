@@ -20,7 +20,8 @@ use tokio_stream::Stream;
 use tower::ServiceBuilder;
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
-    HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReplayLayer, RetryLayer, SseHeadersLayer,
+    HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReconnectDelayLayer, ReplayLayer,
+    SseHeadersLayer,
 };
 
 fn idle() -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
@@ -39,7 +40,7 @@ async fn main() {
                 ServiceBuilder::new()
                     .layer(SseHeadersLayer::new())
                     .layer(PassthroughLayer::new().initial_comment("ok"))
-                    .layer(RetryLayer::new(Duration::from_secs(3)))
+                    .layer(ReconnectDelayLayer::new(Duration::from_secs(3)))
                     .layer(HeartbeatLayer::new(Duration::from_secs(1)))
                     .layer(LifetimeLayer::new().max_lifetime(Duration::from_secs(3600)))
                     .layer(ReplayLayer::new())

@@ -232,6 +232,11 @@ pub struct SseCompression<S> {
 }
 
 impl<S> SseCompression<S> {
+    /// Wraps `inner` with the defaults of [`SseCompressionLayer::new`].
+    pub fn new(inner: S) -> Self {
+        SseCompressionLayer::new().layer(inner)
+    }
+
     /// The layer, to configure it.
     pub fn layer() -> SseCompressionLayer {
         SseCompressionLayer::new()
@@ -245,7 +250,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
 {
-    type Response = Response<CompressionBody<ResBody>>;
+    type Response = Response<SseCompressionBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -291,7 +296,7 @@ impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<CompressionBody<B>>, E>;
+    type Output = Result<Response<SseCompressionBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -307,7 +312,7 @@ where
         let Some((encoding, level)) = this.choice.take().filter(|_| compress) else {
             return Poll::Ready(Ok(Response::from_parts(
                 parts,
-                CompressionBody {
+                SseCompressionBody {
                     kind: Kind::Untouched { inner },
                 },
             )));
@@ -318,7 +323,7 @@ where
             .insert(CONTENT_ENCODING, HeaderValue::from_static(encoding.token()));
         if this.exchange.is_head() {
             // The headers of a GET, and no body to compress: not even a compressor's header.
-            let body = CompressionBody {
+            let body = SseCompressionBody {
                 kind: Kind::Untouched { inner },
             };
             return Poll::Ready(Ok(Response::from_parts(parts, body)));
@@ -327,7 +332,7 @@ where
         // The header (and an empty flushed block) goes out at once.
         compressor.flush();
         let first = compressor.take();
-        let body = CompressionBody {
+        let body = SseCompressionBody {
             kind: Kind::Stream {
                 inner,
                 state: Box::new(StreamState {
@@ -424,7 +429,7 @@ impl Compressor {
 
 pin_project! {
     /// The response body of [`SseCompression`].
-    pub struct CompressionBody<B> {
+    pub struct SseCompressionBody<B> {
         #[pin]
         kind: Kind<B>,
     }
@@ -452,11 +457,11 @@ struct StreamState {
     stashed: Option<Box<Frame<Bytes>>>,
 }
 
-impl<B> CompressionBody<B> {
+impl<B> SseCompressionBody<B> {
     inner_body_accessors!("the compressor and compressed bytes not yet sent are dropped, so what the inner body sends next is plain bytes after a compressed prefix: only useful before the first frame or after the end.");
 }
 
-impl<B: Default> Default for CompressionBody<B> {
+impl<B: Default> Default for SseCompressionBody<B> {
     /// The inner body's default, passed through untouched.
     fn default() -> Self {
         Self {
@@ -467,13 +472,13 @@ impl<B: Default> Default for CompressionBody<B> {
     }
 }
 
-impl<B> fmt::Debug for CompressionBody<B> {
+impl<B> fmt::Debug for SseCompressionBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             Kind::Untouched { .. } => "Untouched",
             Kind::Stream { .. } => "Stream",
         };
-        f.debug_tuple("CompressionBody").field(&kind).finish()
+        f.debug_tuple("SseCompressionBody").field(&kind).finish()
     }
 }
 
@@ -536,7 +541,7 @@ impl StreamState {
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for CompressionBody<B> {
+impl<B: Body<Data = Bytes>> Body for SseCompressionBody<B> {
     type Data = Bytes;
     type Error = B::Error;
 

@@ -315,7 +315,7 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
         let mut first = BytesMut::new();
         if plain {
             if let Some((retry, jitter)) = stages.retry {
-                first.extend_from_slice(&crate::retry::block(retry, jitter));
+                first.extend_from_slice(&crate::reconnect::block(retry, jitter));
             }
             if let Some(block) = metadata.as_ref().and_then(|m| m.header_block(headers)) {
                 first.extend_from_slice(&block);

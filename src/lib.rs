@@ -13,17 +13,21 @@
 //! |---|---|
 //! | [`SseHeadersLayer`] | `Content-Type`, `Cache-Control`, `Connection` (HTTP/1 only), `X-Accel-Buffering: no`; optional `406` on a wrong `Accept` |
 //! | [`PassthroughLayer`] | forwards every frame at once, drops `Content-Length`, optionally sends a first byte immediately |
-//! | `compression::SseCompressionLayer` (feature `compression`) | gzip, deflate, brotli or zstd by `Accept-Encoding`, flushed after every event |
-//! | [`RetryLayer`] | `retry:` first in every stream, jittered against reconnect storms |
+//! | `SseCompressionLayer` (feature `compression`) | gzip, deflate, brotli or zstd by `Accept-Encoding`, flushed after every event |
+//! | [`ReconnectDelayLayer`] | `retry:` first in every stream, jittered against reconnect storms |
 //! | [`CommentMetadataLayer`] | response headers and per-event metadata as `:key=value` comments for raw readers, injection-proof |
 //! | [`HeartbeatLayer`] | a comment (or a typed event) when the stream is quiet, only between events |
 //! | [`LifetimeLayer`] + [`Shutdown`] | end streams at an event boundary after a (jittered) maximum lifetime or on shutdown, so graceful shutdown completes |
 //! | [`ReplayLayer`] | record events per stream key; a client reconnecting with `Last-Event-ID` gets what it missed, then the live stream, with QoS presets |
 //! | [`FanoutLayer`] | one upstream subscription per stream key shared by all its clients, a bounded queue per client, lingering for reconnects |
-//! | `subscriptions::SubscribeLayer` (feature `subscriptions`) | provisioned subscriptions: readers through the layer (by id, from a server-side cursor; disposable subscriptions for plain readers), and a JSON management API to mount behind your authentication (`Subscriptions::api`): create, list, suspend (closing channels at a boundary), reactivate, delete |
-//! | [`timeout::IdleTimeoutLayer`] | end a stream whose upstream went silent |
-//! | [`timeout::ResponseTimeoutLayer`] | `504` when response headers are late |
+//! | `SubscribeLayer` (feature `subscriptions`) | provisioned subscriptions: readers through the layer (by id, from a server-side cursor; disposable subscriptions for plain readers), and a JSON management API to mount behind your authentication (`Subscriptions::api`): create, list, suspend (closing channels at a boundary), reactivate, delete |
+//! | [`IdleTimeoutLayer`] | end a stream whose upstream went silent |
+//! | [`ResponseTimeoutLayer`] | `504` when response headers are late |
 //! | [`SseStack`] | all of the above in the one order that works, each part optional at run time; the parts that read streams run as one engine: one scan, one timer |
+//!
+//! The names follow tower-http's pattern: each `FooLayer` (at the crate root) makes a `Foo`
+//! service (in its module, with `Foo::new(inner, ..)` and `Foo::layer(..)`) whose response body
+//! is a `FooBody`; errors end in `Error`, and every jitter is a `Duration` spread.
 //!
 //! Beneath the layers, [`wire`] is the event-stream core they share: a scanner for event
 //! boundaries, a zero-copy parser that follows the WHATWG rules to the letter, and a typed
@@ -87,10 +91,10 @@
 //! let shutdown = Shutdown::new();
 //! let stack = SseStack::new()
 //!     .initial_comment("ok")
-//!     .retry(Duration::from_secs(2))
+//!     .reconnect_delay(Duration::from_secs(2))
 //!     .metadata(CommentMetadataLayer::new().metadata_as_comment(true))
 //!     .heartbeat(Duration::from_secs(15))
-//!     .lifetime(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)).jitter(0.2).shutdown(&shutdown))
+//!     .lifetime(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)).jitter(Duration::from_secs(120)).shutdown(&shutdown))
 //!     .replay(ReplayLayer::with_store(MemoryStore::new()))
 //!     .fanout(FanoutLayer::new().linger(Duration::from_secs(10)))
 //!     .idle_timeout(Duration::from_secs(60))
@@ -236,8 +240,8 @@ mod jitter;
 pub mod lifetime;
 pub mod metadata;
 pub mod passthrough;
+pub mod reconnect;
 pub mod replay;
-pub mod retry;
 pub mod stack;
 #[cfg(feature = "subscriptions")]
 #[cfg_attr(docsrs, doc(cfg(feature = "subscriptions")))]
@@ -249,15 +253,24 @@ pub mod testing;
 pub mod timeout;
 pub mod wire;
 
+// Every layer is at the crate root (with the shutdown handle and the stack builder); services,
+// bodies, futures, errors and policies stay in their modules.
+#[cfg(feature = "compression")]
+#[cfg_attr(docsrs, doc(cfg(feature = "compression")))]
+pub use compression::SseCompressionLayer;
 pub use fanout::FanoutLayer;
 pub use headers::SseHeadersLayer;
 pub use heartbeat::HeartbeatLayer;
 pub use lifetime::{LifetimeLayer, Shutdown};
 pub use metadata::CommentMetadataLayer;
 pub use passthrough::PassthroughLayer;
+pub use reconnect::ReconnectDelayLayer;
 pub use replay::ReplayLayer;
-pub use retry::RetryLayer;
 pub use stack::SseStack;
+#[cfg(feature = "subscriptions")]
+#[cfg_attr(docsrs, doc(cfg(feature = "subscriptions")))]
+pub use subscriptions::SubscribeLayer;
+pub use timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 
 /// A boxed error, as the bodies of the layers that can end a stream with their own error report.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -4,8 +4,8 @@
 //!
 //! - its maximum lifetime is over ([`max_lifetime`](LifetimeLayer::max_lifetime)), so load
 //!   balancers can rebalance long-lived connections; [`jitter`](LifetimeLayer::jitter) shortens
-//!   each stream's lifetime by a random part (Mercure uses 80-100 %) so streams opened together
-//!   do not all reconnect in the same second;
+//!   each stream's lifetime by a random amount (Mercure ends streams at 80-100 % of theirs) so
+//!   streams opened together do not all reconnect in the same second;
 //! - a [`Shutdown`] handle fires ([`shutdown`](LifetimeLayer::shutdown)), so a server's graceful
 //!   shutdown (`axum::serve(..).with_graceful_shutdown(..)`, hyper-util's `GracefulShutdown`)
 //!   completes promptly instead of waiting forever on open streams (axum #2673).
@@ -179,7 +179,7 @@ pub struct LifetimeLayer {
 #[derive(Clone, Debug)]
 pub(crate) struct LifetimeConfig {
     max_lifetime: Option<Duration>,
-    jitter: f64,
+    jitter: Duration,
     shutdown: Option<Shutdown>,
     farewell: Option<Duration>,
     farewell_jitter: Duration,
@@ -225,7 +225,7 @@ impl LifetimeConfig {
     pub(crate) fn on_signal(signal: Shutdown, grace: Duration) -> Arc<Self> {
         Arc::new(Self {
             max_lifetime: None,
-            jitter: 0.0,
+            jitter: Duration::ZERO,
             shutdown: Some(signal),
             farewell: None,
             farewell_jitter: Duration::ZERO,
@@ -257,7 +257,7 @@ impl LifetimeLayer {
         Self {
             config: Arc::new(LifetimeConfig {
                 max_lifetime: None,
-                jitter: 0.0,
+                jitter: Duration::ZERO,
                 shutdown: None,
                 farewell: None,
                 farewell_jitter: Duration::ZERO,
@@ -276,11 +276,13 @@ impl LifetimeLayer {
         self
     }
 
-    /// Shortens each stream's lifetime by a random part of up to `fraction` (0.0 to 1.0):
-    /// 0.2 ends streams between 80 % and 100 % of the maximum lifetime. A fraction out of range
-    /// is clamped into it, and NaN means 0 (no jitter).
-    pub fn jitter(mut self, fraction: f64) -> Self {
-        self.config_mut().jitter = jitter::fraction(fraction);
+    /// Shortens each stream's lifetime by up to `spread`, at random: a 10-minute lifetime with
+    /// a 2-minute spread ends streams between 8 and 10 minutes. Like
+    /// [`ReconnectDelayLayer::jitter`](crate::ReconnectDelayLayer::jitter) and
+    /// [`retry_jitter`](Self::retry_jitter), the spread is a duration; a spread longer than the
+    /// lifetime can end a stream at once.
+    pub fn jitter(mut self, spread: Duration) -> Self {
+        self.config_mut().jitter = spread;
         self
     }
 
@@ -335,6 +337,11 @@ pub struct Lifetime<S> {
 }
 
 impl<S> Lifetime<S> {
+    /// Wraps `inner` with no limit yet; to set one, configure the [`layer`](Self::layer).
+    pub fn new(inner: S) -> Self {
+        LifetimeLayer::new().layer(inner)
+    }
+
     /// The layer, to configure it.
     pub fn layer() -> LifetimeLayer {
         LifetimeLayer::new()
@@ -433,7 +440,7 @@ mod tests {
     fn a_cloned_layer_can_still_be_configured() {
         let layer = LifetimeLayer::new();
         let _keep = layer.clone();
-        let layer = layer.max_lifetime(SECOND).jitter(0.5);
+        let layer = layer.max_lifetime(SECOND).jitter(SECOND / 2);
         assert_eq!(layer.config.max_lifetime, Some(SECOND));
         assert_eq!(_keep.config.max_lifetime, None);
     }
@@ -482,7 +489,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn jitter_spreads_lifetimes() {
-        let layer = LifetimeLayer::new().max_lifetime(100 * SECOND).jitter(0.2);
+        let layer = LifetimeLayer::new()
+            .max_lifetime(100 * SECOND)
+            .jitter(20 * SECOND);
         let mut ends = Vec::new();
         for _ in 0..8 {
             let (_tx, body) = start(&layer, "text/event-stream").await;

@@ -284,6 +284,11 @@ pub struct CommentMetadata<S> {
 }
 
 impl<S> CommentMetadata<S> {
+    /// Wraps `inner` with the defaults of [`CommentMetadataLayer::new`].
+    pub fn new(inner: S) -> Self {
+        CommentMetadataLayer::new().layer(inner)
+    }
+
     /// The layer, to configure it.
     pub fn layer() -> CommentMetadataLayer {
         CommentMetadataLayer::new()

@@ -15,7 +15,7 @@
 //! 4. `subscriptions::SubscribeLayer` (feature `subscriptions`): inside compression, so its
 //!    cursor reads plain events; outside replay, which must see the subscription's stream
 //!    rewritten to its topic and its cursor as `Last-Event-ID`.
-//! 5. [`RetryLayer`]: `retry:` goes first in the stream (after the initial comment).
+//! 5. [`ReconnectDelayLayer`]: `retry:` goes first in the stream (after the initial comment).
 //! 6. [`CommentMetadataLayer`]: outside replay, so replayed events are framed like live ones.
 //! 7. [`HeartbeatLayer`]: it must see everything the client sees, so that replayed or framed
 //!    events count as activity, and outside the timeouts, so that heartbeats never count as
@@ -39,7 +39,7 @@
 //!
 //! [`SseHeadersLayer`]: crate::SseHeadersLayer
 //! [`PassthroughLayer`]: crate::PassthroughLayer
-//! [`RetryLayer`]: crate::RetryLayer
+//! [`ReconnectDelayLayer`]: crate::ReconnectDelayLayer
 //! [`CommentMetadataLayer`]: crate::CommentMetadataLayer
 //! [`HeartbeatLayer`]: crate::HeartbeatLayer
 //! [`LifetimeLayer`]: crate::LifetimeLayer
@@ -70,7 +70,7 @@ use crate::replay::{Ids, MemoryStore, PathAndQuery, Qos, Replay, ReplayStore};
 use crate::timeout::{ResponseTimeout, ResponseTimeoutLayer};
 use crate::{
     CommentMetadataLayer, FanoutLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer,
-    ReplayLayer, RetryLayer, SseHeadersLayer,
+    ReconnectDelayLayer, ReplayLayer, SseHeadersLayer,
 };
 
 /// Builds the whole recommended stack in its documented order; every part is optional and
@@ -183,10 +183,11 @@ impl<St, K, L> SseStack<St, K, L> {
         self
     }
 
-    /// A `retry:` block first in every stream: a [`RetryLayer`] or just the time.
-    pub fn retry(mut self, retry: impl Part<RetryLayer>) -> Self {
+    /// How long clients wait before they reconnect, as a `retry:` block first in every stream:
+    /// a [`ReconnectDelayLayer`] or just the time.
+    pub fn reconnect_delay(mut self, delay: impl Part<ReconnectDelayLayer>) -> Self {
         self.replay = self.replay.with_stages(|stages| {
-            stages.retry = retry.into_part().map(|retry| retry.stage());
+            stages.retry = delay.into_part().map(|delay| delay.stage());
         });
         self
     }
@@ -309,8 +310,8 @@ impl<St, K> SseStack<St, K, Identity> {
 }
 
 /// The service of the parts inside replay: fan-out (or not), then the response timeout (or not).
-type Inner<S, K, St> =
-    Toggle<Fanout<Toggle<ResponseTimeout<S>, S>, K, St>, Toggle<ResponseTimeout<S>, S>>;
+type Inner<S, St, K> =
+    Toggle<Fanout<Toggle<ResponseTimeout<S>, S>, St, K>, Toggle<ResponseTimeout<S>, S>>;
 
 #[cfg(feature = "compression")]
 type Compressed<S> = Toggle<SseCompression<S>, S>;
@@ -319,13 +320,13 @@ type Compressed<S> = S;
 
 /// The service an [`SseStack`] makes around `S`.
 pub type SseStackService<S, St = MemoryStore, K = PathAndQuery, L = Identity> =
-    SseHeaders<Passthrough<Compressed<<L as Layer<Replay<Inner<S, K, St>, St, K>>>::Service>>>;
+    SseHeaders<Passthrough<Compressed<<L as Layer<Replay<Inner<S, St, K>, St, K>>>::Service>>>;
 
 impl<S, St, K, L> Layer<S> for SseStack<St, K, L>
 where
     St: ReplayStore,
     K: Clone,
-    L: Layer<Replay<Inner<S, K, St>, St, K>>,
+    L: Layer<Replay<Inner<S, St, K>, St, K>>,
 {
     type Service = SseStackService<S, St, K, L>;
 
@@ -560,15 +561,15 @@ impl Part<HeartbeatLayer> for Option<Duration> {
     }
 }
 
-impl Part<RetryLayer> for Duration {
-    fn into_part(self) -> Option<RetryLayer> {
-        Some(RetryLayer::new(self))
+impl Part<ReconnectDelayLayer> for Duration {
+    fn into_part(self) -> Option<ReconnectDelayLayer> {
+        Some(ReconnectDelayLayer::new(self))
     }
 }
 
-impl Part<RetryLayer> for Option<Duration> {
-    fn into_part(self) -> Option<RetryLayer> {
-        self.map(RetryLayer::new)
+impl Part<ReconnectDelayLayer> for Option<Duration> {
+    fn into_part(self) -> Option<ReconnectDelayLayer> {
+        self.map(ReconnectDelayLayer::new)
     }
 }
 
@@ -578,9 +579,9 @@ impl From<Duration> for HeartbeatLayer {
     }
 }
 
-impl From<Duration> for RetryLayer {
+impl From<Duration> for ReconnectDelayLayer {
     fn from(retry: Duration) -> Self {
-        RetryLayer::new(retry)
+        ReconnectDelayLayer::new(retry)
     }
 }
 
@@ -618,7 +619,7 @@ mod tests {
     fn full(store: MemoryStore) -> SseStack {
         SseStack::new()
             .initial_comment("ok")
-            .retry(Duration::from_secs(2))
+            .reconnect_delay(Duration::from_secs(2))
             .metadata(CommentMetadataLayer::new().metadata_as_comment(true))
             .heartbeat(Duration::from_secs(15))
             .lifetime(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)))
@@ -754,7 +755,7 @@ mod tests {
         for compressed in [false, true] {
             for cut in [1, 2, 4, stream.len()] {
                 let mut stack = SseStack::new()
-                    .retry(minute)
+                    .reconnect_delay(minute)
                     .metadata(CommentMetadataLayer::new().metadata_as_comment(true))
                     .heartbeat(minute)
                     .replay(ReplayLayer::with_store(MemoryStore::new()));
@@ -816,7 +817,7 @@ mod tests {
         let off: Option<Duration> = None;
         let service = SseStack::new()
             .heartbeat(off)
-            .retry(off)
+            .reconnect_delay(off)
             .metadata(None)
             .lifetime(None)
             .idle_timeout(off)

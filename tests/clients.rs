@@ -34,7 +34,7 @@ use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::wire::{Event, Parser};
 use tower_sse::{
     CommentMetadataLayer, FanoutLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer,
-    ReplayLayer, RetryLayer, SseHeadersLayer,
+    ReconnectDelayLayer, ReplayLayer, SseHeadersLayer,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -265,7 +265,7 @@ where
                 .layer(SseHeadersLayer::new())
                 .layer(PassthroughLayer::new().initial_comment("ok"))
                 $(.layer($compression))?
-                .layer(RetryLayer::new(Duration::from_secs(2)))
+                .layer(ReconnectDelayLayer::new(Duration::from_secs(2)))
                 .layer(CommentMetadataLayer::new().metadata_as_comment(true))
                 .layer(HeartbeatLayer::new(Duration::from_secs(15)))
                 .layer(LifetimeLayer::new().max_lifetime(Duration::from_secs(600)))
@@ -746,7 +746,7 @@ async fn scenario_suite() -> (Suite, Encodings, tokio::task::JoinHandle<()>) {
     let reconnecting = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
         .layer(PassthroughLayer::new().initial_comment("ok"))
-        .layer(RetryLayer::new(Duration::from_millis(200)))
+        .layer(ReconnectDelayLayer::new(Duration::from_millis(200)))
         .layer(
             LifetimeLayer::new()
                 .max_lifetime(Duration::from_millis(400))
@@ -828,7 +828,7 @@ async fn subscription_streams(upstream: SocketAddr) -> (Handler, (String, String
     let store = MemoryStore::new();
     let stack = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
-        .layer(RetryLayer::new(Duration::from_millis(200)))
+        .layer(ReconnectDelayLayer::new(Duration::from_millis(200)))
         .layer(subscriptions.layer())
         .layer(ReplayLayer::with_store(store.clone()))
         .layer(

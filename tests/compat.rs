@@ -37,7 +37,7 @@ use tower_sse::passthrough::Passthrough;
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::wire::{Event, EventReader};
 use tower_sse::{
-    HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer, Shutdown, SseHeadersLayer,
+    HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReconnectDelayLayer, Shutdown, SseHeadersLayer,
 };
 
 /// Turns a hang into a failure; never part of an assertion.
@@ -60,7 +60,7 @@ macro_rules! full_stack {
         ServiceBuilder::new()
             .layer(SseHeadersLayer::new())
             .layer(PassthroughLayer::new().initial_comment("ok"))
-            .layer(RetryLayer::new(Duration::from_secs(2)))
+            .layer(ReconnectDelayLayer::new(Duration::from_secs(2)))
             .layer(HeartbeatLayer::new(Duration::from_secs(15)))
             .layer(LifetimeLayer::new().shutdown($shutdown))
             .layer(IdleTimeoutLayer::new(Duration::from_secs(60)))

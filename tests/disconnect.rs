@@ -17,7 +17,7 @@ use tower_sse::replay::MemoryStore;
 use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::{
     CommentMetadataLayer, FanoutLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer,
-    ReplayLayer, RetryLayer, SseHeadersLayer,
+    ReconnectDelayLayer, ReplayLayer, SseHeadersLayer,
 };
 
 struct Counting;
@@ -145,7 +145,7 @@ async fn disconnects_free_timers_tasks_and_buffers() {
     let service = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
         .layer(PassthroughLayer::new().initial_comment("ok"))
-        .layer(RetryLayer::new(2 * SECOND))
+        .layer(ReconnectDelayLayer::new(2 * SECOND))
         .layer(CommentMetadataLayer::new().metadata_as_comment(true))
         .layer(HeartbeatLayer::new(5 * SECOND))
         .layer(LifetimeLayer::new().max_lifetime(600 * SECOND))

@@ -15,7 +15,7 @@ use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::wire::EventReader;
 use tower_sse::{
     CommentMetadataLayer, FanoutLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer,
-    ReplayLayer, RetryLayer, SseHeadersLayer,
+    ReconnectDelayLayer, ReplayLayer, SseHeadersLayer,
 };
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -27,7 +27,7 @@ macro_rules! full_stack {
         ServiceBuilder::new()
             .layer(SseHeadersLayer::new())
             .layer(PassthroughLayer::new().initial_comment("ok"))
-            .layer(RetryLayer::new(2 * SECOND))
+            .layer(ReconnectDelayLayer::new(2 * SECOND))
             .layer(CommentMetadataLayer::new().metadata_as_comment(true))
             .layer(HeartbeatLayer::new(15 * SECOND))
             .layer(LifetimeLayer::new().max_lifetime(600 * SECOND))

@@ -18,7 +18,7 @@ use tower_sse::compression::SseCompressionLayer;
 use tower_sse::testing::{Script, ScriptedService};
 use tower_sse::timeout::IdleTimeoutLayer;
 use tower_sse::{
-    CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, RetryLayer,
+    CommentMetadataLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer, ReconnectDelayLayer,
     SseHeadersLayer,
 };
 
@@ -56,7 +56,7 @@ fn each_layer() -> Vec<(&'static str, Wrap)> {
         ),
         (
             "retry",
-            Box::new(|s| boxed(RetryLayer::new(SECOND).jitter(SECOND).layer(s))),
+            Box::new(|s| boxed(ReconnectDelayLayer::new(SECOND).jitter(SECOND).layer(s))),
         ),
         (
             "heartbeat",
@@ -248,7 +248,7 @@ fn full_stack() -> impl Service<
         .layer(SseHeadersLayer::new())
         .layer(PassthroughLayer::new().initial_comment("ok"))
         .layer(SseCompressionLayer::new())
-        .layer(RetryLayer::new(SECOND))
+        .layer(ReconnectDelayLayer::new(SECOND))
         .layer(CommentMetadataLayer::new().headers_as_comment([CONTENT_TYPE]))
         .layer(HeartbeatLayer::new(Duration::from_millis(50)))
         .layer(

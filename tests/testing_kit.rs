@@ -7,7 +7,7 @@ use http::{HeaderMap, Request, StatusCode};
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_sse::testing::{reconnect, subscribe, Script, ScriptedService, TestStream};
 use tower_sse::timeout::IdleTimeoutLayer;
-use tower_sse::{HeartbeatLayer, LifetimeLayer, RetryLayer, Shutdown, SseHeadersLayer};
+use tower_sse::{HeartbeatLayer, LifetimeLayer, ReconnectDelayLayer, Shutdown, SseHeadersLayer};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -38,7 +38,7 @@ async fn a_scripted_upstream_with_pauses_chunks_and_trailers() {
     let upstream = ScriptedService::event_stream(script);
     let service = ServiceBuilder::new()
         .layer(SseHeadersLayer::new())
-        .layer(RetryLayer::new(2 * SECOND))
+        .layer(ReconnectDelayLayer::new(2 * SECOND))
         .service(upstream.clone());
     let response = service
         .oneshot(reconnect::<()>("/feed", "0"))
@@ -124,7 +124,7 @@ async fn encoded_upstream_streams_are_left_alone() {
         response
     });
     let service = ServiceBuilder::new()
-        .layer(RetryLayer::new(SECOND))
+        .layer(ReconnectDelayLayer::new(SECOND))
         .layer(HeartbeatLayer::new(SECOND))
         .layer(tower_sse::ReplayLayer::new())
         .layer(encoded)

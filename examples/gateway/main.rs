@@ -38,7 +38,7 @@ use tower_sse::replay::{
     MemoryLimits, MemoryStore, PathAndQuery, Qos, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
 };
 use tower_sse::subscriptions::{SubscriptionStore, Subscriptions};
-use tower_sse::{CommentMetadataLayer, LifetimeLayer, RetryLayer, Shutdown, SseStack};
+use tower_sse::{CommentMetadataLayer, LifetimeLayer, ReconnectDelayLayer, Shutdown, SseStack};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -332,7 +332,7 @@ async fn serve_gateway<S, B, St, Sub>(
     let shutdown = Shutdown::new();
     let mut lifetime = LifetimeLayer::new().shutdown(&shutdown);
     if let Some(max) = positive(args.max_lifetime) {
-        lifetime = lifetime.max_lifetime(max).jitter(0.2);
+        lifetime = lifetime.max_lifetime(max).jitter(max / 5);
     }
     if let Some(retry) = retry {
         lifetime = lifetime
@@ -380,39 +380,38 @@ async fn serve_gateway<S, B, St, Sub>(
     if !args.no_initial_comment {
         stack = stack.initial_comment(args.initial_comment.clone());
     }
-    let stack =
-        stack
-            .compression(args.compression.then(SseCompressionLayer::new))
-            .retry(retry.map(|retry| {
-                RetryLayer::new(retry).jitter(Duration::from_millis(args.retry_jitter))
-            }))
-            .metadata(
-                (args.metadata_as_comment || !args.headers_as_comment.is_empty()).then(|| {
-                    CommentMetadataLayer::new()
-                        .headers_as_comment(args.headers_as_comment.clone())
-                        .metadata_as_comment(args.metadata_as_comment)
-                }),
-            )
-            .heartbeat(positive(args.heartbeat))
-            .lifetime(lifetime)
-            .idle_timeout(positive(args.idle_timeout))
-            .response_timeout(positive(args.response_timeout))
-            .replay({
-                let replay = replay
-                    .key(key)
-                    .upstream_resumes(args.upstream_resumes || args.upstream.is_none());
-                if args.history_lost_event.is_empty() {
-                    replay
-                } else {
-                    replay.history_lost_event(args.history_lost_event.clone())
-                }
-            })
-            .fanout(args.fanout.then(|| {
-                FanoutLayer::new()
-                    .linger(Duration::from_secs_f64(args.linger))
-                    .max_subscriptions(args.fanout_max_subscriptions)
-            }))
-            .maybe_subscriptions(subscriptions);
+    let stack = stack
+        .compression(args.compression.then(SseCompressionLayer::new))
+        .reconnect_delay(retry.map(|retry| {
+            ReconnectDelayLayer::new(retry).jitter(Duration::from_millis(args.retry_jitter))
+        }))
+        .metadata(
+            (args.metadata_as_comment || !args.headers_as_comment.is_empty()).then(|| {
+                CommentMetadataLayer::new()
+                    .headers_as_comment(args.headers_as_comment.clone())
+                    .metadata_as_comment(args.metadata_as_comment)
+            }),
+        )
+        .heartbeat(positive(args.heartbeat))
+        .lifetime(lifetime)
+        .idle_timeout(positive(args.idle_timeout))
+        .response_timeout(positive(args.response_timeout))
+        .replay({
+            let replay = replay
+                .key(key)
+                .upstream_resumes(args.upstream_resumes || args.upstream.is_none());
+            if args.history_lost_event.is_empty() {
+                replay
+            } else {
+                replay.history_lost_event(args.history_lost_event.clone())
+            }
+        })
+        .fanout(args.fanout.then(|| {
+            FanoutLayer::new()
+                .linger(Duration::from_secs_f64(args.linger))
+                .max_subscriptions(args.fanout_max_subscriptions)
+        }))
+        .maybe_subscriptions(subscriptions);
     let service = stack.layer(inner);
     let service = admin::Gate::new(service, admin);
     // Printed here, not in `serve`, which the admin listener runs too.

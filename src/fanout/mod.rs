@@ -218,14 +218,14 @@ struct Config {
 ///
 /// Clones share one hub: build the layer once and clone it (or the services it makes).
 #[derive(Clone)]
-pub struct FanoutLayer<K = PathAndQuery, St = MemoryStore> {
+pub struct FanoutLayer<St = MemoryStore, K = PathAndQuery> {
     hub: Arc<Hub>,
     key: K,
     store: Option<St>,
     config: Arc<Config>,
 }
 
-impl<K: fmt::Debug, St: fmt::Debug> fmt::Debug for FanoutLayer<K, St> {
+impl<St: fmt::Debug, K: fmt::Debug> fmt::Debug for FanoutLayer<St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FanoutLayer")
             .field("key", &self.key)
@@ -267,12 +267,12 @@ impl FanoutLayer {
     }
 }
 
-impl<K, St> FanoutLayer<K, St> {
+impl<St, K> FanoutLayer<St, K> {
     /// Keys requests with `key` (a [`StreamKey`], or a closure `Fn(&Request<B>) -> Option<Bytes>`);
     /// `None` sends a request straight to the inner service. A key other than [`PathAndQuery`]
     /// must keep users apart itself: every request with one key reads the subscription the
     /// first of them opened, with its credentials.
-    pub fn key<K2>(self, key: K2) -> FanoutLayer<K2, St> {
+    pub fn key<K2>(self, key: K2) -> FanoutLayer<St, K2> {
         FanoutLayer {
             hub: self.hub,
             key,
@@ -283,13 +283,13 @@ impl<K, St> FanoutLayer<K, St> {
 
     /// Records every event into `store` (give it the replay layer's store), once per event and
     /// also while lingering.
-    pub fn record_into<St2: ReplayStore>(self, store: St2) -> FanoutLayer<K, St2> {
+    pub fn record_into<St2: ReplayStore>(self, store: St2) -> FanoutLayer<St2, K> {
         self.recording(Some(store))
     }
 
     /// [`record_into`](Self::record_into) the store when there is one, records nothing
     /// otherwise (for configurations where replay is optional).
-    pub fn recording<St2: ReplayStore>(self, store: Option<St2>) -> FanoutLayer<K, St2> {
+    pub fn recording<St2: ReplayStore>(self, store: Option<St2>) -> FanoutLayer<St2, K> {
         FanoutLayer {
             hub: self.hub,
             key: self.key,
@@ -358,8 +358,8 @@ impl<K, St> FanoutLayer<K, St> {
     }
 }
 
-impl<S, K: Clone, St: Clone> Layer<S> for FanoutLayer<K, St> {
-    type Service = Fanout<S, K, St>;
+impl<S, St: Clone, K: Clone> Layer<S> for FanoutLayer<St, K> {
+    type Service = Fanout<S, St, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Fanout {
@@ -371,12 +371,12 @@ impl<S, K: Clone, St: Clone> Layer<S> for FanoutLayer<K, St> {
 
 /// The service made by [`FanoutLayer`]; see the [module docs](self).
 #[derive(Clone)]
-pub struct Fanout<S, K = PathAndQuery, St = MemoryStore> {
+pub struct Fanout<S, St = MemoryStore, K = PathAndQuery> {
     inner: S,
-    layer: FanoutLayer<K, St>,
+    layer: FanoutLayer<St, K>,
 }
 
-impl<S: fmt::Debug, K: fmt::Debug, St: fmt::Debug> fmt::Debug for Fanout<S, K, St> {
+impl<S: fmt::Debug, St: fmt::Debug, K: fmt::Debug> fmt::Debug for Fanout<S, St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Fanout")
             .field("inner", &self.inner)
@@ -385,11 +385,24 @@ impl<S: fmt::Debug, K: fmt::Debug, St: fmt::Debug> fmt::Debug for Fanout<S, K, S
     }
 }
 
-impl<S, K, St> Fanout<S, K, St> {
+impl<S> Fanout<S> {
+    /// Wraps `inner` with a hub of its own and the defaults of [`FanoutLayer::new`]. Services
+    /// that should share a hub share one layer instead.
+    pub fn new(inner: S) -> Self {
+        FanoutLayer::new().layer(inner)
+    }
+
+    /// The layer, to configure it and share its hub among services.
+    pub fn layer() -> FanoutLayer {
+        FanoutLayer::new()
+    }
+}
+
+impl<S, St, K> Fanout<S, St, K> {
     inner_service_accessors!();
 }
 
-impl<S, K, St, ReqBody, ResBody> Service<Request<ReqBody>> for Fanout<S, K, St>
+impl<S, St, K, ReqBody, ResBody> Service<Request<ReqBody>> for Fanout<S, St, K>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,

@@ -819,6 +819,19 @@ impl<S: fmt::Debug, St: fmt::Debug, K: fmt::Debug> fmt::Debug for Replay<S, St, 
     }
 }
 
+impl<S> Replay<S> {
+    /// Wraps `inner` with a [`MemoryStore`] of its own and the defaults of
+    /// [`ReplayLayer::new`].
+    pub fn new(inner: S) -> Self {
+        ReplayLayer::new().layer(inner)
+    }
+
+    /// The layer, to configure it and share its store among services.
+    pub fn layer() -> ReplayLayer {
+        ReplayLayer::new()
+    }
+}
+
 impl<S, St, K> Replay<S, St, K> {
     inner_service_accessors!();
 }

@@ -833,7 +833,7 @@ fn entries(value: Value) -> Result<(Vec<StoredEvent>, Option<bool>), StoreError>
 }
 
 /// Where a Redis read starts, with the id already turned into its key.
-enum From {
+enum RedisReadFrom {
     Oldest,
     Newest,
     After { index: String, id: Bytes },
@@ -842,7 +842,7 @@ enum From {
 async fn read(
     shared: Arc<Shared>,
     stream: String,
-    from: &From,
+    from: &RedisReadFrom,
     limit: usize,
 ) -> Result<Lookup, StoreError> {
     let Some(mut connection) = shared.connection() else {
@@ -862,7 +862,7 @@ async fn read(
         range
     };
     let answer = match &from {
-        From::Oldest => {
+        RedisReadFrom::Oldest => {
             let command = range("XRANGE", "-", "+");
             timed(
                 shared.config.timeout,
@@ -870,7 +870,7 @@ async fn read(
             )
             .await
         }
-        From::Newest => {
+        RedisReadFrom::Newest => {
             let command = range("XREVRANGE", "+", "-");
             timed(
                 shared.config.timeout,
@@ -886,7 +886,7 @@ async fn read(
                 other => other,
             })
         }
-        From::After { index, id } => {
+        RedisReadFrom::After { index, id } => {
             let mut invocation = shared.scripts.read_after.key(&stream);
             invocation.key(index).arg(&id[..]).arg(count);
             timed(
@@ -896,7 +896,7 @@ async fn read(
             .await
         }
     };
-    let after = matches!(from, From::After { .. });
+    let after = matches!(from, RedisReadFrom::After { .. });
     let lookup = match answer {
         Ok(Value::Nil) => Ok(Lookup::Unknown),
         Ok(value) => entries(value).map(|(events, gap)| match gap {
@@ -920,9 +920,9 @@ impl ReplayStore for RedisStore {
         let shared = &self.shared;
         let stream = shared.stream_key(key);
         let from = match from {
-            ReadFrom::Oldest => From::Oldest,
-            ReadFrom::Newest => From::Newest,
-            ReadFrom::After(id) => From::After {
+            ReadFrom::Oldest => RedisReadFrom::Oldest,
+            ReadFrom::Newest => RedisReadFrom::Newest,
+            ReadFrom::After(id) => RedisReadFrom::After {
                 index: shared.index_key(key),
                 id: Bytes::copy_from_slice(id),
             },
@@ -930,12 +930,12 @@ impl ReplayStore for RedisStore {
         let (shared, key) = (shared.clone(), key.clone());
         Box::pin(async move {
             let local_from = match &from {
-                From::Oldest => ReadFrom::Oldest,
-                From::Newest => ReadFrom::Newest,
-                From::After { id, .. } => ReadFrom::After(id),
+                RedisReadFrom::Oldest => ReadFrom::Oldest,
+                RedisReadFrom::Newest => ReadFrom::Newest,
+                RedisReadFrom::After { id, .. } => ReadFrom::After(id),
             };
             let local = shared.local.read(&key, local_from, limit).await;
-            let after = matches!(from, From::After { .. });
+            let after = matches!(from, RedisReadFrom::After { .. });
             // While Redis is down, what this instance knows answers at once.
             let knows = match &local {
                 Ok(Lookup::Found(events)) => after || !events.is_empty(),

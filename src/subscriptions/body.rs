@@ -1,4 +1,4 @@
-//! [`SubscriptionBody`]: a subscription's channel, moving its cursor as events are written.
+//! [`SubscribeBody`]: a subscription's channel, moving its cursor as events are written.
 
 use std::fmt;
 use std::pin::Pin;
@@ -63,7 +63,7 @@ impl Channel {
     pub(super) fn wrap<B: Body<Data = Bytes>>(
         self,
         response: Response<B>,
-    ) -> Response<SubscriptionBody<B>> {
+    ) -> Response<SubscribeBody<B>> {
         let (parts, inner) = response.into_parts();
         let body = if is_plain_event_stream(&parts.headers) {
             let stages = Stages {
@@ -84,7 +84,7 @@ impl Channel {
         };
         Response::from_parts(
             parts,
-            SubscriptionBody {
+            SubscribeBody {
                 kind: Kind::Channel {
                     body,
                     channel: self,
@@ -131,7 +131,7 @@ const GRACE: Duration = Duration::from_secs(5);
 pin_project! {
     /// The response body of [`Subscribe`](super::Subscribe): an API answer, a subscription's
     /// channel, or the inner body untouched.
-    pub struct SubscriptionBody<B> {
+    pub struct SubscribeBody<B> {
         #[pin]
         kind: Kind<B>,
     }
@@ -152,7 +152,7 @@ pin_project! {
     }
 }
 
-impl<B> SubscriptionBody<B> {
+impl<B> SubscribeBody<B> {
     pub(super) fn untouched(inner: B) -> Self {
         Self {
             kind: Kind::Plain {
@@ -170,7 +170,7 @@ impl<B> SubscriptionBody<B> {
     }
 }
 
-impl<B> SubscriptionBody<B> {
+impl<B> SubscribeBody<B> {
     /// The inner service's body; `None` for an answer of the subscription API.
     pub fn get_ref(&self) -> Option<&B> {
         match &self.kind {
@@ -199,26 +199,26 @@ impl<B> SubscriptionBody<B> {
     }
 }
 
-impl<B: Default> Default for SubscriptionBody<B> {
+impl<B: Default> Default for SubscribeBody<B> {
     /// The inner body's default, passed through untouched.
     fn default() -> Self {
         Self::untouched(B::default())
     }
 }
 
-impl<B> fmt::Debug for SubscriptionBody<B> {
+impl<B> fmt::Debug for SubscribeBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Plain { inner } => f.debug_tuple("SubscriptionBody").field(inner).finish(),
+            Kind::Plain { inner } => f.debug_tuple("SubscribeBody").field(inner).finish(),
             Kind::Channel { channel, .. } => f
-                .debug_tuple("SubscriptionBody::Channel")
+                .debug_tuple("SubscribeBody::Channel")
                 .field(channel)
                 .finish(),
         }
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for SubscriptionBody<B> {
+impl<B: Body<Data = Bytes>> Body for SubscribeBody<B> {
     type Data = Bytes;
     type Error = B::Error;
 

@@ -230,7 +230,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use api::SubscriptionApi;
-pub use body::SubscriptionBody;
+pub use body::SubscribeBody;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::RedisSubscriptions;

@@ -16,7 +16,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::api::{self, error, not_found, unavailable};
-use super::body::{Channel, SubscriptionBody};
+use super::body::{Channel, SubscribeBody};
 use super::{Created, Route, Status, Subscription, SubscriptionStore, Subscriptions};
 use crate::replay::client_last_event_id;
 use crate::telemetry;
@@ -94,6 +94,19 @@ impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Subscribe<S, St> {
     }
 }
 
+impl<S, St: Clone> Subscribe<S, St> {
+    /// Wraps `inner`, the topics' service, for the readers of `subscriptions` (as
+    /// [`SubscribeLayer::new`]).
+    pub fn new(inner: S, subscriptions: Subscriptions<St>) -> Self {
+        SubscribeLayer::new(subscriptions).layer(inner)
+    }
+
+    /// The layer, to configure it.
+    pub fn layer(subscriptions: Subscriptions<St>) -> SubscribeLayer<St> {
+        SubscribeLayer::new(subscriptions)
+    }
+}
+
 impl<S, St> Subscribe<S, St> {
     inner_service_accessors!();
 }
@@ -113,7 +126,7 @@ where
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes>,
 {
-    type Response = Response<SubscriptionBody<ResBody>>;
+    type Response = Response<SubscribeBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqBody>;
 
@@ -320,7 +333,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
 {
-    type Output = Result<Response<SubscriptionBody<ResBody>>, S::Error>;
+    type Output = Result<Response<SubscribeBody<ResBody>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
@@ -328,11 +341,11 @@ where
             match state.as_mut().project() {
                 StateProj::Answer { answer } => {
                     let answer = answer.take().expect("polled after completion");
-                    return Poll::Ready(Ok(answer.map(SubscriptionBody::answer)));
+                    return Poll::Ready(Ok(answer.map(SubscribeBody::answer)));
                 }
                 StateProj::Api { future } => {
                     let answer = ready!(future.as_mut().poll(cx));
-                    return Poll::Ready(Ok(answer.map(SubscriptionBody::answer)));
+                    return Poll::Ready(Ok(answer.map(SubscribeBody::answer)));
                 }
                 StateProj::Opening { future, inner } => {
                     let (request, channel) = match ready!(future.as_mut().poll(cx)) {
@@ -351,7 +364,7 @@ where
                 StateProj::Calling { future, channel } => {
                     let response = ready!(future.poll(cx))?;
                     let Some(channel) = channel.take() else {
-                        return Poll::Ready(Ok(response.map(SubscriptionBody::untouched)));
+                        return Poll::Ready(Ok(response.map(SubscribeBody::untouched)));
                     };
                     let id = HeaderValue::from_str(channel.id());
                     let mut response = channel.wrap(response);

@@ -21,7 +21,7 @@ use crate::future::{head_response_future, Exchange, OnResponse};
 ///
 /// By default the stream ends cleanly, so the client reconnects at once with its
 /// `Last-Event-ID`; [`error_on_timeout`](IdleTimeoutLayer::error_on_timeout) ends it with an
-/// [`IdleTimeout`] error instead (hyper then resets the connection). Responses that are not event
+/// [`IdleTimeoutError`] instead (hyper then resets the connection). Responses that are not event
 /// streams pass through untouched, though their errors are boxed.
 #[derive(Clone, Copy, Debug)]
 pub struct IdleTimeoutLayer {
@@ -47,7 +47,7 @@ impl IdleTimeoutLayer {
         }
     }
 
-    /// End with an [`IdleTimeout`] error rather than a clean end of stream.
+    /// End with an [`IdleTimeoutError`] rather than a clean end of stream.
     pub fn error_on_timeout(mut self, error: bool) -> Self {
         self.config.error = error;
         self
@@ -55,10 +55,10 @@ impl IdleTimeoutLayer {
 }
 
 impl<S> Layer<S> for IdleTimeoutLayer {
-    type Service = IdleTimeoutService<S>;
+    type Service = IdleTimeout<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        IdleTimeoutService {
+        IdleTimeout {
             inner,
             layer: *self,
         }
@@ -67,12 +67,12 @@ impl<S> Layer<S> for IdleTimeoutLayer {
 
 /// The service made by [`IdleTimeoutLayer`].
 #[derive(Clone, Debug)]
-pub struct IdleTimeoutService<S> {
+pub struct IdleTimeout<S> {
     inner: S,
     layer: IdleTimeoutLayer,
 }
 
-impl<S> IdleTimeoutService<S> {
+impl<S> IdleTimeout<S> {
     /// Wraps `inner`, ending its event streams after `timeout` of silence.
     pub fn new(inner: S, timeout: Duration) -> Self {
         IdleTimeoutLayer::new(timeout).layer(inner)
@@ -86,7 +86,7 @@ impl<S> IdleTimeoutService<S> {
     inner_service_accessors!();
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IdleTimeoutService<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IdleTimeout<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
@@ -106,7 +106,7 @@ where
 }
 
 head_response_future! {
-    /// The response future of [`IdleTimeoutService`].
+    /// The response future of [`IdleTimeout`].
     pub struct ResponseFuture for IdleTimeoutLayer => IdleTimeoutBody
 }
 
@@ -137,7 +137,7 @@ impl<B> OnResponse<B> for IdleTimeoutLayer {
 }
 
 pin_project! {
-    /// The response body of [`IdleTimeoutService`].
+    /// The response body of [`IdleTimeout`].
     pub struct IdleTimeoutBody<B> {
         #[pin]
         body: EngineBody<B, NoStore>,
@@ -195,7 +195,7 @@ where
         let mut this = self.project();
         match ready!(this.body.as_mut().poll_frame(cx)) {
             None if *this.error && this.body.as_mut().take_idle_timeout() => {
-                Poll::Ready(Some(Err(IdleTimeout(()).into())))
+                Poll::Ready(Some(Err(IdleTimeoutError(()).into())))
             }
             other => Poll::Ready(other.map(|frame| frame.map_err(Into::into))),
         }
@@ -213,15 +213,15 @@ where
 /// The error an [`IdleTimeoutLayer`] body ends with when configured to
 /// ([`error_on_timeout`](IdleTimeoutLayer::error_on_timeout)); downcast a body error to it.
 #[derive(Debug)]
-pub struct IdleTimeout(());
+pub struct IdleTimeoutError(());
 
-impl fmt::Display for IdleTimeout {
+impl fmt::Display for IdleTimeoutError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("the event stream was idle for longer than its idle timeout")
     }
 }
 
-impl std::error::Error for IdleTimeout {}
+impl std::error::Error for IdleTimeoutError {}
 
 #[cfg(test)]
 mod tests {
@@ -280,7 +280,10 @@ mod tests {
         let (_tx, body) = start(layer, "text/event-stream").await;
         let mut body = pin!(body);
         let error = end(body.as_mut()).await.unwrap().unwrap_err();
-        assert!(error.downcast_ref::<IdleTimeout>().is_some(), "{error}");
+        assert!(
+            error.downcast_ref::<IdleTimeoutError>().is_some(),
+            "{error}"
+        );
         assert!(end(body.as_mut()).await.is_none());
     }
 

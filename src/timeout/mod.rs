@@ -7,7 +7,7 @@
 //! | layer | clock | on expiry |
 //! |---|---|---|
 //! | [`ResponseTimeoutLayer`] | from the request to the inner service's response headers | `504 Gateway Timeout`, the inner call dropped |
-//! | [`IdleTimeoutLayer`] | between frames of an event-stream body | the stream ends cleanly (or with [`IdleTimeout`]) |
+//! | [`IdleTimeoutLayer`] | between frames of an event-stream body | the stream ends cleanly (or with [`IdleTimeoutError`]) |
 //!
 //! Put both innermost, right around the inner service: they must measure the upstream's silence,
 //! and a [`HeartbeatLayer`](crate::HeartbeatLayer) outside them keeps the client's connection warm
@@ -69,7 +69,7 @@ use tokio::time::Instant;
 mod idle;
 mod response;
 
-pub use idle::{IdleTimeout, IdleTimeoutBody, IdleTimeoutLayer, IdleTimeoutService};
+pub use idle::{IdleTimeout, IdleTimeoutBody, IdleTimeoutError, IdleTimeoutLayer};
 pub use response::{ResponseTimeout, ResponseTimeoutBody, ResponseTimeoutLayer};
 
 /// The boxed error the [`IdleTimeoutLayer`]'s body reports.

@@ -20,7 +20,7 @@ use tower_sse::timeout::{IdleTimeoutLayer, ResponseTimeoutLayer};
 use tower_sse::wire::{Limits, Parser};
 use tower_sse::{
     CommentMetadataLayer, FanoutLayer, HeartbeatLayer, LifetimeLayer, PassthroughLayer,
-    ReplayLayer, RetryLayer, SseHeadersLayer,
+    ReconnectDelayLayer, ReplayLayer, SseHeadersLayer,
 };
 
 /// What a client sees: (type, data, lastEventId) per message.
@@ -166,7 +166,10 @@ pub(crate) fn check(input: &[u8]) {
                 "passthrough",
                 through(PassthroughLayer::new().initial_comment("ok").layer(up())).await,
             ),
-            ("retry", through(RetryLayer::new(minute).layer(up())).await),
+            (
+                "retry",
+                through(ReconnectDelayLayer::new(minute).layer(up())).await,
+            ),
             (
                 "metadata",
                 through(
@@ -197,7 +200,7 @@ pub(crate) fn check(input: &[u8]) {
                 "SseStack with compression (gzip)",
                 gunzipped(
                     tower_sse::SseStack::new()
-                        .retry(minute)
+                        .reconnect_delay(minute)
                         .metadata(CommentMetadataLayer::new().metadata_as_comment(true))
                         .heartbeat(minute)
                         .lifetime(LifetimeLayer::new().max_lifetime(minute))
@@ -215,7 +218,7 @@ pub(crate) fn check(input: &[u8]) {
                     ServiceBuilder::new()
                         .layer(SseHeadersLayer::new())
                         .layer(PassthroughLayer::new().initial_comment("ok"))
-                        .layer(RetryLayer::new(minute))
+                        .layer(ReconnectDelayLayer::new(minute))
                         .layer(CommentMetadataLayer::new().metadata_as_comment(true))
                         .layer(HeartbeatLayer::new(minute))
                         .layer(LifetimeLayer::new().max_lifetime(minute))

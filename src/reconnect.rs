@@ -1,7 +1,8 @@
 //! Telling clients how long to wait before they reconnect.
 //!
-//! [`RetryLayer`] sends a `retry: <ms>` block as the first bytes of every event stream, which
-//! sets the client's reconnection time. With [`jitter`](RetryLayer::jitter) each stream gets a
+//! [`ReconnectDelayLayer`] sets the SSE reconnection delay (not to be confused with
+//! `tower::retry`, which retries requests): it sends a `retry: <ms>` block as the first bytes of every event stream, which
+//! sets the client's reconnection time. With [`jitter`](ReconnectDelayLayer::jitter) each stream gets a
 //! slightly different value, so that when a gateway restarts its clients do not all come back in
 //! the same instant (a reconnect storm).
 //!
@@ -19,7 +20,7 @@
 //! use http_body_util::{BodyExt, Full};
 //! use tower::{service_fn, ServiceExt};
 //! use tower_layer::Layer;
-//! use tower_sse::RetryLayer;
+//! use tower_sse::ReconnectDelayLayer;
 //!
 //! let stream = service_fn(|_req: Request<()>| async {
 //!     let response = Response::builder()
@@ -28,7 +29,7 @@
 //!         .unwrap();
 //!     Ok::<_, std::convert::Infallible>(response)
 //! });
-//! let service = RetryLayer::new(Duration::from_secs(3)).layer(stream);
+//! let service = ReconnectDelayLayer::new(Duration::from_secs(3)).layer(stream);
 //! let response = service.oneshot(Request::new(())).await.unwrap();
 //! let body = response.into_body().collect().await.unwrap().to_bytes();
 //! assert_eq!(body, "retry: 3000\n\ndata: hi\n\n");
@@ -49,9 +50,10 @@ use crate::future::{head_response_future, Exchange, OnResponse};
 use crate::jitter;
 use crate::wire::Event;
 
-/// Sends `retry:` first on every event stream; see the [module docs](self).
+/// Sets the client's reconnection delay with a `retry:` block first in every event stream; see
+/// the [module docs](self).
 #[derive(Clone, Copy, Debug)]
-pub struct RetryLayer {
+pub struct ReconnectDelayLayer {
     config: Config,
 }
 
@@ -77,19 +79,19 @@ pub(crate) fn block(retry: Duration, jitter: Duration) -> Bytes {
         .unwrap_or_default()
 }
 
-impl RetryLayer {
+impl ReconnectDelayLayer {
     /// The engine stage: the retry time and its jitter.
     pub(crate) fn stage(&self) -> (Duration, Duration) {
         (self.config.retry, self.config.jitter)
     }
 }
 
-impl RetryLayer {
-    /// Tells clients to wait `retry` before reconnecting.
-    pub fn new(retry: Duration) -> Self {
+impl ReconnectDelayLayer {
+    /// Tells clients to wait `delay` before reconnecting.
+    pub fn new(delay: Duration) -> Self {
         Self {
             config: Config {
-                retry,
+                retry: delay,
                 jitter: Duration::ZERO,
             },
         }
@@ -104,44 +106,44 @@ impl RetryLayer {
     }
 }
 
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
+impl<S> Layer<S> for ReconnectDelayLayer {
+    type Service = ReconnectDelay<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry {
+        ReconnectDelay {
             inner,
             layer: *self,
         }
     }
 }
 
-/// The service made by [`RetryLayer`]; see the [module docs](self).
+/// The service made by [`ReconnectDelayLayer`]; see the [module docs](self).
 #[derive(Clone, Debug)]
-pub struct Retry<S> {
+pub struct ReconnectDelay<S> {
     inner: S,
-    layer: RetryLayer,
+    layer: ReconnectDelayLayer,
 }
 
-impl<S> Retry<S> {
-    /// Wraps `inner`, telling clients to wait `retry`.
-    pub fn new(inner: S, retry: Duration) -> Self {
-        RetryLayer::new(retry).layer(inner)
+impl<S> ReconnectDelay<S> {
+    /// Wraps `inner`, telling clients to wait `delay`.
+    pub fn new(inner: S, delay: Duration) -> Self {
+        ReconnectDelayLayer::new(delay).layer(inner)
     }
 
     /// The layer, to configure it for several services.
-    pub fn layer(retry: Duration) -> RetryLayer {
-        RetryLayer::new(retry)
+    pub fn layer(delay: Duration) -> ReconnectDelayLayer {
+        ReconnectDelayLayer::new(delay)
     }
 
     inner_service_accessors!();
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Retry<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ReconnectDelay<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
 {
-    type Response = Response<RetryBody<ResBody>>;
+    type Response = Response<ReconnectDelayBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -155,25 +157,31 @@ where
 }
 
 head_response_future! {
-    /// The response future of [`Retry`].
-    pub struct ResponseFuture for RetryLayer => RetryBody
+    /// The response future of [`ReconnectDelay`].
+    pub struct ResponseFuture for ReconnectDelayLayer => ReconnectDelayBody
 }
 
-impl<B> OnResponse<B> for RetryLayer {
-    type Body = RetryBody<B>;
+impl<B> OnResponse<B> for ReconnectDelayLayer {
+    type Body = ReconnectDelayBody<B>;
 
-    fn on_response(self, exchange: Exchange, response: Response<B>) -> Response<RetryBody<B>> {
+    fn on_response(
+        self,
+        exchange: Exchange,
+        response: Response<B>,
+    ) -> Response<ReconnectDelayBody<B>> {
         if !exchange.has_plain_stream_body(response.headers()) {
-            return response.map(|inner| RetryBody::from_shared(PrefixedBody::untouched(inner)));
+            return response
+                .map(|inner| ReconnectDelayBody::from_shared(PrefixedBody::untouched(inner)));
         }
         let block = self.config.block();
-        response.map(|inner| RetryBody::from_shared(PrefixedBody::stream(inner, Some(block))))
+        response
+            .map(|inner| ReconnectDelayBody::from_shared(PrefixedBody::stream(inner, Some(block))))
     }
 }
 
 shared_body! {
-    /// The response body of [`Retry`]: the inner body, after the retry block on an event stream.
-    pub struct RetryBody(PrefixedBody), none when "always `Some`: retry keeps every inner body"
+    /// The response body of [`ReconnectDelay`]: the inner body, after the retry block on an event stream.
+    pub struct ReconnectDelayBody(PrefixedBody), none when "always `Some`: retry keeps every inner body"
 }
 
 #[cfg(test)]
@@ -184,7 +192,7 @@ mod tests {
     use tower::{service_fn, ServiceExt};
 
     async fn respond(
-        layer: RetryLayer,
+        layer: ReconnectDelayLayer,
         content_type: &'static str,
         chunks: &'static [&'static [u8]],
     ) -> Vec<Bytes> {
@@ -202,7 +210,7 @@ mod tests {
     #[tokio::test]
     async fn retry_block_comes_first_and_a_bom_is_dropped() {
         let got = respond(
-            RetryLayer::new(Duration::from_millis(2500)),
+            ReconnectDelayLayer::new(Duration::from_millis(2500)),
             "text/event-stream",
             &[b"\xEF\xBB\xBFdata: 1\n\n"],
         )
@@ -212,7 +220,7 @@ mod tests {
 
     #[tokio::test]
     async fn jitter_varies_the_retry_time_within_the_spread() {
-        let layer = RetryLayer::new(Duration::from_secs(1)).jitter(Duration::from_secs(1));
+        let layer = ReconnectDelayLayer::new(Duration::from_secs(1)).jitter(Duration::from_secs(1));
         let mut seen = std::collections::HashSet::new();
         for _ in 0..20 {
             let got = respond(layer, "text/event-stream", &[b"data: 1\n\n"]).await;
@@ -228,7 +236,7 @@ mod tests {
     #[tokio::test]
     async fn non_streams_are_untouched() {
         let got = respond(
-            RetryLayer::new(Duration::from_secs(1)),
+            ReconnectDelayLayer::new(Duration::from_secs(1)),
             "application/json",
             &[b"{}"],
         )
