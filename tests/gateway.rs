@@ -143,8 +143,19 @@ async fn upstream() -> (SocketAddr, mpsc::Sender<mpsc::Receiver<Bytes>>) {
 
 #[tokio::test]
 async fn proxies_an_upstream_unbuffered() {
+    proxies_unbuffered_with("direct").await;
+}
+
+#[tokio::test]
+async fn proxies_an_upstream_unbuffered_through_hyper_s_client() {
+    proxies_unbuffered_with("hyper").await;
+}
+
+async fn proxies_unbuffered_with(stream_reader: &str) {
     let (upstream_addr, feeds) = upstream().await;
-    let gateway = Gateway::start(&["--upstream", &format!("http://{upstream_addr}")]).await;
+    let upstream = format!("http://{upstream_addr}");
+    let gateway =
+        Gateway::start(&["--upstream", &upstream, "--stream-reader", stream_reader]).await;
 
     let (events, feed) = mpsc::channel(4);
     feeds.send(feed).await.unwrap();
@@ -1672,5 +1683,165 @@ async fn subscription_caps_are_flags() {
         create("weather").await,
         StatusCode::TOO_MANY_REQUESTS,
         "in all"
+    );
+}
+
+/// A raw HTTP/1 upstream: for each connection, the request head it read goes to `heads`, then
+/// `pieces` are written one by one (each flushed on its own); then the connection stays open
+/// until the other side closes it, which is reported on `closed`.
+async fn raw_upstream(
+    pieces: &'static [&'static [u8]],
+) -> (SocketAddr, mpsc::Receiver<String>, mpsc::Receiver<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (heads_tx, heads) = mpsc::channel(4);
+    let (closed_tx, closed) = mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let heads = heads_tx.clone();
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = heads
+                    .send(String::from_utf8_lossy(&head).into_owned())
+                    .await;
+                for piece in pieces {
+                    if stream.write_all(piece).await.is_err() {
+                        return;
+                    }
+                    stream.flush().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                while stream.read(&mut byte).await.unwrap_or(0) > 0 {}
+                let _ = closed.send(()).await;
+            });
+        }
+    });
+    (addr, heads, closed)
+}
+
+/// `--stream-reader direct` reads an upstream event stream straight off its socket: chunk
+/// framing split anywhere, an interim `103` before the answer, trailers at the end; the request
+/// it sends carries the proxy's headers; a client that leaves closes the upstream connection.
+#[tokio::test]
+async fn the_direct_reader_decodes_chunked_streams_split_anywhere() {
+    const WIRE: &[&[u8]] = &[
+        b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n",
+        b"transfer-encoding: chunked\r\n\r\n",
+        b"0",
+        b"f;ext=1\r",
+        b"\nid: 1\ndata: a\n\n\r\n",
+        b"10\r\nid: 2\ndata: ",
+        b"bb\n\n\r",
+        b"\n",
+    ];
+    let (upstream_addr, mut heads, mut closed) = raw_upstream(WIRE).await;
+    let gateway = Gateway::start(&["--upstream", &format!("http://{upstream_addr}")]).await;
+
+    let response = get(
+        &gateway.url("/s?x=1"),
+        &[("accept", "text/event-stream"), ("accept-encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let head = timeout(GUARD, heads.recv()).await.unwrap().unwrap();
+    assert!(head.starts_with("GET /s?x=1 HTTP/1.1\r\n"), "{head}");
+    assert!(
+        head.contains(&format!("host: {upstream_addr}\r\n")),
+        "{head}"
+    );
+    assert!(head.contains("x-forwarded-for: 127.0.0.1\r\n"), "{head}");
+    assert!(head.contains("accept-encoding: identity\r\n"), "{head}");
+    let mut reader = EventReader::new(response.into_body());
+    assert_eq!(next(&mut reader).await.comments(), ["ok"]);
+    let first = next(&mut reader).await;
+    assert_eq!(
+        (first.id_str(), first.data().as_deref()),
+        (Some("1"), Some("a"))
+    );
+    let second = next(&mut reader).await;
+    assert_eq!(
+        (second.id_str(), second.data().as_deref()),
+        (Some("2"), Some("bb"))
+    );
+
+    drop(reader);
+    timeout(GUARD, closed.recv())
+        .await
+        .expect("the upstream connection closes when its client leaves")
+        .unwrap();
+}
+
+/// A body the upstream ends by closing (HTTP/1.0, no length) ends the client's stream cleanly;
+/// a chunked body cut off mid-chunk does not pass for a complete one.
+#[tokio::test]
+async fn the_direct_reader_ends_as_the_upstream_framing_says() {
+    use tokio::io::AsyncReadExt;
+    const UNTIL_CLOSE: &[&[u8]] = &[
+        b"HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: 1\n\n",
+        b"data: 2\n\n",
+    ];
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 1024];
+            let _ = stream.read(&mut head).await;
+            for piece in UNTIL_CLOSE {
+                let _ = stream.write_all(piece).await;
+            }
+            // Closed here: the end of the body.
+        }
+    });
+    let gateway = Gateway::start(&["--upstream", &format!("http://{addr}")]).await;
+    let response = get(&gateway.url("/"), &[("accept", "text/event-stream")]).await;
+    let body = timeout(GUARD, response.into_body().collect())
+        .await
+        .unwrap()
+        .expect("a clean end")
+        .to_bytes();
+    assert_eq!(body, ":ok\n\ndata: 1\n\ndata: 2\n\n");
+
+    const CUT: &[&[u8]] = &[
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"9\r\ndata: 1\n\n\r\n20\r\ndata: 2",
+    ];
+    // Event 1 is whole; whatever reaches the client of the cut one, it never passes for an event.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (cut_tx, cut) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        if let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 1024];
+            let _ = stream.read(&mut head).await;
+            let _ = stream.write_all(CUT[0]).await;
+            // The cut comes once the client has what came before it.
+            let _ = cut.await;
+            let _ = stream.write_all(CUT[1]).await;
+        }
+    });
+    let gateway = Gateway::start(&["--upstream", &format!("http://{addr}")]).await;
+    let response = get(&gateway.url("/"), &[("accept", "text/event-stream")]).await;
+    let mut reader = EventReader::new(response.into_body());
+    assert_eq!(next(&mut reader).await.comments(), ["ok"]);
+    cut_tx.send(()).unwrap();
+    let mut events = Vec::new();
+    while let Some(Ok(event)) = timeout(GUARD, reader.next_event()).await.unwrap() {
+        events.push(event.data().unwrap_or_default().into_owned());
+    }
+    assert!(
+        events.len() <= 1 && events.iter().all(|data| data == "1"),
+        "{events:?}"
     );
 }

@@ -16,6 +16,7 @@ mod demo;
 mod limits;
 mod ops;
 mod proxy;
+mod stream_reader;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -60,6 +61,12 @@ struct Args {
     /// A path in the URL is prefixed to every request path.
     #[arg(long, value_name = "URL", value_parser = proxy::parse_upstream)]
     upstream: Option<Uri>,
+
+    /// How an upstream event stream (a GET without a body whose Accept names
+    /// text/event-stream) is read: `direct` off its own socket, with no buffer or task kept while
+    /// it is quiet; `hyper` through the pooled client that carries every other request.
+    #[arg(long, value_name = "READER", value_enum, default_value_t = proxy::StreamReader::Direct)]
+    stream_reader: proxy::StreamReader,
 
     /// Comment sent as the first byte of every event stream, so headers leave at once.
     #[arg(long, value_name = "TEXT", default_value = "ok")]
@@ -519,7 +526,7 @@ async fn run<St: ReplayStore, Sub: SubscriptionStore>(
             serve_gateway(
                 args,
                 listener,
-                proxy::Proxy::new(upstream.clone()),
+                proxy::Proxy::new(upstream.clone(), args.stream_reader),
                 stores,
                 metrics,
             )

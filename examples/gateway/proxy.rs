@@ -3,12 +3,14 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,15 +19,29 @@ use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
 use crate::limits::is_body_timeout;
+use crate::stream_reader::{self, StreamBody};
 use crate::{PeerAddr, RequestBody};
 
-pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// An upstream response's body (through hyper's client or read directly), or the proxy's own.
+pub(crate) type ProxyBody = Either<Either<Incoming, StreamBody>, Full<Bytes>>;
+
+/// How upstream event streams are read (`--stream-reader`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum StreamReader {
+    /// Off the stream's own socket: no connection task, channel or idle read buffer.
+    Direct,
+    /// Through hyper's pooled client, as every other request.
+    Hyper,
+}
 
 /// Forwards requests to one upstream, streaming bodies both ways.
 #[derive(Clone, Debug)]
 pub(crate) struct Proxy {
     client: Client<HttpConnector, RequestBody>,
     upstream: Uri,
+    /// The upstream's `host:port` and `Host`, for event streams read directly; `None` with
+    /// `--stream-reader hyper`.
+    direct: Option<Arc<(String, String)>>,
 }
 
 /// Checks `--upstream`: an absolute `http://` URL.
@@ -38,12 +54,27 @@ pub(crate) fn parse_upstream(value: &str) -> Result<Uri, String> {
 }
 
 impl Proxy {
-    pub(crate) fn new(upstream: Uri) -> Self {
+    pub(crate) fn new(upstream: Uri, streams: StreamReader) -> Self {
         let mut connector = HttpConnector::new();
         // Events are small writes that must leave at once.
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Self { client, upstream }
+        let direct = (streams == StreamReader::Direct)
+            .then(|| upstream.authority())
+            .flatten()
+            .map(|authority| {
+                let address = format!(
+                    "{}:{}",
+                    authority.host(),
+                    authority.port_u16().unwrap_or(80)
+                );
+                Arc::new((address, authority.as_str().to_owned()))
+            });
+        Self {
+            client,
+            upstream,
+            direct,
+        }
     }
 
     /// The upstream URL for `uri`: the upstream's scheme and host, its path as a prefix.
@@ -95,19 +126,38 @@ impl Service<Request<RequestBody>> for Proxy {
         parts.uri = target;
         // The client speaks HTTP/1.1 to the upstream, whatever the downstream spoke.
         parts.version = http::Version::HTTP_11;
+        let direct = self.direct.as_ref().filter(|_| {
+            parts.method == http::Method::GET
+                && body.is_end_stream()
+                && accepts_event_stream(&parts.headers)
+        });
+        if let Some(direct) = direct.cloned() {
+            let request = Request::from_parts(parts, ());
+            return Box::pin(async move {
+                let (address, host) = &*direct;
+                Ok(match stream_reader::send(address, host, &request).await {
+                    Ok(response) => {
+                        forwarded(response.map(|body| Either::Left(Either::Right(body))))
+                    }
+                    Err(error) => bad_gateway(&error),
+                })
+            });
+        }
         let upstream = self.client.request(Request::from_parts(parts, body));
         Box::pin(async move {
             Ok(match upstream.await {
-                Ok(response) => {
-                    let (mut parts, body) = response.into_parts();
-                    remove_hop_by_hop(&mut parts.headers);
-                    Response::from_parts(parts, Either::Left(body))
-                }
+                Ok(response) => forwarded(response.map(|body| Either::Left(Either::Left(body)))),
                 Err(error) if is_body_timeout(&error) => request_timeout(),
                 Err(error) => bad_gateway(&error),
             })
         })
     }
+}
+
+/// The upstream's response as the client gets it: without the upstream connection's headers.
+fn forwarded(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+    remove_hop_by_hop(response.headers_mut());
+    response
 }
 
 fn bad_gateway(error: &dyn std::error::Error) -> Response<ProxyBody> {
