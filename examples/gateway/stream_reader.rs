@@ -220,7 +220,7 @@ impl Framing {
                 .iter()
                 .flat_map(|value| value.as_bytes().split(|&b| b == b','))
                 .filter(|coding| !coding.trim_ascii().is_empty())
-                .last()
+                .next_back()
                 .map(<[u8]>::trim_ascii);
             return Ok(match last {
                 Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => {
