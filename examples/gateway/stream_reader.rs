@@ -219,8 +219,7 @@ impl Framing {
                 .get_all(header::TRANSFER_ENCODING)
                 .iter()
                 .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-                .filter(|coding| !coding.trim_ascii().is_empty())
-                .next_back()
+                .rfind(|coding| !coding.trim_ascii().is_empty())
                 .map(<[u8]>::trim_ascii);
             return Ok(match last {
                 Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => {
