@@ -224,6 +224,41 @@ async fn ctrl_c_ends_streams_at_a_boundary_and_stops_the_gateway() {
     assert!(exit.success(), "{exit:?}");
 }
 
+/// `--workers 2`: two single-threaded runtimes, each with its own listener on one address, serve
+/// streams side by side; Ctrl-C ends the streams of both at a boundary and stops the gateway.
+#[cfg(unix)]
+#[tokio::test]
+async fn workers_share_the_address_and_shut_down_together() {
+    let mut gateway =
+        Gateway::start(&["--workers", "2", "--demo-interval", "20", "--retry", "1500"]).await;
+    let mut readers = Vec::new();
+    for _ in 0..8 {
+        let response = get(&gateway.url("/events"), &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut reader = EventReader::new(response.into_body());
+        assert_eq!(next(&mut reader).await.comments(), ["ok"]);
+        assert_eq!(next(&mut reader).await.retry(), Some(Duration::from_millis(1500)));
+        assert!(next(&mut reader).await.id().is_some());
+        readers.push(reader);
+    }
+    let pid = gateway.child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for mut reader in readers {
+        let mut last = None;
+        while let Some(block) = timeout(GUARD, reader.next_event()).await.unwrap() {
+            last = Some(block.unwrap());
+        }
+        assert!(!reader.ended_mid_event());
+        assert_eq!(last.unwrap().retry(), Some(Duration::from_millis(1500)));
+    }
+    let exit = timeout(GUARD, gateway.child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
 #[tokio::test]
 async fn heartbeats_and_retry_reach_the_client_between_events() {
     let gateway = Gateway::start(&[

@@ -57,6 +57,12 @@ struct Args {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:3000")]
     listen: SocketAddr,
 
+    /// Serve from this many threads, each with its own single-threaded runtime and its own
+    /// listener on the same address (SO_REUSEPORT: the kernel spreads connections), the way
+    /// nginx runs workers. 0: one multi-threaded runtime (tokio's work-stealing scheduler).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    workers: usize,
+
     /// Reverse-proxy every request to this http:// base URL instead of serving the demo.
     /// A path in the URL is prefixed to every request path.
     #[arg(long, value_name = "URL", value_parser = proxy::parse_upstream)]
@@ -423,7 +429,88 @@ async fn serve_gateway<S, B, St, Sub>(
     let service = admin::Gate::new(service, admin);
     // Printed here, not in `serve`, which the admin listener runs too.
     println!("Ctrl-C to stop.");
-    serve(listener, ops::Ops::new(service, metrics), shutdown, limits).await;
+    let service = ops::Ops::new(service, metrics);
+    if args.workers == 0 {
+        serve(listener, service, shutdown, limits).await;
+    } else {
+        serve_on_workers(args.workers, listener, service, shutdown, limits).await;
+    }
+}
+
+/// A listener on `addr`; with `reuse_port`, one more listener can be bound to the same address
+/// for each worker.
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restart need not wait for old connections' TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(reuse_port)?;
+    #[cfg(not(unix))]
+    let _ = reuse_port;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// `--workers N`: `serve` on N threads, each with a single-threaded runtime and a listener of its
+/// own on `listener`'s address. Connections stay on the thread that accepted them: no work
+/// stealing, no wake-up crossing threads. Stores and hubs are shared as they are between tasks.
+async fn serve_on_workers<S, B>(
+    workers: usize,
+    listener: TcpListener,
+    service: S,
+    shutdown: Shutdown,
+    limits: Limits,
+) where
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(error) => return eprintln!("cannot read the listening address: {error}"),
+    };
+    let mut first = Some(listener.into_std());
+    let mut threads = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let listener = match first.take() {
+            Some(listener) => listener,
+            None => bind(addr, true).and_then(TcpListener::into_std),
+        };
+        let (service, shutdown) = (service.clone(), shutdown.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("gateway-worker-{worker}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    serve(TcpListener::from_std(listener?)?, service, shutdown, limits).await;
+                    Ok::<_, std::io::Error>(())
+                })
+            });
+        match thread {
+            Ok(thread) => threads.push(thread),
+            Err(error) => eprintln!("cannot start worker {worker}: {error}"),
+        }
+    }
+    let joined = tokio::task::spawn_blocking(move || {
+        for (worker, thread) in threads.into_iter().enumerate() {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => eprintln!("worker {worker} failed: {error}"),
+                Err(_) => eprintln!("worker {worker} panicked"),
+            }
+        }
+    });
+    let _ = joined.await;
 }
 
 #[tokio::main]
@@ -441,8 +528,7 @@ async fn main() -> Result<(), BoxError> {
     #[cfg(unix)]
     let open_files = limits::raise_open_files_limit();
     let metrics = ops::install_recorder()?;
-    let listener = TcpListener::bind(args.listen)
-        .await
+    let listener = bind(args.listen, args.workers > 0)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("tower-sse gateway listening on http://{addr}");

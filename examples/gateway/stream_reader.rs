@@ -5,8 +5,9 @@
 //! lives: most of a quiet proxied stream's memory (see the README's "Sizing"). An event stream
 //! needs none of it. It is one `GET` without a body, answered by one response that is never
 //! reused, so this reader writes the request head, parses the response head, and then is the
-//! response body itself: each poll reads what the socket has into a buffer on the stack and
-//! hands out exactly those bytes. A quiet stream holds the socket, the framing state and
+//! response body itself: each poll reads what the socket has into a buffer allocated for that
+//! read and hands its bytes out (a small read copied out of it, so that what waits to be sent
+//! holds no more than its bytes). A quiet stream holds the socket, the framing state and
 //! nothing else.
 //!
 //! The framing follows RFC 9112, section 6: no body for `HEAD`, 1xx, 204 and 304; chunked when
@@ -22,6 +23,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -34,8 +36,10 @@ const MAX_HEADERS: usize = 100;
 const MAX_LINE: usize = 4 * 1024;
 /// The most the trailer section may take.
 const MAX_TRAILERS: usize = 64 * 1024;
-/// What one read takes off the socket at most, into a buffer on the stack.
-const READ_SIZE: usize = 16 * 1024;
+/// The smallest and the largest read: a read that fills its buffer doubles the next one, a read
+/// of less than a quarter halves it.
+const MIN_READ: usize = 4 * 1024;
+const MAX_READ: usize = 64 * 1024;
 
 /// Sends `request` (its body is not sent: callers use this for requests without one) to the
 /// upstream at `address` (`host:port`) with `host` as its `Host`, and reads the response head;
@@ -55,6 +59,7 @@ pub(crate) async fn send(
         io: (!framing.is_done()).then_some(io),
         pending: rest,
         framing,
+        read_size: MIN_READ,
     };
     Ok(response.map(|()| body))
 }
@@ -153,6 +158,8 @@ pub(crate) struct StreamBody {
     /// Bytes read but not yet decoded (only ever the rest of the latest read).
     pending: Bytes,
     framing: Framing,
+    /// The size of the next read's buffer.
+    read_size: usize,
 }
 
 impl fmt::Debug for StreamBody {
@@ -386,8 +393,8 @@ impl Body for StreamBody {
                 this.end();
                 return Poll::Ready(Some(Err(error)));
             }
-            let mut buf = [0u8; READ_SIZE];
-            match io.try_read(&mut buf) {
+            let mut buf = BytesMut::with_capacity(this.read_size);
+            match read_draining(io, &mut buf) {
                 Ok(0) if matches!(this.framing, Framing::UntilClose) => {
                     this.end();
                     return Poll::Ready(None);
@@ -399,7 +406,22 @@ impl Body for StreamBody {
                         "upstream closed in the middle of the body",
                     ))));
                 }
-                Ok(read) => this.pending = Bytes::copy_from_slice(&buf[..read]),
+                Ok(read) => {
+                    this.read_size = if read == this.read_size {
+                        (this.read_size * 2).min(MAX_READ)
+                    } else if read < this.read_size / 4 {
+                        (this.read_size / 2).max(MIN_READ)
+                    } else {
+                        this.read_size
+                    };
+                    // A small read is copied out, so that what waits to be sent holds only its
+                    // own bytes, not the whole buffer.
+                    this.pending = if read * 4 < buf.capacity() {
+                        Bytes::copy_from_slice(&buf)
+                    } else {
+                        buf.freeze()
+                    };
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => {
                     this.end();
@@ -418,6 +440,28 @@ impl Body for StreamBody {
             Framing::Length(left) => SizeHint::with_exact(left),
             _ => SizeHint::default(),
         }
+    }
+}
+
+/// Reads what `io` has into `buf`, up to its capacity. A read that leaves room in the buffer
+/// has emptied the socket's receive queue, so it also clears the socket's readiness, as a read
+/// that would block does: the next poll waits for the next bytes instead of spending a system
+/// call to learn there are none (nginx saves that call the same way). If bytes arrive between
+/// the read and the clearing, tokio's readiness ticks keep them from being missed: a readiness
+/// event newer than the one this read started from is never cleared.
+fn read_draining(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut read = None;
+    let cleared = io.try_io(Interest::READABLE, || {
+        let n = io.try_read_buf(buf)?;
+        read = Some(n);
+        if n > 0 && buf.capacity() > buf.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (cleared, read) {
+        (Ok(n), _) | (Err(_), Some(n)) => Ok(n),
+        (Err(error), None) => Err(error),
     }
 }
 
