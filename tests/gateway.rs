@@ -237,7 +237,10 @@ async fn workers_share_the_address_and_shut_down_together() {
         assert_eq!(response.status(), StatusCode::OK);
         let mut reader = EventReader::new(response.into_body());
         assert_eq!(next(&mut reader).await.comments(), ["ok"]);
-        assert_eq!(next(&mut reader).await.retry(), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            next(&mut reader).await.retry(),
+            Some(Duration::from_millis(1500))
+        );
         assert!(next(&mut reader).await.id().is_some());
         readers.push(reader);
     }

@@ -27,8 +27,8 @@ use clap::Parser;
 use http::{Request, Response, Uri};
 use http_body::Body;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -631,6 +631,30 @@ async fn run<St: ReplayStore, Sub: SubscriptionStore>(
     }
 }
 
+/// Whether a new connection opens with HTTP/2's preface (prior knowledge: the gateway speaks
+/// plain TCP, where clients choose HTTP/2 only that way), looked at without reading it: the
+/// connection then goes to hyper's HTTP/1 or HTTP/2 server directly. (hyper-util's automatic
+/// builder does the same with a buffer and a connection state that holds both protocols, which
+/// costs every idle HTTP/1 stream about 8 KB more.) Nearly always decided by the first byte:
+/// an HTTP/1 request line differs from the preface at once, except for a `PRI` request.
+async fn speaks_http2(stream: &tokio::net::TcpStream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut start = [0u8; PREFACE.len()];
+    loop {
+        let Ok(seen) = stream.peek(&mut start).await else {
+            return false;
+        };
+        if seen == 0 || start[..seen] != PREFACE[..seen] {
+            return false;
+        }
+        if seen == PREFACE.len() {
+            return true;
+        }
+        // Part of the preface so far: peeking again at once would find the same bytes.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The peer's address, put into every request's extensions for the proxy's `X-Forwarded-For`.
 #[derive(Clone, Copy, Debug)]
 struct PeerAddr(SocketAddr);
@@ -655,20 +679,20 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut http1 = http1::Builder::new();
     // What hyper queues for a client that stopped reading, beyond the socket's own buffer
     // (hyper's default is about 400 KiB per connection); headers still fit many times over.
-    builder
-        .http1()
+    http1
         .max_buf_size(64 * 1024)
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header);
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
     // An HTTP/2 client that stops answering pings is gone; its first request is timed below.
-    builder
-        .http2()
+    http2
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.header)
         .keep_alive_timeout(limits.header.unwrap_or(Duration::from_secs(20)));
+    let builders = std::sync::Arc::new((http1, http2));
     let graceful = GracefulShutdown::new();
     let mut signal = std::pin::pin!(shutdown_signal());
     let mut backoff = limits::AcceptBackoff::default();
@@ -712,17 +736,30 @@ where
             let response = service
                 .clone()
                 .oneshot(request.map(|body| limits::BodyTimeout::new(body, limits.body)));
-            async move {
+            // Boxed: hyper keeps a slot the size of this future for the connection's whole life,
+            // and the stack's future (a clone of every layer, then their futures) is kilobytes;
+            // boxed, it is freed once the response head is out.
+            Box::pin(async move {
                 let response = response.await?;
                 Ok::<_, Infallible>(response.map(|body| limits::Watched::new(body, held)))
-            }
+            })
         });
-        let io = TokioIo::new(limits::SendTimeout::new(stream, limits.send));
-        let connection = builder
-            .serve_connection_with_upgrades(io, TowerToHyperService::new(service))
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let watcher = graceful.watcher();
+        let builders = builders.clone();
         tokio::spawn(async move {
+            let connection = async move {
+                let http2 = speaks_http2(&stream).await;
+                let io = TokioIo::new(limits::SendTimeout::new(stream, limits.send));
+                let service = TowerToHyperService::new(service);
+                if http2 {
+                    // Boxed: the task is sized for the HTTP/1 connection most streams use.
+                    Box::pin(watcher.watch(builders.1.serve_connection(io, service))).await
+                } else {
+                    watcher
+                        .watch(builders.0.serve_connection(io, service))
+                        .await
+                }
+            };
             // Whatever the protocol (before hyper even knows which one it is), a connection that
             // sends no complete request head within the header timeout is closed.
             let no_first_request = async {
@@ -749,7 +786,7 @@ where
                 () = stalled => return,
             };
             if let Err(error) = ended {
-                if !client_left(&*error) {
+                if !client_left(&error) {
                     eprintln!("connection from {peer} ended with an error: {error}");
                 }
             }
