@@ -201,6 +201,17 @@ async fn unreachable_upstream_is_a_502() {
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
 }
 
+/// Ctrl-C, as a user stops the gateway.
+#[cfg(unix)]
+fn interrupt(gateway: &Gateway) {
+    let pid = gateway.child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 #[cfg(unix)]
 #[tokio::test]
 async fn ctrl_c_ends_streams_at_a_boundary_and_stops_the_gateway() {
@@ -208,12 +219,7 @@ async fn ctrl_c_ends_streams_at_a_boundary_and_stops_the_gateway() {
     let response = get(&gateway.url("/events"), &[]).await;
     let mut reader = EventReader::new(response.into_body());
     next(&mut reader).await;
-    let pid = gateway.child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    interrupt(&gateway);
     let mut last = None;
     while let Some(block) = timeout(GUARD, reader.next_event()).await.unwrap() {
         last = Some(block.unwrap());
@@ -244,12 +250,7 @@ async fn workers_share_the_address_and_shut_down_together() {
         assert!(next(&mut reader).await.id().is_some());
         readers.push(reader);
     }
-    let pid = gateway.child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    interrupt(&gateway);
     for mut reader in readers {
         let mut last = None;
         while let Some(block) = timeout(GUARD, reader.next_event()).await.unwrap() {

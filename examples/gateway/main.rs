@@ -333,11 +333,7 @@ async fn serve_gateway<S, B, St, Sub>(
 ) where
     St: ReplayStore,
     Sub: SubscriptionStore,
-    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Served<B>,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
@@ -437,6 +433,32 @@ async fn serve_gateway<S, B, St, Sub>(
     }
 }
 
+/// What the gateway serves on a connection: a service of its requests that every connection's
+/// task clones, whose futures move between threads.
+trait Served<B>:
+    Service<
+        Request<RequestBody>,
+        Response = Response<B>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> Served<B> for S where
+    S: Service<
+            Request<RequestBody>,
+            Response = Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// A listener on `addr`; with `reuse_port`, one more listener can be bound to the same address
 /// for each worker.
 fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
@@ -465,11 +487,7 @@ async fn serve_on_workers<S, B>(
     shutdown: Shutdown,
     limits: Limits,
 ) where
-    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Served<B>,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
@@ -671,11 +689,7 @@ struct Limits {
 /// `shutdown` ends every open event stream at its next boundary, so connections finish.
 async fn serve<S, B>(listener: TcpListener, service: S, shutdown: Shutdown, limits: Limits)
 where
-    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Served<B>,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
