@@ -433,8 +433,8 @@ async fn serve_gateway<S, B, St, Sub>(
     }
 }
 
-/// What the gateway serves on a connection: a service of its requests that every connection's
-/// task clones, whose futures move between threads.
+/// What the gateway serves: a service of its requests that every connection shares and every
+/// request clones, whose futures move between threads.
 trait Served<B>:
     Service<
         Request<RequestBody>,
@@ -443,6 +443,7 @@ trait Served<B>:
         Future: Send + 'static,
     > + Clone
     + Send
+    + Sync
     + 'static
 {
 }
@@ -455,6 +456,7 @@ impl<S, B> Served<B> for S where
             Future: Send + 'static,
         > + Clone
         + Send
+        + Sync
         + 'static
 {
 }
@@ -707,6 +709,7 @@ where
         .keep_alive_interval(limits.header)
         .keep_alive_timeout(limits.header.unwrap_or(Duration::from_secs(20)));
     let builders = std::sync::Arc::new((http1, http2));
+    let shared = std::sync::Arc::new(service);
     let graceful = GracefulShutdown::new();
     let mut signal = std::pin::pin!(shutdown_signal());
     let mut backoff = limits::AcceptBackoff::default();
@@ -731,7 +734,9 @@ where
         };
         // Events are small writes that must leave at once.
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        // Shared: a connection holds a pointer to the stack (its clone is some 800 bytes), and
+        // each request clones it for as long as its response head takes.
+        let service = shared.clone();
         // Told of every request, so a connection that never sends a first one can be closed.
         let started = std::sync::Arc::new(tokio::sync::Notify::new());
         let requests = started.clone();
@@ -747,8 +752,7 @@ where
                 .as_ref()
                 .filter(|_| request.version() == http::Version::HTTP_2)
                 .map(|watch| watch.register());
-            let response = service
-                .clone()
+            let response = S::clone(&service)
                 .oneshot(request.map(|body| limits::BodyTimeout::new(body, limits.body)));
             // Boxed: hyper keeps a slot the size of this future for the connection's whole life,
             // and the stack's future (a clone of every layer, then their futures) is kilobytes;
