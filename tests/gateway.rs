@@ -220,14 +220,20 @@ async fn ctrl_c_ends_streams_at_a_boundary_and_stops_the_gateway() {
     let mut reader = EventReader::new(response.into_body());
     next(&mut reader).await;
     interrupt(&gateway);
+    ends_at_a_boundary_with_retry(reader, Duration::from_millis(1500)).await;
+    let exit = timeout(GUARD, gateway.child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// Reads `reader` to its end: a clean end at an event boundary, a final `retry:` of `retry`.
+#[cfg(unix)]
+async fn ends_at_a_boundary_with_retry(mut reader: EventReader<Incoming>, retry: Duration) {
     let mut last = None;
     while let Some(block) = timeout(GUARD, reader.next_event()).await.unwrap() {
         last = Some(block.unwrap());
     }
     assert!(!reader.ended_mid_event());
-    assert_eq!(last.unwrap().retry(), Some(Duration::from_millis(1500)));
-    let exit = timeout(GUARD, gateway.child.wait()).await.unwrap().unwrap();
-    assert!(exit.success(), "{exit:?}");
+    assert_eq!(last.unwrap().retry(), Some(retry));
 }
 
 /// `--workers 2`: two single-threaded runtimes, each with its own listener on one address, serve
@@ -251,13 +257,8 @@ async fn workers_share_the_address_and_shut_down_together() {
         readers.push(reader);
     }
     interrupt(&gateway);
-    for mut reader in readers {
-        let mut last = None;
-        while let Some(block) = timeout(GUARD, reader.next_event()).await.unwrap() {
-            last = Some(block.unwrap());
-        }
-        assert!(!reader.ended_mid_event());
-        assert_eq!(last.unwrap().retry(), Some(Duration::from_millis(1500)));
+    for reader in readers {
+        ends_at_a_boundary_with_retry(reader, Duration::from_millis(1500)).await;
     }
     let exit = timeout(GUARD, gateway.child.wait()).await.unwrap().unwrap();
     assert!(exit.success(), "{exit:?}");
