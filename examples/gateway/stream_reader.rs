@@ -275,15 +275,11 @@ impl Chunk {
                 return Ok(Decoded::End);
             }
             if let Self::Data(left) = self {
-                if pending.is_empty() {
-                    return Ok(Decoded::NeedMore);
-                }
-                let take = (*left).min(pending.len() as u64) as usize;
-                *left -= take as u64;
+                let decoded = take_counted(left, pending);
                 if *left == 0 {
                     *self = Self::DataEnd { seen_cr: false };
                 }
-                return Ok(Decoded::Data(pending.split_to(take)));
+                return Ok(decoded);
             }
             let Some(&byte) = pending.first() else {
                 return Ok(Decoded::NeedMore);
@@ -340,18 +336,22 @@ impl Chunk {
     }
 }
 
+/// Up to `left` bytes off the front of `pending` (a chunk's data or a length-framed body),
+/// counted off `left`.
+fn take_counted(left: &mut u64, pending: &mut Bytes) -> Decoded {
+    if pending.is_empty() {
+        return Decoded::NeedMore;
+    }
+    let take = (*left).min(pending.len() as u64) as usize;
+    *left -= take as u64;
+    Decoded::Data(pending.split_to(take))
+}
+
 impl StreamBody {
     fn decode(&mut self) -> io::Result<Decoded> {
         match &mut self.framing {
             Framing::Length(0) => Ok(Decoded::End),
-            Framing::Length(left) => {
-                if self.pending.is_empty() {
-                    return Ok(Decoded::NeedMore);
-                }
-                let take = (*left).min(self.pending.len() as u64) as usize;
-                *left -= take as u64;
-                Ok(Decoded::Data(self.pending.split_to(take)))
-            }
+            Framing::Length(left) => Ok(take_counted(left, &mut self.pending)),
             Framing::UntilClose if self.pending.is_empty() => Ok(Decoded::NeedMore),
             Framing::UntilClose => Ok(Decoded::Data(std::mem::take(&mut self.pending))),
             Framing::Chunked(chunk) => chunk.decode(&mut self.pending),
