@@ -355,6 +355,7 @@ impl StreamTally {
     fn close(&mut self, close: Close) {
         if !self.closed {
             self.closed = true;
+            self.counters.report();
             telemetry::stream_closed(close, self.bytes);
         }
     }

@@ -22,11 +22,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::InnerFrames;
-use crate::lifetime::{LifetimeConfig, Shutdown};
+use crate::lifetime::{LifetimeConfig, Shutdown, Triggered};
 use crate::metadata::MetadataConfig;
 use crate::replay::{Admit, Lookup, ReplayStage, ReplayStore, StoreError};
 use crate::telemetry::{self, Timeout};
@@ -231,7 +230,7 @@ struct More<St: ReplayStore> {
     metadata: Option<Arc<MetadataConfig>>,
     replay: Option<Box<ReplayStage<St>>>,
     /// The lifetime's shutdown signal, while there is one to wait for.
-    shutdown: Option<Pin<Box<OwnedNotified>>>,
+    shutdown: Option<Triggered>,
     /// Replay's read closing a gap, while one runs.
     fill: Option<Pin<Box<Filling<St::Read>>>>,
     #[cfg(feature = "subscriptions")]
@@ -383,7 +382,7 @@ impl<B, St: ReplayStore> EngineBody<B, St> {
         let shutdown = lifetime
             .as_ref()
             .and_then(|l| l.config.shutdown())
-            .map(|shutdown| Box::pin(shutdown.waiter()));
+            .map(Shutdown::triggered);
         let idle = stages.idle;
         let fill = start
             .fill
@@ -671,15 +670,9 @@ impl<St: ReplayStore> Engine<St> {
         let Some(more) = self.more.as_deref_mut() else {
             return false;
         };
-        let Some(notified) = more.shutdown.as_mut() else {
-            return false;
-        };
-        notified.as_mut().poll(cx).is_ready()
-            || more
-                .lifetime
-                .as_ref()
-                .and_then(|l| l.config.shutdown())
-                .is_some_and(Shutdown::is_triggered)
+        more.shutdown
+            .as_mut()
+            .is_some_and(|triggered| Pin::new(triggered).poll(cx).is_ready())
     }
 
     fn phase(&self) -> Phase {

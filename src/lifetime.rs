@@ -66,9 +66,10 @@
 //! # }
 //! ```
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -107,9 +108,15 @@ use std::future::Future;
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct Shutdown {
-    triggered: Arc<AtomicBool>,
+    triggered: Arc<Flag>,
     notify: Arc<Notify>,
 }
+
+/// The fired flag, alone in its cache lines: every stream reads it with every frame, and a
+/// small allocation beside it that some core writes would make each read a cache miss.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Flag(AtomicBool);
 
 impl Shutdown {
     /// A signal that has not fired.
@@ -119,7 +126,7 @@ impl Shutdown {
 
     /// Fires the signal: open streams end at their next boundary, new ones end at once.
     pub fn trigger(&self) {
-        self.triggered.store(true, Ordering::SeqCst);
+        self.triggered.0.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
 
@@ -151,20 +158,67 @@ impl Shutdown {
 
     /// True once [`trigger`](Shutdown::trigger) was called.
     pub fn is_triggered(&self) -> bool {
-        self.triggered.load(Ordering::SeqCst)
+        self.triggered.0.load(Ordering::SeqCst)
     }
 
-    /// Waits until the signal fires.
-    pub async fn triggered(&self) {
-        let notified = self.notify.notified();
-        if !self.is_triggered() {
-            notified.await;
+    /// A future that resolves once the signal fires (at once if it has).
+    ///
+    /// Cheap to poll again: polled by the task it was last polled by, it only reads a flag, so a
+    /// connection or body may poll it with every frame it handles.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_sse::lifetime::Shutdown;
+    ///
+    /// let shutdown = Shutdown::new();
+    /// let waiting = tokio::spawn(shutdown.triggered());
+    /// shutdown.trigger();
+    /// waiting.await.unwrap();
+    /// # }
+    /// ```
+    pub fn triggered(&self) -> Triggered {
+        Triggered {
+            triggered: self.triggered.clone(),
+            // Created before the flag is read: a trigger in between still completes it.
+            notified: Box::pin(self.notify.clone().notified_owned()),
+            registered: None,
         }
     }
+}
 
-    pub(crate) fn waiter(&self) -> OwnedNotified {
-        // Created before the flag is read, so a trigger in between is never missed.
-        self.notify.clone().notified_owned()
+/// Resolves once its [`Shutdown`] fires; made by [`Shutdown::triggered`].
+///
+/// `Unpin`, and polled again by the same task it reads the flag and the waker it holds, never
+/// the wait registered with the signal (a separate allocation a stream's hot path would
+/// otherwise fetch with every frame).
+#[derive(Debug)]
+#[must_use = "futures do nothing unless polled"]
+pub struct Triggered {
+    triggered: Arc<Flag>,
+    notified: Pin<Box<OwnedNotified>>,
+    // The waker the wait is registered with. Registering again takes the signal's lock, which
+    // every stream shares: with the same waker, reading the flag is enough.
+    registered: Option<Waker>,
+}
+
+impl Future for Triggered {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.triggered.0.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        if let Some(registered) = &self.registered {
+            if registered.will_wake(cx.waker()) {
+                return Poll::Pending;
+            }
+        }
+        if self.notified.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        self.registered = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -409,6 +463,53 @@ mod tests {
     use std::pin::Pin;
     use tokio::time::Instant;
     use tower::ServiceExt;
+
+    /// Counts its wakes.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting_waker() -> (Arc<CountingWaker>, Waker) {
+        let count = Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0)));
+        (count.clone(), Waker::from(count))
+    }
+
+    #[test]
+    fn triggered_wakes_the_waker_it_was_last_polled_with() {
+        let shutdown = Shutdown::new();
+        let mut triggered = shutdown.triggered();
+        let (first, first_waker) = counting_waker();
+        let (second, second_waker) = counting_waker();
+        let mut cx = Context::from_waker(&first_waker);
+        for _ in 0..3 {
+            assert!(Pin::new(&mut triggered).poll(&mut cx).is_pending());
+        }
+        // Another task polls it now: the wait moves to that task's waker.
+        assert!(Pin::new(&mut triggered)
+            .poll(&mut Context::from_waker(&second_waker))
+            .is_pending());
+        shutdown.trigger();
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert!(Pin::new(&mut triggered).poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn triggered_made_before_or_after_the_signal_completes() {
+        let shutdown = Shutdown::new();
+        let mut before = shutdown.triggered();
+        shutdown.trigger();
+        let mut after = shutdown.triggered();
+        let (woken, waker) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut before).poll(&mut cx).is_ready());
+        assert!(Pin::new(&mut after).poll(&mut cx).is_ready());
+        assert_eq!(woken.0.load(Ordering::SeqCst), 0);
+    }
 
     const SECOND: Duration = Duration::from_secs(1);
 

@@ -702,29 +702,40 @@ async fn metrics_are_prometheus_text_and_status_streams_them() {
     for _ in 0..3 {
         next(&mut reader).await;
     }
-    let response = get(&gateway.url("/metrics"), &[]).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(response.headers()[CONTENT_TYPE]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain; version=0.0.4"));
-    let text = String::from_utf8(
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
-    let bad: Vec<&str> = text.lines().filter(|l| !is_prometheus_line(l)).collect();
-    assert!(bad.is_empty(), "not Prometheus text: {bad:?}\n{text}");
-    let value = |name: &str| -> f64 {
+    let value = |text: &str, name: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
     };
+    // A stream's frame counts reach the recorder at most a second late (and at once for its
+    // first frame): the stream goes on, so they come.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let response = get(&gateway.url("/metrics"), &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers()[CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        let text = String::from_utf8(
+            response
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap();
+        if value(&text, "sse_frames_sent_total") >= 3.0 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        next(&mut reader).await;
+    };
+    let bad: Vec<&str> = text.lines().filter(|l| !is_prometheus_line(l)).collect();
+    assert!(bad.is_empty(), "not Prometheus text: {bad:?}\n{text}");
+    let value = |name: &str| value(&text, name);
     assert!(value("sse_streams_opened_total") >= 1.0);
     assert!(value("sse_frames_sent_total") >= 3.0);
     assert_eq!(value("sse_fanout_subscriptions"), 1.0);

@@ -97,6 +97,29 @@ fn get() -> Request<()> {
 }
 
 #[tokio::test]
+async fn a_streams_first_frame_is_counted_at_once_and_the_rest_by_its_end() {
+    let recorded = record();
+    let service = PassthroughLayer::new()
+        .initial_comment("ok")
+        .layer_service(upstream(
+            Script::new().chunk("data: a\n\n").chunk("data: b\n\n"),
+        ));
+    let mut body = service.oneshot(get()).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(recorded.counter("sse_frames_sent_total", &[]), 1.0);
+    assert_eq!(
+        recorded.counter("sse_bytes_sent_total", &[]),
+        first.len() as f64
+    );
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(recorded.counter("sse_frames_sent_total", &[]), 3.0);
+    assert_eq!(
+        recorded.counter("sse_bytes_sent_total", &[]),
+        (first.len() + rest.len()) as f64
+    );
+}
+
+#[tokio::test]
 async fn streams_frames_and_bytes_are_counted_with_how_each_stream_closed() {
     let recorded = record();
     let service = PassthroughLayer::new()

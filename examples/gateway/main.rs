@@ -29,12 +29,13 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceExt};
 use tower_sse::compression::SseCompressionLayer;
 use tower_sse::fanout::FanoutLayer;
+use tower_sse::lifetime::Triggered;
 use tower_sse::replay::{
     MemoryLimits, MemoryStore, PathAndQuery, Qos, RedisConfig, RedisStore, ReplayLayer, ReplayStore,
 };
@@ -675,6 +676,22 @@ async fn speaks_http2(stream: &tokio::net::TcpStream) -> bool {
     }
 }
 
+/// Serves `connection` until it ends; once `shutdown` fires, it takes no new request (HTTP/1
+/// keep-alive ends, HTTP/2 sends GOAWAY) and ends after the responses in flight.
+///
+/// The shutdown is polled with every wake of the connection: a [`Triggered`] reads a flag when
+/// polled again, where a watch channel (hyper-util's `GracefulShutdown`) takes a lock that every
+/// connection shares.
+async fn graceful<C: GracefulConnection>(connection: C, shutdown: Triggered) -> C::Output {
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        biased;
+        ended = connection.as_mut() => return ended,
+        () = shutdown => connection.as_mut().graceful_shutdown(),
+    }
+    connection.await
+}
+
 /// The peer's address, put into every request's extensions for the proxy's `X-Forwarded-For`.
 #[derive(Clone, Copy, Debug)]
 struct PeerAddr(SocketAddr);
@@ -710,7 +727,8 @@ where
         .keep_alive_timeout(limits.header.unwrap_or(Duration::from_secs(20)));
     let builders = std::sync::Arc::new((http1, http2));
     let shared = std::sync::Arc::new(service);
-    let graceful = GracefulShutdown::new();
+    // Every connection's task holds a sender: all are gone once the last connection ended.
+    let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let mut signal = std::pin::pin!(shutdown_signal());
     let mut backoff = limits::AcceptBackoff::default();
     loop {
@@ -762,21 +780,34 @@ where
                 Ok::<_, Infallible>(response.map(|body| limits::Watched::new(body, held)))
             })
         });
-        let watcher = graceful.watcher();
         let builders = builders.clone();
+        let (open, triggered) = (open.clone(), shutdown.triggered());
         tokio::spawn(async move {
             let connection = async move {
                 let http2 = speaks_http2(&stream).await;
                 let io = TokioIo::new(limits::SendTimeout::new(stream, limits.send));
                 let service = TowerToHyperService::new(service);
-                if http2 {
-                    // Boxed: the task is sized for the HTTP/1 connection most streams use.
-                    Box::pin(watcher.watch(builders.1.serve_connection(io, service))).await
-                } else {
-                    watcher
-                        .watch(builders.0.serve_connection(io, service))
-                        .await
+                if !http2 {
+                    return Some(
+                        graceful(builders.0.serve_connection(io, service), triggered).await,
+                    );
                 }
+                // A stalled stream closes its connection (by dropping it): the client is too
+                // slow for anything more graceful.
+                let stalled = async {
+                    match (&stalls, limits.send) {
+                        (Some(stalls), Some(limit)) => stalls.stalled(limit).await,
+                        _ => std::future::pending().await,
+                    }
+                };
+                // Boxed: the task is sized for the HTTP/1 connection most streams use.
+                Box::pin(async {
+                    tokio::select! {
+                        ended = graceful(builders.1.serve_connection(io, service), triggered) => Some(ended),
+                        () = stalled => None,
+                    }
+                })
+                .await
             };
             // Whatever the protocol (before hyper even knows which one it is), a connection that
             // sends no complete request head within the header timeout is closed.
@@ -791,18 +822,13 @@ where
                 }
                 std::future::pending().await
             };
-            let stalled = async {
-                match (&stalls, limits.send) {
-                    (Some(stalls), Some(limit)) => stalls.stalled(limit).await,
-                    _ => std::future::pending().await,
-                }
-            };
-            // Closed by dropping it: the client is too slow for anything more graceful.
             let ended = tokio::select! {
                 ended = connection => ended,
-                () = no_first_request => return,
-                () = stalled => return,
+                () = no_first_request => None,
             };
+            drop(open);
+            // Closed by dropping it: the client is too slow for anything more graceful.
+            let Some(ended) = ended else { return };
             if let Err(error) = ended {
                 if !client_left(&error) {
                     eprintln!("connection from {peer} ended with an error: {error}");
@@ -814,7 +840,8 @@ where
     shutdown.trigger();
     // Streams end within the lifetime layer's grace period; this bound is a last resort.
     let deadline = LifetimeLayer::DEFAULT_GRACE + Duration::from_secs(5);
-    if tokio::time::timeout(deadline, graceful.shutdown())
+    drop(open);
+    if tokio::time::timeout(deadline, all_closed.recv())
         .await
         .is_err()
     {
