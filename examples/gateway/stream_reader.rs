@@ -41,6 +41,11 @@ const MAX_TRAILERS: usize = 64 * 1024;
 const MIN_READ: usize = 4 * 1024;
 const MAX_READ: usize = 64 * 1024;
 
+thread_local! {
+    /// Where each thread reads small upstream chunks before copying them out.
+    static SCRATCH: std::cell::RefCell<[u8; MIN_READ]> = const { std::cell::RefCell::new([0; MIN_READ]) };
+}
+
 /// Sends `request` (its body is not sent: callers use this for requests without one) to the
 /// upstream at `address` (`host:port`) with `host` as its `Host`, and reads the response head;
 /// the response's body reads the rest straight off the socket.
@@ -393,8 +398,35 @@ impl Body for StreamBody {
                 this.end();
                 return Poll::Ready(Some(Err(error)));
             }
-            let mut buf = BytesMut::with_capacity(this.read_size);
-            match read_draining(io, &mut buf) {
+            // Small reads (an event at a time) go through the thread's scratch buffer and are
+            // copied out: what waits to be sent holds only its own bytes, and no buffer is
+            // allocated and freed per read. Reads that fill their buffer grow it, and go
+            // straight into a buffer of their own.
+            let read = if this.read_size == MIN_READ {
+                SCRATCH.with_borrow_mut(|scratch| {
+                    let read = read_draining(io, || {
+                        let n = io.try_read(&mut scratch[..])?;
+                        Ok((n, n < scratch.len()))
+                    })?;
+                    this.pending = Bytes::copy_from_slice(&scratch[..read]);
+                    Ok(read)
+                })
+            } else {
+                let mut buf = BytesMut::with_capacity(this.read_size);
+                read_draining(io, || {
+                    let n = io.try_read_buf(&mut buf)?;
+                    Ok((n, buf.capacity() > buf.len()))
+                })
+                .map(|read| {
+                    this.pending = if read * 4 < buf.capacity() {
+                        Bytes::copy_from_slice(&buf)
+                    } else {
+                        buf.freeze()
+                    };
+                    read
+                })
+            };
+            match read {
                 Ok(0) if matches!(this.framing, Framing::UntilClose) => {
                     this.end();
                     return Poll::Ready(None);
@@ -413,13 +445,6 @@ impl Body for StreamBody {
                         (this.read_size / 2).max(MIN_READ)
                     } else {
                         this.read_size
-                    };
-                    // A small read is copied out, so that what waits to be sent holds only its
-                    // own bytes, not the whole buffer.
-                    this.pending = if read * 4 < buf.capacity() {
-                        Bytes::copy_from_slice(&buf)
-                    } else {
-                        buf.freeze()
                     };
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -443,18 +468,21 @@ impl Body for StreamBody {
     }
 }
 
-/// Reads what `io` has into `buf`, up to its capacity. A read that leaves room in the buffer
-/// has emptied the socket's receive queue, so it also clears the socket's readiness, as a read
+/// Reads what `io` has with `read_into`, which answers how many bytes it read and whether its
+/// buffer had room left. A read that leaves room in the buffer has emptied the socket's receive queue, so it also clears the socket's readiness, as a read
 /// that would block does: the next poll waits for the next bytes instead of spending a system
 /// call to learn there are none (nginx saves that call the same way). If bytes arrive between
 /// the read and the clearing, tokio's readiness ticks keep them from being missed: a readiness
 /// event newer than the one this read started from is never cleared.
-fn read_draining(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+fn read_draining(
+    io: &TcpStream,
+    mut read_into: impl FnMut() -> io::Result<(usize, bool)>,
+) -> io::Result<usize> {
     let mut read = None;
     let cleared = io.try_io(Interest::READABLE, || {
-        let n = io.try_read_buf(buf)?;
+        let (n, room_left) = read_into()?;
         read = Some(n);
-        if n > 0 && buf.capacity() > buf.len() {
+        if n > 0 && room_left {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         Ok(n)
