@@ -417,13 +417,12 @@ impl Body for StreamBody {
                     let n = io.try_read_buf(&mut buf)?;
                     Ok((n, buf.capacity() > buf.len()))
                 })
-                .map(|read| {
+                .inspect(|&read| {
                     this.pending = if read * 4 < buf.capacity() {
                         Bytes::copy_from_slice(&buf)
                     } else {
                         buf.freeze()
                     };
-                    read
                 })
             };
             match read {
