@@ -19,7 +19,10 @@ mod proxy;
 mod stream_reader;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -676,20 +679,43 @@ async fn speaks_http2(stream: &tokio::net::TcpStream) -> bool {
     }
 }
 
-/// Serves `connection` until it ends; once `shutdown` fires, it takes no new request (HTTP/1
-/// keep-alive ends, HTTP/2 sends GOAWAY) and ends after the responses in flight.
-///
-/// The shutdown is polled with every wake of the connection: a [`Triggered`] reads a flag when
-/// polled again, where a watch channel (hyper-util's `GracefulShutdown`) takes a lock that every
-/// connection shares.
-async fn graceful<C: GracefulConnection>(connection: C, shutdown: Triggered) -> C::Output {
-    let mut connection = std::pin::pin!(connection);
-    tokio::select! {
-        biased;
-        ended = connection.as_mut() => return ended,
-        () = shutdown => connection.as_mut().graceful_shutdown(),
+pin_project_lite::pin_project! {
+    /// Serves `connection` until it ends; once `shutdown` fires, it takes no new request (HTTP/1
+    /// keep-alive ends, HTTP/2 sends GOAWAY) and ends after the responses in flight.
+    ///
+    /// The shutdown is polled with every wake of the connection: a [`Triggered`] reads a flag
+    /// when polled again, where a watch channel (hyper-util's `GracefulShutdown`) takes a lock
+    /// that every connection shares. A future of its own, not an `async fn`: that would hold the
+    /// connection twice over in the task (as its argument and as the pinned local).
+    struct Graceful<C> {
+        #[pin]
+        connection: C,
+        shutdown: Option<Triggered>,
     }
-    connection.await
+}
+
+impl<C> Graceful<C> {
+    fn new(connection: C, shutdown: Triggered) -> Self {
+        Self {
+            connection,
+            shutdown: Some(shutdown),
+        }
+    }
+}
+
+impl<C: GracefulConnection> Future for Graceful<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let mut this = self.project();
+        if let Some(shutdown) = this.shutdown {
+            if Pin::new(shutdown).poll(cx).is_ready() {
+                *this.shutdown = None;
+                this.connection.as_mut().graceful_shutdown();
+            }
+        }
+        this.connection.poll(cx)
+    }
 }
 
 /// The peer's address, put into every request's extensions for the proxy's `X-Forwarded-For`.
@@ -789,7 +815,7 @@ where
                 let service = TowerToHyperService::new(service);
                 if !http2 {
                     return Some(
-                        graceful(builders.0.serve_connection(io, service), triggered).await,
+                        Graceful::new(builders.0.serve_connection(io, service), triggered).await,
                     );
                 }
                 // A stalled stream closes its connection (by dropping it): the client is too
@@ -803,7 +829,7 @@ where
                 // Boxed: the task is sized for the HTTP/1 connection most streams use.
                 Box::pin(async {
                     tokio::select! {
-                        ended = graceful(builders.1.serve_connection(io, service), triggered) => Some(ended),
+                        ended = Graceful::new(builders.1.serve_connection(io, service), triggered) => Some(ended),
                         () = stalled => None,
                     }
                 })
