@@ -13,7 +13,7 @@ use http::header::{ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Either, Full, StreamBody};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_stream::wrappers::IntervalStream;
 use tokio_stream::StreamExt;
@@ -54,9 +54,11 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<OpsBody>;
+    // The stack's body as it is: boxing it (to share a type with the operations' bodies) would
+    // cost every event stream an allocation and an indirect call per frame.
+    type Response = Response<Either<B, OpsBody>>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<OpsBody>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.stack.poll_ready(cx)
@@ -66,11 +68,20 @@ where
         let path = request.uri().path();
         if path != "/metrics" && path != "/status" {
             let future = self.stack.call(request);
-            return Box::pin(async move {
-                let response = future.await?;
-                Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
-            });
+            return Box::pin(async move { Ok(future.await?.map(Either::Left)) });
         }
+        let answer = self.operations(request);
+        Box::pin(async move { Ok(answer.await?.map(Either::Right)) })
+    }
+}
+
+impl<S> Ops<S> {
+    /// The answer of `/metrics` or `/status`.
+    fn operations<ReqBody: Send + 'static>(
+        &self,
+        request: Request<ReqBody>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<OpsBody>, Infallible>> + Send>> {
+        let path = request.uri().path();
         let head = request.method() == Method::HEAD;
         if !head && request.method() != Method::GET {
             return Box::pin(ready(not_allowed()));
