@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::future::{ready, Future, Ready};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 /// The store's maps: keyed with a per-map random seed (keys come from clients, ids from
@@ -363,7 +363,9 @@ pub struct MemoryStore {
 struct Shared {
     limits: MemoryLimits,
     prefix: String,
-    streams: Mutex<Streams>,
+    /// Read-locked by connections carrying events recorded already (see
+    /// [`MemoryStore::carry_recorded`]), write-locked by everything else.
+    streams: RwLock<Streams>,
     /// The last id number assigned.
     assigned: AtomicU64,
 }
@@ -383,6 +385,8 @@ struct Streams {
     /// No key goes idle before this: the least recent key's last use plus the idle time (keys
     /// are only ever used later, so it stays a lower bound until that key goes).
     no_expiry_before: Option<Instant>,
+    /// What every stream's [`UsedAt`] counts from.
+    epoch: Epoch,
     /// When the store's size is next reported to telemetry (at most once a second; `None`:
     /// at once).
     #[cfg(feature = "metrics")]
@@ -400,7 +404,7 @@ struct Stream {
     bytes: usize,
     /// Bytes counted for this key: its own cost and its events'.
     cost: usize,
-    last_used: Instant,
+    last_used: UsedAt,
     /// Its place in [`Streams::recency`].
     tick: u64,
     /// Connections recording it now.
@@ -408,6 +412,42 @@ struct Stream {
     /// Where recording stopped (the sequence number the next event would have had when the
     /// last recorder went), oldest first; those before `first_seq` are dropped with their events.
     paused_at: VecDeque<u64>,
+}
+
+/// The instant the store was made, which a key's last use is counted from.
+#[derive(Clone, Copy)]
+struct Epoch(Instant);
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Self(Instant::now())
+    }
+}
+
+/// When a key was last used, in milliseconds since the store's [`Epoch`]: an atomic, so that a
+/// connection holding the store's lock only to read can still mark its key used.
+struct UsedAt(AtomicU64);
+
+impl UsedAt {
+    fn new(epoch: Epoch, now: Instant) -> Self {
+        let used = Self(AtomicU64::new(0));
+        used.mark(epoch, now);
+        used
+    }
+
+    fn get(&self, epoch: Epoch) -> Instant {
+        epoch.0 + Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Marks the key used at `now` (never earlier than it was): a write at most once a
+    /// millisecond, however many connections carry the key.
+    fn mark(&self, epoch: Epoch, now: Instant) {
+        let millis = now.saturating_duration_since(epoch.0).as_millis();
+        let millis = u64::try_from(millis).unwrap_or(u64::MAX);
+        if self.0.load(Ordering::Relaxed) < millis {
+            self.0.fetch_max(millis, Ordering::Relaxed);
+        }
+    }
 }
 
 use std::collections::hash_map::Entry;
@@ -590,7 +630,7 @@ impl MemoryStore {
             shared: Arc::new(Shared {
                 limits,
                 prefix,
-                streams: Mutex::new(Streams::default()),
+                streams: RwLock::new(Streams::default()),
                 assigned: AtomicU64::new(0),
             }),
         }
@@ -611,7 +651,13 @@ impl MemoryStore {
         streams.expire(limits, now);
         let stream = match streams.map.get_mut(key) {
             Some(stream) => {
-                Streams::touch_stream(&mut streams.recency, &mut streams.clock, stream, now);
+                Streams::touch_stream(
+                    &mut streams.recency,
+                    &mut streams.clock,
+                    streams.epoch,
+                    stream,
+                    now,
+                );
                 stream
             }
             None => {
@@ -670,13 +716,59 @@ impl MemoryStore {
         self.len(key) == 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, Streams> {
+    fn lock(&self) -> RwLockWriteGuard<'_, Streams> {
         // A panic while holding the lock leaves the maps consistent (every update is done before
         // anything can panic), so a poisoned lock is still usable.
         self.shared
             .streams
-            .lock()
+            .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_shared(&self) -> RwLockReadGuard<'_, Streams> {
+        self.shared
+            .streams
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The common case of [`append_carried`](ReplayStore::append_carried) with many
+    /// connections on one key: every event of the batch follows the connection's previous one
+    /// in the history, recorded already by the connection ahead. Done under the read lock, so
+    /// such connections never wait for one another (nor for one that lost its core while
+    /// holding the lock); false, with nothing done, when the batch needs more (an event to
+    /// append or look up, an expiry due, a key to move up the recency order): the write path
+    /// does it all.
+    fn carry_recorded(
+        &self,
+        key: &Bytes,
+        position: &mut Position,
+        events: &dyn CarriedEvents,
+        now: Instant,
+    ) -> bool {
+        let streams = self.lock_shared();
+        if streams.no_expiry_before.is_none_or(|at| now >= at) {
+            return false;
+        }
+        let Some(stream) = streams.map.get(&key[..]) else {
+            return false;
+        };
+        // Touching any other key would move it in the recency order.
+        if stream.tick != streams.clock {
+            return false;
+        }
+        let Place::After(mut seq) = stream.place(*position) else {
+            return false;
+        };
+        for index in 0..events.len() {
+            match stream.at(seq + 1) {
+                Some(next) if next.event.id == events.id(index) => seq += 1,
+                _ => return false,
+            }
+        }
+        stream.last_used.mark(streams.epoch, now);
+        *position = Position::new(seq + 1);
+        true
     }
 }
 
@@ -698,7 +790,10 @@ impl Streams {
         }
         self.no_expiry_before = None;
         while let Some((_, key)) = self.recency.first_key_value() {
-            let last_used = self.map.get(key).map(|stream| stream.last_used);
+            let last_used = self
+                .map
+                .get(key)
+                .map(|stream| stream.last_used.get(self.epoch));
             if let Some(last_used) = last_used.filter(|&used| !limits.is_idle_since(used, now)) {
                 self.no_expiry_before = last_used.checked_add(limits.key_idle);
                 break;
@@ -736,17 +831,18 @@ impl Streams {
     /// Marks `key` (held) as the most recently used.
     fn touch(&mut self, key: &[u8], now: Instant) {
         if let Some(stream) = self.map.get_mut(key) {
-            Self::touch_stream(&mut self.recency, &mut self.clock, stream, now);
+            Self::touch_stream(&mut self.recency, &mut self.clock, self.epoch, stream, now);
         }
     }
 
     fn touch_stream(
         recency: &mut BTreeMap<u64, Bytes>,
         clock: &mut u64,
+        epoch: Epoch,
         stream: &mut Stream,
         now: Instant,
     ) {
-        stream.last_used = now;
+        stream.last_used.mark(epoch, now);
         // The most recent key already (one hot stream): its place stays.
         if stream.tick == *clock {
             return;
@@ -784,7 +880,7 @@ impl Streams {
                 first_seq: self.next_first_seq,
                 bytes: 0,
                 cost,
-                last_used: now,
+                last_used: UsedAt::new(self.epoch, now),
                 tick: self.clock,
                 recorders: 0,
                 paused_at: VecDeque::new(),
@@ -1069,7 +1165,7 @@ impl ReplayStore for MemoryStore {
         events: &mut dyn CarriedEvents,
         now: Instant,
     ) {
-        if events.is_empty() {
+        if events.is_empty() || self.carry_recorded(key, position, events, now) {
             return;
         }
         self.write(key, now, |stream, limits, fits| {
@@ -1571,6 +1667,32 @@ mod tests {
         assert_eq!(store.bytes(), baseline);
         assert_eq!(store.keys(), 0);
         assert!(store.lock().recency.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_carried_under_the_read_lock_stays_in_use() {
+        let store =
+            MemoryStore::with_limits(MemoryLimits::default().key_idle(Duration::from_secs(10)));
+        let key = Bytes::from_static(b"k");
+        let (mut ahead, mut behind) = (Position::default(), Position::default());
+        assert_eq!(carry(&store, &key, &mut ahead, &["1", "2", "3"]), 3);
+        assert_eq!(carry(&store, &key, &mut behind, &["1"]), 0);
+        // Event 2 follows event 1: the read-locked path, which must still mark the key used.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let marked = behind;
+        assert_eq!(carry(&store, &key, &mut behind, &["2"]), 0);
+        assert_ne!(behind, marked);
+        // 16 s after the last append but 8 s after the last carry: not idle.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert_eq!(carry(&store, &key, &mut behind, &["3"]), 0);
+        assert_eq!(store.keys(), 1);
+        assert_eq!(
+            read(&store, &key, ReadFrom::Oldest, 10).await,
+            ["1", "2", "3"]
+        );
+        // Nothing carried for the idle time: forgotten.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(store.keys(), 0);
     }
 
     #[test]
