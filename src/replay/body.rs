@@ -89,9 +89,12 @@ impl<St: ReplayStore> Recorder<St> {
         recording: bool,
         continues_after: Option<&[u8]>,
     ) -> Self {
-        if recording {
+        let key = if recording {
             store.recorder_started(&key, continues_after);
-        }
+            store.shared_key(&key).unwrap_or(key)
+        } else {
+            key
+        };
         Self {
             store,
             key,

@@ -1020,6 +1020,10 @@ impl ReplayStore for RedisStore {
         self.shared.local.recorder_stopped(key);
     }
 
+    fn shared_key(&self, key: &Bytes) -> Option<Bytes> {
+        self.shared.local.shared_key(key)
+    }
+
     fn trim(&self, key: &Bytes, keep: usize) {
         let command = Command::Trim {
             key: key.clone(),

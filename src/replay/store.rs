@@ -200,6 +200,15 @@ pub trait ReplayStore: Clone + Send + Sync + 'static {
         let _ = key;
     }
 
+    /// The store's own copy of `key` while it holds that key, which a recorder keeps in place
+    /// of its own: the connections recording one key then read its bytes (hashed and compared
+    /// with every append) from one place, not from an allocation each that is cold by the time
+    /// its next event comes. By default none.
+    fn shared_key(&self, key: &Bytes) -> Option<Bytes> {
+        let _ = key;
+        None
+    }
+
     /// A new id for an event of `key`: unique for this store, increasing per key.
     fn next_id(&self, key: &Bytes) -> Bytes;
 
@@ -1186,6 +1195,14 @@ impl ReplayStore for MemoryStore {
         });
     }
 
+    fn shared_key(&self, key: &Bytes) -> Option<Bytes> {
+        let streams = self.lock_shared();
+        streams
+            .map
+            .get_key_value(&key[..])
+            .map(|(shared, _)| shared.clone())
+    }
+
     fn recorder_stopped(&self, key: &Bytes) {
         let mut streams = self.lock();
         if let Some(stream) = streams.map.get_mut(&key[..]) {
@@ -1693,6 +1710,19 @@ mod tests {
         // Nothing carried for the idle time: forgotten.
         tokio::time::advance(Duration::from_secs(11)).await;
         assert_eq!(store.keys(), 0);
+    }
+
+    #[test]
+    fn recorders_of_one_key_share_the_stores_copy_of_it() {
+        let store = MemoryStore::new();
+        let first = Bytes::from(b"/events?room=1".to_vec());
+        let second = Bytes::from(b"/events?room=1".to_vec());
+        assert!(store.shared_key(&first).is_none());
+        store.recorder_started(&first, None);
+        let shared = store.shared_key(&second).unwrap();
+        assert_eq!(shared, second);
+        assert_ne!(shared.as_ptr(), second.as_ptr());
+        assert_eq!(shared.as_ptr(), store.shared_key(&first).unwrap().as_ptr());
     }
 
     #[test]
