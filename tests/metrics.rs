@@ -96,14 +96,19 @@ fn get() -> Request<()> {
     Request::get("/events").body(()).unwrap()
 }
 
-#[tokio::test]
-async fn a_streams_first_frame_is_counted_at_once_and_the_rest_by_its_end() {
-    let recorded = record();
-    let service = PassthroughLayer::new()
+/// Three frames through the passthrough: its first comment, then two events.
+fn commented_two_events() -> tower_sse::passthrough::Passthrough<ScriptedService> {
+    PassthroughLayer::new()
         .initial_comment("ok")
         .layer_service(upstream(
             Script::new().chunk("data: a\n\n").chunk("data: b\n\n"),
-        ));
+        ))
+}
+
+#[tokio::test]
+async fn a_streams_first_frame_is_counted_at_once_and_the_rest_by_its_end() {
+    let recorded = record();
+    let service = commented_two_events();
     let mut body = service.oneshot(get()).await.unwrap().into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(recorded.counter("sse_frames_sent_total", &[]), 1.0);
@@ -122,11 +127,7 @@ async fn a_streams_first_frame_is_counted_at_once_and_the_rest_by_its_end() {
 #[tokio::test]
 async fn streams_frames_and_bytes_are_counted_with_how_each_stream_closed() {
     let recorded = record();
-    let service = PassthroughLayer::new()
-        .initial_comment("ok")
-        .layer_service(upstream(
-            Script::new().chunk("data: a\n\n").chunk("data: b\n\n"),
-        ));
+    let service = commented_two_events();
     let body = service.clone().oneshot(get()).await.unwrap().into_body();
     assert_eq!(recorded.gauge("sse_streams_open"), 1.0);
     let bytes = body.collect().await.unwrap().to_bytes();

@@ -468,11 +468,12 @@ impl Body for StreamBody {
 }
 
 /// Reads what `io` has with `read_into`, which answers how many bytes it read and whether its
-/// buffer had room left. A read that leaves room in the buffer has emptied the socket's receive queue, so it also clears the socket's readiness, as a read
-/// that would block does: the next poll waits for the next bytes instead of spending a system
-/// call to learn there are none (nginx saves that call the same way). If bytes arrive between
-/// the read and the clearing, tokio's readiness ticks keep them from being missed: a readiness
-/// event newer than the one this read started from is never cleared.
+/// buffer had room left. A read that leaves room in the buffer has emptied the socket's receive
+/// queue, so it also clears the socket's readiness, as a read that would block does: the next
+/// poll waits for the next bytes instead of spending a system call to learn there are none
+/// (nginx saves that call the same way). If bytes arrive between the read and the clearing,
+/// tokio's readiness ticks keep them from being missed: a readiness event newer than the one
+/// this read started from is never cleared.
 fn read_draining(
     io: &TcpStream,
     mut read_into: impl FnMut() -> io::Result<(usize, bool)>,
