@@ -143,19 +143,25 @@ async fn upstream() -> (SocketAddr, mpsc::Sender<mpsc::Receiver<Bytes>>) {
 
 #[tokio::test]
 async fn proxies_an_upstream_unbuffered() {
-    proxies_unbuffered_with("direct").await;
+    proxies_unbuffered_with(&["--stream-reader", "direct"]).await;
 }
 
 #[tokio::test]
 async fn proxies_an_upstream_unbuffered_through_hyper_s_client() {
-    proxies_unbuffered_with("hyper").await;
+    proxies_unbuffered_with(&["--stream-reader", "hyper"]).await;
 }
 
-async fn proxies_unbuffered_with(stream_reader: &str) {
+#[tokio::test]
+async fn proxies_an_upstream_unbuffered_with_writev() {
+    proxies_unbuffered_with(&["--http1-writev"]).await;
+}
+
+async fn proxies_unbuffered_with(flags: &[&str]) {
     let (upstream_addr, feeds) = upstream().await;
     let upstream = format!("http://{upstream_addr}");
-    let gateway =
-        Gateway::start(&["--upstream", &upstream, "--stream-reader", stream_reader]).await;
+    let mut args = vec!["--upstream", &upstream];
+    args.extend_from_slice(flags);
+    let gateway = Gateway::start(&args).await;
 
     let (events, feed) = mpsc::channel(4);
     feeds.send(feed).await.unwrap();
