@@ -755,7 +755,7 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header)
         // Copying an event into the connection's write buffer and sending it with one `write`
-        // costs less than queueing it for a `writev` with its chunk framing: about 5 % of the
+        // costs less than queueing it for a `writev` with its chunk framing: about 4 % of the
         // CPU per event under load (README, Sizing). Either way at most `max_buf_size` waits.
         .writev(limits.writev);
     let mut http2 = http2::Builder::new(TokioExecutor::new());
