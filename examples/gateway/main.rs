@@ -252,7 +252,8 @@ struct Args {
 
     /// Write HTTP/1 responses with `writev` over the queued chunks, as hyper does by default,
     /// instead of copying each chunk into the connection's write buffer and sending it with one
-    /// `write`. The copy costs less for small events; `writev` saves it for large bodies.
+    /// `write`. The copy costs less for small events; `writev` saves it for large bodies, and
+    /// frees what a slow client left queued (the write buffer keeps its size).
     #[arg(long)]
     http1_writev: bool,
     /// Serve the subscriptions management API (create, list, get, suspend, reactivate, delete)
