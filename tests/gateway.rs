@@ -1129,6 +1129,26 @@ async fn status_line(stream: &mut tokio::net::TcpStream, limit: Duration) -> Opt
     head.lines().next().map(str::to_owned)
 }
 
+/// `--http1-buffer` bounds a request head: one over it is answered 431, one under it is served.
+#[tokio::test]
+async fn request_heads_are_bounded_by_the_http1_buffer() {
+    use tokio::io::AsyncWriteExt;
+    let gateway = Gateway::start(&["--http1-buffer", "8192"]).await;
+    for (padding, status) in [(4 * 1024, "HTTP/1.1 200 OK"), (12 * 1024, "HTTP/1.1 431")] {
+        let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        let request = format!(
+            "GET / HTTP/1.1\r\nhost: gateway\r\nx-padding: {}\r\n\r\n",
+            "x".repeat(padding)
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let line = status_line(&mut stream, Duration::from_secs(10)).await;
+        assert!(
+            line.as_deref().is_some_and(|line| line.starts_with(status)),
+            "{padding} bytes of header: {line:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_stalled_request_body_is_cut_with_408_and_a_slow_one_is_not() {
     use tokio::io::AsyncWriteExt;

@@ -256,6 +256,13 @@ struct Args {
     /// frees what a slow client left queued (the write buffer keeps its size).
     #[arg(long)]
     http1_writev: bool,
+
+    /// The most an HTTP/1 connection buffers, in bytes: a request head, and what waits for a
+    /// client that reads slower than the stream goes beyond its socket's own buffer (hyper's
+    /// `max_buf_size`, at least 8192). The write buffer keeps the size it grew to, up to about
+    /// twice this, until the connection closes.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024, value_parser = http1_buffer)]
+    http1_buffer: usize,
     /// Serve the subscriptions management API (create, list, get, suspend, reactivate, delete)
     /// on a listener of its own at this address, for operators; the public port then never
     /// serves it. Default: off (with neither this nor --admin-token, the API is not served).
@@ -300,6 +307,14 @@ struct Args {
     /// Pad each demo event's data to about this many bytes, for load tests.
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     demo_size: usize,
+}
+
+/// `--http1-buffer`: hyper takes no less than 8 KiB.
+fn http1_buffer(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(bytes) if bytes >= 8192 => Ok(bytes),
+        _ => Err(format!("expected a number of bytes >= 8192, got {value:?}")),
+    }
 }
 
 /// A non-negative number of seconds, fractions allowed.
@@ -374,6 +389,7 @@ async fn serve_gateway<S, B, St, Sub>(
         body: positive(args.body_timeout),
         send: positive(args.send_timeout),
         writev: args.http1_writev,
+        http1_buffer: args.http1_buffer,
     };
     let admin = match &subscriptions {
         Some(subscriptions) => Some(
@@ -730,14 +746,15 @@ impl<C: GracefulConnection> Future for Graceful<C> {
 #[derive(Clone, Copy, Debug)]
 struct PeerAddr(SocketAddr);
 
-/// The per-connection limits of `--header-timeout`, `--body-timeout` and `--send-timeout`, and
-/// how HTTP/1 responses are written (`--http1-writev`).
+/// The per-connection limits of `--header-timeout`, `--body-timeout`, `--send-timeout` and
+/// `--http1-buffer`, and how HTTP/1 responses are written (`--http1-writev`).
 #[derive(Clone, Copy, Debug)]
 struct Limits {
     header: Option<Duration>,
     body: Option<Duration>,
     send: Option<Duration>,
     writev: bool,
+    http1_buffer: usize,
 }
 
 /// Accepts HTTP/1 and HTTP/2 connections until Ctrl-C (or SIGTERM), then shuts down gracefully:
@@ -749,15 +766,16 @@ where
     B::Error: Into<BoxError>,
 {
     let mut http1 = http1::Builder::new();
-    // What hyper queues for a client that stopped reading, beyond the socket's own buffer
-    // (hyper's default is about 400 KiB per connection); headers still fit many times over.
+    // What hyper holds for a client that stopped reading, beyond the socket's own buffer
+    // (hyper's default is about 400 KiB per connection), and the longest request head.
     http1
-        .max_buf_size(64 * 1024)
+        .max_buf_size(limits.http1_buffer)
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header)
         // Copying an event into the connection's write buffer and sending it with one `write`
         // costs less than queueing it for a `writev` with its chunk framing: about 4 % of the
-        // CPU per event under load (README, Sizing). Either way at most `max_buf_size` waits.
+        // CPU per event under load (README, Sizing). Either way at most `max_buf_size` waits,
+        // but the copy's buffer keeps its size once a slow client made it grow.
         .writev(limits.writev);
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     // An HTTP/2 client that stops answering pings is gone; its first request is timed below.
