@@ -263,6 +263,7 @@ struct Args {
     /// twice this, until the connection closes.
     #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024, value_parser = http1_buffer)]
     http1_buffer: usize,
+
     /// Serve the subscriptions management API (create, list, get, suspend, reactivate, delete)
     /// on a listener of its own at this address, for operators; the public port then never
     /// serves it. Default: off (with neither this nor --admin-token, the API is not served).
