@@ -886,7 +886,8 @@ where
                 () = no_first_request => None,
             };
             drop(open);
-            // Closed by dropping it: the client is too slow for anything more graceful.
+            // None: no request head in time, or a stalled HTTP/2 stream; the connection was
+            // closed by dropping it, and there is nothing to report.
             let Some(ended) = ended else { return };
             if let Err(error) = ended {
                 if !client_left(&error) {

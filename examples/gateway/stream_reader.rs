@@ -399,7 +399,7 @@ impl Body for StreamBody {
                 return Poll::Ready(Some(Err(error)));
             }
             // Small reads (an event at a time) go through the thread's scratch buffer and are
-            // copied out: what waits to be sent holds only its own bytes, and no buffer is
+            // copied out: what waits to be sent holds only its own bytes, and no read buffer is
             // allocated and freed per read. Reads that fill their buffer grow it, and go
             // straight into a buffer of their own.
             let read = if this.read_size == MIN_READ {
