@@ -153,7 +153,12 @@ async fn proxies_an_upstream_unbuffered_through_hyper_s_client() {
 
 #[tokio::test]
 async fn proxies_an_upstream_unbuffered_with_writev() {
-    proxies_unbuffered_with(&["--http1-writev"]).await;
+    proxies_unbuffered_with(&["--http1-writev", "--http1-hyper"]).await;
+}
+
+#[tokio::test]
+async fn proxies_an_upstream_unbuffered_through_hyper_s_server() {
+    proxies_unbuffered_with(&["--http1-hyper"]).await;
 }
 
 async fn proxies_unbuffered_with(flags: &[&str]) {
@@ -195,6 +200,141 @@ async fn proxies_unbuffered_with(flags: &[&str]) {
     assert!(json.headers().get("x-accel-buffering").is_none());
     let body = json.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "{\"ok\":true}");
+}
+
+/// Reads from `stream` until `buf` holds `needle`, within ten seconds; the bytes up to its end.
+async fn read_until(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    needle: &[u8],
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let found = timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(at) = buf.windows(needle.len()).position(|w| w == needle) {
+                return buf.drain(..at + needle.len()).collect::<Vec<u8>>();
+            }
+            let mut more = [0; 4096];
+            match stream.read(&mut more).await {
+                Ok(0) | Err(_) => panic!("closed before {:?}", String::from_utf8_lossy(needle)),
+                Ok(n) => buf.extend_from_slice(&more[..n]),
+            }
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| {
+        panic!(
+            "no {:?} in {:?}",
+            String::from_utf8_lossy(needle),
+            String::from_utf8_lossy(buf)
+        )
+    })
+}
+
+/// The gateway writes an HTTP/1 event stream to the socket itself (unless `--http1-hyper`):
+/// the connection stays the client's for the requests after it, pipelined or not, whoever
+/// answers them.
+#[tokio::test]
+async fn an_event_stream_connection_serves_pipelined_requests_after_the_stream() {
+    use tokio::io::AsyncWriteExt;
+    let (upstream_addr, feeds) = upstream().await;
+    let gateway = Gateway::start(&["--upstream", &format!("http://{upstream_addr}")]).await;
+    let (events, feed) = mpsc::channel(4);
+    feeds.send(feed).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    // The stream and, in the same write, the request after it.
+    stream
+        .write_all(
+            b"GET /stream HTTP/1.1\r\nhost: gateway\r\naccept: text/event-stream\r\n\r\n\
+              GET /json HTTP/1.1\r\nhost: gateway\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let head = String::from_utf8(read_until(&mut stream, &mut buf, b"\r\n\r\n").await).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    for field in [
+        "content-type: text/event-stream; charset=utf-8\r\n",
+        "transfer-encoding: chunked\r\n",
+        "x-accel-buffering: no\r\n",
+        "date: ",
+    ] {
+        assert!(head.contains(field), "{field:?} in {head}");
+    }
+    assert!(!head.contains("content-length"), "{head}");
+    // Each event its own chunk, as it comes.
+    assert_eq!(
+        read_until(&mut stream, &mut buf, b":ok\n\n\r\n").await,
+        b"5\r\n:ok\n\n\r\n".as_slice()
+    );
+    events
+        .send(Bytes::from_static(b"id: 1\ndata: x\n\n"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_until(&mut stream, &mut buf, b"\n\n\r\n").await,
+        b"F\r\nid: 1\ndata: x\n\n\r\n".as_slice()
+    );
+    // The upstream ends the stream: the last chunk, then the pipelined request's answer,
+    // written by hyper.
+    drop(events);
+    read_until(&mut stream, &mut buf, b"0\r\n\r\n").await;
+    let json =
+        String::from_utf8(read_until(&mut stream, &mut buf, b"{\"ok\":true}").await).unwrap();
+    assert!(json.starts_with("HTTP/1.1 200 OK\r\n"), "{json}");
+    assert!(json.contains("content-length: 11\r\n"), "{json}");
+    // And a request after that, on the same connection.
+    stream
+        .write_all(b"GET /json HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut stream, &mut buf, b"{\"ok\":true}").await;
+    // HTTP/1.0 is hyper's from the start; it closes the connection after the response.
+    let mut old = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    old.write_all(b"GET /json HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut all = Vec::new();
+    let response = read_until(&mut old, &mut all, b"{\"ok\":true}").await;
+    assert!(
+        response.starts_with(b"HTTP/1.0 200 OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+}
+
+/// A client that closes its connection mid-stream frees the stream: the gateway closes the
+/// upstream's, which stops taking events.
+#[tokio::test]
+async fn a_client_leaving_an_event_stream_frees_its_upstream() {
+    use tokio::io::AsyncWriteExt;
+    let (upstream_addr, feeds) = upstream().await;
+    let gateway = Gateway::start(&["--upstream", &format!("http://{upstream_addr}")]).await;
+    let (events, feed) = mpsc::channel(1);
+    feeds.send(feed).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET /stream HTTP/1.1\r\nhost: gateway\r\naccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut stream, &mut buf, b":ok\n\n\r\n").await;
+    events
+        .send(Bytes::from_static(b"data: x\n\n"))
+        .await
+        .unwrap();
+    read_until(&mut stream, &mut buf, b"data: x\n\n\r\n").await;
+    drop(stream);
+    // The upstream's body goes with its connection; its feed then refuses events.
+    timeout(Duration::from_secs(10), async {
+        while events
+            .send(Bytes::from_static(b"data: y\n\n"))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the upstream stream outlived its client");
 }
 
 #[tokio::test]

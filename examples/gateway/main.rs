@@ -17,6 +17,7 @@ mod limits;
 mod ops;
 mod proxy;
 mod stream_reader;
+mod stream_writer;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,11 +30,12 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{Request, Response, Uri};
 use http_body::Body;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
-use hyper_util::service::TowerToHyperService;
+use stream_writer::Handoff;
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceExt};
 use tower_sse::compression::SseCompressionLayer;
@@ -51,7 +53,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What every service of the gateway reads requests from: hyper's body, cut after
 /// `--body-timeout` without a byte.
-type RequestBody = limits::BodyTimeout<Incoming>;
+/// A request's body: hyper's, or none for a request the gateway read itself.
+type RequestBody =
+    limits::BodyTimeout<http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>>;
 
 /// Serves the tower-sse layer stack in front of a demo event stream or an upstream server.
 #[derive(Debug, Parser)]
@@ -257,6 +261,13 @@ struct Args {
     #[arg(long)]
     http1_writev: bool,
 
+    /// Serve every HTTP/1 request through hyper's connection, event streams too. By default the
+    /// gateway reads plain `GET` requests itself and writes the event streams that answer them
+    /// straight to the socket, which costs less per event and per idle stream; anything else
+    /// (a request with a body, an upgrade, HTTP/1.0, any other response) goes to hyper.
+    #[arg(long)]
+    http1_hyper: bool,
+
     /// The most an HTTP/1 connection buffers, in bytes: a request head, and what waits for a
     /// client that reads slower than the stream goes beyond its socket's own buffer (hyper's
     /// `max_buf_size`, at least 8192). The write buffer keeps the size it grew to, up to about
@@ -391,6 +402,7 @@ async fn serve_gateway<S, B, St, Sub>(
         send: positive(args.send_timeout),
         writev: args.http1_writev,
         http1_buffer: args.http1_buffer,
+        direct: !args.http1_hyper,
     };
     let admin = match &subscriptions {
         Some(subscriptions) => Some(
@@ -747,8 +759,76 @@ impl<C: GracefulConnection> Future for Graceful<C> {
 #[derive(Clone, Copy, Debug)]
 struct PeerAddr(SocketAddr);
 
+/// A connection's way into the gateway's service, for hyper and for [`stream_writer`] alike.
+struct Handler<S, B> {
+    service: std::sync::Arc<S>,
+    peer: SocketAddr,
+    /// Told of every request, so a connection that never sends a first one can be closed.
+    started: std::sync::Arc<tokio::sync::Notify>,
+    /// HTTP/2 streams the client stops granting window to.
+    stalls: Option<std::sync::Arc<limits::StallWatch>>,
+    body_timeout: Option<Duration>,
+    /// The answer to the first request hyper reads: [`stream_writer`] made it, and handed the
+    /// connection to hyper to write it.
+    /// (A lock no one else takes: it makes the handler `Sync` for the writer's borrow.)
+    answered: std::sync::Mutex<Option<Response<limits::Watched<B>>>>,
+}
+
+/// A response on its way, boxed: hyper keeps a slot the size of this future for the
+/// connection's whole life, and the stack's future (a clone of every layer, then their futures)
+/// is kilobytes; boxed, it is freed once the response head is out.
+type Answer<B> =
+    Pin<Box<dyn Future<Output = Result<Response<limits::Watched<B>>, Infallible>> + Send>>;
+
+impl<S, B> Handler<S, B>
+where
+    S: Served<B>,
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    fn handle(
+        &self,
+        mut request: Request<http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>>,
+    ) -> Answer<B> {
+        self.started.notify_one();
+        request.extensions_mut().insert(PeerAddr(self.peer));
+        let held = self
+            .stalls
+            .as_ref()
+            .filter(|_| request.version() == http::Version::HTTP_2)
+            .map(|watch| watch.register());
+        let response = S::clone(&self.service)
+            .oneshot(request.map(|body| limits::BodyTimeout::new(body, self.body_timeout)));
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| limits::Watched::new(body, held)))
+        })
+    }
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Handler<S, B>
+where
+    S: Served<B>,
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<limits::Watched<B>>;
+    type Error = Infallible;
+    type Future = Answer<B>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let answered = self
+            .answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(response) = answered {
+            return Box::pin(std::future::ready(Ok(response)));
+        }
+        self.handle(request.map(http_body_util::Either::Left))
+    }
+}
+
 /// The per-connection limits of `--header-timeout`, `--body-timeout`, `--send-timeout` and
-/// `--http1-buffer`, and how HTTP/1 responses are written (`--http1-writev`).
+/// `--http1-buffer`, and how HTTP/1 responses are written (`--http1-writev`, `--http1-hyper`).
 #[derive(Clone, Copy, Debug)]
 struct Limits {
     header: Option<Duration>,
@@ -756,6 +836,8 @@ struct Limits {
     send: Option<Duration>,
     writev: bool,
     http1_buffer: usize,
+    /// Event streams over HTTP/1 are written by [`stream_writer`], not hyper.
+    direct: bool,
 }
 
 /// Accepts HTTP/1 and HTTP/2 connections until Ctrl-C (or SIGTERM), then shuts down gracefully:
@@ -816,41 +898,55 @@ where
         let service = shared.clone();
         // Told of every request, so a connection that never sends a first one can be closed.
         let started = std::sync::Arc::new(tokio::sync::Notify::new());
-        let requests = started.clone();
         // HTTP/2 streams the client stops granting window to, which the socket cannot show.
         let stalls = limits
             .send
             .map(|_| std::sync::Arc::new(limits::StallWatch::new()));
-        let watch = stalls.clone();
-        let service = tower::service_fn(move |mut request: Request<Incoming>| {
-            requests.notify_one();
-            request.extensions_mut().insert(PeerAddr(peer));
-            let held = watch
-                .as_ref()
-                .filter(|_| request.version() == http::Version::HTTP_2)
-                .map(|watch| watch.register());
-            let response = S::clone(&service)
-                .oneshot(request.map(|body| limits::BodyTimeout::new(body, limits.body)));
-            // Boxed: hyper keeps a slot the size of this future for the connection's whole life,
-            // and the stack's future (a clone of every layer, then their futures) is kilobytes;
-            // boxed, it is freed once the response head is out.
-            Box::pin(async move {
-                let response = response.await?;
-                Ok::<_, Infallible>(response.map(|body| limits::Watched::new(body, held)))
-            })
-        });
+        let handler = Handler {
+            service,
+            peer,
+            started: started.clone(),
+            stalls: stalls.clone(),
+            body_timeout: limits.body,
+            answered: std::sync::Mutex::new(None),
+        };
         let builders = builders.clone();
-        let (open, triggered) = (open.clone(), shutdown.triggered());
+        let (open, mut triggered) = (open.clone(), shutdown.triggered());
         tokio::spawn(async move {
             let connection = async move {
                 let http2 = speaks_http2(&stream).await;
-                let io = TokioIo::new(limits::SendTimeout::new(stream, limits.send));
-                let service = TowerToHyperService::new(service);
+                let mut io = limits::SendTimeout::new(stream, limits.send);
                 if !http2 {
+                    let mut read = Bytes::new();
+                    if limits.direct {
+                        let bounds = stream_writer::Bounds {
+                            buffer: limits.http1_buffer,
+                            header: limits.header,
+                        };
+                        let call = |request: Request<()>| {
+                            handler.handle(request.map(|()| Either::Right(Empty::new())))
+                        };
+                        match stream_writer::serve(&mut io, call, bounds, &mut triggered).await {
+                            Handoff::Closed(ended) => return Some(ended),
+                            Handoff::Hyper {
+                                read: unanswered,
+                                response,
+                            } => {
+                                read = unanswered;
+                                *handler.answered.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    response;
+                            }
+                        }
+                    }
+                    let io = TokioIo::new(stream_writer::Rewind::new(io, read));
+                    let connection = builders.0.serve_connection(io, handler);
                     return Some(
-                        Graceful::new(builders.0.serve_connection(io, service), triggered).await,
+                        Graceful::new(connection, triggered)
+                            .await
+                            .map_err(Into::into),
                     );
                 }
+                let io = TokioIo::new(io);
                 // A stalled stream closes its connection (by dropping it): the client is too
                 // slow for anything more graceful.
                 let stalled = async {
@@ -862,7 +958,7 @@ where
                 // Boxed: the task is sized for the HTTP/1 connection most streams use.
                 Box::pin(async {
                     tokio::select! {
-                        ended = Graceful::new(builders.1.serve_connection(io, service), triggered) => Some(ended),
+                        ended = Graceful::new(builders.1.serve_connection(io, handler), triggered) => Some(ended.map_err(Into::into)),
                         () = stalled => None,
                     }
                 })
@@ -890,7 +986,7 @@ where
             // closed by dropping it, and there is nothing to report.
             let Some(ended) = ended else { return };
             if let Err(error) = ended {
-                if !client_left(&error) {
+                if !client_left(&*error) {
                     eprintln!("connection from {peer} ended with an error: {error}");
                 }
             }
