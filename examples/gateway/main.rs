@@ -254,10 +254,11 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = seconds)]
     send_timeout: f64,
 
-    /// Write HTTP/1 responses with `writev` over the queued chunks, as hyper does by default,
-    /// instead of copying each chunk into the connection's write buffer and sending it with one
-    /// `write`. The copy costs less for small events; `writev` saves it for large bodies, and
-    /// frees what a slow client left queued (the write buffer keeps its size).
+    /// On hyper's HTTP/1 path (see --http1-hyper): write responses with `writev` over the queued
+    /// chunks, as hyper does by default, instead of copying each chunk into the connection's
+    /// write buffer and sending it with one `write`. The copy costs less for small events;
+    /// `writev` saves it for large bodies, and frees what a slow client left queued (the write
+    /// buffer keeps its size).
     #[arg(long)]
     http1_writev: bool,
 
@@ -269,9 +270,10 @@ struct Args {
     http1_hyper: bool,
 
     /// The most an HTTP/1 connection buffers, in bytes: a request head, and what waits for a
-    /// client that reads slower than the stream goes beyond its socket's own buffer (hyper's
-    /// `max_buf_size`, at least 8192). The write buffer keeps the size it grew to, up to about
-    /// twice this, until the connection closes.
+    /// client that reads slower than the stream goes beyond its socket's own buffer (at least
+    /// 8192). An event stream the gateway writes frees a buffer grown past 4 KiB once its client
+    /// caught up; hyper's (`max_buf_size`) keeps the size it grew to, up to about twice this,
+    /// until the connection closes.
     #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024, value_parser = http1_buffer)]
     http1_buffer: usize,
 

@@ -90,9 +90,16 @@ where
             }
             Err(ended) => return Handoff::Closed(ended),
         };
-        let response = match call(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
+        // A client that leaves before its answer drops the call, and what it started upstream,
+        // as hyper does.
+        let response = tokio::select! {
+            answered = call(request) => match answered {
+                Ok(response) => response,
+                Err(never) => match never {},
+            },
+            left = poll_fn(|cx| watch_client(&mut *io, &mut read, bounds.buffer, cx)) => {
+                return Handoff::Closed(left.map(|_| ()));
+            }
         };
         if !written_here(&response) {
             return Handoff::Hyper {
@@ -427,32 +434,34 @@ where
                     continue;
                 }
             }
-            return match self.watch_client(cx) {
-                Poll::Ready(left) => Poll::Ready(left),
-                Poll::Pending => Poll::Pending,
-            };
+            return watch_client(&mut *self.io, self.read, self.bounds.buffer, cx);
         }
     }
+}
 
-    /// Reads what the client sends while its response streams: nothing, until it closes the
-    /// connection, which ends the stream. A pipelined request is kept for later, up to the
-    /// buffer bound; past it the socket is no longer read.
-    fn watch_client(&mut self, cx: &mut Context<'_>) -> Poll<Result<Streamed, BoxError>> {
-        while self.read.len() < self.bounds.buffer {
-            let mut scratch = [0u8; 512];
-            let room = scratch.len().min(self.bounds.buffer - self.read.len());
-            let mut buf = ReadBuf::new(&mut scratch[..room]);
-            match Pin::new(&mut *self.io).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
-                    return Poll::Ready(Ok(Streamed::ClientLeft))
-                }
-                Poll::Ready(Ok(())) => self.read.extend_from_slice(buf.filled()),
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
-                Poll::Pending => break,
+/// Reads what the client sends while its request is answered: nothing, until it closes the
+/// connection, which ends the exchange. A pipelined request is kept in `read` for later, up to
+/// `limit`; past it the socket is no longer read.
+fn watch_client<Io: AsyncRead + Unpin>(
+    io: &mut Io,
+    read: &mut BytesMut,
+    limit: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Streamed, BoxError>> {
+    while read.len() < limit {
+        let mut scratch = [0u8; 512];
+        let room = scratch.len().min(limit - read.len());
+        let mut buf = ReadBuf::new(&mut scratch[..room]);
+        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                return Poll::Ready(Ok(Streamed::ClientLeft))
             }
+            Poll::Ready(Ok(())) => read.extend_from_slice(buf.filled()),
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
+            Poll::Pending => break,
         }
-        Poll::Pending
     }
+    Poll::Pending
 }
 
 pin_project! {
