@@ -227,12 +227,7 @@ impl Framing {
         }
         let headers = response.headers();
         if headers.contains_key(header::TRANSFER_ENCODING) {
-            let last = headers
-                .get_all(header::TRANSFER_ENCODING)
-                .iter()
-                .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-                .rfind(|coding| !coding.trim_ascii().is_empty())
-                .map(<[u8]>::trim_ascii);
+            let last = list_items(headers.get_all(header::TRANSFER_ENCODING)).last();
             return Ok(match last {
                 Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => {
                     Self::Chunked(Chunk::Size { size: 0, digits: 0 })
@@ -491,6 +486,18 @@ fn read_draining(
         (Ok(n), _) | (Err(_), Some(n)) => Ok(n),
         (Err(error), None) => Err(error),
     }
+}
+
+/// The items of a comma-separated header field (RFC 9110, section 5.6.1), trimmed, empty ones
+/// skipped.
+pub(crate) fn list_items<'a>(
+    values: impl IntoIterator<Item = &'a HeaderValue>,
+) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .into_iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|item| !item.is_empty())
 }
 
 #[cfg(test)]

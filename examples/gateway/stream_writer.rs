@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tower_sse::lifetime::Triggered;
 use tower_sse::wire::is_event_stream;
 
+use crate::stream_reader::list_items;
 use crate::BoxError;
 
 /// The most header fields a request head may have: hyper's server default.
@@ -257,21 +258,13 @@ fn parse(buf: &[u8]) -> Parsed {
 
 /// A `Connection` field that only asks for what HTTP/1.1 does anyway.
 fn only_keep_alive(value: &HeaderValue) -> bool {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .all(|token| token.is_empty() || token.eq_ignore_ascii_case(b"keep-alive"))
+    list_items([value]).all(|option| option.eq_ignore_ascii_case(b"keep-alive"))
 }
 
 /// A response asking to close the connection after it.
 fn asks_to_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|value| {
-        value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    list_items(headers.get_all(header::CONNECTION))
+        .any(|option| option.eq_ignore_ascii_case(b"close"))
 }
 
 /// An event stream with `200` and no framing of its own: the response written here.
@@ -421,17 +414,18 @@ where
             }
             if self.sent == self.out.len() {
                 self.sent = 0;
-                if self.out.capacity() > KEPT_WRITE_BUFFER {
-                    self.out = Vec::new();
-                } else {
-                    self.out.clear();
-                }
+                self.out.clear();
                 if self.ended {
                     return Poll::Ready(Ok(Streamed::Ended));
                 }
                 if bounded {
                     // Room again for frames the bound held back.
                     continue;
+                }
+                // All sent, and the stream waits for its next event: a buffer a burst or a slow
+                // client made grow is not kept for a quiet stream (a busy one keeps it).
+                if self.out.capacity() > KEPT_WRITE_BUFFER {
+                    self.out = Vec::new();
                 }
             }
             return watch_client(&mut *self.io, self.read, self.bounds.buffer, cx);
