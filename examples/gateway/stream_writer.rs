@@ -117,6 +117,8 @@ where
         let (parts, body) = response.into_parts();
         let mut out = Vec::with_capacity(256);
         write_head(&mut out, parts.status, &parts.headers);
+        // The head is written: its fields are not kept for the stream's life.
+        drop(parts);
         let body = pin!(body);
         let mut stream = Streaming {
             io: &mut *io,
