@@ -226,7 +226,8 @@ async fn requests_that_leave_before_the_upstream_answers_leave_nothing_behind() 
         "0",
     ])
     .await;
-    // 50 requests on distinct keys that give up after 10 ms, long before the upstream answers.
+    // 50 requests on distinct keys that give up after 100 ms (time for the gateway to call the
+    // upstream), long before the upstream answers.
     let mut clients = tokio::task::JoinSet::new();
     for n in 0..50 {
         let addr = gateway.addr;
@@ -234,7 +235,7 @@ async fn requests_that_leave_before_the_upstream_answers_leave_nothing_behind() 
             let mut stream = TcpStream::connect(addr).await.unwrap();
             let request = format!("GET /s?n={n} HTTP/1.1\r\nhost: gateway\r\n\r\n");
             stream.write_all(request.as_bytes()).await.unwrap();
-            sleep(Duration::from_millis(10)).await;
+            sleep(Duration::from_millis(100)).await;
         });
     }
     while let Some(done) = clients.join_next().await {

@@ -157,6 +157,11 @@ async fn proxies_an_upstream_unbuffered_with_writev() {
 }
 
 #[tokio::test]
+async fn proxies_an_upstream_unbuffered_on_one_multi_threaded_runtime() {
+    proxies_unbuffered_with(&["--workers", "0"]).await;
+}
+
+#[tokio::test]
 async fn proxies_an_upstream_unbuffered_through_hyper_s_server() {
     proxies_unbuffered_with(&["--http1-hyper"]).await;
 }
@@ -1385,9 +1390,17 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[tokio::test]
 async fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
     // 64 files in all (soft and hard), idle connections never timed out: they use them up.
+    // One worker: each worker's accept loop logs its own bursts.
     let (gateway, mut lines) = gateway_with_limits(
         "ulimit -n 64",
-        &["--header-timeout", "0", "--demo-interval", "50"],
+        &[
+            "--header-timeout",
+            "0",
+            "--demo-interval",
+            "50",
+            "--workers",
+            "1",
+        ],
     )
     .await;
     let pid = gateway.child.id().unwrap();

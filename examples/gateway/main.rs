@@ -51,11 +51,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What every service of the gateway reads requests from: hyper's body, cut after
-/// `--body-timeout` without a byte.
-/// A request's body: hyper's, or none for a request the gateway read itself.
-type RequestBody =
-    limits::BodyTimeout<http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>>;
+/// What every service of the gateway reads requests from: hyper's body (none for a request the
+/// stream writer read itself), cut after `--body-timeout` without a byte.
+type RequestBody = limits::BodyTimeout<IncomingBody>;
+
+/// A request's body as it comes in: hyper's, or none for a request the stream writer read.
+type IncomingBody = Either<Incoming, Empty<Bytes>>;
 
 /// Serves the tower-sse layer stack in front of a demo event stream or an upstream server.
 #[derive(Debug, Parser)]
@@ -67,8 +68,10 @@ struct Args {
 
     /// Serve from this many threads, each with its own single-threaded runtime and its own
     /// listener on the same address (SO_REUSEPORT: the kernel spreads connections), the way
-    /// nginx runs workers. 0: one multi-threaded runtime (tokio's work-stealing scheduler).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    /// nginx runs workers; by default one per CPU core (on Unix). 0: one multi-threaded runtime
+    /// (tokio's work-stealing scheduler), which balances uneven connections but wakes a second
+    /// thread for every burst.
+    #[arg(long, value_name = "N", default_value_t = default_workers())]
     workers: usize,
 
     /// Reverse-proxy every request to this http:// base URL instead of serving the demo.
@@ -504,6 +507,17 @@ impl<S, B> Served<B> for S where
 {
 }
 
+/// One worker per CPU core where listeners can share an address (`SO_REUSEPORT`), else one
+/// multi-threaded runtime. Thread per core keeps the tail short when the cores are busy: no thread
+/// is woken to share a burst (README, Sizing).
+fn default_workers() -> usize {
+    if cfg!(unix) {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    } else {
+        0
+    }
+}
+
 /// A listener on `addr`; with `reuse_port`, one more listener can be bound to the same address
 /// for each worker.
 fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
@@ -787,10 +801,7 @@ where
     S: Served<B>,
     B: Body<Data = Bytes> + Send + 'static,
 {
-    fn handle(
-        &self,
-        mut request: Request<http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>>,
-    ) -> Answer<B> {
+    fn handle(&self, mut request: Request<IncomingBody>) -> Answer<B> {
         self.started.notify_one();
         request.extensions_mut().insert(PeerAddr(self.peer));
         let held = self
@@ -825,7 +836,7 @@ where
         if let Some(response) = answered {
             return Box::pin(std::future::ready(Ok(response)));
         }
-        self.handle(request.map(http_body_util::Either::Left))
+        self.handle(request.map(Either::Left))
     }
 }
 
@@ -994,7 +1005,11 @@ where
             }
         });
     }
-    println!("shutting down: ending open event streams at their next event boundary");
+    // Once per process: every worker's listener and the admin's stop alike.
+    static ANNOUNCED: std::sync::Once = std::sync::Once::new();
+    ANNOUNCED.call_once(|| {
+        println!("shutting down: ending open event streams at their next event boundary");
+    });
     shutdown.trigger();
     // Streams end within the lifetime layer's grace period; this bound is a last resort.
     let deadline = LifetimeLayer::DEFAULT_GRACE + Duration::from_secs(5);
