@@ -116,7 +116,7 @@ where
         let keep_alive = !asks_to_close(response.headers());
         let (parts, body) = response.into_parts();
         let mut out = Vec::with_capacity(256);
-        write_head(&mut out, parts.status, &parts.headers);
+        write_head(&mut out, &parts.headers);
         // The head is written: its fields are not kept for the stream's life.
         drop(parts);
         let body = pin!(body);
@@ -278,13 +278,10 @@ fn written_here<B>(response: &Response<B>) -> bool {
         && !headers.contains_key(header::TRANSFER_ENCODING)
 }
 
-/// The status line, the response's fields, `date` as hyper adds it, and chunked framing.
-fn write_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+/// The status line (only a `200` is written here), the response's fields, `date` as hyper adds
+/// it, and chunked framing.
+fn write_head(out: &mut Vec<u8>, headers: &HeaderMap) {
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     for (name, value) in headers {
         field(out, name.as_str().as_bytes(), value.as_bytes());
     }
