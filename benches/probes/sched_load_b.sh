@@ -21,7 +21,7 @@ UP=$(free_port); PP=$(free_port)
 "$B/sse-upstream" --listen "127.0.0.1:$UP" --rate 10 --size 256 --exit-after 60 >/dev/null 2>&1 & U=$!
 sleep 0.5
 if [ "$PROXY" = nginx ]; then
-  NGINX_WORKERS=1 "$NG" start sched "$PP" "$UP" >/dev/null
+  NGINX_WORKERS=${NGINX_WORKERS:-1} "$NG" start sched "$PP" "$UP" >/dev/null
   P=$("$NG" workers sched | head -1)
   trap '"$NG" stop sched >/dev/null; kill $U 2>/dev/null || true' EXIT
 else

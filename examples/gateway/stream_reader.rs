@@ -5,10 +5,10 @@
 //! lives: most of a quiet proxied stream's memory (see the README's "Sizing"). An event stream
 //! needs none of it. It is one `GET` without a body, answered by one response that is never
 //! reused, so this reader writes the request head, parses the response head, and then is the
-//! response body itself: each poll reads what the socket has into a buffer allocated for that
-//! read and hands its bytes out (a small read copied out of it, so that what waits to be sent
-//! holds no more than its bytes). A quiet stream holds the socket, the framing state and
-//! nothing else.
+//! response body itself: each poll reads what the socket has, takes the framing out of that
+//! read in place and hands out the body's bytes (a small read's copied out of the thread's read
+//! buffer, so that what waits to be sent holds no more than its bytes, in one allocation). A
+//! quiet stream holds the socket, the framing state and nothing else.
 //!
 //! The framing follows RFC 9112, section 6: no body for `HEAD`, 1xx, 204 and 304; chunked when
 //! it is the last transfer coding; else `Content-Length`; else until the upstream closes. Every
@@ -58,11 +58,14 @@ pub(crate) async fn send(
     // Events are small writes that must leave at once.
     io.set_nodelay(true)?;
     io.write_all(&request_head(host, request)).await?;
-    let (response, rest) = read_head(&mut io).await?;
-    let framing = Framing::of(request.method(), &response)?;
+    let (response, mut rest) = read_head(&mut io).await?;
+    let mut framing = Framing::of(request.method(), &response)?;
+    // The body bytes that came with the head: copied, so that the head's buffer is not held.
+    let decoded = framing.decode_in_place(&mut rest);
     let body = StreamBody {
         io: (!framing.is_done()).then_some(io),
-        pending: rest,
+        ready: Bytes::copy_from_slice(&rest[..decoded.data]),
+        failure: decoded.error,
         framing,
         read_size: MIN_READ,
     };
@@ -104,7 +107,7 @@ fn request_head(host: &str, request: &Request<()>) -> Vec<u8> {
 
 /// Reads until a final response head is complete (skipping interim 1xx answers): the head, and
 /// the body bytes that came with it.
-async fn read_head(io: &mut TcpStream) -> io::Result<(Response<()>, Bytes)> {
+async fn read_head(io: &mut TcpStream) -> io::Result<(Response<()>, BytesMut)> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if !buf.is_empty() {
@@ -119,8 +122,7 @@ async fn read_head(io: &mut TcpStream) -> io::Result<(Response<()>, Bytes)> {
                     {
                         continue;
                     }
-                    // Copied, so that the head's buffer is not held by the first body bytes.
-                    return Ok((response, Bytes::copy_from_slice(&buf)));
+                    return Ok((response, buf));
                 }
                 httparse::Status::Partial if buf.len() >= MAX_HEAD => {
                     return Err(invalid("response head over 64 KiB"));
@@ -160,8 +162,10 @@ fn invalid(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Er
 pub(crate) struct StreamBody {
     /// `None` once the body has ended: the connection is closed, never reused.
     io: Option<TcpStream>,
-    /// Bytes read but not yet decoded (only ever the rest of the latest read).
-    pending: Bytes,
+    /// Body bytes decoded from the latest read, not yet handed out.
+    ready: Bytes,
+    /// What was wrong with the latest read's framing, after the body bytes before it.
+    failure: Option<io::Error>,
     framing: Framing,
     /// The size of the next read's buffer.
     read_size: usize,
@@ -171,7 +175,7 @@ impl fmt::Debug for StreamBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StreamBody")
             .field("open", &self.io.is_some())
-            .field("pending", &self.pending.len())
+            .field("ready", &self.ready.len())
             .field("framing", &self.framing)
             .finish()
     }
@@ -259,34 +263,60 @@ impl Framing {
     }
 }
 
-/// What decoding the pending bytes gave.
-enum Decoded {
-    Data(Bytes),
-    /// Everything pending was framing: read more.
-    NeedMore,
-    End,
+/// What decoding one read in place gave.
+#[derive(Debug)]
+struct Decoded {
+    /// The body's bytes of the read, moved to its front: the read's first `data` bytes.
+    data: usize,
+    /// The framing went wrong after those bytes; nothing after the error was decoded.
+    error: Option<io::Error>,
+}
+
+impl Framing {
+    /// Takes the framing out of `read`, the next bytes off the socket: its body bytes end up at
+    /// its front, in order (a chunk's data only moves toward the front, over its own framing),
+    /// so a read becomes the body's bytes without another buffer. Bytes past the body's end are
+    /// left out.
+    fn decode_in_place(&mut self, read: &mut [u8]) -> Decoded {
+        let data = match self {
+            Self::Length(left) => take_counted(left, read.len()),
+            Self::UntilClose => read.len(),
+            Self::Chunked(chunk) => return chunk.decode_in_place(read),
+        };
+        Decoded { data, error: None }
+    }
 }
 
 impl Chunk {
-    /// Decodes from the front of `pending` until it yields data, ends, or runs out.
-    fn decode(&mut self, pending: &mut Bytes) -> io::Result<Decoded> {
-        loop {
-            if let Self::Done = self {
-                return Ok(Decoded::End);
-            }
-            if let Self::Data(left) = self {
-                let decoded = take_counted(left, pending);
-                if *left == 0 {
-                    *self = Self::DataEnd { seen_cr: false };
+    fn decode_in_place(&mut self, read: &mut [u8]) -> Decoded {
+        let (mut at, mut data) = (0, 0);
+        while at < read.len() {
+            match self {
+                Self::Done => break,
+                Self::Data(left) => {
+                    let take = take_counted(left, read.len() - at);
+                    read.copy_within(at..at + take, data);
+                    at += take;
+                    data += take;
+                    if *left == 0 {
+                        *self = Self::DataEnd { seen_cr: false };
+                    }
                 }
-                return Ok(decoded);
+                _ => match self.step(read[at]) {
+                    Ok(next) => {
+                        *self = next;
+                        at += 1;
+                    }
+                    Err(error) => {
+                        return Decoded {
+                            data,
+                            error: Some(error),
+                        }
+                    }
+                },
             }
-            let Some(&byte) = pending.first() else {
-                return Ok(Decoded::NeedMore);
-            };
-            pending.advance(1);
-            *self = self.step(byte)?;
         }
+        Decoded { data, error: None }
     }
 
     /// The state after one framing byte.
@@ -336,31 +366,18 @@ impl Chunk {
     }
 }
 
-/// Up to `left` bytes off the front of `pending` (a chunk's data or a length-framed body),
-/// counted off `left`.
-fn take_counted(left: &mut u64, pending: &mut Bytes) -> Decoded {
-    if pending.is_empty() {
-        return Decoded::NeedMore;
-    }
-    let take = (*left).min(pending.len() as u64) as usize;
+/// How many of `available` bytes belong to a chunk's data or a length-framed body with `left`
+/// bytes to come, counted off `left`.
+fn take_counted(left: &mut u64, available: usize) -> usize {
+    let take = (*left).min(available as u64) as usize;
     *left -= take as u64;
-    Decoded::Data(pending.split_to(take))
+    take
 }
 
 impl StreamBody {
-    fn decode(&mut self) -> io::Result<Decoded> {
-        match &mut self.framing {
-            Framing::Length(0) => Ok(Decoded::End),
-            Framing::Length(left) => Ok(take_counted(left, &mut self.pending)),
-            Framing::UntilClose if self.pending.is_empty() => Ok(Decoded::NeedMore),
-            Framing::UntilClose => Ok(Decoded::Data(std::mem::take(&mut self.pending))),
-            Framing::Chunked(chunk) => chunk.decode(&mut self.pending),
-        }
-    }
-
     fn end(&mut self) {
         self.io = None;
-        self.pending = Bytes::new();
+        self.ready = Bytes::new();
     }
 }
 
@@ -374,17 +391,15 @@ impl Body for StreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
         loop {
-            match this.decode() {
-                Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                Ok(Decoded::End) => {
-                    this.end();
-                    return Poll::Ready(None);
-                }
-                Ok(Decoded::NeedMore) => {}
-                Err(error) => {
-                    this.end();
-                    return Poll::Ready(Some(Err(error)));
-                }
+            if !this.ready.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut this.ready)))));
+            }
+            if let Some(error) = this.failure.take() {
+                this.end();
+                return Poll::Ready(Some(Err(error)));
+            }
+            if this.framing.is_done() {
+                this.end();
             }
             let Some(io) = &this.io else {
                 return Poll::Ready(None);
@@ -393,17 +408,19 @@ impl Body for StreamBody {
                 this.end();
                 return Poll::Ready(Some(Err(error)));
             }
-            // Small reads (an event at a time) go through the thread's scratch buffer and are
-            // copied out: what waits to be sent holds only its own bytes, and no read buffer is
-            // allocated and freed per read. Reads that fill their buffer grow it, and go
-            // straight into a buffer of their own.
+            // Small reads (an event at a time) go through the thread's scratch buffer, and their
+            // body bytes are copied out: what waits to be sent holds only its own bytes, in one
+            // allocation, and no read buffer is allocated and freed per read. Reads that fill
+            // their buffer grow it, and go straight into a buffer of their own.
             let read = if this.read_size == MIN_READ {
                 SCRATCH.with_borrow_mut(|scratch| {
                     let read = read_draining(io, || {
                         let n = io.try_read(&mut scratch[..])?;
                         Ok((n, n < scratch.len()))
                     })?;
-                    this.pending = Bytes::copy_from_slice(&scratch[..read]);
+                    let decoded = this.framing.decode_in_place(&mut scratch[..read]);
+                    this.ready = Bytes::copy_from_slice(&scratch[..decoded.data]);
+                    this.failure = decoded.error;
                     Ok(read)
                 })
             } else {
@@ -412,12 +429,15 @@ impl Body for StreamBody {
                     let n = io.try_read_buf(&mut buf)?;
                     Ok((n, buf.capacity() > buf.len()))
                 })
-                .inspect(|&read| {
-                    this.pending = if read * 4 < buf.capacity() {
+                .inspect(|_| {
+                    let decoded = this.framing.decode_in_place(&mut buf);
+                    buf.truncate(decoded.data);
+                    this.ready = if decoded.data * 4 < buf.capacity() {
                         Bytes::copy_from_slice(&buf)
                     } else {
                         buf.freeze()
                     };
+                    this.failure = decoded.error;
                 })
             };
             match read {
@@ -451,7 +471,7 @@ impl Body for StreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.io.is_none() && self.pending.is_empty()
+        self.io.is_none() && self.ready.is_empty() && self.failure.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -504,20 +524,25 @@ pub(crate) fn list_items<'a>(
 mod tests {
     use super::*;
 
-    fn chunked(input: &[&[u8]]) -> io::Result<(Vec<u8>, bool)> {
-        let mut chunk = Chunk::Size { size: 0, digits: 0 };
+    /// Decodes each read in turn: the body, and whether it ended.
+    fn decode(mut framing: Framing, reads: &[&[u8]]) -> io::Result<(Vec<u8>, bool)> {
         let mut out = Vec::new();
-        for piece in input {
-            let mut pending = Bytes::copy_from_slice(piece);
-            loop {
-                match chunk.decode(&mut pending)? {
-                    Decoded::Data(data) => out.extend_from_slice(&data),
-                    Decoded::NeedMore => break,
-                    Decoded::End => return Ok((out, true)),
-                }
+        for read in reads {
+            let mut read = read.to_vec();
+            let decoded = framing.decode_in_place(&mut read);
+            out.extend_from_slice(&read[..decoded.data]);
+            if let Some(error) = decoded.error {
+                return Err(error);
+            }
+            if framing.is_done() {
+                return Ok((out, true));
             }
         }
         Ok((out, false))
+    }
+
+    fn chunked(reads: &[&[u8]]) -> io::Result<(Vec<u8>, bool)> {
+        decode(Framing::Chunked(Chunk::Size { size: 0, digits: 0 }), reads)
     }
 
     #[test]
@@ -533,6 +558,46 @@ mod tests {
         }
         let bytes: Vec<&[u8]> = wire.chunks(1).collect();
         assert_eq!(chunked(&bytes).unwrap(), (expected.to_vec(), true));
+    }
+
+    #[test]
+    fn a_read_of_several_chunks_becomes_one_run_of_body_bytes() {
+        let mut framing = Framing::Chunked(Chunk::Size { size: 0, digits: 0 });
+        let mut read = b"3\r\nabc\r\n2;x=y\r\nde\r\n1\r\nf".to_vec();
+        let decoded = framing.decode_in_place(&mut read);
+        assert_eq!(
+            (&read[..decoded.data], decoded.error.is_none()),
+            (&b"abcdef"[..], true)
+        );
+        // The last chunk goes on in the next read.
+        let mut read = b"\r\n0\r\n\r\nafter the end".to_vec();
+        let decoded = framing.decode_in_place(&mut read);
+        assert_eq!(decoded.data, 0);
+        assert!(framing.is_done());
+    }
+
+    #[test]
+    fn body_bytes_before_a_framing_error_are_kept() {
+        let mut framing = Framing::Chunked(Chunk::Size { size: 0, digits: 0 });
+        let mut read = b"3\r\nabc\r\nzz\r\nmore".to_vec();
+        let decoded = framing.decode_in_place(&mut read);
+        assert_eq!(&read[..decoded.data], b"abc");
+        assert_eq!(
+            decoded.error.map(|error| error.kind()),
+            Some(io::ErrorKind::InvalidData)
+        );
+    }
+
+    #[test]
+    fn a_length_framed_body_ends_at_its_length() {
+        assert_eq!(
+            decode(Framing::Length(5), &[b"ab", b"cdef", b"gh"]).unwrap(),
+            (b"abcde".to_vec(), true)
+        );
+        assert_eq!(
+            decode(Framing::UntilClose, &[b"ab", b"cd"]).unwrap(),
+            (b"abcd".to_vec(), false)
+        );
     }
 
     #[test]
