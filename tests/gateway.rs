@@ -415,6 +415,81 @@ async fn workers_share_the_address_and_shut_down_together() {
     assert!(exit.success(), "{exit:?}");
 }
 
+/// `--sched-slice` asks Linux (6.12 and later) to run every thread of the gateway in short CPU
+/// slices: 100 µs by default, the kernel's own with 0. What the gateway says at start is what
+/// its threads get; where the kernel has no custom slices it says so, and serves all the same.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn serving_threads_run_in_the_cpu_slice_asked_for() {
+    /// A thread's slice in nanoseconds, from its scheduler statistics (Linux 6.6 and later).
+    fn slice_of(sched: &str) -> Option<u64> {
+        let line = sched.lines().find(|line| line.starts_with("se.slice"))?;
+        line.rsplit(':').next()?.trim().parse().ok()
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let custom_slices = (numbers.next().unwrap(), numbers.next().unwrap()) >= (6, 12);
+    let kernel_default =
+        slice_of(&std::fs::read_to_string("/proc/thread-self/sched").unwrap_or_default());
+    let cases: [(&[&str], u64); 3] = [
+        (&["--workers", "2"], 100),
+        (&["--workers", "2", "--sched-slice", "250"], 250),
+        (&["--workers", "0", "--sched-slice", "0"], 0),
+    ];
+    for (args, asked) in cases {
+        let (gateway, mut lines) = gateway_with_limits(":", args).await;
+        let mut said = None;
+        loop {
+            let line = timeout(GUARD, lines.recv()).await.unwrap().unwrap();
+            if line.contains("CPU slice") {
+                said = Some(line.clone());
+            }
+            if line == "Ctrl-C to stop." {
+                break;
+            }
+        }
+        let response = get(&gateway.url("/events"), &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut reader = EventReader::new(response.into_body());
+        assert_eq!(next(&mut reader).await.comments(), ["ok"]);
+
+        let pid = gateway.child.id().unwrap();
+        let mut threads = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let task = task.unwrap().path();
+            let name = std::fs::read_to_string(task.join("comm")).unwrap();
+            let sched = std::fs::read_to_string(task.join("sched")).unwrap_or_default();
+            threads.push((name.trim().to_owned(), slice_of(&sched)));
+        }
+        let workers = threads
+            .iter()
+            .filter(|(name, _)| name.starts_with("gateway-worker"))
+            .count();
+        assert_eq!(workers, if args[1] == "2" { 2 } else { 0 }, "{threads:?}");
+
+        let applied = format!("CPU slice of serving threads: {asked} µs");
+        let got = match &said {
+            None => {
+                assert_eq!(asked, 0, "nothing said about the slice asked for");
+                kernel_default
+            }
+            Some(line) if line.ends_with(&applied) => Some(asked * 1_000),
+            // Only a refused request leaves a kernel with custom slices at its own.
+            Some(line) => {
+                assert!(!custom_slices || line.contains("not requested"), "{line}");
+                kernel_default
+            }
+        };
+        if kernel_default.is_some() {
+            for (name, slice) in &threads {
+                assert_eq!(*slice, got, "{name} with {args:?}: {said:?}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn heartbeats_and_retry_reach_the_client_between_events() {
     let gateway = Gateway::start(&[

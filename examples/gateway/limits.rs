@@ -378,6 +378,100 @@ pub(crate) fn is_body_timeout(error: &(dyn Error + 'static)) -> bool {
     false
 }
 
+/// What became of `--sched-slice` on the thread that asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CpuSlice {
+    /// The kernel runs the thread in slices of this many nanoseconds.
+    Applied(u64),
+    /// The kernel took the request but keeps its own slice (before Linux 6.12, or not Linux).
+    Unsupported,
+    /// The thread has a real-time or deadline policy of its own (set with `chrt`, say): kept.
+    OtherPolicy,
+}
+
+/// Asks the kernel to run the calling thread in CPU slices of `slice` (Linux 6.12 and later: the
+/// EEVDF scheduler's custom slice for a normal thread, `sched_attr.sched_runtime`, clamped by the
+/// kernel to 0.1-100 ms). A thread with a short slice runs sooner once woken, and yields sooner
+/// to a thread woken while it runs, for the same share of the CPU: its weight (its nice value)
+/// is kept. That is what a proxy wants from the cores it shares: each event is a short run of
+/// work, and one waiting behind another process's longer run is the tail of its latency (README,
+/// Sizing). Asks for nothing when `slice` is zero.
+#[cfg(target_os = "linux")]
+// Neither std nor rustix wraps `sched_getattr` and `sched_setattr`: two raw system calls on a
+// plain struct, the gateway's only unsafe code (the library forbids it).
+#[allow(unsafe_code)]
+pub(crate) fn request_cpu_slice(slice: Duration) -> io::Result<CpuSlice> {
+    /// `struct sched_attr` of `sched_setattr(2)`, as far as the `SCHED_FLAG_UTIL_CLAMP` fields.
+    #[repr(C)]
+    #[derive(Default)]
+    struct SchedAttr {
+        size: u32,
+        policy: u32,
+        flags: u64,
+        nice: i32,
+        priority: u32,
+        runtime: u64,
+        deadline: u64,
+        period: u64,
+        util_min: u32,
+        util_max: u32,
+    }
+    const RESET_ON_FORK: u64 = 0x01;
+    if slice.is_zero() {
+        return Ok(CpuSlice::Unsupported);
+    }
+    let size = std::mem::size_of::<SchedAttr>() as u32;
+    let mut attr = SchedAttr::default();
+    // SAFETY: `sched_getattr` writes at most `size` bytes into `attr`, which has that size; the
+    // thread id 0 is the calling thread.
+    let got = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            0,
+            std::ptr::from_mut(&mut attr),
+            size,
+            0,
+        )
+    };
+    if got != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if attr.policy != libc::SCHED_OTHER as u32 && attr.policy != libc::SCHED_BATCH as u32 {
+        return Ok(CpuSlice::OtherPolicy);
+    }
+    // The thread's policy, nice value and reset-on-fork flag, with the slice asked for.
+    attr.size = size;
+    attr.flags &= RESET_ON_FORK;
+    attr.runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
+    // SAFETY: `attr` is a complete `sched_attr` of `size` bytes that the kernel only reads.
+    let set = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, std::ptr::from_ref(&attr), 0) };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Kernels before custom slices take `sched_runtime` of a normal thread and ignore it; the
+    // thread's own scheduler statistics tell which.
+    let sched = std::fs::read_to_string("/proc/thread-self/sched").unwrap_or_default();
+    let now = sched
+        .lines()
+        .find_map(|line| line.strip_prefix("se.slice"))
+        .and_then(|rest| {
+            rest.trim_start_matches([' ', ':'])
+                .trim()
+                .parse::<u64>()
+                .ok()
+        });
+    Ok(match now {
+        Some(now) if attr.runtime.clamp(100_000, 100_000_000) == now => CpuSlice::Applied(now),
+        _ => CpuSlice::Unsupported,
+    })
+}
+
+/// Elsewhere the kernel has no such request.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn request_cpu_slice(_slice: Duration) -> io::Result<CpuSlice> {
+    Ok(CpuSlice::Unsupported)
+}
+
 /// Raises the soft limit of open files to the hard one, as nginx's `worker_rlimit_nofile`: each
 /// connection is a file, and the usual soft limit (1,024) is far below what a gateway holds.
 /// Returns the limits before and after.

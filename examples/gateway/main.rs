@@ -74,6 +74,13 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = default_workers())]
     workers: usize,
 
+    /// Ask the kernel to run each serving thread in CPU slices of this many microseconds
+    /// (Linux 6.12 and later: the EEVDF scheduler's custom slice; the kernel keeps it within
+    /// 100-100,000): a woken thread gets a CPU sooner and yields it sooner, for the same share of
+    /// CPU. 0: the kernel's default slice (a few milliseconds).
+    #[arg(long, value_name = "MICROS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    sched_slice: u64,
+
     /// Reverse-proxy every request to this http:// base URL instead of serving the demo.
     /// A path in the URL is prefixed to every request path.
     #[arg(long, value_name = "URL", value_parser = proxy::parse_upstream)]
@@ -590,9 +597,18 @@ async fn serve_on_workers<S, B>(
     let _ = joined.await;
 }
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
+fn main() -> Result<(), BoxError> {
     let args = Args::parse();
+    // Asked for before any other thread starts: every thread started later (the runtime's, the
+    // workers') inherits the main thread's slice.
+    let cpu_slice = limits::request_cpu_slice(Duration::from_micros(args.sched_slice));
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(start(args, cpu_slice))
+}
+
+async fn start(args: Args, cpu_slice: std::io::Result<limits::CpuSlice>) -> Result<(), BoxError> {
     // Warnings by default (Redis failing, writes dropped, a store that cannot keep up);
     // `RUST_LOG=tower_sse=debug` and the like for more.
     tracing_subscriber::fmt()
@@ -616,6 +632,19 @@ async fn main() -> Result<(), BoxError> {
         }
         Ok((_, limit)) => println!("  open files limit: {limit}"),
         Err(error) => println!("  open files limit not raised: {error}"),
+    }
+    match cpu_slice {
+        _ if args.sched_slice == 0 => {}
+        Ok(limits::CpuSlice::Applied(slice)) => {
+            println!("  CPU slice of serving threads: {} µs", slice / 1_000)
+        }
+        Ok(limits::CpuSlice::Unsupported) => {
+            println!("  CPU slice: the kernel's own (custom slices need Linux 6.12 or later)")
+        }
+        Ok(limits::CpuSlice::OtherPolicy) => {
+            println!("  CPU slice: the kernel's own (the gateway runs with a scheduling policy of its own)")
+        }
+        Err(error) => println!("  CPU slice not requested: {error}"),
     }
     if let Some(url) = &args.redis {
         let events = if args.replay > 0 { args.replay } else { 1_000 };
