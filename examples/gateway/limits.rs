@@ -383,6 +383,8 @@ pub(crate) fn is_body_timeout(error: &(dyn Error + 'static)) -> bool {
 pub(crate) enum CpuSlice {
     /// The kernel runs the thread in slices of this many nanoseconds.
     Applied(u64),
+    /// The kernel took the request for this many nanoseconds and does not show its slices.
+    Requested(u64),
     /// The kernel took the request but keeps its own slice (before Linux 6.12, or not Linux).
     Unsupported,
     /// The thread has a real-time or deadline policy of its own (set with `chrt`, say): kept.
@@ -460,9 +462,11 @@ pub(crate) fn request_cpu_slice(slice: Duration) -> io::Result<CpuSlice> {
                 .parse::<u64>()
                 .ok()
         });
+    let asked = attr.runtime.clamp(100_000, 100_000_000);
     Ok(match now {
-        Some(now) if attr.runtime.clamp(100_000, 100_000_000) == now => CpuSlice::Applied(now),
-        _ => CpuSlice::Unsupported,
+        Some(now) if now == asked => CpuSlice::Applied(now),
+        Some(_) => CpuSlice::Unsupported,
+        None => CpuSlice::Requested(asked),
     })
 }
 

@@ -638,6 +638,10 @@ async fn start(args: Args, cpu_slice: std::io::Result<limits::CpuSlice>) -> Resu
         Ok(limits::CpuSlice::Applied(slice)) => {
             println!("  CPU slice of serving threads: {} µs", slice / 1_000)
         }
+        Ok(limits::CpuSlice::Requested(slice)) => println!(
+            "  CPU slice of serving threads: {} µs requested (the kernel does not show its slices)",
+            slice / 1_000
+        ),
         Ok(limits::CpuSlice::Unsupported) => {
             println!("  CPU slice: the kernel's own (custom slices need Linux 6.12 or later)")
         }
