@@ -74,7 +74,7 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = default_workers())]
     workers: usize,
 
-    /// Ask the kernel to run each serving thread in CPU slices of this many microseconds
+    /// Ask the kernel to run every thread of the gateway in CPU slices of this many microseconds
     /// (Linux 6.12 and later: the EEVDF scheduler's custom slice; the kernel keeps it within
     /// 100-100,000): a woken thread gets a CPU sooner and yields it sooner, for the same share of
     /// CPU. 0: the kernel's default slice (a few milliseconds).

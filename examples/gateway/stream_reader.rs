@@ -176,6 +176,7 @@ impl fmt::Debug for StreamBody {
         f.debug_struct("StreamBody")
             .field("open", &self.io.is_some())
             .field("ready", &self.ready.len())
+            .field("failed", &self.failure.is_some())
             .field("framing", &self.framing)
             .finish()
     }
